@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Runs every test tally has, on a fresh machine: installs what the tests need first.
+#   - a Python venv (.venv) with the official `openai` SDK, `langchain-openai` and pytest,
+#     for the client tests;
+#   - Debian's systemd, for `systemd-analyze verify/security` on the units.
+# Then: format check, clippy (warnings are errors), the Rust test suite, the client tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+
+step "Python venv for the client tests"
+if [[ ! -x .venv/bin/python ]]; then
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -r tests/clients/requirements.txt
+
+step "Debian packages the tests use"
+need_apt=()
+command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
+if ((${#need_apt[@]})); then
+  if [[ $(id -u) -eq 0 ]]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  else
+    echo "missing ${need_apt[*]}: install with: sudo apt-get install ${need_apt[*]}" >&2
+    exit 1
+  fi
+fi
+
+step "cargo fmt --check"
+cargo fmt --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets --quiet -- -D warnings
+
+step "cargo build"
+cargo build --quiet --bins
+
+export TALLY_BIN="$PWD/target/debug/tally"
+export TALLY_PYTHON="$PWD/.venv/bin/python"
+if [[ -n "${CARGO_TARGET_DIR:-}" ]]; then TALLY_BIN="$CARGO_TARGET_DIR/debug/tally"; fi
+
+step "Rust tests (unit + integration, including the OpenAI/LangChain client tests)"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --no-fail-fast --failure-output final
+else
+  cargo test --no-fail-fast
+fi

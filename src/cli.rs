@@ -1,0 +1,324 @@
+//! Command-line definitions (clap derive). No I/O here: `main.rs` parses, the library acts.
+//!
+//! Every setting is also an environment variable, so the systemd units can share one
+//! `EnvironmentFile`. Secrets (`LAGO_API_KEY`) never have their values shown in `--help`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tally",
+    version,
+    about = "Bill LLM usage to Lago, exactly once"
+)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, env = "TALLY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// For anything a script might read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum OutputFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the OpenAI-compatible proxy that writes the spend log.
+    Proxy(ProxyArgs),
+    /// Run the shipper: tail the spend log and deliver usage events to Lago.
+    Ship(ShipArgs),
+    /// Feed historical spend logs through the shipper's dedupe and outbox.
+    Replay(ReplayArgs),
+    /// Inspect and act on pending, held, dead and rejected items.
+    Queue(QueueArgs),
+    /// Run the whole pipeline on loopback with a mock model and a local Lago.
+    Demo(DemoArgs),
+    /// Run a local Lago events API that answers like the real server.
+    LagoEmulator(LagoEmulatorArgs),
+}
+
+/// Where the spend log and local state live; both services must agree on these.
+#[derive(Debug, Clone, Args)]
+pub struct SharedArgs {
+    /// Path of the live spend log (JSON lines).
+    #[arg(long, env = "TALLY_SPEND_LOG", default_value = "./spend.jsonl")]
+    pub spend_log: PathBuf,
+
+    /// Directory for local state (`keys.db` for the proxy, `shipper.db` for the shipper).
+    #[arg(long, env = "TALLY_STATE_DIR", default_value = "./.tally")]
+    pub state_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ProxyArgs {
+    /// LiteLLM-style config.yaml.
+    #[arg(long, short = 'c', env = "TALLY_CONFIG")]
+    pub config: PathBuf,
+
+    #[arg(long, env = "TALLY_HOST", default_value = "0.0.0.0")]
+    pub host: String,
+
+    #[arg(long, env = "TALLY_PORT", default_value_t = 4000)]
+    pub port: u16,
+
+    /// Overrides `tally_settings.spend_log` in the config.
+    #[arg(long, env = "TALLY_SPEND_LOG")]
+    pub spend_log: Option<PathBuf>,
+
+    /// Overrides `tally_settings.state_dir` in the config.
+    #[arg(long, env = "TALLY_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+/// The Lago connection, named as in LiteLLM's docs.
+#[derive(Debug, Clone, Args)]
+pub struct LagoArgs {
+    /// Base URL of the Lago API, e.g. https://api.getlago.com (without /api/v1).
+    #[arg(long, env = "LAGO_API_BASE")]
+    pub lago_api_base: Option<String>,
+
+    /// Lago API key (never printed).
+    #[arg(long, env = "LAGO_API_KEY", hide_env_values = true)]
+    pub lago_api_key: Option<String>,
+
+    /// Code of the Lago billable metric the events feed.
+    #[arg(long, env = "LAGO_API_EVENT_CODE")]
+    pub lago_api_event_code: Option<String>,
+
+    /// Who is charged: end_user_id, user_id or team_id, or a comma-separated fallback list
+    /// such as `team_id,user_id` (the first non-empty id wins).
+    #[arg(long, env = "LAGO_API_CHARGE_BY", default_value = "end_user_id")]
+    pub lago_api_charge_by: String,
+}
+
+/// Shipper tuning; defaults suit a real Lago.
+#[derive(Debug, Clone, Args)]
+pub struct ShipTuning {
+    /// Events per Lago batch request (1..=100; Lago's cap is 100).
+    #[arg(long, env = "TALLY_BATCH_SIZE", default_value_t = 100)]
+    pub batch_size: usize,
+
+    /// How long to wait for a batch to fill before sending it anyway, in milliseconds.
+    #[arg(long, env = "TALLY_LINGER_MS", default_value_t = 20)]
+    pub linger_ms: u64,
+
+    /// Batch requests in flight at once.
+    #[arg(long, env = "TALLY_BATCHES_IN_FLIGHT", default_value_t = 4)]
+    pub batches_in_flight: usize,
+
+    /// Longest wait between retries of a failing request, in seconds.
+    #[arg(long, env = "TALLY_RETRY_CAP_SECS", default_value_t = 60)]
+    pub retry_cap_secs: u64,
+
+    /// Timeout of one Lago request, in seconds.
+    #[arg(long, env = "TALLY_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
+    pub request_timeout_secs: u64,
+
+    /// On SIGTERM, how long in-flight requests may take before they are abandoned, in seconds.
+    #[arg(long, env = "TALLY_DRAIN_DEADLINE_SECS", default_value_t = 10)]
+    pub drain_deadline_secs: u64,
+
+    /// Safety-net poll of the spend log when no file event arrives, in milliseconds.
+    #[arg(long, env = "TALLY_POLL_INTERVAL_MS", default_value_t = 1000)]
+    pub poll_interval_ms: u64,
+
+    /// Longest accepted spend-log line in bytes; longer lines are rejected.
+    #[arg(long, env = "TALLY_MAX_LINE_BYTES", default_value_t = 1024 * 1024)]
+    pub max_line_bytes: usize,
+
+    /// Keep acked transaction ids this many days (0 = forever) so replays never bill twice.
+    #[arg(long, env = "TALLY_ACKED_RETENTION_DAYS", default_value_t = 0)]
+    pub acked_retention_days: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ShipArgs {
+    #[command(flatten)]
+    pub shared: SharedArgs,
+    #[command(flatten)]
+    pub lago: LagoArgs,
+    #[command(flatten)]
+    pub tuning: ShipTuning,
+
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464).
+    #[arg(long, env = "TALLY_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum ReplayFormat {
+    /// tally's own spend log.
+    #[default]
+    Tally,
+    /// LiteLLM_SpendLogs rows exported as JSON lines.
+    Litellm,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReplayArgs {
+    /// Spend-log files or glob patterns; `.gz` files are decompressed.
+    #[arg(required = true)]
+    pub files: Vec<String>,
+
+    #[arg(long, value_enum, default_value_t = ReplayFormat::Tally)]
+    pub format: ReplayFormat,
+
+    /// Only records that ended at or after this time (RFC 3339 or YYYY-MM-DD).
+    #[arg(long)]
+    pub since: Option<String>,
+
+    /// Only records that ended before this time (RFC 3339 or YYYY-MM-DD).
+    #[arg(long)]
+    pub until: Option<String>,
+
+    /// Show what would be billed, per customer, without writing anything.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Deliver the replayed events to Lago before returning.
+    #[arg(long)]
+    pub ship: bool,
+
+    #[arg(long, value_enum, default_value_t)]
+    pub output_format: OutputFormat,
+
+    #[command(flatten)]
+    pub shared: SharedArgs,
+    #[command(flatten)]
+    pub lago: LagoArgs,
+    #[command(flatten)]
+    pub tuning: ShipTuning,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct QueueArgs {
+    #[command(subcommand)]
+    pub action: QueueAction,
+
+    #[arg(long, global = true, value_enum, default_value_t)]
+    pub output_format: OutputFormat,
+
+    #[command(flatten)]
+    pub shared: SharedArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum QueueState {
+    Pending,
+    Held,
+    Dead,
+    Rejected,
+    Acked,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum QueueAction {
+    /// Counts by state, oldest pending age, last Lago error, per-file lag.
+    Stats {
+        /// Exit non-zero when the oldest pending event is older than this many seconds.
+        #[arg(long)]
+        max_age: Option<u64>,
+    },
+    /// List items in one state.
+    List {
+        #[arg(long, value_enum)]
+        state: Option<QueueState>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Show one event: its record, the Lago event it makes, attempts, last error.
+    Show { transaction_id: String },
+    /// Re-resolve and requeue dead or held events.
+    Retry {
+        #[arg(long, value_enum)]
+        state: Option<QueueState>,
+        ids: Vec<String>,
+        /// Charge-by setting to re-resolve with (defaults to LAGO_API_CHARGE_BY).
+        #[arg(long, env = "LAGO_API_CHARGE_BY", default_value = "end_user_id")]
+        charge_by: String,
+    },
+    /// Remove events without billing them; recorded with the reason.
+    Drop {
+        #[arg(required = true)]
+        ids: Vec<String>,
+        #[arg(long, required = true)]
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Keep the demo's files here instead of a fresh temporary directory.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+
+    #[arg(long, value_enum, default_value_t)]
+    pub output_format: OutputFormat,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LagoEmulatorArgs {
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+
+    #[arg(long, default_value_t = 3000)]
+    pub port: u16,
+
+    /// API key with write access that the emulator accepts.
+    #[arg(
+        long,
+        env = "LAGO_API_KEY",
+        hide_env_values = true,
+        default_value = "lago-emulator-key"
+    )]
+    pub api_key: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn lago_key_value_is_never_shown_in_help() {
+        // SAFETY: tests in this module do not read the environment concurrently.
+        unsafe { std::env::set_var("LAGO_API_KEY", "secret-value-123") };
+        let help = Cli::command()
+            .find_subcommand_mut("ship")
+            .map(|c| c.render_long_help().to_string())
+            .unwrap_or_default();
+        assert!(help.contains("LAGO_API_KEY"));
+        assert!(!help.contains("secret-value-123"));
+    }
+
+    #[test]
+    fn ship_tuning_defaults() {
+        let cli = Cli::try_parse_from(["tally", "ship"]).unwrap();
+        let Command::Ship(ship) = cli.command else {
+            panic!("expected ship")
+        };
+        assert_eq!(ship.tuning.batch_size, 100);
+        assert_eq!(ship.lago.lago_api_charge_by, "end_user_id");
+    }
+}

@@ -1,0 +1,84 @@
+//! The `tally` binary: parse the command line, run the command, map the outcome to an exit code.
+//!
+//! Exit codes: 0 success, 1 failure (printed as one chained line), 2 bad usage (clap), and
+//! whatever a command documents beyond that (e.g. `tally queue stats --max-age`).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+use tally::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tally::logging::init(cli.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tally: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(err) => {
+            // A closed stdout (`tally queue list | head`) is not an error.
+            if err.chain().any(|e| {
+                e.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("tally: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<ExitCode> {
+    let shutdown = shutdown_on_signals();
+    match command {
+        Command::Proxy(args) => tally::proxy::run(args, shutdown)
+            .await
+            .map(|()| ExitCode::SUCCESS),
+        Command::Ship(args) => tally::ship::run(args, shutdown)
+            .await
+            .map(|()| ExitCode::SUCCESS),
+        Command::Replay(args) => tally::commands::replay::run(args, shutdown).await,
+        Command::Queue(args) => tally::commands::queue::run(args).await,
+        Command::Demo(args) => tally::commands::demo::run(args, shutdown).await,
+        Command::LagoEmulator(args) => tally::lago_emulator::run(args, shutdown)
+            .await
+            .map(|()| ExitCode::SUCCESS),
+    }
+}
+
+/// A token cancelled on SIGTERM or SIGINT; long-running commands drain and exit 0.
+fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let trigger = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            match signal(SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = ctrl_c => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutdown requested; draining");
+        trigger.cancel();
+    });
+    token
+}

@@ -1,0 +1,408 @@
+//! The spend-log record: the one contract between `tally proxy` (which writes it) and
+//! `tally ship` / `tally replay` (which read it).
+//!
+//! One JSON object per line, `\n`-terminated. Readers accept unknown fields, so a newer proxy can
+//! add fields without breaking an older shipper; a newer `schema` number is refused instead, since
+//! its meaning may have changed.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// The schema version this build writes and reads.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Token counts above this are treated as corrupt input rather than billed: no model takes a
+/// billion tokens in one call, and a bit-flip or a negative number cast to unsigned lands here.
+pub const MAX_TOKENS: u64 = 1_000_000_000;
+
+/// A single call costing more than this (USD) is treated as corrupt input, not billed.
+pub const MAX_COST_USD: f64 = 1_000_000.0;
+
+/// Longest accepted `transaction_id`; Lago stores it as a string column and echoes it in URLs.
+pub const MAX_TRANSACTION_ID_LEN: usize = 256;
+
+/// One completed (or failed) request as the proxy saw it. Only `status == "success"` is billed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpendRecord {
+    pub schema: u32,
+    pub transaction_id: String,
+    #[serde(default, with = "opt_millis")]
+    pub start_time: Option<DateTime<Utc>>,
+    #[serde(with = "millis")]
+    pub end_time: DateTime<Utc>,
+    #[serde(default = "default_call_type")]
+    pub call_type: String,
+    pub model: String,
+    #[serde(default)]
+    pub upstream_model: Option<String>,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    #[serde(default)]
+    pub total_tokens: Option<u64>,
+    #[serde(default)]
+    pub usage_estimated: bool,
+    #[serde(default)]
+    pub response_cost: Option<f64>,
+    #[serde(default)]
+    pub end_user_id: Option<String>,
+    #[serde(default)]
+    pub user_id: Option<String>,
+    #[serde(default)]
+    pub team_id: Option<String>,
+    #[serde(default)]
+    pub key_alias: Option<String>,
+    #[serde(default)]
+    pub key_hash: Option<String>,
+    #[serde(default)]
+    pub stream: bool,
+    pub status: String,
+    #[serde(default)]
+    pub duration_ms: Option<u64>,
+}
+
+fn default_call_type() -> String {
+    "chat_completion".to_owned()
+}
+
+/// Why a spend-log line was refused. The text is shown to operators by `tally queue`, so it says
+/// what was wrong and, where it can, what to do.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RecordError {
+    #[error(
+        "line is not valid UTF-8 (byte {valid_up_to} of the line); the spend log must be UTF-8"
+    )]
+    NotUtf8 { valid_up_to: usize },
+    #[error("line is empty")]
+    Empty,
+    #[error("invalid record: {0}")]
+    Json(String),
+    #[error(
+        "unsupported schema version {found} (this tally reads {SCHEMA_VERSION}); upgrade tally to read it"
+    )]
+    UnsupportedSchema { found: u64 },
+    #[error("invalid field `{field}`: {reason}")]
+    Field { field: &'static str, reason: String },
+}
+
+impl SpendRecord {
+    /// Parses and validates one line (without its trailing newline).
+    pub fn parse_line(line: &[u8]) -> Result<Self, RecordError> {
+        let text = std::str::from_utf8(line).map_err(|e| RecordError::NotUtf8 {
+            valid_up_to: e.valid_up_to(),
+        })?;
+        let text = text.trim_end_matches('\r');
+        if text.trim().is_empty() {
+            return Err(RecordError::Empty);
+        }
+        // Look at `schema` first, so a record from a newer writer gets the clear "upgrade"
+        // message instead of whatever field error its new shape would trigger.
+        #[derive(Deserialize)]
+        struct Probe {
+            schema: Option<serde_json::Value>,
+        }
+        let probe: Probe =
+            serde_json::from_str(text).map_err(|e| RecordError::Json(e.to_string()))?;
+        match probe.schema {
+            None | Some(serde_json::Value::Null) => {
+                return Err(RecordError::Json("missing field `schema`".into()));
+            }
+            Some(serde_json::Value::Number(n)) if n.as_u64() == Some(u64::from(SCHEMA_VERSION)) => {
+            }
+            Some(serde_json::Value::Number(n)) if n.as_u64().is_some() => {
+                return Err(RecordError::UnsupportedSchema {
+                    found: n.as_u64().unwrap_or_default(),
+                });
+            }
+            Some(other) => {
+                return Err(RecordError::Field {
+                    field: "schema",
+                    reason: format!("expected the integer {SCHEMA_VERSION}, found {other}"),
+                });
+            }
+        }
+        let record: SpendRecord = match serde_json::from_str(text) {
+            Ok(r) => r,
+            // Parse again, slowly, only to name the field that is wrong.
+            Err(e) => return Err(RecordError::Json(describe_json_error(text, e))),
+        };
+        record.validate()?;
+        Ok(record)
+    }
+
+    /// Checks the invariants serde cannot express.
+    pub fn validate(&self) -> Result<(), RecordError> {
+        let field = |field: &'static str, reason: String| RecordError::Field { field, reason };
+        if self.transaction_id.is_empty() {
+            return Err(field("transaction_id", "must not be empty".into()));
+        }
+        if self.transaction_id.len() > MAX_TRANSACTION_ID_LEN {
+            return Err(field(
+                "transaction_id",
+                format!(
+                    "is {} bytes long; at most {MAX_TRANSACTION_ID_LEN} are accepted",
+                    self.transaction_id.len()
+                ),
+            ));
+        }
+        if self.transaction_id.chars().any(char::is_control) {
+            return Err(field(
+                "transaction_id",
+                "contains control characters".into(),
+            ));
+        }
+        if self.model.is_empty() {
+            return Err(field("model", "must not be empty".into()));
+        }
+        for (name, value) in [
+            ("input_tokens", Some(self.input_tokens)),
+            ("output_tokens", Some(self.output_tokens)),
+            ("total_tokens", self.total_tokens),
+        ] {
+            if let Some(v) = value
+                && v > MAX_TOKENS
+            {
+                return Err(field(
+                    name,
+                    format!(
+                        "{v} is implausibly large (limit {MAX_TOKENS}); the record looks corrupt"
+                    ),
+                ));
+            }
+        }
+        if let Some(cost) = self.response_cost {
+            if !cost.is_finite() {
+                return Err(field(
+                    "response_cost",
+                    format!("{cost} is not a finite number"),
+                ));
+            }
+            if cost < 0.0 {
+                return Err(field("response_cost", format!("{cost} is negative")));
+            }
+            if cost > MAX_COST_USD {
+                return Err(field(
+                    "response_cost",
+                    format!("{cost} USD for one call is implausible (limit {MAX_COST_USD})"),
+                ));
+            }
+        }
+        if let (Some(start), end) = (self.start_time, self.end_time)
+            && start > end
+        {
+            return Err(field(
+                "start_time",
+                format!(
+                    "{} is after end_time {}",
+                    fmt_millis(&start),
+                    fmt_millis(&end)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Only successful calls are billed; failures are logged for observability.
+    pub fn is_billable(&self) -> bool {
+        self.status == "success"
+    }
+
+    /// `total_tokens` as reported, or input + output when the writer left it out.
+    pub fn total_tokens(&self) -> u64 {
+        self.total_tokens
+            .unwrap_or(self.input_tokens.saturating_add(self.output_tokens))
+    }
+
+    /// The record as one spend-log line, including the trailing `\n`.
+    pub fn to_line(&self) -> Vec<u8> {
+        // Serializing a struct of plain fields to a Vec cannot fail.
+        let mut line = serde_json::to_vec(self).unwrap_or_default();
+        line.push(b'\n');
+        line
+    }
+}
+
+/// serde_json's own message omits the field for type errors ("expected u64 at column 131");
+/// serde_path_to_error adds it ("input_tokens: invalid value: integer `-1`, expected u64").
+fn describe_json_error(text: &str, plain: serde_json::Error) -> String {
+    let de = &mut serde_json::Deserializer::from_str(text);
+    match serde_path_to_error::deserialize::<_, SpendRecord>(de) {
+        Err(e) if !e.path().to_string().is_empty() && e.path().to_string() != "." => {
+            format!("field `{}`: {}", e.path(), e.inner())
+        }
+        _ => plain.to_string(),
+    }
+}
+
+/// RFC 3339, UTC, milliseconds: the one timestamp format the spend log uses.
+pub fn fmt_millis(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+fn parse_rfc3339<'de, D: Deserializer<'de>>(s: &str) -> Result<DateTime<Utc>, D::Error> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| {
+            serde::de::Error::custom(format!(
+                "timestamp {s:?} is not RFC 3339 ({e}); expected e.g. 2026-11-27T10:00:00.123Z"
+            ))
+        })
+}
+
+mod millis {
+    use super::*;
+    pub fn serialize<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&fmt_millis(t))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+        let s = std::borrow::Cow::<str>::deserialize(d)?;
+        parse_rfc3339::<D>(&s)
+    }
+}
+
+mod opt_millis {
+    use super::*;
+    pub fn serialize<S: Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
+        match t {
+            Some(t) => s.serialize_str(&fmt_millis(t)),
+            None => s.serialize_none(),
+        }
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc>>, D::Error> {
+        match Option::<std::borrow::Cow<str>>::deserialize(d)? {
+            Some(s) => parse_rfc3339::<D>(&s).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn sample() -> SpendRecord {
+        SpendRecord {
+            schema: 1,
+            transaction_id: "0193a1b2-0000-7000-8000-000000000001".into(),
+            start_time: Some("2026-11-27T10:00:00.000Z".parse().unwrap()),
+            end_time: "2026-11-27T10:00:00.250Z".parse().unwrap(),
+            call_type: "chat_completion".into(),
+            model: "gpt-4o".into(),
+            upstream_model: Some("gpt-4o-2024-08-06".into()),
+            input_tokens: 7,
+            output_tokens: 15,
+            total_tokens: Some(22),
+            usage_estimated: false,
+            response_cost: Some(0.0001675),
+            end_user_id: Some("customer-1".into()),
+            user_id: None,
+            team_id: Some("team-a".into()),
+            key_alias: Some("team-a-key".into()),
+            key_hash: Some("ab".repeat(32)),
+            stream: false,
+            status: "success".into(),
+            duration_ms: Some(250),
+        }
+    }
+
+    fn parse(s: &str) -> Result<SpendRecord, RecordError> {
+        SpendRecord::parse_line(s.as_bytes())
+    }
+
+    fn with(field: &str, value: serde_json::Value) -> String {
+        let mut v = serde_json::to_value(sample()).unwrap();
+        v[field] = value;
+        v.to_string()
+    }
+
+    #[test]
+    fn round_trips_through_a_line() {
+        let line = sample().to_line();
+        assert_eq!(line.last(), Some(&b'\n'));
+        assert_eq!(line.iter().filter(|b| **b == b'\n').count(), 1);
+        let back = SpendRecord::parse_line(&line[..line.len() - 1]).unwrap();
+        assert_eq!(back, sample());
+    }
+
+    #[test]
+    fn writes_millisecond_utc_timestamps_and_nulls_for_unknowns() {
+        let v: serde_json::Value = serde_json::from_slice(&sample().to_line()).unwrap();
+        assert_eq!(v["end_time"], "2026-11-27T10:00:00.250Z");
+        assert!(v["user_id"].is_null());
+        assert_eq!(v["schema"], 1);
+    }
+
+    #[test]
+    fn accepts_unknown_fields_and_other_offsets() {
+        let mut v = serde_json::to_value(sample()).unwrap();
+        v["some_future_field"] = serde_json::json!({"x": 1});
+        v["end_time"] = "2026-11-27T11:00:00.250+01:00".into();
+        let r = parse(&v.to_string()).unwrap();
+        assert_eq!(fmt_millis(&r.end_time), "2026-11-27T10:00:00.250Z");
+    }
+
+    #[test]
+    fn rejects_a_newer_schema_with_an_upgrade_hint() {
+        let err = parse(&with("schema", 2.into())).unwrap_err();
+        assert_eq!(err, RecordError::UnsupportedSchema { found: 2 });
+        assert!(err.to_string().contains("upgrade tally"));
+    }
+
+    #[test]
+    fn rejects_bad_values_naming_the_field() {
+        let cases = [
+            ("input_tokens", serde_json::json!(-1), "input_tokens"),
+            (
+                "output_tokens",
+                serde_json::json!(5_000_000_000u64),
+                "output_tokens",
+            ),
+            ("response_cost", serde_json::json!(-0.5), "response_cost"),
+            ("response_cost", serde_json::json!("free"), "response_cost"),
+            ("transaction_id", serde_json::json!(""), "transaction_id"),
+            ("end_time", serde_json::json!("yesterday"), "RFC 3339"),
+            ("end_time", serde_json::json!(1732700000), "end_time"),
+        ];
+        for (field, value, expect) in cases {
+            let err = parse(&with(field, value.clone())).unwrap_err().to_string();
+            assert!(err.contains(expect), "{field}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn rejects_missing_required_fields() {
+        for field in [
+            "transaction_id",
+            "end_time",
+            "model",
+            "input_tokens",
+            "status",
+        ] {
+            let mut v = serde_json::to_value(sample()).unwrap();
+            v.as_object_mut().unwrap().remove(field);
+            let err = parse(&v.to_string()).unwrap_err().to_string();
+            assert!(err.contains(field), "{field}: {err}");
+        }
+    }
+
+    #[test]
+    fn rejects_infinite_cost_and_garbage() {
+        assert!(parse(&with("response_cost", serde_json::json!(1e300))).is_err());
+        assert!(parse(r#"{"schema":1,"response_cost":1e999}"#).is_err());
+        assert!(matches!(parse("{not json"), Err(RecordError::Json(_))));
+        assert_eq!(parse("   "), Err(RecordError::Empty));
+        assert!(matches!(
+            SpendRecord::parse_line(b"{\"schema\":1,\xff}"),
+            Err(RecordError::NotUtf8 { valid_up_to: 12 })
+        ));
+    }
+
+    #[test]
+    fn only_success_is_billable_and_total_falls_back() {
+        let mut r = sample();
+        assert!(r.is_billable());
+        r.total_tokens = None;
+        assert_eq!(r.total_tokens(), 22);
+        r.status = "failure".into();
+        assert!(!r.is_billable());
+    }
+}
