@@ -1,4 +1,9 @@
 //! `tally ship`: tail the spend log, dedupe in SQLite, deliver to Lago (issue #3).
+//!
+//! - [`tail`]: follows the live spend log across rotation and truncation, yielding lines and
+//!   file positions.
+
+pub mod tail;
 
 use tokio_util::sync::CancellationToken;
 
