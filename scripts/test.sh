@@ -40,6 +40,9 @@ export TALLY_BIN="$PWD/target/debug/tally"
 export TALLY_PYTHON="$PWD/.venv/bin/python"
 if [[ -n "${CARGO_TARGET_DIR:-}" ]]; then TALLY_BIN="$CARGO_TARGET_DIR/debug/tally"; fi
 
+step "systemd units: verify, security (exposure <= 2.0), sysusers/tmpfiles"
+./systemd/check.sh
+
 step "Rust tests (unit + integration, including the OpenAI/LangChain client tests)"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --no-fail-fast --failure-output final
