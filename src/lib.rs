@@ -14,12 +14,16 @@
 //!   events to Lago with retries.
 //! - [`lago_emulator`]: a local Lago events API that answers like the real server, with fault
 //!   injection for tests.
+//! - [`service`]: running under systemd: readiness, status and watchdog (sd_notify).
+//! - [`metrics`]: Prometheus metrics of the proxy and the shipper, and the `/metrics` endpoint.
 //! - [`commands`]: operator commands over the same modules: `replay`, `queue`, `demo`.
 
 pub mod cli;
 pub mod commands;
 pub mod lago_emulator;
 pub mod logging;
+pub mod metrics;
 pub mod proxy;
+pub mod service;
 pub mod ship;
 pub mod spend;

@@ -1,7 +1,16 @@
 //! Logs go to stderr through `tracing` (journald picks them up under systemd); data a script
 //! might read goes to stdout. Levels come from `RUST_LOG`, defaulting to `info`.
+//!
+//! `--log-format json` (or `TALLY_LOG_FORMAT=json`) writes one JSON object per line with the
+//! event's fields at the top level, for log shippers. Colours only when stderr is a terminal, so
+//! the journal holds no escape codes.
 
+use std::io::IsTerminal;
+
+use tracing::Subscriber;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
+use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::cli::LogFormat;
 
@@ -9,11 +18,87 @@ use crate::cli::LogFormat;
 /// that start several services in one process rely on.
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::stderr().is_terminal();
+    let _ = build(format, filter, BoxMakeWriter::new(std::io::stderr), ansi).try_init();
+}
+
+/// The subscriber `init` installs, writing to `writer`.
+fn build(
+    format: LogFormat,
+    filter: EnvFilter,
+    writer: BoxMakeWriter,
+    ansi: bool,
+) -> Box<dyn Subscriber + Send + Sync> {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-    };
+        .with_writer(writer)
+        .with_ansi(ansi);
+    match format {
+        LogFormat::Text => Box::new(builder.finish()),
+        LogFormat::Json => Box::new(builder.json().flatten_event(true).finish()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    /// Captures what the subscriber writes.
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn capture(format: LogFormat, filter: &str, emit: impl FnOnce()) -> String {
+        let out = Capture::default();
+        let writer = {
+            let out = out.clone();
+            BoxMakeWriter::new(move || out.clone())
+        };
+        let subscriber = build(format, EnvFilter::new(filter), writer, false);
+        tracing::subscriber::with_default(subscriber, emit);
+        String::from_utf8(out.0.lock().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn json_format_writes_one_object_per_line_with_flat_fields() {
+        let out = capture(LogFormat::Json, "info", || {
+            tracing::info!(model = "gpt-4o", status = 200u16, "request done");
+            tracing::warn!(pending = 3u64, "lago is slow");
+            tracing::debug!("filtered out at info");
+        });
+        let lines: Vec<serde_json::Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+            .collect();
+        assert_eq!(lines.len(), 2, "{out}");
+        assert_eq!(lines[0]["level"], "INFO");
+        assert_eq!(lines[0]["message"], "request done");
+        assert_eq!(lines[0]["model"], "gpt-4o");
+        assert_eq!(lines[0]["status"], 200);
+        assert!(lines[0]["timestamp"].is_string());
+        assert_eq!(lines[1]["level"], "WARN");
+        assert_eq!(lines[1]["pending"], 3);
+    }
+
+    #[test]
+    fn text_format_has_no_escape_codes_off_a_terminal_and_honours_the_filter() {
+        let out = capture(LogFormat::Text, "warn,tally=debug", || {
+            tracing::debug!(target: "tally::ship", batch = 7u64, "sent");
+            tracing::info!(target: "hyper", "noise");
+        });
+        assert_eq!(out.lines().count(), 1, "{out}");
+        assert!(out.contains("DEBUG") && out.contains("batch=7") && out.contains("sent"));
+        assert!(!out.contains('\u{1b}'), "escape codes in {out:?}");
+    }
 }
