@@ -187,12 +187,12 @@ impl ShipMetrics {
         self.lines_read.inc_by(n);
     }
 
-    /// Counts a rejected line. `reason` is a fixed name from the code (e.g. `malformed`,
+    /// Counts `n` rejected lines. `reason` is a fixed name from the code (e.g. `malformed`,
     /// `too_long`), never text from the line.
-    pub fn record_line_rejected(&self, reason: &'static str) {
+    pub fn record_lines_rejected(&self, reason: &'static str, n: u64) {
         self.lines_rejected
             .get_or_create(&ReasonLabels { reason })
-            .inc();
+            .inc_by(n);
     }
 
     /// Counts `n` events Lago acknowledged (200, or 422 "already exists").
@@ -271,9 +271,9 @@ mod tests {
 
         metrics.record_lines_read(10);
         metrics.record_lines_read(5);
-        metrics.record_line_rejected("malformed");
-        metrics.record_line_rejected("malformed");
-        metrics.record_line_rejected("too_long");
+        metrics.record_lines_rejected("malformed", 1);
+        metrics.record_lines_rejected("malformed", 1);
+        metrics.record_lines_rejected("too_long", 1);
         metrics.record_acked(12);
         metrics.record_held(1);
         metrics.record_dead(2);
