@@ -6,6 +6,10 @@
 //! here does nothing when `NOTIFY_SOCKET` is unset (run by hand, in tests, or under another
 //! supervisor), so services call them unconditionally.
 //!
+//! Notifications are datagrams on a socket systemd reads at once; like libsystemd's
+//! `sd_notify`, a send waits if that socket's queue is full. The watchdog's pings are sent off
+//! the async workers for that reason.
+//!
 //! A failed notification is logged, never fatal: the service works either way, and systemd
 //! reports a missing `READY=1` as a start timeout that points at this log line.
 
@@ -60,19 +64,24 @@ where
         interval,
         shutdown,
         Arc::new(health),
-        || send(&[NotifyState::Watchdog]),
+        // The send blocks while the manager's socket queue is full; keep that off the async
+        // workers. The loop waits for it, so a manager that stops reading stops the pings.
+        || async {
+            let _ = tokio::task::spawn_blocking(|| send(&[NotifyState::Watchdog])).await;
+        },
     )))
 }
 
 /// The watchdog loop, with the ping injected so tests can count pings.
-async fn run_watchdog<F, P>(
+async fn run_watchdog<F, P, Fut>(
     interval: Duration,
     shutdown: CancellationToken,
     health: Arc<F>,
     mut ping: P,
 ) where
     F: Fn() -> bool + Send + Sync + 'static,
-    P: FnMut(),
+    P: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
 {
     let mut ticker = tokio::time::interval(interval);
     // After a stall, one ping is enough; a burst of catch-up pings would hide the stall's length.
@@ -86,7 +95,7 @@ async fn run_watchdog<F, P>(
         }
         let now_healthy = health();
         if now_healthy {
-            ping();
+            ping().await;
         }
         match (healthy, now_healthy) {
             (true, false) => tracing::warn!(
@@ -135,6 +144,7 @@ mod tests {
                 let pings = pings.clone();
                 move || {
                     pings.fetch_add(1, Ordering::SeqCst);
+                    std::future::ready(())
                 }
             },
         ));
