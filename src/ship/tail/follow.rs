@@ -271,12 +271,17 @@ impl Tailer {
             }
             return Ok(());
         };
+        // Truncation first, whether or not it is still the live file: a copy left by
+        // copytruncate must be adopted before rotation discovery could mistake it for news.
+        if let Some(old) = check_truncation(current, &mut self.notices)? {
+            self.after_truncation(old)?;
+        }
+        let Some(current) = self.live.as_ref() else {
+            return Ok(());
+        };
         if let Some(meta) = &live_meta
             && identity::same_inode(meta, &current.id)
         {
-            if let Some(old) = check_truncation(current, &mut self.notices)? {
-                self.after_truncation(old)?;
-            }
             return Ok(());
         }
         let cur_meta = current.file.metadata().map_err(io_err(&current.path))?;
@@ -511,7 +516,7 @@ impl Tailer {
         candidates: impl Iterator<Item = (&'a PathBuf, &'a Metadata)>,
         claimed: &dyn Fn(&Metadata) -> bool,
     ) -> Result<Option<OpenFile>, TailError> {
-        if p.id.fingerprint == 0 || p.offset == 0 {
+        if p.id.fingerprint == 0 {
             return Ok(None);
         }
         for (path, meta) in candidates {
@@ -588,10 +593,7 @@ fn check_truncation(
 ) -> Result<Option<FilePosition>, TailError> {
     let meta = file.file.metadata().map_err(io_err(&file.path))?;
     let size = meta.len();
-    let rewritten = match file.fp {
-        Some(fp) => !identity::still_matches(&file.file, fp).map_err(io_err(&file.path))?,
-        None => false,
-    };
+    let rewritten = file.head_changed().map_err(io_err(&file.path))?;
     if size >= file.read_pos() && !rewritten {
         return Ok(None);
     }

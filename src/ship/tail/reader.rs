@@ -106,6 +106,22 @@ impl OpenFile {
         Ok(())
     }
 
+    /// Whether the start of the file is no longer what was read from it: the first line's
+    /// fingerprint changed, or (before the first line is complete) the buffered first bytes did.
+    /// Either means the file was truncated and rewritten in place.
+    pub fn head_changed(&self) -> io::Result<bool> {
+        if let Some(fp) = self.fp {
+            return Ok(!identity::still_matches(&self.file, fp)?);
+        }
+        if self.pos != 0 || self.skipping.is_some() || self.hi == self.lo {
+            return Ok(false);
+        }
+        let n = (self.hi - self.lo).min(identity::FINGERPRINT_MAX);
+        let mut head = [0u8; identity::FINGERPRINT_MAX];
+        let got = identity::read_full_at(&self.file, &mut head[..n], 0)?;
+        Ok(got < n || head[..n] != self.buf[self.lo..self.lo + n])
+    }
+
     /// Appends complete lines to `out` until end of file or `out.len() == limit`.
     pub fn read_lines(
         &mut self,
