@@ -705,6 +705,14 @@ impl Model {
         self.new_generation();
     }
 
+    fn first_start(&mut self) {
+        let (keep, history): (Vec<String>, Vec<String>) = std::mem::take(&mut self.must)
+            .into_iter()
+            .partition(|l| self.live_lines.contains(l));
+        self.must = keep;
+        self.maybe.extend(history);
+    }
+
     fn take(&mut self, chunk: &Chunk) {
         self.committed.apply(chunk);
         self.received.extend(texts(chunk));
@@ -791,6 +799,11 @@ fn run_model(seed: u64, steps: usize) {
             64..=71 => {
                 // Crash and restart: whatever was read but not committed is forgotten.
                 drop(t.take());
+                if model.committed.0.is_empty() {
+                    // Nothing committed yet: this is a first start, which reads the live file
+                    // only; files rotated away before it are history.
+                    model.first_start();
+                }
                 t = Some(Tailer::new(opts.clone(), model.committed.known()).unwrap());
                 "X"
             }
