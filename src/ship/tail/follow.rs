@@ -20,6 +20,10 @@ use super::{Chunk, FileId, FilePosition, TailError, TailNotice, TailOptions};
 /// Never poll more often than this, whatever the options say: an idle tailer must not spin.
 const MIN_POLL_INTERVAL: Duration = Duration::from_millis(10);
 
+/// Lines longer than this are always reported too long, whatever `max_line_bytes` says: a partial
+/// line is buffered up to the limit, and this bounds that buffer.
+pub const MAX_LINE_BYTES_CAP: usize = 16 * 1024 * 1024;
+
 /// How many identities of finished files are remembered (rotated siblings rarely number more).
 const MAX_DONE: usize = 1024;
 
@@ -173,7 +177,7 @@ impl Tailer {
     /// Returns what can be read right now without waiting; `Ok(None)` when nothing is.
     pub fn poll_chunk(&mut self) -> Result<Option<Chunk>, TailError> {
         let limit = self.options.max_chunk_lines.max(1);
-        let max_line = self.options.max_line_bytes.max(1);
+        let max_line = self.options.max_line_bytes.clamp(1, MAX_LINE_BYTES_CAP);
         // Look at the live path first: a rotated file's final read must come after we saw its
         // successor, so lines written to it before the successor appeared are all read.
         self.check_live()?;

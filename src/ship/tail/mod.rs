@@ -39,7 +39,7 @@ mod identity;
 mod reader;
 mod watch;
 
-pub use follow::Tailer;
+pub use follow::{MAX_LINE_BYTES_CAP, Tailer};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -125,7 +125,9 @@ pub struct TailOptions {
     /// The live spend log (`TALLY_SPEND_LOG`). Its directory is watched, and rotated siblings
     /// (same file name plus a suffix) are where rotated files are found again.
     pub live_path: PathBuf,
+    /// How often to look even without a directory event (at least every 10 ms).
     pub poll_interval: Duration,
+    /// Longer lines are returned as [`LineContent::TooLong`] (capped at [`MAX_LINE_BYTES_CAP`]).
     pub max_line_bytes: usize,
     /// At most this many lines per chunk.
     pub max_chunk_lines: usize,
