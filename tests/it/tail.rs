@@ -533,6 +533,31 @@ async fn the_poll_finds_changes_without_directory_events() {
     writer.await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tailer_runs_in_a_spawned_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let live = dir.path().join(LIVE);
+    let mut t = Tailer::new(options(dir.path()), Vec::new()).unwrap();
+    let cancel = CancellationToken::new();
+    // `tokio::spawn` needs the tailer and its `next_chunk` future to be `Send`.
+    let task = {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(c) = t.next_chunk(&cancel).await.unwrap() {
+                got.extend(texts(&c));
+                if got.len() == 2 {
+                    break;
+                }
+            }
+            got
+        })
+    };
+    append(&live, b"a1\na2\n");
+    let got = tokio::time::timeout(GENEROUS, task).await.unwrap().unwrap();
+    assert_eq!(got, ["a1", "a2"]);
+}
+
 #[tokio::test]
 async fn cancellation_ends_next_chunk_with_none() {
     let dir = tempfile::tempdir().unwrap();
