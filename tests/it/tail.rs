@@ -852,10 +852,17 @@ fn run_model(seed: u64, steps: usize) {
     model.check(seed);
 }
 
+/// `TAIL_SEED=n` runs one seed (to reproduce a failure); `TAIL_SEEDS=n` and `TAIL_STEPS=n` run a
+/// longer search locally.
 #[test]
 fn model_random_writes_rotations_truncations_and_restarts() {
-    let only: Option<u64> = std::env::var("TAIL_SEED").ok().map(|s| s.parse().unwrap());
-    for seed in only.map_or(1..=40, |s| s..=s) {
-        run_model(seed, 150);
+    let env = |name: &str| std::env::var(name).ok().map(|s| s.parse::<u64>().unwrap());
+    let steps = env("TAIL_STEPS").unwrap_or(150) as usize;
+    let seeds = match env("TAIL_SEED") {
+        Some(s) => s..=s,
+        None => 1..=env("TAIL_SEEDS").unwrap_or(40),
+    };
+    for seed in seeds {
+        run_model(seed, steps);
     }
 }
