@@ -13,6 +13,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use chrono::SecondsFormat;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -92,9 +93,10 @@ async fn create_one(State(app): State<Arc<Emulator>>, headers: HeaderMap, body: 
         Err(errors) => return unprocessable(errors.to_json()),
     };
     let lago_id = Uuid::now_v7();
+    let created_at = iso_seconds(received_at);
     let mut body = Vec::with_capacity(512);
     body.extend_from_slice(b"{\"event\":");
-    write_event(&mut body, &lago_id, &event, received_at);
+    write_event(&mut body, &lago_id, &event, &created_at);
     body.push(b'}');
     let outcome = app.store().commit(vec![(lago_id, event)], received_at);
     match outcome {
@@ -160,6 +162,7 @@ async fn create_batch(
         return unprocessable_by_index(details);
     }
 
+    let created_at = iso_seconds(received_at);
     let mut body = Vec::with_capacity(64 + parsed.len() * 400);
     body.extend_from_slice(b"{\"events\":[");
     let mut batch = Vec::with_capacity(parsed.len());
@@ -168,7 +171,7 @@ async fn create_batch(
             body.push(b',');
         }
         let lago_id = Uuid::now_v7();
-        write_event(&mut body, &lago_id, &event, received_at);
+        write_event(&mut body, &lago_id, &event, &created_at);
         batch.push((lago_id, event));
     }
     body.extend_from_slice(b"]}");
@@ -215,7 +218,7 @@ async fn find_one(
             &mut body,
             &record.lago_id,
             &record.event,
-            record.received_at_millis,
+            &iso_seconds(record.received_at_millis),
         );
         body.push(b'}');
     }
@@ -391,19 +394,19 @@ pub(crate) fn now_millis() -> i64 {
 /// `2022-04-29T08:59:51.123Z` (the event timestamp, as Lago's serializer writes it).
 pub(crate) fn iso_millis(millis: i64) -> String {
     chrono::DateTime::from_timestamp_millis(millis)
-        .map(|t| t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
+        .map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true))
         .unwrap_or_default()
 }
 
 /// `2022-04-29T08:59:51Z` (`created_at`, whole seconds).
 fn iso_seconds(millis: i64) -> String {
     chrono::DateTime::from_timestamp_millis(millis)
-        .map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+        .map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true))
         .unwrap_or_default()
 }
 
 /// Appends one EventObject, fields in the order Lago's serializer writes them.
-fn write_event(out: &mut Vec<u8>, lago_id: &Uuid, e: &ParsedEvent, created_at_millis: i64) {
+fn write_event(out: &mut Vec<u8>, lago_id: &Uuid, e: &ParsedEvent, created_at: &str) {
     fn string(out: &mut Vec<u8>, s: &str) {
         // Writing a &str into a Vec cannot fail.
         let _ = serde_json::to_writer(&mut *out, s);
@@ -430,6 +433,6 @@ fn write_event(out: &mut Vec<u8>, lago_id: &Uuid, e: &ParsedEvent, created_at_mi
     out.extend_from_slice(b",\"lago_subscription_id\":null,\"external_subscription_id\":");
     opt_string(out, e.external_subscription_id.as_deref());
     out.extend_from_slice(b",\"created_at\":\"");
-    out.extend_from_slice(iso_seconds(created_at_millis).as_bytes());
+    out.extend_from_slice(created_at.as_bytes());
     out.extend_from_slice(b"\"}");
 }

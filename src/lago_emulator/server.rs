@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use axum::Router;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -181,8 +181,10 @@ async fn serve_connection(stream: TcpStream, router: Router, generation: Cancell
             }
         }
     });
-    let connection =
-        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+    let connection = hyper::server::conn::http1::Builder::new()
+        // hyper's header read timeout (30 s) needs a timer to run on.
+        .timer(TokioTimer::new())
+        .serve_connection(TokioIo::new(stream), service);
     tokio::select! {
         _ = connection => {}
         () = generation.cancelled() => {}

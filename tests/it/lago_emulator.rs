@@ -957,3 +957,47 @@ async fn the_command_serves_until_stopped() {
     child.start_kill().unwrap();
     child.wait().await.unwrap();
 }
+
+/// Not a test: how many events per second the emulator takes in batches of 100 with several
+/// requests in flight. Run with
+/// `cargo test --release --test it lago_emulator::throughput -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a test; run on demand"]
+async fn throughput_of_batches_of_100() {
+    const IN_FLIGHT: usize = 8;
+    const BATCHES_PER_TASK: usize = 250;
+    let lago = emulator().await;
+    let url = format!("{}/api/v1/events/batch", lago.base_url());
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for task in 0..IN_FLIGHT {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let http = client();
+            for b in 0..BATCHES_PER_TASK {
+                let body = batch(100, &format!("t{task}-b{b}")).to_string();
+                let response = http
+                    .post(&url)
+                    .bearer_auth(KEY)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), StatusCode::OK);
+                response.bytes().await.unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let elapsed = started.elapsed();
+    let events = lago.event_count();
+    assert_eq!(events, IN_FLIGHT * BATCHES_PER_TASK * 100);
+    println!(
+        "{events} events in {elapsed:?}: {:.0} events/s (client and emulator sharing the machine)",
+        events as f64 / elapsed.as_secs_f64()
+    );
+    lago.shutdown().await;
+}
