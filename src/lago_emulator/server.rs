@@ -167,9 +167,16 @@ async fn accept_loop(app: Arc<Emulator>, generation: CancellationToken) {
 
 async fn serve_connection(stream: TcpStream, router: Router, generation: CancellationToken) {
     let _ = stream.set_nodelay(true);
+    let stop = generation.clone();
     let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
         let router = router.clone();
+        let stopped = stop.is_cancelled();
         async move {
+            // Closing open connections is asynchronous; this makes sure none of them handles
+            // another request once `stop_listening` has returned.
+            if stopped {
+                return Err(ConnectionDropped);
+            }
             let response = match router.oneshot(req.map(axum::body::Body::new)).await {
                 Ok(response) => response,
                 Err(never) => match never {},
