@@ -1,4 +1,5 @@
 //! Integration tests: one binary, one submodule per area. Every server binds port 0.
 
+mod lago_emulator;
 mod support;
 mod tail;
