@@ -147,7 +147,11 @@ mod tests {
     fn finds_the_key_in_any_supported_header() {
         for name in ["authorization", "x-api-key", "api-key", "x-litellm-api-key"] {
             let mut h = HeaderMap::new();
-            let value = if name == "authorization" { "Bearer sk-abc" } else { "sk-abc" };
+            let value = if name == "authorization" {
+                "Bearer sk-abc"
+            } else {
+                "sk-abc"
+            };
             h.insert(name, HeaderValue::from_static(value));
             assert_eq!(presented_key(&h), Some("sk-abc"), "{name}");
         }

@@ -111,7 +111,10 @@ impl std::fmt::Debug for ProxyConfig {
                     .map(|d| &d.model_name)
                     .collect::<Vec<_>>(),
             )
-            .field("master_key", &self.master_key.as_ref().map(|_| "<redacted>"))
+            .field(
+                "master_key",
+                &self.master_key.as_ref().map(|_| "<redacted>"),
+            )
             .field("settings", &self.settings)
             .finish()
     }
@@ -284,7 +287,9 @@ impl ProxyConfig {
                     "give each entry a unique model_name (tally does not load-balance between deployments)",
                 ));
             }
-            let resolve = |field: &str, value: Option<String>| -> Result<Option<String>, ConfigError> {
+            let resolve = |field: &str,
+                           value: Option<String>|
+             -> Result<Option<String>, ConfigError> {
                 value
                     .map(|v| resolve_env_value(&v, env))
                     .transpose()
@@ -314,8 +319,8 @@ impl ProxyConfig {
                     ));
                 }
             };
-            let api_base = resolve("api_base", params.api_base)?
-                .unwrap_or_else(|| OPENAI_API_BASE.to_owned());
+            let api_base =
+                resolve("api_base", params.api_base)?.unwrap_or_else(|| OPENAI_API_BASE.to_owned());
             let api_base = api_base.trim_end_matches('/').to_owned();
             if !(api_base.starts_with("http://") || api_base.starts_with("https://")) {
                 return Err(entry_error(
@@ -383,7 +388,9 @@ impl ProxyConfig {
         let settings = TallySettings {
             spend_log: t.spend_log.unwrap_or(defaults.spend_log),
             state_dir: t.state_dir.unwrap_or(defaults.state_dir),
-            spend_log_max_bytes: t.spend_log_max_bytes.unwrap_or(defaults.spend_log_max_bytes),
+            spend_log_max_bytes: t
+                .spend_log_max_bytes
+                .unwrap_or(defaults.spend_log_max_bytes),
             max_body_bytes: t.max_body_bytes.unwrap_or(defaults.max_body_bytes),
             price_file: t.price_file,
             allow_weak_master_key: t.allow_weak_master_key.unwrap_or(false),
@@ -519,7 +526,10 @@ mod tests {
         }
     }
 
-    fn load(text: &str, env: &'static [(&'static str, &'static str)]) -> Result<ProxyConfig, ConfigError> {
+    fn load(
+        text: &str,
+        env: &'static [(&'static str, &'static str)],
+    ) -> Result<ProxyConfig, ConfigError> {
         ProxyConfig::load_from_str(text, "test.yaml", &env_of(env))
     }
 
@@ -532,7 +542,10 @@ mod tests {
         assert_eq!(gpt.upstream_model, "gpt-4o");
         assert!(gpt.mock_response.is_some());
         let fake = config.deployment("fake-openai-endpoint").unwrap();
-        assert_eq!(fake.api_base, "https://exampleopenaiendpoint-production.up.railway.app");
+        assert_eq!(
+            fake.api_base,
+            "https://exampleopenaiendpoint-production.up.railway.app"
+        );
         assert_eq!(fake.timeout, Duration::from_secs(30));
         assert_eq!(config.master_key.as_deref(), Some(STRONG));
         assert_eq!(config.settings.spend_log_max_bytes, 104_857_600);
@@ -544,7 +557,11 @@ mod tests {
         let text = "general_settings: {master_key: sk-0123456789abcdef0123}\ntally_settings: {spend_log: a.jsonl, max_body_bytes: 10}\n";
         let config = load(
             text,
-            &[("TALLY_SPEND_LOG", "/x/b.jsonl"), ("TALLY_MAX_BODY_BYTES", "99"), ("TALLY_PRICE_FILE", "p.json")],
+            &[
+                ("TALLY_SPEND_LOG", "/x/b.jsonl"),
+                ("TALLY_MAX_BODY_BYTES", "99"),
+                ("TALLY_PRICE_FILE", "p.json"),
+            ],
         )
         .unwrap();
         assert_eq!(config.settings.spend_log, PathBuf::from("/x/b.jsonl"));
@@ -556,14 +573,22 @@ mod tests {
 
     #[test]
     fn refuses_missing_and_weak_master_keys_with_the_fix() {
-        for text in ["model_list: []", "general_settings: {master_key: sk-1234}", "general_settings: {master_key: short-key}"] {
+        for text in [
+            "model_list: []",
+            "general_settings: {master_key: sk-1234}",
+            "general_settings: {master_key: short-key}",
+        ] {
             let err = load(text, &[]).unwrap_err().to_string();
             assert!(err.contains("openssl rand -hex 24"), "{err}");
             assert!(err.contains("allow_weak_master_key"), "{err}");
         }
         // Explicitly allowed, by the file or by the environment.
         load("general_settings: {master_key: sk-1234}\ntally_settings: {allow_weak_master_key: true}", &[]).unwrap();
-        load("general_settings: {master_key: sk-1234}", &[("TALLY_ALLOW_WEAK_MASTER_KEY", "true")]).unwrap();
+        load(
+            "general_settings: {master_key: sk-1234}",
+            &[("TALLY_ALLOW_WEAK_MASTER_KEY", "true")],
+        )
+        .unwrap();
         assert!(is_weak_master_key("SK-1234"));
         assert!(!is_weak_master_key(STRONG));
     }
@@ -602,7 +627,9 @@ mod tests {
 
     #[test]
     fn unknown_tally_setting_is_refused() {
-        let err = load("tally_settings: {spend_logg: x}", &[]).unwrap_err().to_string();
+        let err = load("tally_settings: {spend_logg: x}", &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("spend_logg"), "{err}");
     }
 

@@ -17,7 +17,10 @@ pub enum ProxyError {
     Unauthorized(String),
     /// A virtual key used on an admin route, or for a model it may not use.
     #[error("{message}")]
-    Forbidden { message: String, param: Option<&'static str> },
+    Forbidden {
+        message: String,
+        param: Option<&'static str>,
+    },
     /// A malformed or unsupported request body or query.
     #[error("{message}")]
     BadRequest {
@@ -25,7 +28,9 @@ pub enum ProxyError {
         param: Option<String>,
         code: &'static str,
     },
-    #[error("request body is larger than the limit of {limit} bytes (tally_settings.max_body_bytes)")]
+    #[error(
+        "request body is larger than the limit of {limit} bytes (tally_settings.max_body_bytes)"
+    )]
     PayloadTooLarge { limit: usize },
     #[error("content type must be application/json, got {0:?}")]
     UnsupportedMediaType(String),
@@ -35,7 +40,9 @@ pub enum ProxyError {
     #[error("upstream for model {model:?} is unreachable: {reason}")]
     UpstreamUnreachable { model: String, reason: String },
     /// The upstream did not answer within the deployment's `timeout`.
-    #[error("upstream for model {model:?} did not answer within {seconds}s (litellm_params.timeout)")]
+    #[error(
+        "upstream for model {model:?} did not answer within {seconds}s (litellm_params.timeout)"
+    )]
     UpstreamTimeout { model: String, seconds: f64 },
     /// The upstream answered with an error status: its body is passed through unchanged.
     #[error("upstream answered {status}")]

@@ -81,9 +81,8 @@ pub async fn info(
             "pass the key or its token (SHA-256 hex) as ?key=",
         ));
     };
-    let record = find(&state, &identify(&key))?.ok_or_else(|| {
-        ProxyError::NotFound("no such key (unknown, or deleted)".into())
-    })?;
+    let record = find(&state, &identify(&key))?
+        .ok_or_else(|| ProxyError::NotFound("no such key (unknown, or deleted)".into()))?;
     let info = describe(&record);
     Ok(Json(json!({"key": record.token(), "info": info})).into_response())
 }
@@ -113,7 +112,10 @@ pub async fn delete(
     let mut hashes = Vec::with_capacity(keys.len());
     for item in &keys {
         let Value::String(k) = item else {
-            return Err(ProxyError::bad_param("keys", "every entry of `keys` must be a string"));
+            return Err(ProxyError::bad_param(
+                "keys",
+                "every entry of `keys` must be a string",
+            ));
         };
         hashes.push(identify(k));
     }

@@ -102,7 +102,9 @@ pub struct NewKey {
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyStoreError {
-    #[error("cannot create state directory {path}: {source}; set tally_settings.state_dir / TALLY_STATE_DIR to a writable directory")]
+    #[error(
+        "cannot create state directory {path}: {source}; set tally_settings.state_dir / TALLY_STATE_DIR to a writable directory"
+    )]
     StateDir {
         path: String,
         source: std::io::Error,
@@ -155,9 +157,12 @@ impl KeyStore {
             source,
         };
         let conn = Connection::open(&path).map_err(sql)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(sql)?;
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(sql)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(sql)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sql)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(sql)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(sql)?;
         conn.execute_batch(SCHEMA).map_err(sql)?;
         let mut cache = HashMap::new();
         {
@@ -388,7 +393,10 @@ mod tests {
         let wal = std::fs::read(dir.path().join("keys.db-wal")).unwrap_or_default();
         let needle = key.as_bytes();
         for bytes in [&db, &wal] {
-            assert!(!bytes.windows(needle.len()).any(|w| w == needle), "raw key on disk");
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle),
+                "raw key on disk"
+            );
         }
         drop(store);
         let store = KeyStore::open(dir.path()).unwrap();

@@ -10,7 +10,10 @@ use super::upstream::Usage;
 
 /// The usage a mock chat answer reports for this request.
 pub fn chat_usage(request: &Map<String, Value>, text: &str) -> Usage {
-    Usage::new(tokens::estimate_messages(request), tokens::estimate_text(text))
+    Usage::new(
+        tokens::estimate_messages(request),
+        tokens::estimate_text(text),
+    )
 }
 
 /// A complete `chat.completion` object.
@@ -44,7 +47,10 @@ pub fn chat_stream(id: &str, model: &str, text: &str, usage: Usage, created: i64
             "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
         })
     };
-    let mut events = vec![chunk(json!({"role": "assistant", "content": ""}), Value::Null)];
+    let mut events = vec![chunk(
+        json!({"role": "assistant", "content": ""}),
+        Value::Null,
+    )];
     // Split after each space so the pieces concatenate back to the exact text.
     let mut rest = text;
     while !rest.is_empty() {
@@ -130,7 +136,7 @@ mod tests {
             }
         }
         assert_eq!(text, "Hello from mock");
-        assert!(events[events.len() - 2].starts_with(b"data: {") );
+        assert!(events[events.len() - 2].starts_with(b"data: {"));
         assert!(String::from_utf8_lossy(&events[events.len() - 2]).contains("\"total_tokens\":9"));
         assert_eq!(&events[events.len() - 1][..], b"data: [DONE]\n\n");
     }

@@ -219,7 +219,9 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let state = AppState::new(&config)
         .with_context(|| format!("cannot start the proxy with {}", config.source))?;
-    let local = listener.local_addr().context("listener has no local address")?;
+    let local = listener
+        .local_addr()
+        .context("listener has no local address")?;
     tracing::info!(
         address = %local,
         models = ?state.model_names(),

@@ -31,12 +31,16 @@ impl Price {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PriceFileError {
-    #[error("cannot read price file {path}: {source}; fix tally_settings.price_file / TALLY_PRICE_FILE")]
+    #[error(
+        "cannot read price file {path}: {source}; fix tally_settings.price_file / TALLY_PRICE_FILE"
+    )]
     Read {
         path: String,
         source: std::io::Error,
     },
-    #[error("price file {path} is not LiteLLM's model_prices_and_context_window.json format: {message}")]
+    #[error(
+        "price file {path} is not LiteLLM's model_prices_and_context_window.json format: {message}"
+    )]
     Format { path: String, message: String },
 }
 
@@ -56,19 +60,23 @@ impl PriceTable {
     /// The built-in table, with the price file (if any) layered over it.
     pub fn load(price_file: Option<&Path>) -> Result<Self, PriceFileError> {
         let mut table = Self::default();
-        table.merge_json(BUILT_IN).map_err(|message| PriceFileError::Format {
-            path: "built-in prices.json".into(),
-            message,
-        })?;
+        table
+            .merge_json(BUILT_IN)
+            .map_err(|message| PriceFileError::Format {
+                path: "built-in prices.json".into(),
+                message,
+            })?;
         if let Some(path) = price_file {
             let text = std::fs::read_to_string(path).map_err(|source| PriceFileError::Read {
                 path: path.display().to_string(),
                 source,
             })?;
-            table.merge_json(&text).map_err(|message| PriceFileError::Format {
-                path: path.display().to_string(),
-                message,
-            })?;
+            table
+                .merge_json(&text)
+                .map_err(|message| PriceFileError::Format {
+                    path: path.display().to_string(),
+                    message,
+                })?;
         }
         Ok(table)
     }
@@ -103,7 +111,9 @@ impl PriceTable {
 
     /// The price of a deployment, or `None` when it is unpriced.
     pub fn price_for(&self, d: &Deployment) -> Option<Price> {
-        let listed = self.lookup(&d.upstream_model).or_else(|| self.lookup(&d.model_name));
+        let listed = self
+            .lookup(&d.upstream_model)
+            .or_else(|| self.lookup(&d.model_name));
         match (d.input_cost_per_token, d.output_cost_per_token, listed) {
             (Some(i), Some(o), _) => Some(Price {
                 input_per_token: i,
@@ -164,7 +174,11 @@ mod tests {
         assert_eq!(table.price_for(&d).unwrap().cost(10, 10), 0.00003);
         assert_eq!(table.price_for(&deployment("x", "my-local-llama")), None);
         // Looked up by model_name when the upstream name is not listed.
-        assert!(table.price_for(&deployment("claude-sonnet-4-5", "local")).is_some());
+        assert!(
+            table
+                .price_for(&deployment("claude-sonnet-4-5", "local"))
+                .is_some()
+        );
     }
 
     #[test]
@@ -180,10 +194,17 @@ mod tests {
         .unwrap();
         let table = PriceTable::load(Some(&path)).unwrap();
         assert_eq!(
-            table.price_for(&deployment("a", "gpt-4o")).unwrap().cost(1, 1),
+            table
+                .price_for(&deployment("a", "gpt-4o"))
+                .unwrap()
+                .cost(1, 1),
             0.000002
         );
-        assert!(table.price_for(&deployment("b", "my-local-llama")).is_some());
+        assert!(
+            table
+                .price_for(&deployment("b", "my-local-llama"))
+                .is_some()
+        );
         std::fs::write(&path, "not json").unwrap();
         let err = PriceTable::load(Some(&path)).unwrap_err().to_string();
         assert!(err.contains("prices.json"), "{err}");

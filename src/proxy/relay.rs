@@ -26,7 +26,7 @@ use super::mock;
 use super::request::read_json_object;
 use super::stream::{self, StreamOutcome};
 use super::tokens;
-use super::upstream::{Endpoint, Usage, UpstreamClient};
+use super::upstream::{Endpoint, UpstreamClient, Usage};
 use crate::spend::{SCHEMA_VERSION, SpendRecord};
 
 /// Chunks buffered between the upstream reader and a slow client.
@@ -213,7 +213,12 @@ async fn handle(
         && match body.get("stream") {
             Some(Value::Bool(b)) => *b,
             Some(Value::Null) | None => false,
-            Some(_) => return Err(ProxyError::bad_param("stream", "`stream` must be a boolean")),
+            Some(_) => {
+                return Err(ProxyError::bad_param(
+                    "stream",
+                    "`stream` must be a boolean",
+                ));
+            }
         };
     if call_type == CallType::Chat && !matches!(body.get("messages"), Some(Value::Array(_))) {
         return Err(ProxyError::bad_param(
@@ -269,7 +274,12 @@ async fn handle(
 
     if stream {
         let source = response.bytes_stream();
-        return Ok(start_stream(call, source, client_wants_usage, prompt_estimate));
+        return Ok(start_stream(
+            call,
+            source,
+            client_wants_usage,
+            prompt_estimate,
+        ));
     }
 
     let (content_type, bytes) =
@@ -332,7 +342,11 @@ struct ResponseMessage {
 }
 
 /// Usage from a whole answer, or an estimate (flagged) when the upstream reported none.
-fn usage_of(bytes: &[u8], call_type: CallType, prompt_estimate: u64) -> (Usage, bool, Option<String>) {
+fn usage_of(
+    bytes: &[u8],
+    call_type: CallType,
+    prompt_estimate: u64,
+) -> (Usage, bool, Option<String>) {
     let meta: Option<ResponseMeta> = serde_json::from_slice(bytes).ok();
     let upstream_model = meta.as_ref().and_then(|m| m.model.clone());
     match meta {
@@ -352,13 +366,22 @@ fn usage_of(bytes: &[u8], call_type: CallType, prompt_estimate: u64) -> (Usage, 
                     })
                     .unwrap_or(0),
             };
-            (Usage::new(prompt_estimate, completion), true, upstream_model)
+            (
+                Usage::new(prompt_estimate, completion),
+                true,
+                upstream_model,
+            )
         }
     }
 }
 
 /// Starts relaying a stream on a tracked task and returns the streaming response.
-fn start_stream<S, E>(call: Call, source: S, client_wants_usage: bool, prompt_estimate: u64) -> Response
+fn start_stream<S, E>(
+    call: Call,
+    source: S,
+    client_wants_usage: bool,
+    prompt_estimate: u64,
+) -> Response
 where
     S: futures::Stream<Item = Result<Bytes, E>> + Send + 'static,
     E: std::fmt::Display + Send + 'static,
@@ -368,7 +391,10 @@ where
         rx.poll_recv(cx)
     })));
     let h = response.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     call.headers(&mut response, None);
     let tracker = call.state.streams().clone();
@@ -405,10 +431,20 @@ async fn mock_answer(
             let usage = mock::chat_usage(body, &text);
             if call.stream {
                 let events = mock::chat_stream(&id, &d.upstream_model, &text, usage, created);
-                let source = futures::stream::iter(events.into_iter().map(Ok::<_, std::convert::Infallible>));
-                return Ok(start_stream(call, source, client_wants_usage, usage.prompt_tokens));
+                let source = futures::stream::iter(
+                    events.into_iter().map(Ok::<_, std::convert::Infallible>),
+                );
+                return Ok(start_stream(
+                    call,
+                    source,
+                    client_wants_usage,
+                    usage.prompt_tokens,
+                ));
             }
-            (usage, mock::chat_completion(&id, &d.upstream_model, &text, usage, created))
+            (
+                usage,
+                mock::chat_completion(&id, &d.upstream_model, &text, usage, created),
+            )
         }
         CallType::Embedding => {
             let usage = Usage::new(tokens::estimate_embedding_input(body), 0);
@@ -418,9 +454,10 @@ async fn mock_answer(
     let record = call.record(usage, false, "success", None);
     call.write(&record).await?;
     let mut response = (StatusCode::OK, bytes).into_response();
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     call.headers(&mut response, record.response_cost);
     Ok(response)
 }

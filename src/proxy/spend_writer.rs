@@ -32,7 +32,9 @@ pub const DIR_MODE: u32 = 0o750;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpendLogError {
-    #[error("cannot open spend log {path}: {source}; check the directory exists and is writable (tally_settings.spend_log / TALLY_SPEND_LOG)")]
+    #[error(
+        "cannot open spend log {path}: {source}; check the directory exists and is writable (tally_settings.spend_log / TALLY_SPEND_LOG)"
+    )]
     Open { path: String, source: io::Error },
     #[error("cannot write spend log {path}: {source}")]
     Write { path: String, source: io::Error },
@@ -282,11 +284,17 @@ mod tests {
         assert_eq!(rotated.len(), 2, "{rotated:?}");
         for name in &rotated {
             let stamp = name.strip_prefix("spend.jsonl.").unwrap();
-            assert!(chrono::NaiveDateTime::parse_from_str(stamp, "%Y%m%dT%H%M%S%.3fZ").is_ok(), "{name}");
+            assert!(
+                chrono::NaiveDateTime::parse_from_str(stamp, "%Y%m%dT%H%M%S%.3fZ").is_ok(),
+                "{name}"
+            );
         }
         // Every record once, in order, across rotated + live files.
         let mut ids = Vec::new();
-        for name in rotated.iter().chain(std::iter::once(&"spend.jsonl".to_owned())) {
+        for name in rotated
+            .iter()
+            .chain(std::iter::once(&"spend.jsonl".to_owned()))
+        {
             let text = std::fs::read(live.with_file_name(name)).unwrap();
             for line in text.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
                 ids.push(SpendRecord::parse_line(line).unwrap().transaction_id);

@@ -84,7 +84,7 @@ pub async fn relay<S, E, F, Fut>(
                             completion_text.push_str(&text);
                         }
                     }
-                    if !(usage_only && !client_wants_usage) {
+                    if !usage_only || client_wants_usage {
                         forward(event, &mut outcome).await;
                     }
                 }
@@ -105,10 +105,14 @@ pub async fn relay<S, E, F, Fut>(
     if let Some(reason) = failed {
         // Break the response off so the client sees an incomplete stream, not a clean end.
         let _ = client
-            .send(Err(std::io::Error::other(format!("upstream stream failed: {reason}"))))
+            .send(Err(std::io::Error::other(format!(
+                "upstream stream failed: {reason}"
+            ))))
             .await;
     } else if recorded {
-        let _ = client.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
+        let _ = client
+            .send(Ok(Bytes::from_static(b"data: [DONE]\n\n")))
+            .await;
     } else {
         let _ = client
             .send(Err(std::io::Error::other("spend log unavailable")))
