@@ -16,6 +16,7 @@
 //! - [`tokens`]: the token estimate used when an upstream reports no usage.
 //! - [`spend_writer`]: the single writer of the spend log (bounded queue, rotation).
 //! - [`error`]: the OpenAI-shaped error every handler answers with.
+//! - [`observe`]: Prometheus metrics of relayed requests, and `/metrics`.
 
 pub mod auth;
 pub mod config;
@@ -23,6 +24,7 @@ pub mod error;
 pub mod key_api;
 pub mod keys;
 pub mod mock;
+pub mod observe;
 pub mod pricing;
 pub mod relay;
 pub mod request;
@@ -42,6 +44,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::cli::ProxyArgs;
+use crate::metrics::{Exposition, ProxyMetrics, Registry};
+use crate::service;
 
 pub use config::{ConfigError, Deployment, ProxyConfig, TallySettings};
 pub use routes::app;
@@ -81,6 +85,8 @@ struct Shared {
     /// Calls and stream relays still running; shutdown waits for them before flushing the
     /// spend log.
     in_flight: TaskTracker,
+    metrics: ProxyMetrics,
+    exposition: Exposition,
 }
 
 /// Why the proxy could not start.
@@ -136,6 +142,12 @@ impl AppState {
                  only \"lago\" is (billing is done by `tally ship` from the spend log)"
             );
         }
+        let mut registry = Registry::default();
+        crate::metrics::register_build_info(&mut registry);
+        let metrics = ProxyMetrics::register(
+            &mut registry,
+            config.deployments.iter().map(|d| d.model_name.clone()),
+        );
         Ok(Self {
             inner: Arc::new(Shared {
                 routes,
@@ -149,6 +161,8 @@ impl AppState {
                 upstream: UpstreamClient::new()?,
                 max_body_bytes: config.settings.max_body_bytes,
                 in_flight: TaskTracker::new(),
+                metrics,
+                exposition: registry.into(),
             }),
         })
     }
@@ -179,6 +193,14 @@ impl AppState {
 
     pub fn in_flight(&self) -> &TaskTracker {
         &self.inner.in_flight
+    }
+
+    pub fn metrics(&self) -> &ProxyMetrics {
+        &self.inner.metrics
+    }
+
+    pub fn exposition(&self) -> &Exposition {
+        &self.inner.exposition
     }
 
     /// Waits for calls still running (up to a deadline), then flushes and closes the spend log.
@@ -238,9 +260,23 @@ pub async fn serve(
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
     });
+    // Bound, key store and spend log open: ready. The watchdog pings while both stay usable.
+    service::notify_status(&format!("listening on {local}"));
+    service::notify_ready();
+    let watchdog = service::spawn_watchdog(shutdown.clone(), {
+        let state = state.clone();
+        move || state.spend().is_healthy() && state.auth().keys().is_open()
+    });
+    let stopping = shutdown.clone();
     let served = axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .with_graceful_shutdown(async move {
+            stopping.cancelled().await;
+            service::notify_stopping();
+        })
         .await;
+    if let Some(watchdog) = watchdog {
+        let _ = watchdog.await;
+    }
     state.shutdown().await;
     served.context("the HTTP server failed")?;
     tracing::info!("tally proxy stopped; spend log flushed");

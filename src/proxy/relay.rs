@@ -23,10 +23,12 @@ use super::Route;
 use super::auth::{self, Caller};
 use super::error::ProxyError;
 use super::mock;
+use super::observe;
 use super::request::read_json_object;
 use super::stream::{self, StreamOutcome};
 use super::tokens;
 use super::upstream::{Endpoint, UpstreamClient, Usage};
+use crate::metrics::proxy::UpstreamErrorKind;
 use crate::spend::{SCHEMA_VERSION, SpendRecord};
 
 /// Chunks buffered between the upstream reader and a slow client.
@@ -69,7 +71,8 @@ async fn detached(
     call_type: CallType,
 ) -> Response {
     let tracker = state.in_flight().clone();
-    match tracker.spawn(handle(state, headers, body, call_type)).await {
+    let call = observe::carry(handle(state, headers, body, call_type));
+    match tracker.spawn(call).await {
         Ok(result) => result.unwrap_or_else(IntoResponse::into_response),
         Err(e) => ProxyError::Internal(format!("request task failed: {e}")).into_response(),
     }
@@ -136,7 +139,18 @@ impl Call {
 
     /// Appends the record; a failure to write refuses the request (it could not be billed).
     async fn write(&self, record: &SpendRecord) -> Result<(), ProxyError> {
-        self.state.spend().append(record).await.map_err(|e| {
+        let written = self.state.spend().append(record).await;
+        let metrics = self.state.metrics();
+        metrics.record_spend_record(written.is_ok());
+        if written.is_ok() && record.status == "success" {
+            metrics.record_usage(
+                &record.model,
+                record.input_tokens,
+                record.output_tokens,
+                record.response_cost,
+            );
+        }
+        written.map_err(|e| {
             tracing::error!(error = %e, transaction_id = %record.transaction_id, "spend record not written");
             ProxyError::SpendLogUnavailable
         })
@@ -144,6 +158,10 @@ impl Call {
 
     /// Logs an upstream failure (never billed) and passes the error on.
     async fn fail(&self, error: ProxyError) -> ProxyError {
+        if let Some(kind) = observe::upstream_error_kind(&error) {
+            let model = &self.route.deployment.model_name;
+            self.state.metrics().record_upstream_error(model, kind);
+        }
         let record = self.record(Usage::default(), false, "failure", None);
         if let Err(e) = self.state.spend().append(&record).await {
             tracing::warn!(error = %e, "failure record not written");
@@ -194,6 +212,7 @@ async fn handle(
             ));
         }
     };
+    observe::tag(&model, caller.key());
     let Some(route) = state.route(&model).cloned() else {
         return Err(ProxyError::BadRequest {
             message: format!(
@@ -418,6 +437,10 @@ where
             };
             let status = if outcome.upstream_error.is_some() { "failure" } else { "success" };
             if let Some(reason) = &outcome.upstream_error {
+                call.state.metrics().record_upstream_error(
+                    &call.route.deployment.model_name,
+                    UpstreamErrorKind::InvalidResponse,
+                );
                 tracing::warn!(transaction_id = %call.transaction_id, reason, "upstream stream broke off; not billed");
             }
             let record = call.record(usage, estimated, status, outcome.upstream_model);

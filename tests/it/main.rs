@@ -2,5 +2,6 @@
 
 mod lago_emulator;
 mod proxy;
+mod service;
 mod support;
 mod tail;
