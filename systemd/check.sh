@@ -6,7 +6,8 @@
 #   2. `systemd-analyze security --offline=yes` rates each at 2.0 or below ("OK").
 #   3. systemd-sysusers and systemd-tmpfiles create the user and the directories, with the
 #      right owner and modes (needs root for the chown; skipped otherwise).
-#   4. tally.env.example mentions every environment variable the services read (src/cli.rs).
+#   4. tally.env.example mentions every environment variable the services read (src/cli.rs,
+#      src/proxy/config.rs).
 # Everything happens in a throw-away root directory that holds the units, the distribution's
 # own units (verify needs sysinit.target & co.) and the binary at the path ExecStart names:
 # $TALLY_BIN if set (scripts/test.sh sets it to the freshly built binary), else an executable
@@ -112,13 +113,17 @@ if [[ -f "$cli" ]]; then
   # The emulator's own settings are not read by either service.
   vars="$(awk '/^pub struct LagoEmulatorArgs/ { skip = 1 } skip && /^}/ { skip = 0; next } !skip' "$cli" |
     grep -o 'env = "[A-Z0-9_]*"' | cut -d'"' -f2 | sort -u)"
+  # And the proxy config's TALLY_* overrides.
+  if [[ -f "$here/../src/proxy/config.rs" ]]; then
+    vars+=" $(grep -o 'env("[A-Z0-9_]*")' "$here/../src/proxy/config.rs" | cut -d'"' -f2 | sort -u)"
+  fi
   for var in $vars; do
     grep -Eq "^#?$var=" "$here/tally.env.example" || missing+=("$var")
   done
   if ((${#missing[@]})); then
     bad "tally.env.example does not document: ${missing[*]}"
   else
-    echo "ok: tally.env.example documents every variable in src/cli.rs"
+    echo "ok: tally.env.example documents every variable the services read"
   fi
 fi
 
