@@ -1,3 +1,5 @@
 //! Integration tests: one binary, one submodule per area. Every server binds port 0.
 
+mod ship_sender;
+mod ship_stub;
 mod support;
