@@ -10,7 +10,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use crate::ship::outbox::{IngestItem, IngestReport, Outbox, SharedOutbox, Source};
-use crate::ship::resolve::{EventSpec, prepare};
+use crate::ship::resolve::{EventSpec, prepare_line};
 use crate::ship::sender::{SenderError, WorkSignal, with_outbox};
 use crate::ship::tail::{Chunk, LineContent, RawLine, TailError, TailNotice, Tailer};
 use crate::spend::SpendRecord;
@@ -27,7 +27,7 @@ pub enum ReaderError {
 pub fn line_to_item(source: Source, line: &[u8], spec: &EventSpec) -> IngestItem {
     match SpendRecord::parse_line(line) {
         Ok(record) => IngestItem::Record {
-            prepared: prepare(&record, spec),
+            prepared: prepare_line(&record, line, spec),
             source,
         },
         Err(e) => IngestItem::Rejected {

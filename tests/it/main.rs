@@ -1,5 +1,6 @@
 //! Integration tests: one binary, one submodule per area. Every server binds port 0.
 
+mod ship_ingest;
 mod ship_sender;
 mod ship_stub;
 mod support;
