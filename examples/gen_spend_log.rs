@@ -32,7 +32,7 @@ fn record(i: u64, customers: u64, base: chrono::DateTime<chrono::Utc>) -> SpendR
         team_id: Some("team-a".into()),
         key_alias: Some("team-a-key".into()),
         key_hash: Some("5e".repeat(32)),
-        stream: i % 3 == 0,
+        stream: i.is_multiple_of(3),
         status: "success".into(),
         duration_ms: Some(420),
     }
