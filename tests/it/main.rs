@@ -1,6 +1,9 @@
 //! Integration tests: one binary, one submodule per area. Every server binds port 0.
 
+mod lago_emulator;
+mod ship_e2e;
 mod ship_ingest;
 mod ship_sender;
 mod ship_stub;
 mod support;
+mod tail;
