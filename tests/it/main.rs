@@ -3,6 +3,7 @@
 mod lago_emulator;
 mod ship_e2e;
 mod ship_ingest;
+mod ship_model;
 mod ship_sender;
 mod ship_stub;
 mod support;

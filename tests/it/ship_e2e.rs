@@ -144,6 +144,13 @@ impl Running {
         Self { stop, handle }
     }
 
+    /// Stops it abruptly: its tasks are dropped mid-flight (what a crash leaves in the outbox,
+    /// short of SQLite's own crash safety, which the kill -9 test covers).
+    pub async fn abort(self) {
+        self.handle.abort();
+        let _ = self.handle.await;
+    }
+
     /// SIGTERM-like stop: must drain and return Ok.
     pub async fn stop(self) {
         self.stop.cancel();
