@@ -1,6 +1,7 @@
 //! Integration tests: one binary, one submodule per area. Every server binds port 0.
 
 mod lago_emulator;
+mod proxy;
 mod ship_e2e;
 mod ship_ingest;
 mod ship_model;
