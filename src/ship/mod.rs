@@ -77,6 +77,10 @@ pub fn event_spec(settings: &ShipSettings) -> EventSpec {
 /// the drain deadline, and returns `Ok(())`.
 pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let db_path = settings.db_path();
+    if let Some(addr) = settings.metrics_addr {
+        // Not built yet: say so rather than pretend (`tally queue stats` has the numbers).
+        tracing::warn!(%addr, "TALLY_METRICS_ADDR is not served by this build of tally ship; use `tally queue stats`");
+    }
     let mut outbox = Outbox::open_in(&settings.state_dir)
         .with_context(|| format!("cannot open the outbox in {}", settings.state_dir.display()))?;
     if let Some(retention) = settings.tuning.acked_retention {
