@@ -153,6 +153,7 @@ fn ingest(file: &str, state_dir: &str) -> anyhow::Result<()> {
             1 << 20,
             Arc::new(WorkSignal::default()),
             stop.clone(),
+            None,
         ));
         let watcher = Outbox::open_in(std::path::Path::new(state_dir))?;
         loop {

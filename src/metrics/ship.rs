@@ -187,8 +187,8 @@ impl ShipMetrics {
         self.lines_read.inc_by(n);
     }
 
-    /// Counts `n` rejected lines. `reason` is a fixed name from the code (e.g. `malformed`,
-    /// `too_long`), never text from the line.
+    /// Counts `n` rejected lines. `reason` is a fixed name from the code (`tally ship` uses
+    /// `invalid` and `conflict`), never text from the line.
     pub fn record_lines_rejected(&self, reason: &'static str, n: u64) {
         self.lines_rejected
             .get_or_create(&ReasonLabels { reason })

@@ -30,6 +30,9 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::ShipArgs;
+use crate::metrics::ship::QueueDepth;
+use crate::metrics::{MetricsServer, Registry, ShipMetrics};
+use crate::service;
 use outbox::Outbox;
 use resolve::EventSpec;
 use sender::{SendMode, SendTotals, WorkSignal};
@@ -42,6 +45,9 @@ pub const CHUNK_LINES: usize = 4096;
 
 /// How often acked ids past their retention are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// How often the queue gauges (depth by state, oldest pending age) are refreshed.
+const QUEUE_GAUGES_EVERY: Duration = Duration::from_secs(5);
 
 /// `tally ship`: validates the settings, then runs until `shutdown`.
 pub async fn run(args: ShipArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -77,10 +83,6 @@ pub fn event_spec(settings: &ShipSettings) -> EventSpec {
 /// the drain deadline, and returns `Ok(())`.
 pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let db_path = settings.db_path();
-    if let Some(addr) = settings.metrics_addr {
-        // Not built yet: say so rather than pretend (`tally queue stats` has the numbers).
-        tracing::warn!(%addr, "TALLY_METRICS_ADDR is not served by this build of tally ship; use `tally queue stats`");
-    }
     let mut outbox = Outbox::open_in(&settings.state_dir)
         .with_context(|| format!("cannot open the outbox in {}", settings.state_dir.display()))?;
     if let Some(retention) = settings.tuning.acked_retention {
@@ -106,6 +108,18 @@ pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> an
         )
     })?;
     let client = lago::LagoClient::new(&settings.lago, &settings.tuning)?;
+    // Metrics are always kept; they are served when --metrics-addr is set.
+    let mut registry = Registry::default();
+    crate::metrics::register_build_info(&mut registry);
+    let metrics = ShipMetrics::register(&mut registry);
+    let metrics_server = match settings.metrics_addr {
+        Some(addr) => Some(MetricsServer::bind(addr, registry.into()).await?),
+        None => None,
+    };
+    let metrics_addr = match &metrics_server {
+        Some(server) => Some(server.local_addr()?),
+        None => None,
+    };
     let outbox = outbox.shared();
     let signal = Arc::new(WorkSignal::default());
     // Stops everything when either half fails; a parent shutdown stops it too.
@@ -116,15 +130,45 @@ pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> an
         outbox = %db_path.display(),
         lago = %settings.lago.api_base,
         charge_by = %settings.lago.charge_by,
+        metrics = ?metrics_addr,
         "tally ship started"
     );
+    // The outbox is open and the spend log followed: ready. The watchdog's pings come from a
+    // task of this runtime, so they stop when it is stuck; anything else that goes wrong makes
+    // the shipper exit (and systemd restart it), and a Lago outage is waited out, not restarted.
+    let mut status = format!(
+        "shipping {} to {}",
+        settings.spend_log.display(),
+        settings.lago.api_base
+    );
+    if let Some(addr) = metrics_addr {
+        status.push_str(&format!("; metrics on {addr}"));
+    }
+    service::notify_status(&status);
+    service::notify_ready();
+    let watchdog = service::spawn_watchdog(stop.clone(), || true);
+    let served_metrics = metrics_server.map(|server| tokio::spawn(server.run(stop.clone())));
+    let gauges = tokio::spawn(refresh_queue_gauges(
+        outbox.clone(),
+        metrics.clone(),
+        stop.clone(),
+    ));
+    let stopping = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            stop.cancelled().await;
+            service::notify_stopping();
+        }
+    });
 
     let reader = tokio::spawn({
         let (outbox, signal, stop) = (outbox.clone(), signal.clone(), stop.clone());
         let spec = Arc::new(event_spec(&settings));
         let max = settings.tuning.max_line_bytes;
+        let metrics = Some(metrics.clone());
         async move {
-            let r = reader::run_reader(tailer, outbox, spec, max, signal, stop.clone()).await;
+            let r =
+                reader::run_reader(tailer, outbox, spec, max, signal, stop.clone(), metrics).await;
             if r.is_err() {
                 stop.cancel();
             }
@@ -148,7 +192,10 @@ pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> an
         })
     });
 
-    let totals = Arc::new(SendTotals::default());
+    let totals = Arc::new(SendTotals {
+        metrics: Some(metrics),
+        ..SendTotals::default()
+    });
     let sent = sender::run_sender(
         outbox.clone(),
         client,
@@ -165,6 +212,18 @@ pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> an
     if let Some(p) = pruner {
         let _ = p.await;
     }
+    let _ = stopping.await;
+    let _ = gauges.await;
+    if let Some(w) = watchdog {
+        let _ = w.await;
+    }
+    if let Some(served) = served_metrics {
+        match served.await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "the metrics listener failed"),
+            Err(e) => tracing::warn!(error = %e, "the metrics listener task failed"),
+            Ok(Ok(())) => {}
+        }
+    }
     let read = read.context("reading the spend log failed")?;
     let sent = sent.context("delivering to Lago failed")?;
     tracing::info!(
@@ -179,6 +238,33 @@ pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> an
         "tally ship stopped"
     );
     Ok(())
+}
+
+/// Keeps the queue gauges current until `stop`.
+async fn refresh_queue_gauges(
+    outbox: outbox::SharedOutbox,
+    metrics: ShipMetrics,
+    stop: CancellationToken,
+) {
+    loop {
+        match sender::with_outbox(&outbox, |ob| ob.stats()).await {
+            Ok(stats) => {
+                metrics.set_queue_depth(QueueDepth {
+                    pending: stats.pending,
+                    held: stats.held,
+                    dead: stats.dead,
+                    rejected: stats.rejected,
+                });
+                let now_ms = chrono::Utc::now().timestamp_millis();
+                metrics.set_oldest_pending_age(stats.oldest_pending_age(now_ms));
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot count the outbox for the metrics"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(QUEUE_GAUGES_EVERY) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
 }
 
 /// Delivers what is pending in the outbox of `settings.state_dir` and returns once nothing is left

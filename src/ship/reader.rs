@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::ShipMetrics;
 use crate::ship::outbox::{IngestItem, IngestReport, Outbox, SharedOutbox, Source};
 use crate::ship::resolve::{EventSpec, prepare_line};
 use crate::ship::sender::{SenderError, WorkSignal, with_outbox};
@@ -98,6 +99,7 @@ pub async fn run_reader(
     max_line_bytes: usize,
     signal: Arc<WorkSignal>,
     shutdown: CancellationToken,
+    metrics: Option<ShipMetrics>,
 ) -> Result<IngestReport, ReaderError> {
     type Parsed = tokio::task::JoinHandle<(Vec<IngestItem>, Vec<crate::ship::tail::FilePosition>)>;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Parsed>(1);
@@ -105,11 +107,18 @@ pub async fn run_reader(
         let mut totals = IngestReport::default();
         while let Some(parsed) = rx.recv().await {
             let (items, positions) = parsed.await.map_err(|e| SenderError::Task(e.to_string()))?;
+            let lines = items.len() as u64;
             let report = with_outbox(&outbox, move |ob: &mut Outbox| {
                 ob.ingest(&items, &positions)
             })
             .await?;
             log_report(&report);
+            if let Some(m) = &metrics {
+                m.record_lines_read(lines);
+                m.record_lines_rejected("invalid", report.rejected);
+                m.record_lines_rejected("conflict", report.conflicts);
+                m.record_held(report.held);
+            }
             totals.add(&report);
             signal.added(report.pending as usize);
         }

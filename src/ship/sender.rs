@@ -21,6 +21,8 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::metrics::ship::{LagoOutcome, ShipMetrics};
+use crate::ship::lago::SendError;
 use crate::ship::lago::{Answer, IndexError, LagoClient};
 use crate::ship::outbox::{
     ClaimedEvent, LeaseGuard, LeaseOwner, Outbox, OutboxError, SharedOutbox,
@@ -71,6 +73,8 @@ pub struct SendTotals {
     pub dead: AtomicU64,
     pub requests: AtomicU64,
     pub failed_requests: AtomicU64,
+    /// Where `tally ship` also reports for Prometheus.
+    pub metrics: Option<ShipMetrics>,
 }
 
 /// A snapshot of [`SendTotals`].
@@ -83,6 +87,40 @@ pub struct SendReport {
 }
 
 impl SendTotals {
+    fn add_acked(&self, n: u64) {
+        self.acked.fetch_add(n, Ordering::Relaxed);
+        if let Some(m) = &self.metrics {
+            m.record_acked(n);
+        }
+    }
+
+    fn add_dead(&self, n: u64) {
+        self.dead.fetch_add(n, Ordering::Relaxed);
+        if let Some(m) = &self.metrics {
+            m.record_dead(n);
+        }
+    }
+
+    /// Counts one answer of Lago (or failure to get one) and how long the request took.
+    fn add_lago_answer(&self, answer: &Result<Answer, SendError>, took: Duration) {
+        let Some(m) = &self.metrics else { return };
+        let outcome = match answer {
+            Ok(Answer::Accepted) => LagoOutcome::Accepted,
+            Ok(Answer::PerIndex(_) | Answer::Unprocessable { .. }) => LagoOutcome::Rejected,
+            Ok(Answer::BadRequest { .. }) => LagoOutcome::ClientError,
+            Ok(Answer::Unauthorized { .. }) => LagoOutcome::Unauthorized,
+            Ok(Answer::RateLimited { .. }) => LagoOutcome::RateLimited,
+            Ok(Answer::Transient { status, .. }) => LagoOutcome::from_status(*status),
+            Err(SendError::Timeout(_)) => LagoOutcome::Timeout,
+            Err(_) => LagoOutcome::Network,
+        };
+        m.record_lago_request(outcome, took);
+        // Any answer from Lago itself says whether it takes the key; a transport failure does not.
+        if !matches!(outcome, LagoOutcome::Timeout | LagoOutcome::Network) {
+            m.set_lago_unauthorized(outcome == LagoOutcome::Unauthorized);
+        }
+    }
+
     pub fn snapshot(&self) -> SendReport {
         SendReport {
             acked: self.acked.load(Ordering::Relaxed),
@@ -377,6 +415,7 @@ async fn deliver(ctx: &Ctx, batch: Vec<ClaimedEvent>) {
         let send = ctx
             .client
             .send_batch(events.iter().map(|e| e.event.as_slice()));
+        let sent_at = Instant::now();
         let answer = tokio::select! {
             a = send => a,
             _ = ctx.abandon.cancelled() => {
@@ -384,6 +423,7 @@ async fn deliver(ctx: &Ctx, batch: Vec<ClaimedEvent>) {
                 return;
             }
         };
+        ctx.totals.add_lago_answer(&answer, sent_at.elapsed());
         let result = match answer {
             Ok(Answer::Accepted) => {
                 ctx.auth.succeed();
@@ -400,7 +440,7 @@ async fn deliver(ctx: &Ctx, batch: Vec<ClaimedEvent>) {
                 })
                 .await;
                 if r.is_ok() {
-                    ctx.totals.acked.fetch_add(n, Ordering::Relaxed);
+                    ctx.totals.add_acked(n);
                 }
                 r
             }
@@ -498,8 +538,8 @@ async fn apply_per_index(
     })
     .await;
     if r.is_ok() {
-        ctx.totals.acked.fetch_add(na, Ordering::Relaxed);
-        ctx.totals.dead.fetch_add(nd, Ordering::Relaxed);
+        ctx.totals.add_acked(na);
+        ctx.totals.add_dead(nd);
     }
     (rest, r)
 }
@@ -522,7 +562,7 @@ async fn dead(ctx: &Ctx, events: &[ClaimedEvent], reason: &str) -> Result<(), Se
     })
     .await;
     if r.is_ok() {
-        ctx.totals.dead.fetch_add(n, Ordering::Relaxed);
+        ctx.totals.add_dead(n);
     }
     r
 }
@@ -557,6 +597,9 @@ async fn retry_later(
         release(ctx, &events, work).await;
         work.clear();
         return Ok(());
+    }
+    if let Some(m) = &ctx.totals.metrics {
+        m.record_retry();
     }
     work.push(events);
     Ok(())

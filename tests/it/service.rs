@@ -343,3 +343,99 @@ async fn proxy_is_ready_pings_the_watchdog_and_counts_requests() {
     let exit = proxy.stop(&notify).await;
     assert!(exit.success(), "{exit:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shipper_is_ready_pings_the_watchdog_and_counts_deliveries() {
+    let lago = tally::lago_emulator::spawn(
+        tally::lago_emulator::EmulatorConfig::default(),
+        ([127, 0, 0, 1], 0).into(),
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let spend_log = dir.path().join("spend.jsonl");
+    let records = 7;
+    let mut lines = String::new();
+    for i in 0..records {
+        let record = json!({
+            "schema": 1,
+            "transaction_id": format!("0193a0c0-0000-7000-8000-{i:012}"),
+            "start_time": "2026-11-27T10:00:00.000Z",
+            "end_time": "2026-11-27T10:00:00.250Z",
+            "call_type": "chat_completion",
+            "model": "gpt-4o",
+            "upstream_model": "gpt-4o",
+            "input_tokens": 7, "output_tokens": 15, "total_tokens": 22,
+            "response_cost": 0.0001675,
+            "end_user_id": format!("customer-{}", i % 2),
+            "user_id": null, "team_id": null, "key_alias": null,
+            "key_hash": "ab".repeat(32),
+            "stream": false, "status": "success", "duration_ms": 250
+        });
+        lines.push_str(&record.to_string());
+        lines.push('\n');
+    }
+    lines.push_str("this is not a spend record\n");
+    std::fs::write(&spend_log, lines).unwrap();
+
+    let notify = NotifySocket::bind(dir.path());
+    let mut ship = Service::start(
+        &["ship"],
+        dir.path(),
+        &notify,
+        &[
+            ("TALLY_SPEND_LOG", spend_log.to_string_lossy().into_owned()),
+            (
+                "TALLY_STATE_DIR",
+                dir.path().join("state").to_string_lossy().into_owned(),
+            ),
+            ("TALLY_METRICS_ADDR", "127.0.0.1:0".to_owned()),
+            ("LAGO_API_BASE", lago.base_url()),
+            ("LAGO_API_KEY", "lago-emulator-key".to_owned()),
+            ("LAGO_API_EVENT_CODE", "llm_usage".to_owned()),
+        ],
+    );
+
+    let status = notify.wait_for("STATUS=", &mut ship.child).await;
+    let addr = status
+        .rsplit_once("metrics on ")
+        .map(|(_, a)| a.to_owned())
+        .unwrap_or_else(|| panic!("no metrics address in {status}"));
+    notify.wait_for("READY=1", &mut ship.child).await;
+    notify.wait_for("WATCHDOG=1", &mut ship.child).await;
+
+    let url = format!("http://{addr}/metrics");
+    let acked = r#"tally_ship_events_total{outcome="acked"}"#;
+    let m = scrape_until(&url, None, acked, f64::from(records)).await;
+    assert_eq!(lago.event_count(), records as usize);
+    assert_eq!(
+        get(&m, "tally_ship_lines_read_total"),
+        f64::from(records + 1)
+    );
+    assert_eq!(
+        get(&m, r#"tally_ship_lines_rejected_total{reason="invalid"}"#),
+        1.0
+    );
+    let accepted = get(&m, r#"tally_ship_lago_requests_total{outcome="accepted"}"#);
+    assert!(accepted >= 1.0);
+    assert_eq!(
+        get(&m, "tally_ship_lago_request_duration_seconds_count"),
+        accepted,
+        "every request was accepted: {m:#?}"
+    );
+    assert_eq!(get(&m, "tally_ship_lago_unauthorized"), 0.0);
+    // The queue gauges are refreshed periodically: wait for the state after delivery.
+    let m = scrape_until(
+        &url,
+        None,
+        r#"tally_ship_queue_events{state="rejected"}"#,
+        1.0,
+    )
+    .await;
+    assert_eq!(get(&m, r#"tally_ship_queue_events{state="pending"}"#), 0.0);
+    assert_eq!(get(&m, "tally_ship_oldest_pending_age_seconds"), 0.0);
+
+    let exit = ship.stop(&notify).await;
+    assert!(exit.success(), "{exit:?}");
+    lago.shutdown().await;
+}
