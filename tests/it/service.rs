@@ -190,16 +190,25 @@ async fn scrape_until(
     key: &str,
     want: f64,
 ) -> BTreeMap<String, f64> {
+    scrape_until_all(url, bearer, &[(key, want)]).await
+}
+
+/// Scrapes until every `(key, value)` holds in the same scrape.
+async fn scrape_until_all(
+    url: &str,
+    bearer: Option<&str>,
+    wanted: &[(&str, f64)],
+) -> BTreeMap<String, f64> {
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
         let (status, samples) = scrape(url, bearer).await;
         assert_eq!(status, 200);
-        if samples.get(key) == Some(&want) {
+        if wanted.iter().all(|(k, v)| samples.get(*k) == Some(v)) {
             return samples;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "{key} never became {want}; last scrape: {samples:#?}"
+            "never all of {wanted:?}; last scrape: {samples:#?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -424,15 +433,18 @@ async fn shipper_is_ready_pings_the_watchdog_and_counts_deliveries() {
         "every request was accepted: {m:#?}"
     );
     assert_eq!(get(&m, "tally_ship_lago_unauthorized"), 0.0);
-    // The queue gauges are refreshed periodically: wait for the state after delivery.
-    let m = scrape_until(
+    // The queue gauges are refreshed periodically: wait for the state after delivery (nothing
+    // pending, the malformed line kept as rejected).
+    let m = scrape_until_all(
         &url,
         None,
-        r#"tally_ship_queue_events{state="rejected"}"#,
-        1.0,
+        &[
+            (r#"tally_ship_queue_events{state="pending"}"#, 0.0),
+            (r#"tally_ship_queue_events{state="rejected"}"#, 1.0),
+        ],
     )
     .await;
-    assert_eq!(get(&m, r#"tally_ship_queue_events{state="pending"}"#), 0.0);
+    assert_eq!(get(&m, r#"tally_ship_queue_events{state="dead"}"#), 0.0);
     assert_eq!(get(&m, "tally_ship_oldest_pending_age_seconds"), 0.0);
 
     let exit = ship.stop(&notify).await;
