@@ -53,10 +53,21 @@ pub struct RawLine {
 /// Something the tailer noticed that an operator should know about (logged, and counted).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TailNotice {
-    Rotated { old: PathBuf, new: PathBuf },
-    Truncated { path: PathBuf, size: u64, offset: u64 },
-    Replaced { path: PathBuf },
-    Deleted { path: PathBuf },
+    Rotated {
+        old: PathBuf,
+        new: PathBuf,
+    },
+    Truncated {
+        path: PathBuf,
+        size: u64,
+        offset: u64,
+    },
+    Replaced {
+        path: PathBuf,
+    },
+    Deleted {
+        path: PathBuf,
+    },
 }
 
 /// Lines read since the last chunk, and the positions to commit together with them.

@@ -344,4 +344,20 @@ mod tests {
         assert!(parse_line(b"[1,2]").is_err());
         assert_eq!(parse_line(b"  "), Err(LitellmError::Empty));
     }
+
+    #[test]
+    fn the_fixture_converts_except_its_one_bad_row() {
+        let text = include_str!("../../../fixtures/litellm/spend_logs.jsonl");
+        let results: Vec<_> = text.lines().map(|l| parse_line(l.as_bytes())).collect();
+        assert_eq!(results.len(), 8);
+        let bad: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+        assert_eq!(bad.len(), 1, "{bad:?}");
+        assert!(bad[0].to_string().contains("endTime"), "{}", bad[0]);
+        let ok: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+        assert!(ok.iter().all(|r| r.key_hash.as_deref().is_none_or(is_sha256_hex)));
+        let embedding = ok.iter().find(|r| r.call_type == "embedding").unwrap();
+        assert_eq!(embedding.key_hash, None, "a raw key is dropped");
+        assert_eq!(embedding.user_id.as_deref(), Some("user-dana"));
+        assert_eq!(ok.iter().filter(|r| !r.is_billable()).count(), 1);
+    }
 }
