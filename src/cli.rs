@@ -288,6 +288,19 @@ pub struct LagoEmulatorArgs {
         default_value = "lago-emulator-key"
     )]
     pub api_key: String,
+
+    /// A second key that may read events but not send them (POST answers 403).
+    #[arg(long, env = "LAGO_EMULATOR_READ_ONLY_KEY", hide_env_values = true)]
+    pub read_only_api_key: Option<String>,
+
+    /// Which Lago event store to imitate: `postgres` rejects duplicates with 422
+    /// `value_already_exist`, `clickhouse` always answers 200 and merges them.
+    #[arg(long, value_enum, default_value = "postgres")]
+    pub store: crate::lago_emulator::StoreKind,
+
+    /// Most events a batch may carry (Lago's `LAGO_EVENTS_BATCH_MAX_LENGTH`).
+    #[arg(long, env = "LAGO_EVENTS_BATCH_MAX_LENGTH", default_value_t = 100)]
+    pub batch_max_length: usize,
 }
 
 #[cfg(test)]

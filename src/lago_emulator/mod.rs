@@ -1,0 +1,224 @@
+//! A local Lago events API that answers like the real server (shared/lago/BEHAVIOUR.md), for
+//! tests, the demo, benchmarks and users without a Lago instance; `tally lago-emulator`.
+//!
+//! - [`validate`]: one JSON event → the fields Lago keeps, or its per-field errors.
+//! - [`store`]: stored events and the Postgres / ClickHouse uniqueness rules.
+//! - [`api`]: the `/api/v1/events` routes, exact bodies, and the fault/counter gate.
+//! - [`faults`]: injectable faults (5xx, 429, delays, dropped connections, refusing).
+//! - [`counters`]: request and event counters.
+//! - [`control`]: `/_emulator/...`, the HTTP form of [`EmulatorHandle`].
+//! - [`server`]: the socket, its connections, stop/resume listening.
+
+mod api;
+mod control;
+mod counters;
+mod faults;
+mod server;
+mod store;
+mod validate;
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::LagoEmulatorArgs;
+
+pub use counters::Counters;
+pub use faults::Fault;
+pub use store::{StoreKind, StoredEvent};
+
+/// How the emulator behaves.
+#[derive(Debug, Clone)]
+pub struct EmulatorConfig {
+    /// The key with write access (`Authorization: Bearer <key>`).
+    pub api_key: String,
+    /// A key that may read (`GET`) but not send events: `POST` answers 403.
+    pub read_only_api_key: Option<String>,
+    /// Lago's `LAGO_EVENTS_BATCH_MAX_LENGTH`: more events in a batch is 422 `too_many_events`.
+    pub batch_max_length: usize,
+    /// Which Lago event store to imitate (duplicates rejected or silently merged).
+    pub store: StoreKind,
+}
+
+impl Default for EmulatorConfig {
+    fn default() -> Self {
+        Self {
+            api_key: "lago-emulator-key".to_string(),
+            read_only_api_key: None,
+            batch_max_length: 100,
+            store: StoreKind::Postgres,
+        }
+    }
+}
+
+/// Everything the routes share. One lock (`store`) on the hot path.
+pub(crate) struct Emulator {
+    api_key_hash: [u8; 32],
+    read_only_key_hash: Option<[u8; 32]>,
+    batch_max_length: usize,
+    store: Mutex<store::Store>,
+    faults: faults::FaultQueue,
+    counters: counters::AtomicCounters,
+    net: server::Net,
+}
+
+impl Emulator {
+    fn store(&self) -> MutexGuard<'_, store::Store> {
+        // The store is only mutated in whole-request steps; a panic cannot leave half a batch.
+        self.store.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn inject(self: &Arc<Self>, fault: Fault) {
+        match fault {
+            Fault::RefuseConnections { duration } => {
+                self.net.stop_listening();
+                self.net
+                    .spawn(server::resume_after(Arc::clone(self), duration));
+            }
+            other => self.faults.push(&other),
+        }
+    }
+
+    fn reset(&self) {
+        self.store().clear();
+        self.counters.reset();
+        self.faults.clear();
+    }
+}
+
+/// The whole HTTP surface: Lago's API, the control endpoints, a JSON 404 for anything else.
+pub(crate) fn app_router(app: Arc<Emulator>) -> Router {
+    api::routes(Arc::clone(&app))
+        .merge(control::routes(app))
+        .fallback(api::not_found)
+        // Rails has no small body cap; batches above the default 100 events may be large.
+        .layer(DefaultBodyLimit::max(64 * 1024 * 1024))
+}
+
+/// A running emulator. Cheap to clone; every clone controls the same server.
+#[derive(Clone)]
+pub struct EmulatorHandle {
+    app: Arc<Emulator>,
+}
+
+/// Binds `addr` (port 0 picks a free port) and serves in the background.
+pub async fn spawn(config: EmulatorConfig, addr: SocketAddr) -> io::Result<EmulatorHandle> {
+    let listener = TcpListener::bind(addr).await?;
+    let net = server::Net::new(listener, tokio::runtime::Handle::current())?;
+    let app = Arc::new(Emulator {
+        api_key_hash: api::key_hash(&config.api_key),
+        read_only_key_hash: config.read_only_api_key.as_deref().map(api::key_hash),
+        batch_max_length: config.batch_max_length,
+        store: Mutex::new(store::Store::new(config.store)),
+        faults: faults::FaultQueue::default(),
+        counters: counters::AtomicCounters::default(),
+        net,
+    });
+    server::start_accepting(&app);
+    Ok(EmulatorHandle { app })
+}
+
+impl EmulatorHandle {
+    /// The bound address (the real port when spawned on port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.app.net.addr()
+    }
+
+    /// `http://127.0.0.1:PORT` — the value for `LAGO_API_BASE` (without `/api/v1`). An unspecified
+    /// bind address (0.0.0.0, ::) is given as loopback.
+    pub fn base_url(&self) -> String {
+        let addr = self.addr();
+        let ip = match addr.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
+        format!("http://{}", SocketAddr::new(ip, addr.port()))
+    }
+
+    /// Every stored event, in arrival order.
+    pub fn events(&self) -> Vec<StoredEvent> {
+        self.app.store().snapshot(0, usize::MAX)
+    }
+
+    /// How many events are stored (cheaper than `events().len()`).
+    pub fn event_count(&self) -> usize {
+        self.app.store().len()
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.app.counters.snapshot()
+    }
+
+    /// Queues a fault for the next Lago API requests (or, for `RefuseConnections`, acts now).
+    pub fn inject(&self, fault: Fault) {
+        self.app.inject(fault);
+    }
+
+    /// Drops every queued fault.
+    pub fn clear_faults(&self) {
+        self.app.faults.clear();
+    }
+
+    /// Requests still to be served a queued fault.
+    pub fn pending_faults(&self) -> usize {
+        self.app.faults.pending()
+    }
+
+    /// Forgets stored events, counters and queued faults.
+    pub fn reset(&self) {
+        self.app.reset();
+    }
+
+    /// Closes the listening socket (connections are refused from the moment this returns) and
+    /// every open connection (at once, asynchronously; in-flight requests get no answer).
+    pub fn stop_listening(&self) {
+        self.app.net.stop_listening();
+    }
+
+    /// Listens again on the same address.
+    pub async fn resume_listening(&self) -> io::Result<()> {
+        server::resume_listening(&self.app).await
+    }
+
+    /// Stops listening, closes every connection, waits for the server's tasks to finish.
+    pub async fn shutdown(self) {
+        self.app.net.shutdown().await;
+    }
+}
+
+/// `tally lago-emulator`: serve until `shutdown` is cancelled. Prints the base URL on stdout.
+pub async fn run(args: LagoEmulatorArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let addr = tokio::net::lookup_host((args.host.as_str(), args.port))
+        .await
+        .with_context(|| format!("resolving --host {}", args.host))?
+        .next()
+        .with_context(|| format!("--host {} resolves to no address", args.host))?;
+    if args.batch_max_length == 0 {
+        anyhow::bail!("--batch-max-length must be at least 1 (Lago's default is 100)");
+    }
+    let config = EmulatorConfig {
+        api_key: args.api_key,
+        read_only_api_key: args.read_only_api_key,
+        batch_max_length: args.batch_max_length,
+        store: args.store,
+    };
+    let handle = spawn(config, addr).await.with_context(|| {
+        format!("cannot listen on {addr}; is another process using it? choose another --port")
+    })?;
+    tracing::info!(
+        base_url = %handle.base_url(),
+        store = ?args.store,
+        "lago emulator listening; control endpoints under /_emulator/"
+    );
+    println!("{}", handle.base_url());
+    shutdown.cancelled().await;
+    handle.shutdown().await;
+    Ok(())
+}
