@@ -2,3 +2,4 @@
 
 mod lago_emulator;
 mod support;
+mod tail;

@@ -1,17 +1,58 @@
 //! Follows the live spend log across rotation, truncation and replacement, yielding complete
-//! lines with their file positions. (Contract stub: the types and signatures below are what the
-//! rest of the shipper builds on; the implementation fills them in.)
+//! lines with their file positions.
+//!
+//! - [`identity`]: what makes a file the same file (device, inode, first-line fingerprint) and
+//!   where rotated siblings are found.
+//! - [`reader`]: complete lines from one open file, in large reads, oversized lines skipped.
+//! - [`watch`]: directory events that wake the tailer.
+//! - [`follow`]: the [`Tailer`] itself: which file to read next, and what rotation, truncation,
+//!   replacement and deletion mean for it.
+//!
+//! How it reads:
+//! - Files no longer at the live path (rotated by rename, replaced, deleted) are read to their end
+//!   through the handle already open, then marked `finished`; only then is the new live file read.
+//!   A rotated or deleted file that ends without `\n` has its last fragment handed out as a line,
+//!   since nothing can complete it any more. The live file's incomplete last line waits.
+//! - Rotation assumes the writer stops writing the old file once the new live file exists (tally's
+//!   proxy renames and reopens under one lock). A writer that keeps writing the old file after the
+//!   new one appears (logrotate `create` without prompt reopen) can lose those late lines; use
+//!   tally's own rotation or `copytruncate` for such writers.
+//! - Several rotations between two looks (or while the shipper was down) are followed: rotated
+//!   siblings nobody has read, modified no earlier than the file just finished, are read oldest
+//!   first before the live file.
+//! - Copytruncate (size below the position, or the first line changed): reading restarts at 0. If
+//!   the copy is still beside it (same first-line fingerprint, another inode), the lines between
+//!   the position and the copy's end are read from the copy, so nothing copied is lost. Lines
+//!   written between the copy and the truncation are lost: that is inherent to copytruncate.
+//! - Blocking I/O: [`Tailer::next_chunk`] calls the synchronous reads directly. Each call reads at
+//!   most `max_chunk_lines` lines in 256 KiB `pread`s from the page cache, which is short; run it
+//!   on the multi-threaded runtime (it is one task among a few) rather than paying a
+//!   `spawn_blocking` hand-off per chunk.
+//!
+//! Positions: the outbox should keep one row per (`dev`, `ino`) and apply a chunk's positions in
+//! order (a file whose fingerprint changes first reports its old identity `finished`). It should
+//! pass back finished positions whose files may still exist: they keep rotated files that were
+//! already read from being read again after a restart.
+
+mod follow;
+mod identity;
+mod reader;
+mod watch;
+
+pub use follow::Tailer;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio_util::sync::CancellationToken;
 
 /// Identity of a spend-log file: device and inode, plus a fingerprint of its first line so that a
 /// reused inode is not mistaken for the file it once was. `fingerprint` is 0 until the file has a
 /// complete first line (it can then only be known by device and inode, and its offset is 0).
+///
+/// The fingerprint is a 64-bit FNV-1a hash of the first line including its `\n`, or of the first
+/// 4096 bytes when the first line is longer than that.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct FileId {
     pub dev: u64,
@@ -100,32 +141,4 @@ pub enum TailError {
     },
     #[error("cannot watch directory {path}: {reason}")]
     Watch { path: PathBuf, reason: String },
-}
-
-/// Follows the live spend log.
-pub struct Tailer {
-    _options: TailOptions,
-}
-
-impl Tailer {
-    /// Starts from the positions the outbox committed (empty on first start: read the live file
-    /// from its beginning). Unfinished rotated files are found again by identity and read first.
-    pub fn new(options: TailOptions, _known: Vec<FilePosition>) -> Result<Self, TailError> {
-        Ok(Self { _options: options })
-    }
-
-    /// Waits until lines (or position changes) are available and returns them; `Ok(None)` once
-    /// `cancel` fires.
-    pub async fn next_chunk(
-        &mut self,
-        cancel: &CancellationToken,
-    ) -> Result<Option<Chunk>, TailError> {
-        cancel.cancelled().await;
-        Ok(None)
-    }
-
-    /// Returns what can be read right now without waiting; `Ok(None)` when nothing is.
-    pub fn poll_chunk(&mut self) -> Result<Option<Chunk>, TailError> {
-        Ok(None)
-    }
 }
