@@ -191,9 +191,14 @@ pub struct ReplayArgs {
     #[arg(long)]
     pub dry_run: bool,
 
-    /// Deliver the replayed events to Lago before returning.
-    #[arg(long)]
+    /// Deliver the replayed events to Lago before returning (needs LAGO_API_BASE and
+    /// LAGO_API_KEY); exits 3 when some are still not acknowledged, saying why.
+    #[arg(long, conflicts_with = "dry_run")]
     pub ship: bool,
+
+    /// With --ship, how long to wait for Lago to acknowledge the events, in seconds.
+    #[arg(long, default_value_t = 300, requires = "ship")]
+    pub ship_timeout: u64,
 
     #[arg(long, value_enum, default_value_t)]
     pub output_format: OutputFormat,

@@ -354,7 +354,10 @@ mod tests {
         assert_eq!(bad.len(), 1, "{bad:?}");
         assert!(bad[0].to_string().contains("endTime"), "{}", bad[0]);
         let ok: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
-        assert!(ok.iter().all(|r| r.key_hash.as_deref().is_none_or(is_sha256_hex)));
+        assert!(
+            ok.iter()
+                .all(|r| r.key_hash.as_deref().is_none_or(is_sha256_hex))
+        );
         let embedding = ok.iter().find(|r| r.call_type == "embedding").unwrap();
         assert_eq!(embedding.key_hash, None, "a raw key is dropped");
         assert_eq!(embedding.user_id.as_deref(), Some("user-dana"));

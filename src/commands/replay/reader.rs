@@ -5,6 +5,8 @@ use std::collections::VecDeque;
 use std::path::PathBuf;
 
 use crate::cli::ReplayFormat;
+use crate::ship::outbox::{IngestItem, Source};
+use crate::ship::reader::too_long_item;
 use crate::ship::tail::{LineContent, RawLine};
 use crate::spend::SpendRecord;
 
@@ -27,14 +29,24 @@ pub enum Decoded {
     OutsideWindow,
 }
 
-/// Decodes one line in the given format.
-pub fn decode(format: ReplayFormat, content: &LineContent) -> Result<SpendRecord, String> {
+/// Decodes one line in the given format. The reasons are the shipper's own words, so a line
+/// rejected by a replay reads like one rejected by `tally ship`.
+pub fn decode(
+    format: ReplayFormat,
+    content: &LineContent,
+    max_line_bytes: usize,
+) -> Result<SpendRecord, String> {
     let bytes = match content {
         LineContent::Complete(b) => b,
         LineContent::TooLong { len } => {
-            return Err(format!(
-                "line is {len} bytes long, over the limit (TALLY_MAX_LINE_BYTES)"
-            ));
+            let source = Source {
+                file: String::new(),
+                offset: 0,
+            };
+            return Err(match too_long_item(source, *len, max_line_bytes) {
+                IngestItem::Rejected { reason, .. } => reason,
+                IngestItem::Record { .. } => format!("line is {len} bytes long"),
+            });
         }
     };
     match format {
@@ -112,7 +124,7 @@ impl ReplayReader {
     }
 
     fn classify(&self, source: RawLine) -> Decoded {
-        match decode(self.format, &source.content) {
+        match decode(self.format, &source.content, self.max_line_bytes) {
             Ok(record) if self.window.contains(&record.end_time) => {
                 Decoded::Record { source, record }
             }
