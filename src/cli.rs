@@ -230,6 +230,17 @@ pub enum QueueState {
     Dead,
     Rejected,
     Acked,
+    /// Removed by `tally queue drop`, with the reason.
+    Dropped,
+    /// A status other than success: recorded, never billed.
+    NotBillable,
+}
+
+/// What `tally queue retry --state` accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RetryState {
+    Held,
+    Dead,
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -240,7 +251,8 @@ pub enum QueueAction {
         #[arg(long)]
         max_age: Option<u64>,
     },
-    /// List items in one state.
+    /// List items in one state (default: everything that needs attention: dead, held,
+    /// rejected, then pending).
     List {
         #[arg(long, value_enum)]
         state: Option<QueueState>,
@@ -249,14 +261,18 @@ pub enum QueueAction {
     },
     /// Show one event: its record, the Lago event it makes, attempts, last error.
     Show { transaction_id: String },
-    /// Re-resolve and requeue dead or held events.
+    /// Re-resolve and requeue dead or held events (the given IDs, or every one in --state,
+    /// or every held and dead one).
     Retry {
         #[arg(long, value_enum)]
-        state: Option<QueueState>,
+        state: Option<RetryState>,
         ids: Vec<String>,
         /// Charge-by setting to re-resolve with (defaults to LAGO_API_CHARGE_BY).
         #[arg(long, env = "LAGO_API_CHARGE_BY", default_value = "end_user_id")]
         charge_by: String,
+        /// Code of the Lago billable metric the rebuilt events carry.
+        #[arg(long, env = "LAGO_API_EVENT_CODE")]
+        lago_api_event_code: Option<String>,
     },
     /// Remove events without billing them; recorded with the reason.
     Drop {

@@ -67,6 +67,23 @@ impl Outbox {
     }
 }
 
+impl Outbox {
+    /// The kept first bytes of a rejected line (`rejected:<n>` in `list`), if it exists.
+    pub fn rejected_head(&self, id: &str) -> Result<Option<String>, OutboxError> {
+        let Some(n) = id
+            .strip_prefix(super::queue::REJECTED_PREFIX)
+            .and_then(|n| n.parse::<i64>().ok())
+        else {
+            return Ok(None);
+        };
+        Ok(self
+            .conn
+            .prepare_cached("SELECT head FROM rejected WHERE id = ?1")?
+            .query_row([n], |r| r.get(0))
+            .optional()?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
