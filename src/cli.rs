@@ -219,8 +219,14 @@ pub struct QueueArgs {
     #[arg(long, global = true, value_enum, default_value_t)]
     pub output_format: OutputFormat,
 
-    #[command(flatten)]
-    pub shared: SharedArgs,
+    /// The shipper's state directory (where `shipper.db` is).
+    #[arg(
+        long,
+        global = true,
+        env = "TALLY_STATE_DIR",
+        default_value = "./.tally"
+    )]
+    pub state_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

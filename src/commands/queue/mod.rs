@@ -20,7 +20,7 @@ use view::{DropView, ItemView, ListView, RetryView, ShowView, StatsView, Verdict
 
 pub async fn run(args: QueueArgs) -> anyhow::Result<ExitCode> {
     let format = args.output_format;
-    let state_dir = args.shared.state_dir.clone();
+    let state_dir = args.state_dir.clone();
     // SQLite calls block; keep them off the async threads.
     tokio::task::spawn_blocking(move || run_blocking(args.action, &state_dir, format))
         .await

@@ -80,7 +80,7 @@ pub async fn deliver(
     timer.abort();
     result?;
     let dir = state_dir.clone();
-    Ok(tokio::task::spawn_blocking(move || report(&dir, &ids)).await??)
+    tokio::task::spawn_blocking(move || report(&dir, &ids)).await?
 }
 
 fn count_pending(state_dir: &std::path::Path, ids: &[String]) -> anyhow::Result<u64> {

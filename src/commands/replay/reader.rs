@@ -21,7 +21,7 @@ pub enum Decoded {
     /// A valid record inside the time window, with the line it came from.
     Record {
         source: RawLine,
-        record: SpendRecord,
+        record: Box<SpendRecord>,
     },
     /// A line that is not a valid record.
     Rejected { source: RawLine, reason: String },
@@ -125,9 +125,10 @@ impl ReplayReader {
 
     fn classify(&self, source: RawLine) -> Decoded {
         match decode(self.format, &source.content, self.max_line_bytes) {
-            Ok(record) if self.window.contains(&record.end_time) => {
-                Decoded::Record { source, record }
-            }
+            Ok(record) if self.window.contains(&record.end_time) => Decoded::Record {
+                source,
+                record: Box::new(record),
+            },
             Ok(_) => Decoded::OutsideWindow,
             Err(reason) => Decoded::Rejected { source, reason },
         }
