@@ -147,7 +147,9 @@ fn render(out: &ReplayOutput) -> String {
         s.push_str("Interrupted: lines read so far are recorded; run the same replay again to finish (nothing is billed twice).\n");
     }
     if let Some(d) = &out.delivery {
-        if d.complete() {
+        if d.complete() && d.acked == 0 {
+            s.push_str("Nothing new to deliver.\n");
+        } else if d.complete() {
             s.push_str(&format!(
                 "Delivered: Lago acknowledged all {} new event(s).\n",
                 d.acked

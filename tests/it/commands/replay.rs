@@ -150,6 +150,17 @@ async fn a_rotated_copy_of_the_live_log_shipped_by_tally_ship_bills_nothing_new(
         "{stats}"
     );
     assert_eq!(b.lago.event_count(), 3);
+    // The live log's position is shown, read to its end.
+    let size = std::fs::metadata(&live).unwrap().len();
+    let files = stats["files"].as_array().unwrap();
+    let file = files
+        .iter()
+        .find(|f| f["path"].as_str().unwrap().ends_with("spend.jsonl"))
+        .unwrap_or_else(|| panic!("live log missing from {stats}"));
+    assert_eq!(
+        (u(file, "position"), u(file, "size"), u(file, "lag_bytes")),
+        (size, size, 0)
+    );
 
     stop(&mut ship).await;
 }
