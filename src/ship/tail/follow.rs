@@ -20,6 +20,10 @@ use super::{Chunk, FileId, FilePosition, TailError, TailNotice, TailOptions};
 /// Never poll more often than this, whatever the options say: an idle tailer must not spin.
 const MIN_POLL_INTERVAL: Duration = Duration::from_millis(10);
 
+/// Lines longer than this are always reported too long, whatever `max_line_bytes` says: a partial
+/// line is buffered up to the limit, and this bounds that buffer.
+pub const MAX_LINE_BYTES_CAP: usize = 16 * 1024 * 1024;
+
 /// How many identities of finished files are remembered (rotated siblings rarely number more).
 const MAX_DONE: usize = 1024;
 
@@ -173,7 +177,7 @@ impl Tailer {
     /// Returns what can be read right now without waiting; `Ok(None)` when nothing is.
     pub fn poll_chunk(&mut self) -> Result<Option<Chunk>, TailError> {
         let limit = self.options.max_chunk_lines.max(1);
-        let max_line = self.options.max_line_bytes.max(1);
+        let max_line = self.options.max_line_bytes.clamp(1, MAX_LINE_BYTES_CAP);
         // Look at the live path first: a rotated file's final read must come after we saw its
         // successor, so lines written to it before the successor appeared are all read.
         self.check_live()?;
@@ -399,21 +403,26 @@ impl Tailer {
                 }
             }
         }
+        // Exact matches first, so a stale position for a reused inode cannot take the file from
+        // the position that really describes it.
+        let mut moved = Vec::new();
         for p in prefer_exact(unfinished) {
-            match self.find_known(&p, &candidates, &found)? {
-                Some(file) => {
-                    let m = file.file.metadata().map_err(io_err(&file.path))?;
-                    reference = reference.max(Some(mtime(&m)));
-                    found.push((file, mtime(&m)));
-                }
-                None => {
-                    // Gone (deleted, compressed or overwritten) before it was read to its end.
-                    self.closed.push(FilePosition {
-                        finished: true,
-                        ..p
-                    });
-                }
+            match self.find_exact(&p, &candidates, &found)? {
+                Some(file) => found.push(file),
+                None => moved.push(p),
             }
+        }
+        for p in moved {
+            let files = self.find_moved(&p, &candidates, &found)?;
+            found.extend(files);
+            // Its bytes are gone (deleted, compressed, overwritten) or continue in the files above.
+            self.closed.push(FilePosition {
+                finished: true,
+                ..p
+            });
+        }
+        for (_, t) in &found {
+            reference = reference.max(Some(*t));
         }
         found.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.path.cmp(&b.0.path)));
         for (file, _) in found {
@@ -443,22 +452,18 @@ impl Tailer {
         Ok(())
     }
 
-    /// Finds the file a committed position belongs to: by device, inode and fingerprint at its
-    /// last path or among the siblings; failing that, a copy of it (same fingerprint, another
-    /// inode, long enough) left by copytruncate. Notes what happened to it when it is not found.
-    fn find_known(
+    /// Finds the file a committed position belongs to by device, inode and fingerprint, at its
+    /// last path or among the siblings, and opens it at the position.
+    fn find_exact(
         &mut self,
         p: &FilePosition,
         candidates: &[(PathBuf, Metadata)],
         found: &[(OpenFile, SystemTime)],
-    ) -> Result<Option<OpenFile>, TailError> {
-        let claimed =
-            |meta: &Metadata| found.iter().any(|(f, _)| identity::same_inode(meta, &f.id));
-        let mut rewritten = false;
+    ) -> Result<Option<(OpenFile, SystemTime)>, TailError> {
         let at_last_path = candidates.iter().filter(|(path, _)| path == &p.path);
         let elsewhere = candidates.iter().filter(|(path, _)| path != &p.path);
         for (path, meta) in at_last_path.chain(elsewhere) {
-            if !identity::same_inode(meta, &p.id) || claimed(meta) {
+            if !identity::same_inode(meta, &p.id) || claimed(found, meta) {
                 continue;
             }
             let Some((file, meta)) = open_same(path, meta)? else {
@@ -466,9 +471,7 @@ impl Tailer {
             };
             let opened = open_file(path, file, &meta, 0)?;
             if p.id.fingerprint != 0 && opened.id.fingerprint != p.id.fingerprint {
-                // Same inode, other first line: reused, or truncated and rewritten.
-                rewritten = true;
-                break;
+                return Ok(None);
             }
             if meta.len() < p.offset {
                 self.notices.push(TailNotice::Truncated {
@@ -476,36 +479,67 @@ impl Tailer {
                     size: meta.len(),
                     offset: p.offset,
                 });
-                return Ok(Some(opened));
+                return Ok(Some((opened, mtime(&meta))));
             }
-            return Ok(Some(OpenFile::new(
-                opened.file,
-                opened.path,
-                opened.id,
-                opened.fp,
-                p.offset,
-            )));
+            let resumed = OpenFile::new(opened.file, opened.path, opened.id, opened.fp, p.offset);
+            return Ok(Some((resumed, mtime(&meta))));
         }
-        if let Some(copy) = self.find_copy(p, candidates.iter().map(|(p, m)| (p, m)), &claimed)? {
-            if rewritten {
-                self.notices.push(TailNotice::Truncated {
-                    path: p.path.clone(),
-                    size: 0,
-                    offset: p.offset,
-                });
-            }
-            return Ok(Some(copy));
-        }
-        self.notices.push(if rewritten {
-            TailNotice::Replaced {
-                path: p.path.clone(),
-            }
-        } else {
-            TailNotice::Deleted {
-                path: p.path.clone(),
-            }
-        });
         Ok(None)
+    }
+
+    /// For a committed position whose file is not there as it was: the copy copytruncate left
+    /// (same fingerprint, another inode), opened at the position; and the inode itself when it
+    /// now holds other contents (truncated and rewritten, or reused), opened at 0.
+    fn find_moved(
+        &mut self,
+        p: &FilePosition,
+        candidates: &[(PathBuf, Metadata)],
+        found: &[(OpenFile, SystemTime)],
+    ) -> Result<Vec<(OpenFile, SystemTime)>, TailError> {
+        let mut files = Vec::new();
+        let copy = self.find_copy(
+            p,
+            candidates.iter().map(|(p, m)| (p, m)),
+            &|m: &Metadata| claimed(found, m),
+        )?;
+        if let Some(copy) = copy {
+            let m = copy.file.metadata().map_err(io_err(&copy.path))?;
+            files.push((copy, mtime(&m)));
+        }
+        let mut rewritten = false;
+        for (path, meta) in candidates {
+            if !identity::same_inode(meta, &p.id) || claimed(found, meta) {
+                continue;
+            }
+            let Some((file, meta)) = open_same(path, meta)? else {
+                continue;
+            };
+            let opened = open_file(path, file, &meta, 0)?;
+            if !self.is_tracked(&meta, opened.id.fingerprint) {
+                rewritten = true;
+                files.push((opened, mtime(&meta)));
+            }
+            break;
+        }
+        let notice = match (rewritten, files.is_empty()) {
+            (true, _) if files.len() == 2 => TailNotice::Truncated {
+                path: p.path.clone(),
+                size: 0,
+                offset: p.offset,
+            },
+            (true, _) => TailNotice::Replaced {
+                path: p.path.clone(),
+            },
+            (false, true) => TailNotice::Deleted {
+                path: p.path.clone(),
+            },
+            (false, false) => TailNotice::Rotated {
+                old: p.path.clone(),
+                new: files[0].0.path.to_path_buf(),
+            },
+        };
+        self.notices.push(notice);
+        Ok(files)
     }
 
     /// A copy of the file `p` describes, made by copytruncate: another inode with the same
@@ -563,6 +597,11 @@ impl Tailer {
         }
         Ok(())
     }
+}
+
+/// Whether one of the files already found is `meta`.
+fn claimed(found: &[(OpenFile, SystemTime)], meta: &Metadata) -> bool {
+    found.iter().any(|(f, _)| identity::same_inode(meta, &f.id))
 }
 
 /// Of several unfinished positions for one inode (an outbox keyed by the full identity keeps the

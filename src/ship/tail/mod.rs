@@ -1,14 +1,16 @@
 //! Follows the live spend log across rotation, truncation and replacement, yielding complete
 //! lines with their file positions.
 //!
-//! - [`identity`]: what makes a file the same file (device, inode, first-line fingerprint) and
+//! - `identity`: what makes a file the same file (device, inode, first-line fingerprint) and
 //!   where rotated siblings are found.
-//! - [`reader`]: complete lines from one open file, in large reads, oversized lines skipped.
-//! - [`watch`]: directory events that wake the tailer.
-//! - [`follow`]: the [`Tailer`] itself: which file to read next, and what rotation, truncation,
+//! - `reader`: complete lines from one open file, in large reads, oversized lines skipped.
+//! - `watch`: directory events that wake the tailer.
+//! - `follow`: the [`Tailer`] itself: which file to read next, and what rotation, truncation,
 //!   replacement and deletion mean for it.
 //!
 //! How it reads:
+//! - First start (no committed positions): the live file from offset 0. Rotated files already
+//!   beside it are history and are not read (use `tally replay` for them).
 //! - Files no longer at the live path (rotated by rename, replaced, deleted) are read to their end
 //!   through the handle already open, then marked `finished`; only then is the new live file read.
 //!   A rotated or deleted file that ends without `\n` has its last fragment handed out as a line,
@@ -19,7 +21,8 @@
 //!   tally's own rotation or `copytruncate` for such writers.
 //! - Several rotations between two looks (or while the shipper was down) are followed: rotated
 //!   siblings nobody has read, modified no earlier than the file just finished, are read oldest
-//!   first before the live file.
+//!   first before the live file. (A sibling last modified in the same timestamp tick counts as
+//!   newer: reading an old file again is harmless downstream, missing a new one is not.)
 //! - Copytruncate (size below the position, or the first line changed): reading restarts at 0. If
 //!   the copy is still beside it (same first-line fingerprint, another inode), the lines between
 //!   the position and the copy's end are read from the copy, so nothing copied is lost. Lines
@@ -32,14 +35,15 @@
 //! Positions: the outbox should keep one row per (`dev`, `ino`) and apply a chunk's positions in
 //! order (a file whose fingerprint changes first reports its old identity `finished`). It should
 //! pass back finished positions whose files may still exist: they keep rotated files that were
-//! already read from being read again after a restart.
+//! already read from being read again after a restart. A chunk may carry positions and notices
+//! without lines (a file opened, finished or retired); commit those too.
 
 mod follow;
 mod identity;
 mod reader;
 mod watch;
 
-pub use follow::Tailer;
+pub use follow::{MAX_LINE_BYTES_CAP, Tailer};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -125,7 +129,9 @@ pub struct TailOptions {
     /// The live spend log (`TALLY_SPEND_LOG`). Its directory is watched, and rotated siblings
     /// (same file name plus a suffix) are where rotated files are found again.
     pub live_path: PathBuf,
+    /// How often to look even without a directory event (at least every 10 ms).
     pub poll_interval: Duration,
+    /// Longer lines are returned as [`LineContent::TooLong`] (capped at [`MAX_LINE_BYTES_CAP`]).
     pub max_line_bytes: usize,
     /// At most this many lines per chunk.
     pub max_chunk_lines: usize,
