@@ -10,7 +10,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use crate::ship::outbox::{IngestItem, IngestReport, Outbox, SharedOutbox, Source};
-use crate::ship::resolve::{EventSpec, prepare};
+use crate::ship::resolve::{EventSpec, prepare_line};
 use crate::ship::sender::{SenderError, WorkSignal, with_outbox};
 use crate::ship::tail::{Chunk, LineContent, RawLine, TailError, TailNotice, Tailer};
 use crate::spend::SpendRecord;
@@ -27,7 +27,7 @@ pub enum ReaderError {
 pub fn line_to_item(source: Source, line: &[u8], spec: &EventSpec) -> IngestItem {
     match SpendRecord::parse_line(line) {
         Ok(record) => IngestItem::Record {
-            prepared: prepare(&record, spec),
+            prepared: prepare_line(&record, line, spec),
             source,
         },
         Err(e) => IngestItem::Rejected {
@@ -86,6 +86,11 @@ pub async fn ingest_chunk(
 }
 
 /// Reads until `shutdown`, recording every chunk and waking the sender.
+///
+/// Three stages overlap: the tailer reads chunk *n + 2* while chunk *n + 1* is parsed (on a
+/// blocking thread) and chunk *n* is committed. The channels between them hold one chunk each, so
+/// memory stays bounded whatever the backlog, and order is kept, so positions are committed in
+/// the order they were reached.
 pub async fn run_reader(
     mut tailer: Tailer,
     outbox: SharedOutbox,
@@ -94,32 +99,73 @@ pub async fn run_reader(
     signal: Arc<WorkSignal>,
     shutdown: CancellationToken,
 ) -> Result<IngestReport, ReaderError> {
-    let mut totals = IngestReport::default();
-    while let Some(chunk) = tailer.next_chunk(&shutdown).await? {
+    type Parsed = tokio::task::JoinHandle<(Vec<IngestItem>, Vec<crate::ship::tail::FilePosition>)>;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Parsed>(1);
+    let committer = tokio::spawn(async move {
+        let mut totals = IngestReport::default();
+        while let Some(parsed) = rx.recv().await {
+            let (items, positions) = parsed.await.map_err(|e| SenderError::Task(e.to_string()))?;
+            let report = with_outbox(&outbox, move |ob: &mut Outbox| {
+                ob.ingest(&items, &positions)
+            })
+            .await?;
+            log_report(&report);
+            totals.add(&report);
+            signal.added(report.pending as usize);
+        }
+        Ok::<_, SenderError>(totals)
+    });
+    let mut read_result = Ok(());
+    loop {
+        let chunk = match tailer.next_chunk(&shutdown).await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => break,
+            Err(e) => {
+                read_result = Err(e);
+                break;
+            }
+        };
         for notice in &chunk.notices {
             log_notice(notice);
         }
         if chunk.lines.is_empty() && chunk.positions.is_empty() {
             continue;
         }
-        let report = ingest_chunk(&outbox, chunk, spec.clone(), max_line_bytes).await?;
-        if report.rejected > 0 || report.conflicts > 0 {
-            tracing::warn!(
-                rejected = report.rejected,
-                conflicts = report.conflicts,
-                "spend-log lines rejected; see `tally queue list --state rejected`"
-            );
+        let spec = spec.clone();
+        let parsed = tokio::task::spawn_blocking(move || {
+            (
+                chunk_items(&chunk.lines, &spec, max_line_bytes),
+                chunk.positions,
+            )
+        });
+        if tx.send(parsed).await.is_err() {
+            // The committer stopped (an outbox error): its result says why.
+            break;
         }
-        if report.held > 0 {
-            tracing::warn!(
-                held = report.held,
-                "records held: no customer id for LAGO_API_CHARGE_BY; see `tally queue list --state held`"
-            );
-        }
-        totals.add(&report);
-        signal.added(report.pending as usize);
     }
+    // Everything read is committed before returning: no chunk is lost on shutdown.
+    drop(tx);
+    let totals = committer
+        .await
+        .map_err(|e| SenderError::Task(e.to_string()))??;
+    read_result?;
     Ok(totals)
+}
+
+fn log_report(report: &IngestReport) {
+    if report.rejected > 0 || report.conflicts > 0 {
+        tracing::warn!(
+            rejected = report.rejected,
+            conflicts = report.conflicts,
+            "spend-log lines rejected; see `tally queue list --state rejected`"
+        );
+    }
+    if report.held > 0 {
+        tracing::warn!(
+            held = report.held,
+            "records held: no customer id for LAGO_API_CHARGE_BY; see `tally queue list --state held`"
+        );
+    }
 }
 
 fn log_notice(notice: &TailNotice) {

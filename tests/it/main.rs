@@ -3,5 +3,8 @@
 mod commands;
 mod lago_emulator;
 mod proxy;
+mod ship_ingest;
+mod ship_sender;
+mod ship_stub;
 mod support;
 mod tail;

@@ -284,6 +284,9 @@ impl Outbox {
         // Bounded page cache (8 MiB) keeps RSS flat whatever the outbox size.
         conn.pragma_update(None, "cache_size", -8192)
             .map_err(open_err)?;
+        // Checkpoint every ~32 MiB of WAL instead of 4 MiB: fewer fsyncs during bulk ingest.
+        conn.pragma_update(None, "wal_autocheckpoint", 8192)
+            .map_err(open_err)?;
         conn.set_prepared_statement_cache_capacity(64);
         schema::migrate(&mut conn)?;
         Ok(Self {
@@ -337,8 +340,9 @@ impl Outbox {
         {
             let mut insert = tx.prepare_cached(
                 "INSERT INTO events (transaction_id, state, content_hash, record, event,
-                     subscription_id, reason, source_file, source_offset, created_ms, updated_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10)
+                     subscription_id, reason, source_file, source_offset, created_ms, updated_ms,
+                     customer_ids)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?11)
                  ON CONFLICT (transaction_id) DO NOTHING",
             )?;
             let mut existing = tx.prepare_cached(
@@ -352,28 +356,26 @@ impl Outbox {
             for item in items {
                 match item {
                     IngestItem::Record { prepared, source } => {
-                        let (state, record, event, sub, reason) = match &prepared.disposition {
+                        let record = prepared.record_json.as_deref();
+                        let (state, event, sub, reason) = match &prepared.disposition {
                             Disposition::Pending {
                                 external_subscription_id,
                                 event,
                             } => (
                                 State::Pending,
-                                Some(prepared.record_json.as_slice()),
                                 Some(event.as_slice()),
                                 Some(external_subscription_id.as_str()),
                                 None,
                             ),
-                            Disposition::Held { reason } => (
-                                State::Held,
-                                Some(prepared.record_json.as_slice()),
-                                None,
-                                None,
-                                Some(reason.as_str()),
-                            ),
+                            Disposition::Held { reason } => {
+                                (State::Held, None, None, Some(reason.as_str()))
+                            }
                             Disposition::NotBillable { .. } => {
-                                (State::NotBillable, None, None, None, None)
+                                (State::NotBillable, None, None, None)
                             }
                         };
+                        let ids =
+                            (state != State::NotBillable).then(|| prepared.customer_ids.to_json());
                         let inserted = insert.execute(params![
                             prepared.transaction_id,
                             state.code(),
@@ -385,6 +387,7 @@ impl Outbox {
                             source.file,
                             source.offset as i64,
                             now,
+                            ids,
                         ])?;
                         if inserted == 1 {
                             match state {
@@ -407,7 +410,7 @@ impl Outbox {
                             "conflicting duplicate: transaction_id {} was already recorded with different content (now {old_state}); this line is not billed",
                             prepared.transaction_id
                         );
-                        let head = head_text(&prepared.record_json);
+                        let head = prepared.transaction_id.clone();
                         if reject.execute(params![
                             source.file,
                             source.offset as i64,
@@ -528,13 +531,13 @@ impl Outbox {
         )
     }
 
-    /// Lago has these: they become acked and are slimmed to id, hash and time. Whatever state a
+    /// Lago has these: they become acked and are slimmed to id, hash, attempts and time. Whatever state a
     /// row was in, Lago's word wins (it may have been dropped or retried meanwhile).
     pub fn mark_acked(&mut self, ids: &[&str]) -> Result<(), OutboxError> {
         let now = now_ms();
         self.for_each_id(
             ids,
-            "UPDATE events SET state = 3, record = NULL, event = NULL, reason = NULL,
+            "UPDATE events SET state = 3, record = NULL, event = NULL, customer_ids = NULL, reason = NULL,
                  lease_until_ms = 0, lease_owner = NULL, lease_pid = NULL, updated_ms = ?2
              WHERE transaction_id = ?1 AND state <> 3",
             |stmt, id| stmt.execute(params![id, now]),

@@ -5,7 +5,7 @@ use rusqlite::{OptionalExtension, TransactionBehavior, params};
 use serde::Serialize;
 
 use super::{Outbox, OutboxError, State, now_ms};
-use crate::ship::resolve::{Disposition, EventSpec, disposition};
+use crate::ship::resolve::{CustomerIds, Disposition, EventSpec, disposition, re_resolve_event};
 use crate::ship::tail::{FileId, FilePosition};
 use crate::spend::SpendRecord;
 
@@ -79,8 +79,10 @@ pub struct ItemSummary {
 pub struct ItemDetail {
     pub transaction_id: String,
     pub state: State,
-    /// The spend record (absent once acked: acked rows are slimmed).
+    /// The spend record, kept while held (a pending or dead event holds its content).
     pub record: Option<String>,
+    /// The record's customer ids (absent once acked: acked rows are slimmed).
+    pub customer_ids: Option<String>,
     /// The Lago event as it is (or was) sent.
     pub event: Option<String>,
     pub external_subscription_id: Option<String>,
@@ -240,7 +242,7 @@ impl Outbox {
         let now = now_ms();
         let mut stmt = self.conn().prepare_cached(
             "SELECT state, record, event, subscription_id, reason, attempts, source_file,
-                 source_offset, created_ms, updated_ms, lease_until_ms
+                 source_offset, created_ms, updated_ms, lease_until_ms, customer_ids
              FROM events WHERE transaction_id = ?1",
         )?;
         let text = |b: Option<Vec<u8>>| b.map(|b| String::from_utf8_lossy(&b).into_owned());
@@ -260,6 +262,7 @@ impl Outbox {
                     created_ms: r.get(8)?,
                     updated_ms: r.get(9)?,
                     leased_until_ms: (lease > now).then_some(lease),
+                    customer_ids: r.get(11)?,
                 })
             })
             .optional()?)
@@ -280,7 +283,17 @@ impl Outbox {
             .conn_mut()
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
-            let candidates: Vec<(String, i64, Option<Vec<u8>>)> = if ids.is_empty() {
+            type Row = (
+                String,
+                i64,
+                Option<Vec<u8>>,
+                Option<Vec<u8>>,
+                Option<String>,
+            );
+            let row = |r: &rusqlite::Row<'_>| -> rusqlite::Result<Row> {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            };
+            let candidates: Vec<Row> = if ids.is_empty() {
                 let states: Vec<i64> = match state {
                     Some(s) => vec![s.code()],
                     None => vec![State::Held.code(), State::Dead.code()],
@@ -288,10 +301,11 @@ impl Outbox {
                 let mut out = Vec::new();
                 for code in states {
                     let sql = format!(
-                        "SELECT transaction_id, state, record FROM events WHERE state = {code}"
+                        "SELECT transaction_id, state, record, event, customer_ids FROM events
+                         WHERE state = {code}"
                     );
                     let mut stmt = tx.prepare(&sql)?;
-                    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+                    let rows = stmt.query_map([], row)?;
                     for row in rows {
                         out.push(row?);
                     }
@@ -299,14 +313,12 @@ impl Outbox {
                 out
             } else {
                 let mut stmt = tx.prepare_cached(
-                    "SELECT transaction_id, state, record FROM events WHERE transaction_id = ?1",
+                    "SELECT transaction_id, state, record, event, customer_ids FROM events
+                     WHERE transaction_id = ?1",
                 )?;
                 let mut out = Vec::new();
                 for id in ids {
-                    match stmt
-                        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-                        .optional()?
-                    {
+                    match stmt.query_row([id], row).optional()? {
                         Some(row) => out.push(row),
                         None => report.skipped.push(id.clone()),
                     }
@@ -319,18 +331,29 @@ impl Outbox {
                  WHERE transaction_id = ?1",
             )?;
             let mut hold = tx.prepare_cached(
-                "UPDATE events SET state = 1, event = NULL, subscription_id = NULL, reason = ?2,
-                     updated_ms = ?3
+                "UPDATE events SET state = 1, subscription_id = NULL, reason = ?2, updated_ms = ?3
                  WHERE transaction_id = ?1",
             )?;
-            for (id, code, record) in candidates {
-                let retryable = matches!(State::from_code(code), Some(State::Held | State::Dead));
-                let record = record.and_then(|r| serde_json::from_slice::<SpendRecord>(&r).ok());
-                let (true, Some(record)) = (retryable, record) else {
+            for (id, code, record, event, customer_ids) in candidates {
+                // A held row has its record; a dead one its event and customer ids.
+                let from_record = record
+                    .and_then(|r| serde_json::from_slice::<SpendRecord>(&r).ok())
+                    .map(|r| disposition(&r, spec));
+                let outcome = match State::from_code(code) {
+                    Some(State::Held) if from_record.is_some() => from_record,
+                    Some(State::Held | State::Dead) => event.and_then(|e| {
+                        let ids: CustomerIds = customer_ids
+                            .and_then(|c| serde_json::from_str(&c).ok())
+                            .unwrap_or_default();
+                        re_resolve_event(&e, &ids, spec)
+                    }),
+                    _ => None,
+                };
+                let Some(outcome) = outcome else {
                     report.skipped.push(id);
                     continue;
                 };
-                match disposition(&record, spec) {
+                match outcome {
                     Disposition::Pending {
                         external_subscription_id,
                         event,

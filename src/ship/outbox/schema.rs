@@ -21,8 +21,9 @@ pub const MIGRATIONS: &[&str] = &[
         transaction_id  TEXT PRIMARY KEY NOT NULL,
         state           INTEGER NOT NULL,
         content_hash    INTEGER NOT NULL,
-        record          BLOB,              -- canonical record JSON; NULL once acked
+        record          BLOB,              -- canonical record JSON, only while held
         event           BLOB,              -- Lago event JSON while pending or dead
+        customer_ids    TEXT,              -- the record's ids (JSON), to re-resolve; NULL once acked
         subscription_id TEXT,
         reason          TEXT,              -- why held / dead / dropped, or the last send error
         attempts        INTEGER NOT NULL DEFAULT 0,

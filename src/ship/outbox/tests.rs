@@ -246,7 +246,6 @@ fn acked_ids_are_kept_unless_retention_says_otherwise() {
     // A replay of the acked record is recognised, never pending again.
     assert_eq!(ob.ingest(&[item(&r, 0)], &[]).unwrap().already_seen, 1);
     assert_eq!(ob.pending_count().unwrap(), 0);
-    assert_eq!(ob.prune_acked(Duration::ZERO).unwrap(), 0); // acked this very millisecond
     std::thread::sleep(Duration::from_millis(5));
     assert_eq!(ob.prune_acked(Duration::ZERO).unwrap(), 1);
 }
