@@ -92,7 +92,7 @@ async fn create_one(State(app): State<Arc<Emulator>>, headers: HeaderMap, body: 
         Ok(event) => event,
         Err(errors) => return unprocessable(errors.to_json()),
     };
-    let lago_id = Uuid::now_v7();
+    let lago_id = app.next_lago_id();
     let created_at = iso_seconds(received_at);
     let mut body = Vec::with_capacity(512);
     body.extend_from_slice(b"{\"event\":");
@@ -170,7 +170,7 @@ async fn create_batch(
         if n > 0 {
             body.push(b',');
         }
-        let lago_id = Uuid::now_v7();
+        let lago_id = app.next_lago_id();
         write_event(&mut body, &lago_id, &event, &created_at);
         batch.push((lago_id, event));
     }

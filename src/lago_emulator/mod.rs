@@ -19,6 +19,7 @@ mod validate;
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use anyhow::Context;
@@ -66,6 +67,10 @@ pub(crate) struct Emulator {
     faults: faults::FaultQueue,
     counters: counters::AtomicCounters,
     net: server::Net,
+    /// `lago_id`s are a random per-emulator base plus a counter: unique, and no system call
+    /// for randomness per event.
+    lago_id_base: u128,
+    lago_id_counter: AtomicU64,
 }
 
 impl Emulator {
@@ -83,6 +88,15 @@ impl Emulator {
             }
             other => self.faults.push(&other),
         }
+    }
+
+    fn next_lago_id(&self) -> uuid::Uuid {
+        let n = self.lago_id_counter.fetch_add(1, Ordering::Relaxed);
+        // Multiplying by an odd constant is a bijection, so distinct counters stay distinct.
+        let bits = self
+            .lago_id_base
+            .wrapping_add(u128::from(n).wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835));
+        uuid::Builder::from_random_bytes(bits.to_le_bytes()).into_uuid()
     }
 
     fn reset(&self) {
@@ -119,6 +133,8 @@ pub async fn spawn(config: EmulatorConfig, addr: SocketAddr) -> io::Result<Emula
         faults: faults::FaultQueue::default(),
         counters: counters::AtomicCounters::default(),
         net,
+        lago_id_base: uuid::Uuid::now_v7().as_u128(),
+        lago_id_counter: AtomicU64::new(0),
     });
     server::start_accepting(&app);
     Ok(EmulatorHandle { app })

@@ -6,9 +6,9 @@
 //! Records are compact (strings boxed, `properties` kept as JSON text) and the indexes are hash
 //! tables of positions into the record vector, so a million events cost no copied keys.
 
-use std::hash::{BuildHasher, Hash, Hasher, RandomState};
+use std::hash::{BuildHasher, Hash, Hasher};
 
-use hashbrown::HashTable;
+use hashbrown::{DefaultHashBuilder as RandomState, HashTable};
 use serde::{Deserialize, Serialize};
 use serde_json::Map;
 use uuid::Uuid;
@@ -92,7 +92,7 @@ impl Store {
             records: Vec::new(),
             unique: HashTable::new(),
             by_transaction: HashTable::new(),
-            hasher: RandomState::new(),
+            hasher: RandomState::default(),
         }
     }
 

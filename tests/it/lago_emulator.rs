@@ -156,6 +156,13 @@ async fn batch_answers_200_with_events_in_request_order() {
         .map(|e| e["transaction_id"].as_str().unwrap())
         .collect();
     assert_eq!(ids, ["b-0", "b-1", "b-2", "b-3", "b-4"]);
+    let lago_ids: std::collections::HashSet<&str> = answer["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["lago_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(lago_ids.len(), 5, "every event gets its own lago_id");
     let stored: Vec<String> = lago
         .events()
         .into_iter()
