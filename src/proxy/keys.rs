@@ -7,7 +7,7 @@
 //! only after a restart: run one proxy per state dir, or restart after deleting elsewhere.
 
 use std::collections::HashMap;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -103,7 +103,7 @@ pub struct NewKey {
 #[derive(Debug, thiserror::Error)]
 pub enum KeyStoreError {
     #[error(
-        "cannot create state directory {path}: {source}; set tally_settings.state_dir / TALLY_STATE_DIR to a writable directory"
+        "cannot create {path}: {source}; set tally_settings.state_dir / TALLY_STATE_DIR to a writable directory"
     )]
     StateDir {
         path: String,
@@ -156,6 +156,16 @@ impl KeyStore {
             path: path_text.to_string(),
             source,
         };
+        // Create the database owner-only before SQLite does (its -wal/-shm files inherit the mode).
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|source| KeyStoreError::StateDir {
+                path: path.display().to_string(),
+                source,
+            })?;
         let conn = Connection::open(&path).map_err(sql)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(sql)?;

@@ -37,6 +37,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -77,8 +78,9 @@ struct Shared {
     spend: SpendWriter,
     upstream: UpstreamClient,
     max_body_bytes: usize,
-    /// Stream relays still running; shutdown waits for them before flushing the spend log.
-    streams: TaskTracker,
+    /// Calls and stream relays still running; shutdown waits for them before flushing the
+    /// spend log.
+    in_flight: TaskTracker,
 }
 
 /// Why the proxy could not start.
@@ -146,7 +148,7 @@ impl AppState {
                 spend,
                 upstream: UpstreamClient::new()?,
                 max_body_bytes: config.settings.max_body_bytes,
-                streams: TaskTracker::new(),
+                in_flight: TaskTracker::new(),
             }),
         })
     }
@@ -175,19 +177,19 @@ impl AppState {
         self.inner.max_body_bytes
     }
 
-    pub fn streams(&self) -> &TaskTracker {
-        &self.inner.streams
+    pub fn in_flight(&self) -> &TaskTracker {
+        &self.inner.in_flight
     }
 
-    /// Waits for running stream relays (up to a deadline), then flushes and closes the spend log.
+    /// Waits for calls still running (up to a deadline), then flushes and closes the spend log.
     pub async fn shutdown(&self) {
-        self.inner.streams.close();
-        if tokio::time::timeout(DRAIN_DEADLINE, self.inner.streams.wait())
+        self.inner.in_flight.close();
+        if tokio::time::timeout(DRAIN_DEADLINE, self.inner.in_flight.wait())
             .await
             .is_err()
         {
             tracing::warn!(
-                "streams still running after {DRAIN_DEADLINE:?}; closing the spend log without them"
+                "calls still running after {DRAIN_DEADLINE:?}; closing the spend log without them"
             );
         }
         self.inner.spend.close().await;
@@ -230,6 +232,12 @@ pub async fn serve(
         "tally proxy listening"
     );
     let router = app(state.clone());
+    // Small request/response pairs: Nagle's algorithm would hold each answer for an ACK.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
     let served = axum::serve(listener, router)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await;

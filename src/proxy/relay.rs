@@ -52,15 +52,27 @@ pub async fn chat_completions(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    handle(state, headers, body, CallType::Chat)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+    detached(state, headers, body, CallType::Chat).await
 }
 
 pub async fn embeddings(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
-    handle(state, headers, body, CallType::Embedding)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+    detached(state, headers, body, CallType::Embedding).await
+}
+
+/// Runs the call on its own tracked task. If the client hangs up, hyper drops the handler's
+/// future; the call itself goes on, so an answer the upstream already produced (and billed) is
+/// still recorded, and shutdown waits for it.
+async fn detached(
+    state: AppState,
+    headers: HeaderMap,
+    body: Body,
+    call_type: CallType,
+) -> Response {
+    let tracker = state.in_flight().clone();
+    match tracker.spawn(handle(state, headers, body, call_type)).await {
+        Ok(result) => result.unwrap_or_else(IntoResponse::into_response),
+        Err(e) => ProxyError::Internal(format!("request task failed: {e}")).into_response(),
+    }
 }
 
 /// One call in flight: everything its spend record needs besides the usage.
@@ -397,7 +409,7 @@ where
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     call.headers(&mut response, None);
-    let tracker = call.state.streams().clone();
+    let tracker = call.state.in_flight().clone();
     tracker.spawn(async move {
         stream::relay(Box::pin(source), tx, client_wants_usage, async |outcome: StreamOutcome| {
             let (usage, estimated) = match outcome.usage {

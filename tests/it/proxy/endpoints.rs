@@ -524,3 +524,27 @@ async fn the_binary_refuses_a_weak_master_key_and_says_how_to_fix_it() {
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn a_client_that_hangs_up_on_a_plain_call_is_still_recorded() {
+    let proxy = Proxy::start().await;
+    let http = proxy.http.clone();
+    let url = proxy.url("/chat/completions");
+    let request = tokio::spawn(async move {
+        http.post(url)
+            .bearer_auth(MASTER)
+            .json(&chat("gated"))
+            .send()
+            .await
+    });
+    super::eventually("the upstream to receive the call", || async {
+        (!proxy.upstream.bodies().is_empty()).then_some(())
+    })
+    .await;
+    request.abort(); // the client hangs up while the upstream is still working
+    let _ = request.await;
+    proxy.upstream.seen.gate.notify_one();
+    let records = proxy.wait_records(1).await;
+    assert_eq!(records[0].status, "success");
+    assert_eq!((records[0].input_tokens, records[0].output_tokens), (7, 15));
+}

@@ -5,7 +5,7 @@
 //! - `no-usage` — the same answer without any usage;
 //! - `fail-429` — a 429 with an OpenAI error body;
 //! - `slow` — answers after 30 s (for timeouts);
-//! - `gated` — streams one chunk, then waits until the test opens the gate.
+//! - `gated` — waits until the test opens the gate (after one chunk, when streaming).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -106,6 +106,9 @@ async fn chat(State(seen): State<Seen>, headers: HeaderMap, body: String) -> Res
     }
     let with_usage = model != "no-usage";
     if !stream {
+        if model == "gated" {
+            seen.gate.notified().await;
+        }
         let mut answer = json!({
             "id": "chatcmpl-up", "object": "chat.completion", "created": 1,
             "model": "gpt-4o-2024-08-06",
