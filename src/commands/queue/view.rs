@@ -289,7 +289,10 @@ pub struct ShowView {
     pub updated_at: String,
     /// Set while a sender is sending it.
     pub leased_until: Option<String>,
-    /// The spend record (null once acked: the outbox keeps only the id of acked events).
+    /// The record's customer ids, as retry re-resolves them (null once acked).
+    pub customer_ids: Option<serde_json::Value>,
+    /// The spend record (kept while held; a pending or dead event holds its content in
+    /// `lago_event`).
     pub record: Option<serde_json::Value>,
     /// The Lago event exactly as it is sent.
     pub lago_event: Option<serde_json::Value>,
@@ -312,6 +315,7 @@ impl ShowView {
             created_at: time(d.created_ms),
             updated_at: time(d.updated_ms),
             leased_until: d.leased_until_ms.map(time),
+            customer_ids: json_or_text(d.customer_ids),
             record: json_or_text(d.record),
             lago_event: json_or_text(d.event),
         }
@@ -338,19 +342,19 @@ impl ShowView {
         if let Some(l) = &self.leased_until {
             let _ = writeln!(s, "being sent      (lease until {l})");
         }
+        if let Some(ids) = &self.customer_ids {
+            let _ = writeln!(s, "customer ids    {ids}");
+        }
         for (title, v) in [("record", &self.record), ("Lago event", &self.lago_event)] {
-            match v {
-                Some(v) => {
-                    let pretty = serde_json::to_string_pretty(v).unwrap_or_default();
-                    let _ = writeln!(s, "{title}:\n{pretty}");
-                }
-                None if self.state == "acked" => {
-                    let _ = writeln!(s, "{title}: (not kept once Lago has acknowledged it)");
-                }
-                None => {
-                    let _ = writeln!(s, "{title}: none");
-                }
+            if let Some(v) = v {
+                let pretty = serde_json::to_string_pretty(v).unwrap_or_default();
+                let _ = writeln!(s, "{title}:\n{pretty}");
             }
+        }
+        if self.state == "acked" {
+            s.push_str(
+                "(Lago has it; the outbox keeps only its id, so it is never billed again.)\n",
+            );
         }
         s
     }

@@ -1,5 +1,5 @@
-//! The replay loop: every decoded line goes through the shipper's own [`prepare`] (customer and
-//! event) and, unless it is a dry run, into the outbox with [`Outbox::ingest`] — the same
+//! The replay loop: every decoded line goes through the shipper's own [`prepare_line`] (customer,
+//! event and line fingerprint; [`prepare`] for converted LiteLLM rows) and, unless it is a dry run, into the outbox with [`Outbox::ingest`] — the same
 //! dedupe by `transaction_id` as the live log, so nothing is billed twice.
 //!
 //! A dry run computes the same outcome against a read-only outbox (or none) and writes nothing.
@@ -15,7 +15,7 @@ use crate::ship::CHUNK_LINES;
 use crate::ship::outbox::{
     IngestItem, IngestReport, Outbox, OutboxError, REJECTED_HEAD_BYTES, Source,
 };
-use crate::ship::resolve::{Disposition, EventSpec, prepare};
+use crate::ship::resolve::{Disposition, EventSpec, prepare, prepare_line};
 use crate::ship::tail::{LineContent, RawLine};
 
 use super::input::InputError;
@@ -110,7 +110,15 @@ pub fn feed(
                 }
             }
             Decoded::Record { source, record } => {
-                let prepared = prepare(&record, &options.spec);
+                let prepared = match (options.format, &source.content) {
+                    // The live log's own fingerprint (of the line's bytes): a copy of a line
+                    // `tally ship` already read is recognised as the same line.
+                    (ReplayFormat::Tally, LineContent::Complete(bytes)) => {
+                        prepare_line(&record, bytes, &options.spec)
+                    }
+                    // A converted LiteLLM row: fingerprint of the record it becomes.
+                    _ => prepare(&record, &options.spec),
+                };
                 let known = match unrecorded.get(&prepared.transaction_id) {
                     Some(hash) => Some(*hash),
                     None => match target.outbox() {

@@ -122,7 +122,11 @@ async fn queue_output_in_text_and_json() {
     assert_eq!(show["lago_event"]["external_subscription_id"], "c-1");
     assert_eq!(show["lago_event"]["code"], super::EVENT_CODE);
     assert_eq!(show["lago_event"]["timestamp"], "1793872800.000");
-    assert_eq!(show["record"]["input_tokens"], 7);
+    assert_eq!(show["lago_event"]["properties"]["input_tokens"], 7);
+    let held = b.json(&["queue", "show", "q-3"]).await;
+    assert_eq!(held["state"], "held");
+    assert_eq!(held["record"]["team_id"], "team-a");
+    assert!(held["lago_event"].is_null());
     assert_eq!(u(&show, "attempts"), 0);
     let text = b.run(&["queue", "show", "q-1"]).await;
     text.assert_code(0);
