@@ -99,6 +99,9 @@ pub fn feed(
     while let Some(item) = reader.next_item()? {
         match item {
             Decoded::OutsideWindow => summary.outside_window += 1,
+            Decoded::Incomplete { source, reason } => {
+                summary.reject(&source.path, source.offset, reason);
+            }
             Decoded::Rejected { source, reason } => {
                 summary.reject(&source.path, source.offset, reason.clone());
                 if !dry_run {

@@ -101,6 +101,7 @@ pub struct LineReader {
     offset: u64,
     max_line_bytes: usize,
     disk_bytes: Arc<AtomicU64>,
+    unterminated: bool,
 }
 
 /// The first two bytes of every gzip member.
@@ -138,6 +139,7 @@ impl LineReader {
             offset: 0,
             max_line_bytes,
             disk_bytes,
+            unterminated: false,
         })
     }
 
@@ -150,10 +152,17 @@ impl LineReader {
         self.disk_bytes.load(Ordering::Relaxed)
     }
 
+    /// Whether the line last returned ended at the end of the file without a newline.
+    pub fn last_unterminated(&self) -> bool {
+        self.unterminated
+    }
+
     /// The next line, or `None` at the end of the file. A last line without its newline is still
-    /// a line here: a replayed file is complete, unlike the live log.
+    /// returned (see [`LineReader::last_unterminated`]): in an archived file it is a complete
+    /// record whose writer stopped early; in a file still being written, it is not yet whole.
     pub fn next_line(&mut self) -> Result<Option<RawLine>, InputError> {
         let start = self.offset;
+        self.unterminated = false;
         let mut buf: Vec<u8> = Vec::new();
         let mut len: u64 = 0;
         let mut too_long = false;
@@ -172,6 +181,7 @@ impl LineReader {
                 if len == 0 {
                     return Ok(None);
                 }
+                self.unterminated = true;
                 break;
             }
             let (chunk, consumed, done) = match available.iter().position(|b| *b == b'\n') {
@@ -243,6 +253,12 @@ mod tests {
                 (9, &b"three"[..])
             ]
         );
+        let mut r = LineReader::open(&path, 1024).unwrap();
+        let mut flags = Vec::new();
+        while r.next_line().unwrap().is_some() {
+            flags.push(r.last_unterminated());
+        }
+        assert_eq!(flags, [false, false, false, true]);
     }
 
     #[test]

@@ -25,6 +25,9 @@ pub enum Decoded {
     },
     /// A line that is not a valid record.
     Rejected { source: RawLine, reason: String },
+    /// The last line of a file, without its newline, that is not a valid record: the file may
+    /// still be being written (the live log), so it is reported but not recorded as rejected.
+    Incomplete { source: RawLine, reason: String },
     /// A valid record outside `--since` / `--until`.
     OutsideWindow,
 }
@@ -112,7 +115,20 @@ impl ReplayReader {
                         self.progress
                             .set_position(self.finished_bytes + reader.disk_bytes());
                     }
-                    return Ok(Some(self.classify(line)));
+                    let unterminated = reader.last_unterminated();
+                    return Ok(Some(match self.classify(line) {
+                        Decoded::Rejected { source, reason } if unterminated => {
+                            Decoded::Incomplete {
+                                source,
+                                reason: format!(
+                                    "last line has no newline and is not a valid record ({reason}); \
+                                     not recorded: if the file is still being written, `tally ship` \
+                                     or a later replay reads it once complete"
+                                ),
+                            }
+                        }
+                        other => other,
+                    }));
                 }
                 None => {
                     self.finished_bytes += reader.disk_bytes();
@@ -168,6 +184,7 @@ mod tests {
                     reason.contains("invalid record")
                 ),
                 Decoded::OutsideWindow => "outside".into(),
+                Decoded::Incomplete { .. } => "incomplete".into(),
             });
         }
         let second = rec("a", "2026-11-01T10:00:00.000Z").len() + 1;
@@ -180,5 +197,36 @@ mod tests {
             ]
         );
         assert_eq!(r.lines_read, 3);
+    }
+
+    #[test]
+    fn an_unfinished_last_line_is_incomplete_not_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = serde_json::json!({"schema":1,"transaction_id":"a","end_time":"2026-11-01T10:00:00.000Z",
+            "model":"m","input_tokens":1,"output_tokens":2,"status":"success"})
+        .to_string();
+        let live = dir.path().join("live.jsonl");
+        std::fs::write(&live, format!("{ok}\n{{\"schema\":1,\"transac")).unwrap();
+        let archived = dir.path().join("archived.jsonl");
+        std::fs::write(&archived, &ok).unwrap();
+        let mut r = ReplayReader::new(
+            vec![live, archived],
+            ReplayFormat::Tally,
+            TimeWindow::default(),
+            4096,
+        );
+        let mut kinds = Vec::new();
+        while let Some(item) = r.next_item().unwrap() {
+            kinds.push(match item {
+                Decoded::Record { .. } => "record",
+                Decoded::Incomplete { reason, .. } => {
+                    assert!(reason.contains("no newline"), "{reason}");
+                    "incomplete"
+                }
+                Decoded::Rejected { .. } => "rejected",
+                Decoded::OutsideWindow => "outside",
+            });
+        }
+        assert_eq!(kinds, ["record", "incomplete", "record"]);
     }
 }

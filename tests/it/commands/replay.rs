@@ -439,3 +439,62 @@ async fn a_pattern_that_matches_nothing_is_an_error() {
     r.assert_code(1);
     assert!(r.stderr.contains("matches no file"), "{}", r.stderr);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_ship_reports_what_lago_did_not_acknowledge_and_exits_3() {
+    let b = Bench::new().await;
+    let log = b.path("unsent.jsonl");
+    write(
+        &log,
+        &[
+            line("n-1", "2026-11-07T10:00:00.000Z", EndUser("c-1"), 1, 1, 0.0),
+            line("n-2", "2026-11-07T10:00:01.000Z", Team("team-z"), 1, 1, 0.0),
+        ],
+    );
+    // Lago refuses connections: n-1 stays pending; n-2 has no end user and is held.
+    b.lago.stop_listening();
+    let run = b
+        .run(&[
+            "replay",
+            "--ship",
+            "--ship-timeout",
+            "2",
+            "--retry-cap-secs",
+            "1",
+            "--output-format",
+            "json",
+            log.to_str().unwrap(),
+        ])
+        .await;
+    run.assert_code(3);
+    let v = run.json();
+    let d = &v["delivery"];
+    assert_eq!(
+        (u(d, "acked"), u(d, "pending"), u(d, "held")),
+        (0, 1, 1),
+        "{v}"
+    );
+    let undelivered = d["undelivered"].as_array().unwrap();
+    let n1 = undelivered
+        .iter()
+        .find(|x| x["transaction_id"] == "n-1")
+        .unwrap();
+    assert_eq!(n1["state"], "pending");
+    assert!(u(n1, "attempts") >= 1, "{n1}");
+    assert!(n1["reason"].is_string(), "the send error is shown: {n1}");
+    let n2 = undelivered
+        .iter()
+        .find(|x| x["transaction_id"] == "n-2")
+        .unwrap();
+    assert!(
+        n2["reason"].as_str().unwrap().contains("end_user_id"),
+        "{n2}"
+    );
+
+    // Once Lago is back, the same replay delivers what was pending and exits 0 for new events
+    // (none are new: the pending one is delivered on the way).
+    b.lago.resume_listening().await.unwrap();
+    let again = b.json(&["replay", "--ship", log.to_str().unwrap()]).await;
+    assert_eq!(u(&again, "already_billed"), 2);
+    assert_eq!(b.stored_ids(), ["n-1"]);
+}
