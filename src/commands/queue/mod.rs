@@ -187,9 +187,6 @@ fn retry(
         "LAGO_API_EVENT_CODE is not set; retry rebuilds the Lago events, so set it as for `tally ship` \
          (or pass --lago-api-event-code)",
     )?;
-    if state.is_some() && !ids.is_empty() {
-        anyhow::bail!("give either IDs or --state, not both");
-    }
     let mut ob = open_writing(state_dir)?;
     let spec = EventSpec {
         code: code.to_owned(),
