@@ -67,8 +67,8 @@ pub async fn deliver(
             break Err(e);
         }
         let (dir, ids) = (state_dir.clone(), ids.clone());
-        let pending = tokio::task::spawn_blocking(move || count_pending(&dir, &ids)).await??;
-        if pending == 0 || stop.is_cancelled() {
+        let pending = tokio::task::spawn_blocking(move || any_pending(&dir, &ids)).await??;
+        if !pending || stop.is_cancelled() {
             break Ok(());
         }
         // Leased by another sender (a running `tally ship`): give it time, then look again.
@@ -83,17 +83,17 @@ pub async fn deliver(
     tokio::task::spawn_blocking(move || report(&dir, &ids)).await?
 }
 
-fn count_pending(state_dir: &std::path::Path, ids: &[String]) -> anyhow::Result<u64> {
+/// Whether any of `ids` is still pending (stops at the first: a long replay has many ids).
+fn any_pending(state_dir: &std::path::Path, ids: &[String]) -> anyhow::Result<bool> {
     let Some(ob) = Outbox::open_read_only_in(state_dir)? else {
-        return Ok(0);
+        return Ok(false);
     };
-    let mut n = 0;
     for id in ids {
         if ob.state_of(id)? == Some(State::Pending) {
-            n += 1;
+            return Ok(true);
         }
     }
-    Ok(n)
+    Ok(false)
 }
 
 fn report(state_dir: &std::path::Path, ids: &[String]) -> anyhow::Result<DeliveryReport> {
