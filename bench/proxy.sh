@@ -121,4 +121,5 @@ hwm_kib=$(awk '/VmHWM/ {print $2}' "/proc/$proxy_pid/status")
 echo
 echo "proxy RSS after the run: $((rss_kib / 1024)) MiB (peak $((hwm_kib / 1024)) MiB)"
 echo "spend records written during the measured runs: $((lines_after - lines_before))"
+echo "load average at the end (other processes share the machine): $(cut -d" " -f1-3 /proc/loadavg)"
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), kernel $(uname -r)"

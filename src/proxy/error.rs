@@ -34,8 +34,10 @@ pub enum ProxyError {
     PayloadTooLarge { limit: usize },
     #[error("content type must be application/json, got {0:?}")]
     UnsupportedMediaType(String),
-    #[error("key not found")]
+    #[error("{0}")]
     NotFound(String),
+    #[error("method not allowed on this route")]
+    MethodNotAllowed,
     /// The upstream could not be reached (connection refused, DNS, TLS, reset).
     #[error("upstream for model {model:?} is unreachable: {reason}")]
     UpstreamUnreachable { model: String, reason: String },
@@ -84,6 +86,7 @@ impl ProxyError {
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::Upstream { status, .. } => *status,
@@ -100,6 +103,7 @@ impl ProxyError {
             Self::PayloadTooLarge { .. } => ("invalid_request_error", "request_too_large"),
             Self::UnsupportedMediaType(_) => ("invalid_request_error", "unsupported_media_type"),
             Self::NotFound(_) => ("not_found_error", "not_found"),
+            Self::MethodNotAllowed => ("invalid_request_error", "method_not_allowed"),
             Self::UpstreamUnreachable { .. } => ("api_error", "upstream_unreachable"),
             Self::UpstreamTimeout { .. } => ("timeout_error", "upstream_timeout"),
             Self::Upstream { .. } => ("api_error", "upstream_error"),
@@ -137,7 +141,6 @@ impl IntoResponse for ProxyError {
                 tracing::error!(error = %detail, "internal error while serving a request");
                 "internal error; see the proxy's log".to_owned()
             }
-            Self::NotFound(message) => message.clone(),
             other => other.to_string(),
         };
         let (kind, code) = self.kind();

@@ -28,6 +28,7 @@ pub fn app(state: AppState) -> Router {
         .route("/key/info", get(key_api::info))
         .route("/key/delete", post(key_api::delete))
         .fallback(not_found)
+        .method_not_allowed_fallback(async || ProxyError::MethodNotAllowed)
         .with_state(state)
 }
 

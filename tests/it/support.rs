@@ -9,36 +9,6 @@ pub fn tally_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_tally"))
 }
 
-/// A Lago emulator on 127.0.0.1, port 0, serving in the background of the current runtime.
-pub async fn spawn_lago_emulator(
-    config: tally::lago_emulator::EmulatorConfig,
-) -> tally::lago_emulator::EmulatorHandle {
-    let addr: std::net::SocketAddr = ([127, 0, 0, 1], 0).into();
-    tally::lago_emulator::spawn(config, addr)
-        .await
-        .expect("the Lago emulator binds a free loopback port")
-}
-
-/// Polls `condition` every 20 ms until it holds; panics naming `what` after `timeout`.
-/// Generous timeouts are fine: this only waits as long as the condition takes.
-pub async fn poll_until<F, Fut>(what: &str, timeout: std::time::Duration, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if condition().await {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for: {what}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-}
-
 /// Calls `probe` until it returns `Some`, or panics with `what` after `timeout`. For eventual
 /// conditions: no fixed sleeps as synchronisation.
 pub fn wait_for<T>(
@@ -74,6 +44,36 @@ impl SplitMix {
     /// Uniform in `0..n` (n > 0).
     pub fn below(&mut self, n: u64) -> u64 {
         self.next_u64() % n
+    }
+}
+
+/// A Lago emulator on 127.0.0.1, port 0, serving in the background of the current runtime.
+pub async fn spawn_lago_emulator(
+    config: tally::lago_emulator::EmulatorConfig,
+) -> tally::lago_emulator::EmulatorHandle {
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], 0).into();
+    tally::lago_emulator::spawn(config, addr)
+        .await
+        .expect("the Lago emulator binds a free loopback port")
+}
+
+/// Polls `condition` every 20 ms until it holds; panics naming `what` after `timeout`.
+/// Generous timeouts are fine: this only waits as long as the condition takes.
+pub async fn poll_until<F, Fut>(what: &str, timeout: std::time::Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
 
