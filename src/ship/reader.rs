@@ -116,9 +116,19 @@ pub async fn run_reader(
         Ok::<_, SenderError>(totals)
     });
     let mut read_result = Ok(());
+    // The first look happens even if shutdown came already: it commits the identity of the live
+    // file at once, so a rotation right after start (or a stop right after start) cannot make a
+    // first start mistake the rotated file for history and skip it.
+    let mut first = true;
     loop {
-        let chunk = match tailer.next_chunk(&shutdown).await {
+        let next = if std::mem::take(&mut first) {
+            tailer.poll_chunk()
+        } else {
+            tailer.next_chunk(&shutdown).await
+        };
+        let chunk = match next {
             Ok(Some(chunk)) => chunk,
+            Ok(None) if !shutdown.is_cancelled() => continue,
             Ok(None) => break,
             Err(e) => {
                 read_result = Err(e);

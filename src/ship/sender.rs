@@ -233,7 +233,8 @@ pub async fn run_sender(
         abandon: CancellationToken::new(),
         failed: CancellationToken::new(),
         error: std::sync::Mutex::new(None),
-        error_noted: AtomicBool::new(false),
+        // A previous run may have left an error on record: the first success clears it.
+        error_noted: AtomicBool::new(true),
         totals: totals.clone(),
         tuning,
     });
