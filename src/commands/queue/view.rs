@@ -479,3 +479,99 @@ impl DropView {
         s
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ship::outbox::LagoErrorNote;
+    use crate::ship::tail::{FileId, FilePosition};
+
+    fn detail(state: State) -> ItemDetail {
+        ItemDetail {
+            transaction_id: "tx".into(),
+            state,
+            record: None,
+            customer_ids: None,
+            event: None,
+            external_subscription_id: Some("cust".into()),
+            reason: Some("why".into()),
+            attempts: 2,
+            source_file: None,
+            source_offset: None,
+            created_ms: 0,
+            updated_ms: 0,
+            leased_until_ms: None,
+        }
+    }
+
+    #[test]
+    fn max_age_is_exceeded_only_when_strictly_older() {
+        let stats = Stats {
+            pending: 1,
+            oldest_pending_ms: Some(1_000),
+            last_lago_error: Some(LagoErrorNote {
+                message: "HTTP 503".into(),
+                at_ms: 0,
+            }),
+            ..Stats::default()
+        };
+        let db = Path::new("/s/shipper.db");
+        let at = |now, max| StatsView::new(db, &stats, now, max);
+        assert!(!at(11_000, Some(10)).too_old);
+        assert!(at(12_000, Some(10)).too_old);
+        assert!(!at(12_000, None).too_old);
+        let v = at(12_000, Some(10));
+        assert_eq!(v.oldest_pending_age_secs, Some(11));
+        let why = v.age_verdict();
+        assert!(why.contains("11s old") && why.contains("HTTP 503"), "{why}");
+        assert!(v.to_text().contains("ATTENTION"));
+        let json = serde_json::to_value(&v).unwrap();
+        for key in ["pending", "held", "dead", "acked", "rejected"] {
+            assert!(json[key].is_u64(), "{key}");
+        }
+        assert_eq!(json["last_lago_error"]["at"], "1970-01-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn file_lag_is_known_only_for_the_file_still_at_its_path() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spend.jsonl");
+        std::fs::write(&path, b"0123456789").unwrap();
+        let m = std::fs::metadata(&path).unwrap();
+        let mut p = FilePosition {
+            id: FileId {
+                dev: m.dev(),
+                ino: m.ino(),
+                fingerprint: 1,
+            },
+            path: path.clone(),
+            offset: 4,
+            finished: false,
+        };
+        let v = file_view(&p);
+        assert_eq!((v.size, v.lag_bytes), (Some(10), Some(6)));
+        p.id.ino += 1; // rotated away: another file is at the path now
+        let v = file_view(&p);
+        assert_eq!((v.size, v.lag_bytes), (None, None));
+        p.finished = true;
+        assert_eq!(file_view(&p).lag_bytes, Some(0));
+    }
+
+    #[test]
+    fn outcomes_explain_themselves() {
+        let o = item_outcome("tx", Verdict::Requeued, Some(detail(State::Pending)));
+        assert!(o.detail.contains("charged to cust"), "{}", o.detail);
+        let o = item_outcome("tx", Verdict::StillHeld, Some(detail(State::Held)));
+        assert_eq!(o.detail, "still held: why");
+        let o = item_outcome("tx", Verdict::Skipped, Some(detail(State::Acked)));
+        assert!(o.detail.contains("already acked"));
+        let o = item_outcome("tx", Verdict::NotDropped, None);
+        assert_eq!(o.detail, "not in the outbox");
+        assert_eq!(o.state, None);
+        let o = item_outcome("rejected:9", Verdict::NotDropped, None);
+        assert!(o.detail.contains("rejected line"));
+        let json = serde_json::to_value(&o).unwrap();
+        assert_eq!(json["outcome"], "not_dropped");
+    }
+}
