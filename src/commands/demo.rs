@@ -498,3 +498,74 @@ fn render(r: &DemoReport) -> String {
     );
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(id: &str, sub: Option<&str>, props: Value) -> StoredEvent {
+        StoredEvent {
+            lago_id: id.into(),
+            transaction_id: id.into(),
+            external_subscription_id: sub.map(Into::into),
+            code: EVENT_CODE.into(),
+            timestamp_millis: 0,
+            properties: props.as_object().cloned().unwrap_or_default(),
+            precise_total_amount_cents: None,
+            received_at_millis: 0,
+        }
+    }
+
+    #[test]
+    fn totals_per_customer_come_from_the_stored_properties() {
+        let events = [
+            stored(
+                "a",
+                Some("team-acme"),
+                json!({"input_tokens": 10, "output_tokens": 5, "total_tokens": 15, "response_cost": 0.5}),
+            ),
+            stored(
+                "b",
+                Some("team-acme"),
+                json!({"input_tokens": 1, "output_tokens": 2, "total_tokens": 3}),
+            ),
+            stored("c", None, json!({"input_tokens": 4})),
+        ];
+        let t = per_customer(&events);
+        assert_eq!(t.len(), 2);
+        assert_eq!(t[0].customer, "(none)");
+        assert_eq!(t[1].customer, "team-acme");
+        assert_eq!(
+            (
+                t[1].events,
+                t[1].input_tokens,
+                t[1].output_tokens,
+                t[1].total_tokens
+            ),
+            (2, 11, 7, 18)
+        );
+        assert!((t[1].cost_usd - 0.5).abs() < 1e-12);
+    }
+
+    #[test]
+    fn the_built_in_config_is_accepted_by_the_proxy() {
+        let key = format!("sk-{}", "a1".repeat(24));
+        let config = ProxyConfig::from_yaml_str(&proxy_yaml(&key), "test").unwrap();
+        let names: Vec<_> = config
+            .deployments
+            .iter()
+            .map(|d| d.model_name.as_str())
+            .collect();
+        assert_eq!(names, ["gpt-4o", "house-model"]);
+        assert!(config.deployments.iter().all(|d| d.mock_response.is_some()));
+    }
+
+    #[test]
+    fn a_non_empty_dir_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(prepare_dir(Some(dir.path())).is_ok());
+        std::fs::write(dir.path().join("x"), b"").unwrap();
+        let err = prepare_dir(Some(dir.path())).unwrap_err().to_string();
+        assert!(err.contains("not empty"), "{err}");
+    }
+}
