@@ -71,11 +71,14 @@ async fn run_seed(seed: u64, steps: usize) {
                 written.extend(batch);
             }
             Op::Rotate => {
-                // RACY_ROTATE: by default the shipper catches up before a rotation. Rotating
-                // twice while it lags (write → rotate → write → rotate at once) has been seen to
-                // lose the middle file's lines in the tailer (seed 9, 10 seeds, racy mode:
-                // `Rotate, Write(55), Rotate, Write(132)` lost those 55); reported to the
-                // tailer's owner. Set TALLY_SHIP_MODEL_RACY_ROTATE=1 to exercise it.
+                // RACY_ROTATE: by default the shipper catches up before a rotation. In racy mode
+                // the tailer has been seen to lose a rotated file's lines — 1 run in 3 of
+                // `TALLY_SHIP_MODEL_RACY_ROTATE=1 TALLY_SHIP_MODEL_SEEDS=20`, always seed 9:
+                // `[CopyTruncate, Restart, Write(143), CopyTruncate, Write(25), …, Write(149),
+                // Rotate, Write(55), Rotate, Write(132), CopyTruncate]` loses the 55 lines of the
+                // file rotated second (two copytruncate copies share a first-line fingerprint
+                // there). Reported to the tailer's owner; the model keeps the racy mode to check
+                // the fix.
                 if !racy_rotate {
                     if ship.is_none() {
                         ship = Some(Running::start(env.settings()));
