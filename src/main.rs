@@ -14,11 +14,13 @@ use tally::cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let default_level = match cli.command {
-        Command::Demo(_) => "warn",
-        _ => "info",
-    };
-    tally::logging::init_with_default(cli.log_format, default_level);
+    // The demo prints its own summary; keep the services' info lines out of it unless asked.
+    if matches!(cli.command, Command::Demo(_)) && std::env::var_os("RUST_LOG").is_none() {
+        // SAFETY: no other thread exists yet (the runtime starts below), so nothing reads the
+        // environment concurrently.
+        unsafe { std::env::set_var("RUST_LOG", "warn") };
+    }
+    tally::logging::init(cli.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
