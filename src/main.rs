@@ -1,7 +1,9 @@
 //! The `tally` binary: parse the command line, run the command, map the outcome to an exit code.
 //!
 //! Exit codes: 0 success, 1 failure (printed as one chained line), 2 bad usage (clap), and
-//! whatever a command documents beyond that (e.g. `tally queue stats --max-age`).
+//! whatever a command documents beyond that: 3 when a command worked but found something that
+//! needs attention (`tally queue stats --max-age` with an older pending event, `tally replay
+//! --ship` with events Lago has not acknowledged, an interrupted replay).
 
 use std::process::ExitCode;
 
@@ -12,6 +14,12 @@ use tally::cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The demo prints its own summary; keep the services' info lines out of it unless asked.
+    if matches!(cli.command, Command::Demo(_)) && std::env::var_os("RUST_LOG").is_none() {
+        // SAFETY: no other thread exists yet (the runtime starts below), so nothing reads the
+        // environment concurrently.
+        unsafe { std::env::set_var("RUST_LOG", "warn") };
+    }
     tally::logging::init(cli.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

@@ -22,6 +22,7 @@
 //!   fsync per commit would buy nothing the idempotency key does not already give.
 
 mod queue;
+mod readonly;
 mod schema;
 
 use std::collections::HashSet;
