@@ -189,7 +189,14 @@ measure() {
   out=$(wrk -t"$threads" -c"$2" -d"$3s" --timeout 10s --latency -s "$work/post.lua" "$1")
   python3 "$HERE/wrk_summary.py" "$out"
 }
-lite_ok=0
+# Before each run, the previous run's billing is finished, so it does not compete for the CPU.
+settle() {
+  wait_stored "$lago_tally" "$(wc -l <"$work/spend.jsonl")" 120 || log "tally ship is behind"
+  wait_quiet "$lago_lite"
+}
+# wrk counts the answers it read; the requests still in flight when it stops (one per open
+# connection) are served and billed all the same, so they are counted apart.
+lite_ok=0 lite_inflight=8
 log "warming up"
 measure "$direct_url" 8 2 >/dev/null
 measure "$tally_url" 8 2 >/dev/null
@@ -199,10 +206,11 @@ lite_ok=$((lite_ok + ok))
 for conns in 1 64; do
   for target in direct tally litellm; do
     case $target in direct) url=$direct_url ;; tally) url=$tally_url ;; litellm) url=$lite_url ;; esac
+    settle
     log "latency: $target at $conns connection(s), ${DURATION}s"
     read -r rps p50 p99 ok errors < <(measure "$url" "$conns" "$DURATION")
     rec "lat.$target.$conns" "$rps $p50 $p99 $errors"
-    if [[ $target == litellm ]]; then lite_ok=$((lite_ok + ok)); fi
+    if [[ $target == litellm ]]; then lite_ok=$((lite_ok + ok)) lite_inflight=$((lite_inflight + conns)); fi
   done
 done
 
@@ -223,7 +231,7 @@ log "waiting for tally ship to deliver $tally_lines events"
 wait_stored "$lago_tally" "$tally_lines" 180 || log "tally ship did not catch up within 180 s"
 wait_quiet "$lago_lite"
 rec steady.tally "$tally_lines $(counter "$lago_tally" events_stored) $(counter "$lago_tally" requests)"
-rec steady.litellm "$lite_ok $(counter "$lago_lite" events_stored) $(counter "$lago_lite" requests)"
+rec steady.litellm "$lite_ok $(counter "$lago_lite" events_stored) $(counter "$lago_lite" requests) $lite_inflight"
 
 # ---------------------------------------------------------------- phase 2: Lago outage under load
 # RATE requests/s for LOAD_SECS; Lago is down for OUTAGE_SECS in the middle. Completions that

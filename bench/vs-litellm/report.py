@@ -95,8 +95,9 @@ def section(r: dict) -> str:
     st, sl = nums(r["steady.tally"]), nums(r["steady.litellm"])
     w("| | tally | LiteLLM |")
     w("|---|---|---|")
-    w(f"| steady load above: successful completions → events at Lago | {int(st[0]):,} → {int(st[1]):,} | "
-      f"{int(sl[0]):,} → {int(sl[1]):,} |")
+    w(f"| steady load above: completions served → events at Lago | {int(st[0]):,} → {int(st[1]):,} | "
+      f"{int(sl[0]) + int(sl[3]):,} ({int(sl[0]):,} answered to wrk + {int(sl[3])} in flight when it "
+      f"stopped) → {int(sl[1]):,} |")
     w(f"| HTTP requests to Lago per event | {st[2] / st[1]:.3f} ({int(st[2]):,} requests) | "
       f"{sl[2] / sl[1]:.3f} ({int(sl[2]):,} requests) |")
     for kind, label in (("503", "answers 503"), ("refused", "refuses connections")):
@@ -127,13 +128,17 @@ def section(r: dict) -> str:
       f"{int(duration)} s made one after the other at 1 and at 64 connections. LiteLLM bills from an "
       "in-process callback while it serves; tally's proxy only appends to the spend log, and `tally ship` "
       "(a separate process, in the RSS column) ships it during the same runs.")
-    w("- *Steady load*: every completion of the latency runs (plus warm-up) against the events the "
-      "proxy's Lago holds once delivery has settled; requests per event from the emulator's counters.")
+    w("- *Steady load*: the completions of the latency runs and warm-ups (tally: spend-log records; "
+      "LiteLLM: wrk's successful answers plus the one request per connection still in flight when wrk "
+      "stops, which LiteLLM serves and bills too) against the events the proxy's Lago holds once "
+      "delivery has settled; HTTP requests per event from the emulator's counters.")
     w(f"- *Outage*: `bench/vs-litellm/load.py` sends {int(rate)} requests/s for {int(load_secs)} s "
       f"to one proxy at a time; after {(load_secs - outage_secs) / 2:g} s the emulator answers every Lago "
       f"request with 503 (fault `server_error`), or stops listening (`refuse_connections`), for "
       f"{int(outage_secs)} s. Lost = completions answered 200 minus events stored, counted after "
-      "LiteLLM's callbacks have gone quiet and after `tally ship` (default retry settings) has caught up.")
+      "LiteLLM's callbacks have gone quiet and after `tally ship` (default retry settings) has caught up. "
+      f"LiteLLM loses the events of the completions that end during the outage ({int(rate)} requests/s × "
+      f"{int(outage_secs)} s): its callback sends each once and logs the failure.")
     w(f"- *Resend*: tally: `tally ship` ships {int(n) // 2} records, its state directory is backed up, "
       f"{int(n) // 2} more records are shipped, then the older backup is restored and the shipper "
       "restarted, so it sends the second half again; the emulator also drops its answer to two requests "
