@@ -358,7 +358,10 @@ rec meta.machine "$(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d
 rec meta.load "$(cut -d' ' -f1-3 /proc/loadavg)"
 rec meta.litellm "$litellm_version"
 rec meta.python "$python_version"
-rec meta.tally "$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src Cargo.toml Cargo.lock bench || echo '+changes')"
+tally_rev="$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src Cargo.toml Cargo.lock || echo ' with uncommitted changes')"
+parents=$(git rev-list --parents -n1 HEAD | cut -d' ' -f2- | xargs -n1 git rev-parse --short | paste -sd' ')
+[[ $parents == *' '* ]] && tally_rev="$tally_rev (a merge of ${parents// / and })"
+rec meta.tally "$tally_rev"
 rec meta.wrk "$(wrk -v 2>&1 | head -n1 | cut -d' ' -f1-2)"
 rec meta.date "$(date -u +%Y-%m-%dT%H:%MZ)"
 rec meta.command "$COMMAND"

@@ -3,7 +3,7 @@
 LiteLLM's proxy never retries a failed Lago call (that is the loss the outage phase
 measures). The only way to recover such an event is to send it again, so this drives
 LiteLLM's own `LagoLogger` -- the class `callbacks: ["lago"]` loads -- for `--n` completions
-while the Lago emulator drops the answer to each first request after storing its event
+while the Lago emulator drops the answer to each first attempt after storing its event
 ("Lago stored it, the caller never heard"), and resends each failed call once. It prints one
 JSON object: completions, attempts, and the fields of the event LiteLLM builds.
 Needs LAGO_API_BASE, LAGO_API_KEY, LAGO_API_EVENT_CODE in the environment.
@@ -60,6 +60,7 @@ async def run(n: int) -> dict:
     for i in range(n):
         kwargs, resp = call_kwargs(i), completion(i)
         now = datetime.datetime.now(datetime.timezone.utc)
+        inject_faults(os.environ["LAGO_API_BASE"], 1)  # the first attempt's answer is lost
         for _ in range(2):  # the first attempt, then one resend
             attempts += 1
             try:
@@ -83,7 +84,6 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=50)
     args = ap.parse_args()
-    inject_faults(os.environ["LAGO_API_BASE"], args.n)
     print(json.dumps(asyncio.run(run(args.n))))
 
 

@@ -105,8 +105,11 @@ def section(r: dict) -> str:
         for proxy in ("tally", "litellm"):
             ok, stored, failed, _requests = nums(r[f"outage.{proxy}.{kind}"])
             lost = ok - stored
-            cells.append(f"{int(ok)} completed, {int(stored)} billed, **{int(lost)} lost** "
-                         f"({100 * lost / ok:.0f} %)" if ok else "no completions")
+            cell = (f"{int(ok)} completed, {int(stored)} billed, **{int(lost)} lost** "
+                    f"({100 * lost / ok:.0f} %)" if ok else "no completions")
+            if kind == "503":
+                cell += f"; {int(failed)} Lago requests answered 503"
+            cells.append(cell)
         w(f"| Lago {label} for {int(outage_secs)} s in the middle of {int(load_secs)} s at "
           f"{int(rate)} requests/s | {cells[0]} | {cells[1]} |")
     rt = nums(r["resend.tally"])
