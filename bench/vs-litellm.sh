@@ -50,7 +50,9 @@ litellm_version=$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m
 python_version=$("$VENV/bin/python" -c 'import platform; print(platform.python_version())')
 
 log "building tally (release)"
+build_started=$(date +%s)
 cargo build --release --quiet --bin tally --example proxy_upstream
+build_seconds=$(($(date +%s) - build_started))
 TALLY="$TARGET/release/tally"
 UPSTREAM_BIN="$TARGET/release/examples/proxy_upstream"
 
@@ -367,5 +369,6 @@ rec meta.date "$(date -u +%Y-%m-%dT%H:%MZ)"
 rec meta.command "$COMMAND"
 rec meta.params "$DURATION $RATE $LOAD_SECS $OUTAGE_SECS $RESEND_N $LITELLM_RESEND_N"
 rec meta.seconds "$(($(date +%s) - started))"
+rec meta.build_seconds "$build_seconds"
 python3 "$HERE/report.py" "$results" "$ROOT/docs/benchmarks.md"
 log "done in $(($(date +%s) - started)) s; docs/benchmarks.md updated"

@@ -43,7 +43,10 @@ def section(r: dict) -> str:
     w = lines.append
     w("## tally vs LiteLLM")
     w("")
-    w(f"Produced by `{r['meta.command']}` on {r['meta.date']} in {int(float(r['meta.seconds']))} s. "
+    took = int(float(r["meta.seconds"]))
+    build = int(float(r.get("meta.build_seconds", "0")))
+    took_text = f"{took} s" if not build else f"{took} s, of which {build} s building tally"
+    w(f"Produced by `{r['meta.command']}` on {r['meta.date']} in {took_text}. "
       f"Machine: {r['meta.machine']}; load average at the end of the run {r['meta.load']}. "
       f"Versions: LiteLLM {r['meta.litellm']} (`litellm[proxy]` from PyPI, Python {r['meta.python']}, "
       f"its defaults: one uvicorn worker), tally {r['meta.tally']} (release build), {r['meta.wrk']}.")
@@ -58,7 +61,9 @@ def section(r: dict) -> str:
     w("")
     w("**Absolute numbers are noisy**: the 2-core machine is shared with other engineers' builds while "
       "this runs. Compare the ratios and differences, which come from runs made back to back in one go "
-      "against the same upstream; rerun the script to see the spread.")
+      "against the same upstream; rerun the script to see the spread. On this machine the p99 of every "
+      "path, the upstream called directly included, is dominated by scheduling noise, so a small or "
+      "negative p99 difference for tally means it is within that noise.")
     w("")
     w(f"### Latency and throughput (wrk, {int(duration)} s per run, same request body)")
     w("")
