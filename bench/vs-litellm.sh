@@ -72,6 +72,12 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+# Drops a reaped PID from the cleanup list, so a number the kernel reuses is never signalled.
+forget() {
+  local kept=() pid
+  for pid in "${pids[@]}"; do [[ $pid == "$1" ]] || kept+=("$pid"); done
+  pids=("${kept[@]}")
+}
 # Stops one process started here and waits for it (SIGTERM: the shipper commits and exits).
 stop() {
   local pid=$1
@@ -79,6 +85,7 @@ stop() {
   for _ in $(seq 200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
   kill -KILL "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
+  forget "$pid"
 }
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -259,6 +266,7 @@ outage() { # PROXY(tally|litellm) KIND(503|refused)
     sleep "$OUTAGE_SECS"
   fi
   wait "$load_pid"
+  forget "$load_pid"
   local ok
   ok=$(json "$load_out" "j['ok']")
   if [[ $proxy == tally ]]; then
