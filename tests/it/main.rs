@@ -2,5 +2,10 @@
 
 mod lago_emulator;
 mod proxy;
+mod ship_e2e;
+mod ship_ingest;
+mod ship_model;
+mod ship_sender;
+mod ship_stub;
 mod support;
 mod tail;

@@ -1,0 +1,348 @@
+//! Shipper benchmark harness (not a test); driven by `bench/ship.sh`.
+//!
+//! - `ship_bench ingest FILE STATE_DIR`: the shipper's read path — the tailer, parsing, the
+//!   outbox — without sending: lines/s until the whole file is committed.
+//! - `ship_bench ingest-direct FILE STATE_DIR`: the outbox write path alone — split FILE into
+//!   lines, parse, resolve, and `Outbox::ingest` in chunks — and print lines/s.
+//! - `ship_bench parse-only FILE`: parsing and event building alone.
+//! - `ship_bench deliver TALLY_BIN FILE STATE_DIR`: end to end. Starts the Lago emulator here,
+//!   runs `tally ship` (TALLY_BIN) as a child on FILE, and reports events/s until Lago holds
+//!   every line, HTTP requests per event, and the child's peak RSS.
+//! - `ship_bench latency TALLY_BIN DIR RATE SECS`: appends RATE lines/s for SECS seconds to a
+//!   live log that a `tally ship` child follows; reports append → stored-at-Lago latency
+//!   percentiles and the child's peak RSS.
+//!
+//! Output is one JSON object per measurement on stdout.
+
+use std::io::BufRead;
+use std::time::Instant;
+
+use tally::ship::outbox::{Outbox, Source};
+use tally::ship::reader::line_to_item;
+use tally::ship::resolve::EventSpec;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("ingest-direct") => ingest_direct(&args[1], &args[2]),
+        Some("parse-only") => parse_only(&args[1]),
+        Some("ingest") => ingest(&args[1], &args[2]),
+        Some("deliver") => deliver(&args[1], &args[2], &args[3]),
+        Some("latency") => latency(&args[1], &args[2], args[3].parse()?, args[4].parse()?),
+        _ => {
+            eprintln!(
+                "usage: ship_bench ingest|ingest-direct FILE STATE_DIR | parse-only FILE | \
+                 deliver TALLY_BIN FILE STATE_DIR | latency TALLY_BIN DIR RATE SECS"
+            );
+            std::process::exit(2);
+        }
+    }
+}
+
+fn ingest_direct(file: &str, state_dir: &str) -> anyhow::Result<()> {
+    let spec = EventSpec {
+        code: "llm_usage".into(),
+        charge_by: Default::default(),
+    };
+    let mut outbox = Outbox::open_in(std::path::Path::new(state_dir))?;
+    let reader = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(file)?);
+    let start = Instant::now();
+    let mut offset = 0u64;
+    let mut chunk = Vec::with_capacity(tally::ship::CHUNK_LINES);
+    let mut total = 0u64;
+    for line in reader.split(b'\n') {
+        let line = line?;
+        let len = line.len() as u64 + 1;
+        chunk.push(line_to_item(
+            Source {
+                file: file.to_owned(),
+                offset,
+            },
+            &line,
+            &spec,
+        ));
+        offset += len;
+        if chunk.len() == tally::ship::CHUNK_LINES {
+            total += chunk.len() as u64;
+            outbox.ingest(&chunk, &[])?;
+            chunk.clear();
+        }
+    }
+    total += chunk.len() as u64;
+    outbox.ingest(&chunk, &[])?;
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({"measure": "ingest_direct", "lines": total, "secs": secs,
+            "lines_per_sec": total as f64 / secs})
+    );
+    Ok(())
+}
+
+/// CPU cost of turning lines into ingest items, without SQLite (for the breakdown).
+pub fn parse_only(file: &str) -> anyhow::Result<()> {
+    let spec = EventSpec {
+        code: "llm_usage".into(),
+        charge_by: Default::default(),
+    };
+    let reader = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(file)?);
+    let start = Instant::now();
+    let mut n = 0u64;
+    let mut bytes = 0usize;
+    for line in reader.split(b'\n') {
+        let line = line?;
+        let item = line_to_item(
+            Source {
+                file: String::new(),
+                offset: 0,
+            },
+            &line,
+            &spec,
+        );
+        if let tally::ship::outbox::IngestItem::Record { prepared, .. } = item {
+            bytes += prepared.transaction_id.len();
+        }
+        n += 1;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({"measure": "parse_only", "lines": n, "secs": secs, "lines_per_sec": n as f64 / secs, "check": bytes})
+    );
+    Ok(())
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+/// Tailer → reader → outbox, no sender.
+fn ingest(file: &str, state_dir: &str) -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use tally::ship::reader::run_reader;
+    use tally::ship::sender::WorkSignal;
+    use tally::ship::tail::{TailOptions, Tailer};
+    use tokio_util::sync::CancellationToken;
+
+    let size = std::fs::metadata(file)?.len();
+    let rt = runtime()?;
+    rt.block_on(async {
+        let outbox = Outbox::open_in(std::path::Path::new(state_dir))?;
+        let tailer = Tailer::new(
+            TailOptions {
+                live_path: file.into(),
+                poll_interval: std::time::Duration::from_millis(1000),
+                max_line_bytes: 1 << 20,
+                max_chunk_lines: tally::ship::CHUNK_LINES,
+            },
+            outbox.positions()?,
+        )?;
+        let spec = Arc::new(EventSpec {
+            code: "llm_usage".into(),
+            charge_by: Default::default(),
+        });
+        let stop = CancellationToken::new();
+        let start = Instant::now();
+        let reader = tokio::spawn(run_reader(
+            tailer,
+            outbox.shared(),
+            spec,
+            1 << 20,
+            Arc::new(WorkSignal::default()),
+            stop.clone(),
+        ));
+        let watcher = Outbox::open_in(std::path::Path::new(state_dir))?;
+        loop {
+            let done = watcher.positions()?.iter().any(|p| p.offset >= size);
+            if done {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let cpu = cpu_secs(std::process::id());
+        stop.cancel();
+        let report = reader.await??;
+        let lines = report.pending + report.held + report.not_billable + report.rejected;
+        println!(
+            "{}",
+            serde_json::json!({"measure": "ingest_tailer", "lines": lines, "secs": secs,
+                "lines_per_sec": lines as f64 / secs, "cpu_secs": cpu,
+                "lines_per_cpu_sec": cpu.map(|c| lines as f64 / c),
+                "rss_peak_kib": rss_peak_kib(std::process::id())})
+        );
+        anyhow::Ok(())
+    })
+}
+
+fn rss_peak_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+fn ship_child(
+    tally_bin: &str,
+    base_url: &str,
+    log: &std::path::Path,
+    state_dir: &std::path::Path,
+) -> anyhow::Result<std::process::Child> {
+    Ok(std::process::Command::new(tally_bin)
+        .arg("ship")
+        .env("LAGO_API_BASE", base_url)
+        .env("LAGO_API_KEY", "bench-key")
+        .env("LAGO_API_EVENT_CODE", "llm_usage")
+        .env("TALLY_SPEND_LOG", log)
+        .env("TALLY_STATE_DIR", state_dir)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()?)
+}
+
+/// User + system CPU seconds a process has used so far.
+fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the `(comm)`: state is field 3; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf is a plain query.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(ticks / hz)
+}
+
+fn stop_child(mut child: std::process::Child) -> anyhow::Result<Option<u64>> {
+    let rss = rss_peak_kib(child.id());
+    // SAFETY: signalling our own child by pid.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    child.wait()?;
+    Ok(rss)
+}
+
+/// End to end: FILE through `tally ship` to the emulator.
+fn deliver(tally_bin: &str, file: &str, state_dir: &str) -> anyhow::Result<()> {
+    let mut lines = 0usize;
+    for line in std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(file)?).split(b'\n')
+    {
+        line?;
+        lines += 1;
+    }
+    let rt = runtime()?;
+    rt.block_on(async {
+        let emu = tally::lago_emulator::spawn(
+            tally::lago_emulator::EmulatorConfig {
+                api_key: "bench-key".into(),
+                ..Default::default()
+            },
+            ([127, 0, 0, 1], 0).into(),
+        )
+        .await?;
+        let start = Instant::now();
+        let child = ship_child(
+            tally_bin,
+            &emu.base_url(),
+            std::path::Path::new(file),
+            std::path::Path::new(state_dir),
+        )?;
+        let mut peak = 0u64;
+        while emu.event_count() < lines {
+            peak = peak.max(rss_peak_kib(child.id()).unwrap_or(0));
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let ship_cpu = cpu_secs(child.id());
+        let emulator_cpu = cpu_secs(std::process::id());
+        let rss = stop_child(child)?.unwrap_or(0).max(peak);
+        let c = emu.counters();
+        println!(
+            "{}",
+            serde_json::json!({"measure": "deliver_end_to_end", "events": lines, "secs": secs,
+                "events_per_sec": lines as f64 / secs,
+                "batch_requests": c.batch_requests,
+                "requests_per_event": c.batch_requests as f64 / lines as f64,
+                "duplicates": c.duplicates,
+                "ship_cpu_secs": ship_cpu,
+                "emulator_and_harness_cpu_secs": emulator_cpu,
+                "ship_rss_peak_kib": rss})
+        );
+        anyhow::Ok(())
+    })
+}
+
+/// Append at RATE lines/s; measure append → stored at Lago.
+fn latency(tally_bin: &str, dir: &str, rate: u64, secs: u64) -> anyhow::Result<()> {
+    use std::collections::HashMap;
+    use std::io::Write;
+    let dir = std::path::Path::new(dir);
+    std::fs::create_dir_all(dir)?;
+    let log = dir.join("live.jsonl");
+    let state = dir.join("state");
+    let rt = runtime()?;
+    rt.block_on(async {
+        let emu = tally::lago_emulator::spawn(
+            tally::lago_emulator::EmulatorConfig {
+                api_key: "bench-key".into(),
+                ..Default::default()
+            },
+            ([127, 0, 0, 1], 0).into(),
+        )
+        .await?;
+        std::fs::File::create(&log)?;
+        let child = ship_child(tally_bin, &emu.base_url(), &log, &state)?;
+        // Let it start and watch the file.
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let total = rate * secs;
+        let log2 = log.clone();
+        let appended = tokio::task::spawn_blocking(move || -> anyhow::Result<HashMap<String, i64>> {
+            let mut f = std::fs::OpenOptions::new().append(true).open(&log2)?;
+            let mut at = HashMap::with_capacity(total as usize);
+            let start = Instant::now();
+            let base = chrono::Utc::now();
+            for i in 0..total {
+                let due = start + std::time::Duration::from_secs_f64(i as f64 / rate as f64);
+                if let Some(w) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(w);
+                }
+                let mut r = tally::spend::SpendRecord::parse_line(
+                    br#"{"schema":1,"transaction_id":"x","end_time":"2026-11-27T10:00:00.000Z","model":"gpt-4o-mini","input_tokens":12,"output_tokens":30,"end_user_id":"customer-1","status":"success"}"#,
+                )?;
+                r.transaction_id = uuid::Uuid::now_v7().to_string();
+                r.end_time = base + chrono::Duration::milliseconds(i as i64);
+                let line = r.to_line();
+                let now_ms = chrono::Utc::now().timestamp_millis();
+                f.write_all(&line)?;
+                at.insert(r.transaction_id, now_ms);
+            }
+            Ok(at)
+        })
+        .await??;
+        let n = appended.len();
+        while emu.event_count() < n {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let rss = stop_child(child)?;
+        let mut lat: Vec<i64> = emu
+            .events()
+            .iter()
+            .filter_map(|e| appended.get(&e.transaction_id).map(|t| e.received_at_millis - t))
+            .collect();
+        lat.sort_unstable();
+        let pct = |p: f64| lat[((lat.len() as f64 * p).ceil() as usize).saturating_sub(1).min(lat.len() - 1)];
+        let c = emu.counters();
+        println!(
+            "{}",
+            serde_json::json!({"measure": "latency", "rate": rate, "events": lat.len(),
+                "p50_ms": pct(0.50), "p90_ms": pct(0.90), "p99_ms": pct(0.99), "max_ms": lat[lat.len() - 1],
+                "batch_requests": c.batch_requests,
+                "events_per_request": lat.len() as f64 / c.batch_requests as f64,
+                "ship_rss_peak_kib": rss})
+        );
+        anyhow::Ok(())
+    })
+}
