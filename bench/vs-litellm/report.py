@@ -55,9 +55,10 @@ def section(r: dict) -> str:
       "deployment, `callbacks: [\"lago\"]`, a generated master key), call the same fixed-answer upstream "
       "(`bench/proxy_upstream.rs`) on loopback, and bill a Lago emulator (`tally lago-emulator`) of their "
       "own, with `LAGO_API_CHARGE_BY=end_user_id` and the request body's `user`. LiteLLM's virtual keys "
-      "need its Postgres database through Prisma, whose engine LiteLLM fetches at run time (not possible "
-      "on this offline machine), so both proxies are called with the master key. tally bills through "
-      "`tally ship` with its default settings.")
+      "need a Postgres database and the Prisma client (`pip install prisma`, then `prisma generate`, which "
+      "downloads Prisma's engine binaries from outside the package registries: not possible on this "
+      "offline machine), so both proxies are called with the master key, which LiteLLM accepts without a "
+      "database. tally bills through `tally ship` with its default settings.")
     w("")
     w("**Absolute numbers are noisy**: the 2-core machine is shared with other engineers' builds while "
       "this runs. Compare the ratios and differences, which come from runs made back to back in one go "
