@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{DemoArgs, OutputFormat};
-use crate::commands::output::{self, usd};
+use crate::commands::output;
 use crate::commands::replay::summary::CustomerTotals;
 use crate::lago_emulator::{EmulatorConfig, EmulatorHandle, StoredEvent};
 use crate::proxy::ProxyConfig;
@@ -465,26 +465,7 @@ fn render(r: &DemoReport) -> String {
         s,
         "\nWhat Lago received, per customer (external_subscription_id):"
     );
-    let mut t = output::table(
-        &[
-            "customer",
-            "events",
-            "input tokens",
-            "output tokens",
-            "cost",
-        ],
-        &[1, 2, 3, 4],
-    );
-    for c in &r.customers {
-        t.add_row(vec![
-            c.customer.clone(),
-            c.events.to_string(),
-            c.input_tokens.to_string(),
-            c.output_tokens.to_string(),
-            usd(c.cost_usd),
-        ]);
-    }
-    let _ = writeln!(s, "{t}");
+    let _ = writeln!(s, "{}", CustomerTotals::table(&r.customers));
     let _ = writeln!(
         s,
         "Lago has all {} events, each exactly once.\n",

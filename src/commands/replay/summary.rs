@@ -24,6 +24,32 @@ pub struct CustomerTotals {
     pub cost_usd: f64,
 }
 
+impl CustomerTotals {
+    /// The per-customer table that `tally replay` and `tally demo` both print.
+    pub fn table(customers: &[CustomerTotals]) -> comfy_table::Table {
+        let mut t = output::table(
+            &[
+                "customer",
+                "events",
+                "input tokens",
+                "output tokens",
+                "cost",
+            ],
+            &[1, 2, 3, 4],
+        );
+        for c in customers {
+            t.add_row(vec![
+                c.customer.clone(),
+                c.events.to_string(),
+                c.input_tokens.to_string(),
+                c.output_tokens.to_string(),
+                usd(c.cost_usd),
+            ]);
+        }
+        t
+    }
+}
+
 /// Per-customer totals over `(customer, record)` pairs, ordered by customer.
 #[derive(Debug, Clone, Default)]
 pub struct Totals {
@@ -106,26 +132,7 @@ impl ReplaySummary {
             let _ = writeln!(s, "Nothing new {verb}.");
         } else {
             let _ = writeln!(s, "New events {verb}, per customer:");
-            let mut t = output::table(
-                &[
-                    "customer",
-                    "events",
-                    "input tokens",
-                    "output tokens",
-                    "cost",
-                ],
-                &[1, 2, 3, 4],
-            );
-            for c in &self.customers {
-                t.add_row(vec![
-                    c.customer.clone(),
-                    c.events.to_string(),
-                    c.input_tokens.to_string(),
-                    c.output_tokens.to_string(),
-                    usd(c.cost_usd),
-                ]);
-            }
-            let _ = writeln!(s, "{t}");
+            let _ = writeln!(s, "{}", CustomerTotals::table(&self.customers));
         }
         let _ = writeln!(
             s,
