@@ -5,6 +5,8 @@
 //! forced on for streams), and serialised once for the upstream. The upstream's answer is
 //! returned byte for byte; only `usage` and `model` are read out of it.
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::body::Body;
@@ -59,9 +61,10 @@ pub async fn embeddings(State(state): State<AppState>, headers: HeaderMap, body:
     detached(state, headers, body, CallType::Embedding).await
 }
 
-/// Runs the call on its own tracked task. If the client hangs up, hyper drops the handler's
-/// future; the call itself goes on, so an answer the upstream already produced (and billed) is
-/// still recorded, and shutdown waits for it.
+/// Runs the call in the connection's own task, tracked so shutdown waits for it. If the client
+/// hangs up, hyper drops the handler's future; the call is then moved onto a task of its own and
+/// goes on, so an answer the upstream already produced (and billed) is still recorded. Spawning
+/// only on hang-up spares every other request a task and the wake-up that hands its result back.
 async fn detached(
     state: AppState,
     headers: HeaderMap,
@@ -69,9 +72,47 @@ async fn detached(
     call_type: CallType,
 ) -> Response {
     let tracker = state.in_flight().clone();
-    match tracker.spawn(handle(state, headers, body, call_type)).await {
-        Ok(result) => result.unwrap_or_else(IntoResponse::into_response),
-        Err(e) => ProxyError::Internal(format!("request task failed: {e}")).into_response(),
+    let call = tracker.track_future(Box::pin(handle(state, headers, body, call_type)));
+    match (FinishOnHangUp { call: Some(call) }).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// A call that, if dropped before it finished, finishes on a task of its own.
+struct FinishOnHangUp<F: Future + Send + Unpin + 'static>
+where
+    F::Output: Send + 'static,
+{
+    call: Option<F>,
+}
+
+impl<F: Future + Send + Unpin + 'static> Future for FinishOnHangUp<F>
+where
+    F::Output: Send + 'static,
+{
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let Some(call) = self.call.as_mut() else {
+            return Poll::Pending;
+        };
+        let output = std::task::ready!(Pin::new(call).poll(cx));
+        self.call = None;
+        Poll::Ready(output)
+    }
+}
+
+impl<F: Future + Send + Unpin + 'static> Drop for FinishOnHangUp<F>
+where
+    F::Output: Send + 'static,
+{
+    fn drop(&mut self) {
+        if let Some(call) = self.call.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(call);
+        }
     }
 }
 
