@@ -372,6 +372,16 @@ fn force_include_usage(body: &mut Map<String, Value>) {
     }
 }
 
+/// What a whole answer is read for when it reports its usage; the rest is skipped unread.
+#[derive(Deserialize)]
+struct ResponseUsage {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    usage: Option<Usage>,
+}
+
+/// An answer without usage, read further for the completion estimate.
 #[derive(Deserialize)]
 struct ResponseMeta {
     #[serde(default)]
@@ -400,6 +410,13 @@ fn usage_of(
     call_type: CallType,
     prompt_estimate: u64,
 ) -> (Usage, bool, Option<String>) {
+    if let Ok(ResponseUsage {
+        model,
+        usage: Some(usage),
+    }) = serde_json::from_slice(bytes)
+    {
+        return (usage, false, model);
+    }
     let meta: Option<ResponseMeta> = serde_json::from_slice(bytes).ok();
     let upstream_model = meta.as_ref().and_then(|m| m.model.clone());
     match meta {

@@ -87,11 +87,10 @@ impl SpendWriter {
         let (jobs, rx) = mpsc::channel(QUEUE_CAPACITY);
         let healthy = Arc::new(AtomicBool::new(true));
         let writer_healthy = healthy.clone();
-        let runtime =
-            tokio::runtime::Handle::try_current().map_err(|e| SpendLogError::Open {
-                path: path.display().to_string(),
-                source: io::Error::other(format!("no async runtime to run the writer on: {e}")),
-            })?;
+        let runtime = tokio::runtime::Handle::try_current().map_err(|e| SpendLogError::Open {
+            path: path.display().to_string(),
+            source: io::Error::other(format!("no async runtime to run the writer on: {e}")),
+        })?;
         runtime.spawn(writer_loop(file, rx, writer_healthy));
         Ok(Self {
             jobs,
