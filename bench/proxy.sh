@@ -13,9 +13,12 @@ DURATION=${DURATION:-10}
 TARGET=${CARGO_TARGET_DIR:-target}
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk" >&2; exit 1; }
 
-cargo build --release --quiet --bin tally --example proxy_upstream
-TALLY="$TARGET/release/tally"
-UPSTREAM_BIN="$TARGET/release/examples/proxy_upstream"
+# TALLY=path/to/tally measures another build of the proxy (e.g. the one before a change).
+if [[ -z ${TALLY:-} ]]; then
+  cargo build --release --quiet --bin tally --example proxy_upstream
+fi
+TALLY=${TALLY:-$TARGET/release/tally}
+UPSTREAM_BIN=${UPSTREAM_BIN:-$TARGET/release/examples/proxy_upstream}
 
 work=$(mktemp -d)
 pids=()

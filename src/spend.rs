@@ -214,8 +214,12 @@ impl SpendRecord {
 
     /// The record as one spend-log line, including the trailing `\n`.
     pub fn to_line(&self) -> Vec<u8> {
+        // Room for a typical record up front, so the line is not regrown field by field.
+        let mut line = Vec::with_capacity(640);
         // Serializing a struct of plain fields to a Vec cannot fail.
-        let mut line = serde_json::to_vec(self).unwrap_or_default();
+        if serde_json::to_writer(&mut line, self).is_err() {
+            line.clear();
+        }
         line.push(b'\n');
         line
     }

@@ -5,6 +5,8 @@
 //! forced on for streams), and serialised once for the upstream. The upstream's answer is
 //! returned byte for byte; only `usage` and `model` are read out of it.
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::body::Body;
@@ -61,9 +63,10 @@ pub async fn embeddings(State(state): State<AppState>, headers: HeaderMap, body:
     detached(state, headers, body, CallType::Embedding).await
 }
 
-/// Runs the call on its own tracked task. If the client hangs up, hyper drops the handler's
-/// future; the call itself goes on, so an answer the upstream already produced (and billed) is
-/// still recorded, and shutdown waits for it.
+/// Runs the call in the connection's own task, tracked so shutdown waits for it. If the client
+/// hangs up, hyper drops the handler's future; the call is then moved onto a task of its own and
+/// goes on, so an answer the upstream already produced (and billed) is still recorded. Spawning
+/// only on hang-up spares every other request a task and the wake-up that hands its result back.
 async fn detached(
     state: AppState,
     headers: HeaderMap,
@@ -71,10 +74,49 @@ async fn detached(
     call_type: CallType,
 ) -> Response {
     let tracker = state.in_flight().clone();
-    let call = observe::carry(handle(state, headers, body, call_type));
-    match tracker.spawn(call).await {
-        Ok(result) => result.unwrap_or_else(IntoResponse::into_response),
-        Err(e) => ProxyError::Internal(format!("request task failed: {e}")).into_response(),
+    let call = tracker.track_future(Box::pin(observe::carry(handle(
+        state, headers, body, call_type,
+    ))));
+    match (FinishOnHangUp { call: Some(call) }).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// A call that, if dropped before it finished, finishes on a task of its own.
+struct FinishOnHangUp<F: Future + Send + Unpin + 'static>
+where
+    F::Output: Send + 'static,
+{
+    call: Option<F>,
+}
+
+impl<F: Future + Send + Unpin + 'static> Future for FinishOnHangUp<F>
+where
+    F::Output: Send + 'static,
+{
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let Some(call) = self.call.as_mut() else {
+            return Poll::Pending;
+        };
+        let output = std::task::ready!(Pin::new(call).poll(cx));
+        self.call = None;
+        Poll::Ready(output)
+    }
+}
+
+impl<F: Future + Send + Unpin + 'static> Drop for FinishOnHangUp<F>
+where
+    F::Output: Send + 'static,
+{
+    fn drop(&mut self) {
+        if let Some(call) = self.call.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(call);
+        }
     }
 }
 
@@ -350,6 +392,16 @@ fn force_include_usage(body: &mut Map<String, Value>) {
     }
 }
 
+/// What a whole answer is read for when it reports its usage; the rest is skipped unread.
+#[derive(Deserialize)]
+struct ResponseUsage {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    usage: Option<Usage>,
+}
+
+/// An answer without usage, read further for the completion estimate.
 #[derive(Deserialize)]
 struct ResponseMeta {
     #[serde(default)]
@@ -378,6 +430,13 @@ fn usage_of(
     call_type: CallType,
     prompt_estimate: u64,
 ) -> (Usage, bool, Option<String>) {
+    if let Ok(ResponseUsage {
+        model,
+        usage: Some(usage),
+    }) = serde_json::from_slice(bytes)
+    {
+        return (usage, false, model);
+    }
     let meta: Option<ResponseMeta> = serde_json::from_slice(bytes).ok();
     let upstream_model = meta.as_ref().and_then(|m| m.model.clone());
     match meta {

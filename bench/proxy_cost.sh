@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# What one proxied request costs the proxy, in measures that hold up on a shared machine: CPU time,
+# context switches and (with CALLGRIND=1) instructions, each divided by the requests served (the
+# spend-log lines written). Not a test; wall-clock figures are bench/proxy.sh's job.
+#
+#   bench/proxy_cost.sh                 # 64 connections for 10 s, perf/proc counters
+#   CALLGRIND=1 bench/proxy_cost.sh     # the proxy under valgrind: instructions per request
+#   TALLY=path/to/tally bench/proxy_cost.sh   # measure another build (e.g. the one before a change)
+#
+# Needs wrk; perf is optional (context switches and migrations come from /proc without it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-10}
+CONNS=${CONNS:-64}
+TARGET=${CARGO_TARGET_DIR:-target}
+if [[ -z ${TALLY:-} || -z ${UPSTREAM_BIN:-} ]]; then
+  cargo build --release --quiet --bin tally --example proxy_upstream
+fi
+TALLY=${TALLY:-$TARGET/release/tally}
+UPSTREAM_BIN=${UPSTREAM_BIN:-$TARGET/release/examples/proxy_upstream}
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+wait_for() {
+  for _ in $(seq 600); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
+  echo "timed out waiting for '$2' in $1" >&2; cat "$1" >&2; exit 1
+}
+
+"$UPSTREAM_BIN" 127.0.0.1:0 >"$work/upstream.log" 2>&1 &
+pids+=($!)
+wait_for "$work/upstream.log" "listening on"
+upstream=$(sed -n 's/^listening on //p' "$work/upstream.log")
+
+master="sk-bench-$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+cat >"$work/config.yaml" <<YAML
+model_list:
+  - model_name: gpt-4o
+    litellm_params:
+      model: openai/gpt-4o
+      api_base: http://$upstream/v1
+      api_key: upstream-key
+general_settings:
+  master_key: $master
+tally_settings:
+  spend_log: $work/spend.jsonl
+  state_dir: $work/state
+YAML
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+launcher=()
+if [[ -n ${CALLGRIND:-} ]]; then
+  launcher=(valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.out")
+fi
+RUST_LOG=warn "${launcher[@]}" "$TALLY" proxy --config "$work/config.yaml" --host 127.0.0.1 --port "$port" >"$work/proxy.log" 2>&1 &
+proxy_pid=$!
+pids+=($proxy_pid)
+for _ in $(seq 600); do curl -fs "http://127.0.0.1:$port/health/liveliness" >/dev/null && break; sleep 0.1; done
+key=$(curl -fs "http://127.0.0.1:$port/key/generate" -H "Authorization: Bearer $master" \
+  -H 'content-type: application/json' -d '{"team_id":"bench-team"}' |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
+
+cat >"$work/post.lua" <<LUA
+wrk.method = "POST"
+wrk.body = '{"model":"gpt-4o","messages":[{"role":"user","content":"What is the capital of France?"}],"user":"bench-customer"}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer $key"
+LUA
+url="http://127.0.0.1:$port/v1/chat/completions"
+wrk -t1 -c8 -d2s -s "$work/post.lua" "$url" >/dev/null
+
+# Sum of a field of every thread's /proc status.
+ctx() { cat /proc/"$proxy_pid"/task/*/status 2>/dev/null | awk -v f="$1" '$1 == f":" {s += $2} END {print s}'; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$proxy_pid/stat"; }
+
+lines_before=$(wc -l <"$work/spend.jsonl")
+vol_before=$(ctx voluntary_ctxt_switches)
+invol_before=$(ctx nonvoluntary_ctxt_switches)
+ticks_before=$(cpu_ticks)
+perf_pid=
+if [[ -n ${CALLGRIND:-} ]]; then
+  callgrind_control -z "$proxy_pid" >/dev/null # count from here
+elif command -v perf >/dev/null; then
+  perf stat -e task-clock,context-switches,cpu-migrations -p "$proxy_pid" -o "$work/perf.txt" &
+  perf_pid=$!
+fi
+threads=$(( CONNS < 2 ? 1 : 2 ))
+wrk -t"$threads" -c"$CONNS" -d"${DURATION}s" -s "$work/post.lua" "$url" >"$work/wrk.txt"
+if [[ -n ${CALLGRIND:-} ]]; then
+  callgrind_control -d "$proxy_pid" >/dev/null
+elif [[ -n $perf_pid ]]; then
+  kill -INT "$perf_pid"; wait "$perf_pid" || true
+fi
+lines=$(( $(wc -l <"$work/spend.jsonl") - lines_before ))
+vol=$(( $(ctx voluntary_ctxt_switches) - vol_before ))
+invol=$(( $(ctx nonvoluntary_ctxt_switches) - invol_before ))
+ticks=$(( $(cpu_ticks) - ticks_before ))
+hz=$(getconf CLK_TCK)
+
+echo "requests (spend records): $lines at $CONNS connections over ${DURATION}s ($(grep Requests/sec "$work/wrk.txt" | xargs))"
+python3 - "$lines" "$vol" "$invol" "$ticks" "$hz" <<'PY'
+import sys
+n, vol, invol, ticks, hz = map(int, sys.argv[1:])
+print(f"per request: CPU {ticks / hz / n * 1e6:.1f} us, voluntary context switches {vol / n:.3f}, involuntary {invol / n:.3f}")
+PY
+if [[ -f $work/perf.txt ]]; then
+  python3 - "$lines" "$work/perf.txt" <<'PY'
+import re, sys
+n = int(sys.argv[1])
+text = open(sys.argv[2]).read()
+for event in ("task-clock", "context-switches", "cpu-migrations"):
+    m = re.search(r"([\d,.]+)\s+(?:msec\s+)?" + event, text)
+    if m:
+        v = float(m.group(1).replace(",", ""))
+        unit = " us" if event == "task-clock" else ""
+        v = v * 1000 if event == "task-clock" else v
+        print(f"perf {event} per request: {v / n:.3f}{unit}")
+PY
+fi
+if [[ -n ${CALLGRIND:-} ]]; then
+  total=0
+  # The dump taken after the load (the files written at exit are left out).
+  for f in "$work"/callgrind.out.*; do
+    ir=$(awk '/^(summary|totals):/ {print $2; exit}' "$f")
+    total=$(( total + ${ir:-0} ))
+  done
+  echo "instructions per request (callgrind, all threads): $(( total / lines ))"
+  [[ -n ${KEEP_CALLGRIND:-} ]] && cp "$work"/callgrind.out* "$KEEP_CALLGRIND"/
+fi
+echo "load average: $(cut -d" " -f1-3 /proc/loadavg)"
