@@ -37,6 +37,10 @@ pub struct Tailer {
     live: Option<OpenFile>,
     /// Files read to their end: never read again.
     done: VecDeque<FileId>,
+    /// Modification time of the file that last left the live path (rotated, replaced or
+    /// deleted): rotated siblings at least this new were written after it and must be read
+    /// before the next live file. `None` until a live file has left (first-start history rule).
+    left_live: Option<SystemTime>,
     /// Positions of files closed since the last chunk.
     closed: Vec<FilePosition>,
     notices: Vec<TailNotice>,
@@ -141,6 +145,7 @@ impl Tailer {
             rotated: VecDeque::new(),
             live: None,
             done: VecDeque::new(),
+            left_live: None,
             closed: Vec::new(),
             notices: Vec::new(),
             wake,
@@ -270,8 +275,8 @@ impl Tailer {
     fn check_live(&mut self) -> Result<(), TailError> {
         let live_meta = stat_opt(&self.live_path)?;
         let Some(current) = self.live.as_mut() else {
-            if let Some(meta) = live_meta {
-                self.open_new_live(&meta)?;
+            if live_meta.is_some() {
+                self.open_live_and_discover()?;
             }
             return Ok(());
         };
@@ -292,7 +297,10 @@ impl Tailer {
         let deleted = cur_meta.nlink() == 0;
         if !deleted && live_meta.is_none() {
             // Renamed away and no successor yet (the writer is between rename and create): keep
-            // reading it where it is.
+            // reading it where it is. Files that were live after it and were rotated away too
+            // before we looked wait, unread, until a live file exists again: until then the
+            // newest of them may still receive the writer's late lines, and finishing it early
+            // would lose them. A delay, never a loss (see the module doc).
             return Ok(());
         }
         let Some(mut old) = self.live.take() else {
@@ -321,37 +329,51 @@ impl Tailer {
                 }),
             }
         }
-        let reference = mtime(&cur_meta);
+        self.left_live = Some(mtime(&cur_meta));
         self.rotated.push_back(old);
-        if let Some(meta) = live_meta {
-            self.discover_rotations(reference, Some(&meta))?;
-            self.open_new_live(&meta)?;
+        if live_meta.is_some() {
+            self.open_live_and_discover()?;
         }
         Ok(())
     }
 
-    /// Opens the file now at the live path, from its beginning.
-    fn open_new_live(&mut self, meta: &Metadata) -> Result<(), TailError> {
+    /// Opens whatever is at the live path *now*, then queues the rotated siblings written since
+    /// the last live file left.
+    ///
+    /// Why in this order, from the opened handle: the writer may rotate again between our `stat`
+    /// of the live path and our `open` of it. The file we `stat`ed is then already a rotated
+    /// sibling that was never opened. Excluding it from discovery as "the new live file" (by
+    /// the `stat`), and then failing to open it (another inode is there), lost it: the next look
+    /// opened the newer live file with no discovery at all, and the lines of the file in
+    /// between were never read (seed 9 of the racy ship model: rotate, write 55, rotate). Taking
+    /// the identity from the handle we actually hold, and discovering after the open, every
+    /// file that was live in between is a sibling newer than `left_live`, so it is queued.
+    fn open_live_and_discover(&mut self) -> Result<(), TailError> {
         let path = Arc::clone(&self.live_path);
-        if let Some((file, meta)) = open_same(&path, meta)? {
-            self.live = Some(open_file(&path, file, &meta, 0)?);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            // Rotated away again before the open: the next look opens its successor, and
+            // discovers it as a sibling then.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        let meta = file.metadata().map_err(io_err(&path))?;
+        if !meta.is_file() {
+            return Ok(());
+        }
+        self.live = Some(open_file(&path, file, &meta, 0)?);
+        if let Some(reference) = self.left_live {
+            // The live file just opened is excluded as an open inode.
+            self.discover_rotations(reference)?;
         }
         Ok(())
     }
 
     /// Queues rotated siblings nobody has read that were modified no earlier than `reference`
     /// (the file just finished): files rotated away between two looks. Oldest first.
-    fn discover_rotations(
-        &mut self,
-        reference: SystemTime,
-        new_live: Option<&Metadata>,
-    ) -> Result<(), TailError> {
+    fn discover_rotations(&mut self, reference: SystemTime) -> Result<(), TailError> {
         let mut siblings = identity::rotated_siblings(&self.live_path);
-        siblings.retain(|s| {
-            s.mtime() >= reference
-                && !new_live.is_some_and(|m| m.dev() == s.meta.dev() && m.ino() == s.meta.ino())
-                && !self.is_open_inode(&s.meta)
-        });
+        siblings.retain(|s| s.mtime() >= reference && !self.is_open_inode(&s.meta));
         siblings.sort_by(|a, b| a.mtime().cmp(&b.mtime()).then(a.path.cmp(&b.path)));
         for Sibling { path, meta } in siblings {
             let Some((file, meta)) = open_same(&path, &meta)? else {
@@ -371,10 +393,8 @@ impl Tailer {
     fn resume(&mut self, known: Vec<FilePosition>) -> Result<(), TailError> {
         if known.is_empty() {
             // First start: the live file from its beginning; earlier rotations are history.
-            if let Some(meta) = stat_opt(&self.live_path)? {
-                self.open_new_live(&meta)?;
-            }
-            return Ok(());
+            // (`left_live` is `None`: nothing is discovered.)
+            return self.open_live_and_discover();
         }
         let (finished, unfinished): (Vec<_>, Vec<_>) = known.into_iter().partition(|p| p.finished);
         for p in &finished {
@@ -435,9 +455,7 @@ impl Tailer {
                 self.rotated.push_back(file);
             }
         }
-        if let Some(reference) = reference {
-            self.discover_rotations(reference, live_meta.as_ref())?;
-        }
+        self.left_live = reference;
         if self.live.is_none()
             && let Some(meta) = &live_meta
         {
@@ -447,7 +465,10 @@ impl Tailer {
                     path: self.live_path.to_path_buf(),
                 });
             }
-            self.open_new_live(meta)?;
+            // Discovers after opening, for the reason given there.
+            self.open_live_and_discover()?;
+        } else if let Some(reference) = reference {
+            self.discover_rotations(reference)?;
         }
         Ok(())
     }

@@ -22,7 +22,15 @@
 //! - Several rotations between two looks (or while the shipper was down) are followed: rotated
 //!   siblings nobody has read, modified no earlier than the file just finished, are read oldest
 //!   first before the live file. (A sibling last modified in the same timestamp tick counts as
-//!   newer: reading an old file again is harmless downstream, missing a new one is not.)
+//!   newer: reading an old file again is harmless downstream, missing a new one is not.) The new
+//!   live file is opened *before* its siblings are listed, and known by the handle opened (not
+//!   by an earlier `stat`), so a file that was live only between the `stat` and the `open` is
+//!   listed as a sibling and read. The same search runs when a live file appears after the
+//!   tailer had none (the last one deleted, or rotated away again before it could be opened).
+//! - While the live file is renamed away with no successor yet, files that were live after it
+//!   and were rotated away too wait, unread, until a live file exists again: the newest of them
+//!   may still receive the writer's late lines. A delay, not a loss; tally's proxy creates the
+//!   successor at once, so the wait is only for writers that create it on their next write.
 //! - Copytruncate (size below the position, or the first line changed): reading restarts at 0. If
 //!   the copy is still beside it (same first-line fingerprint, another inode), the lines between
 //!   the position and the copy's end are read from the copy, so nothing copied is lost. Lines
