@@ -482,7 +482,7 @@ impl Outbox {
                 "UPDATE events SET lease_until_ms = ?1, lease_owner = ?2, lease_pid = ?3
                  WHERE rowid IN (SELECT rowid FROM events
                                  WHERE state = 0 AND lease_until_ms <= ?4
-                                 ORDER BY lease_until_ms, created_ms LIMIT ?5)
+                                 ORDER BY created_ms LIMIT ?5)
                  RETURNING transaction_id, event",
             )?;
             let rows = stmt.query_map(

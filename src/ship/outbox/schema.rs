@@ -68,6 +68,15 @@ pub const MIGRATIONS: &[&str] = &[
         value TEXT NOT NULL
     );
     "#,
+    // v2: the pending index no longer holds `lease_until_ms`. A claim rewrites the lease columns
+    // of every row it takes; with them in the index, each claim also moved every claimed row's
+    // index entry (a delete and an insert per event). Keyed on `created_ms` alone, a claim only
+    // touches the table row, and the ack's `state` change is the one index write per event. The
+    // few rows leased at any time are skipped by the claim's filter as it walks the index.
+    r#"
+    DROP INDEX events_pending;
+    CREATE INDEX events_pending ON events (created_ms) WHERE state = 0;
+    "#,
 ];
 
 /// Brings the schema up to date; returns the version now in place.
