@@ -46,3 +46,6 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --no-fail-fast
 fi
+
+step "Python client tests (official openai SDK and langchain-openai against a running tally proxy)"
+TALLY_BIN="$TALLY_BIN" .venv/bin/python -m pytest tests/clients -q

@@ -191,9 +191,14 @@ pub struct ReplayArgs {
     #[arg(long)]
     pub dry_run: bool,
 
-    /// Deliver the replayed events to Lago before returning.
-    #[arg(long)]
+    /// Deliver the replayed events to Lago before returning (needs LAGO_API_BASE and
+    /// LAGO_API_KEY); exits 3 when some are still not acknowledged, saying why.
+    #[arg(long, conflicts_with = "dry_run")]
     pub ship: bool,
+
+    /// With --ship, how long to wait for Lago to acknowledge the events, in seconds.
+    #[arg(long, default_value_t = 300, requires = "ship")]
+    pub ship_timeout: u64,
 
     #[arg(long, value_enum, default_value_t)]
     pub output_format: OutputFormat,
@@ -214,8 +219,14 @@ pub struct QueueArgs {
     #[arg(long, global = true, value_enum, default_value_t)]
     pub output_format: OutputFormat,
 
-    #[command(flatten)]
-    pub shared: SharedArgs,
+    /// The shipper's state directory (where `shipper.db` is).
+    #[arg(
+        long,
+        global = true,
+        env = "TALLY_STATE_DIR",
+        default_value = "./.tally"
+    )]
+    pub state_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -225,6 +236,17 @@ pub enum QueueState {
     Dead,
     Rejected,
     Acked,
+    /// Removed by `tally queue drop`, with the reason.
+    Dropped,
+    /// A status other than success: recorded, never billed.
+    NotBillable,
+}
+
+/// What `tally queue retry --state` accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RetryState {
+    Held,
+    Dead,
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -235,7 +257,8 @@ pub enum QueueAction {
         #[arg(long)]
         max_age: Option<u64>,
     },
-    /// List items in one state.
+    /// List items in one state (default: everything that needs attention: dead, held,
+    /// rejected, then pending).
     List {
         #[arg(long, value_enum)]
         state: Option<QueueState>,
@@ -244,14 +267,18 @@ pub enum QueueAction {
     },
     /// Show one event: its record, the Lago event it makes, attempts, last error.
     Show { transaction_id: String },
-    /// Re-resolve and requeue dead or held events.
+    /// Re-resolve and requeue dead or held events (the given IDs, or every one in --state,
+    /// or every held and dead one).
     Retry {
         #[arg(long, value_enum)]
-        state: Option<QueueState>,
+        state: Option<RetryState>,
         ids: Vec<String>,
         /// Charge-by setting to re-resolve with (defaults to LAGO_API_CHARGE_BY).
         #[arg(long, env = "LAGO_API_CHARGE_BY", default_value = "end_user_id")]
         charge_by: String,
+        /// Code of the Lago billable metric the rebuilt events carry.
+        #[arg(long, env = "LAGO_API_EVENT_CODE")]
+        lago_api_event_code: Option<String>,
     },
     /// Remove events without billing them; recorded with the reason.
     Drop {

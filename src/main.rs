@@ -1,7 +1,9 @@
 //! The `tally` binary: parse the command line, run the command, map the outcome to an exit code.
 //!
 //! Exit codes: 0 success, 1 failure (printed as one chained line), 2 bad usage (clap), and
-//! whatever a command documents beyond that (e.g. `tally queue stats --max-age`).
+//! whatever a command documents beyond that: 3 when a command worked but found something that
+//! needs attention (`tally queue stats --max-age` with an older pending event, `tally replay
+//! --ship` with events Lago has not acknowledged, an interrupted replay).
 
 use std::process::ExitCode;
 
@@ -12,7 +14,11 @@ use tally::cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tally::logging::init(cli.log_format);
+    let default_level = match cli.command {
+        Command::Demo(_) => "warn",
+        _ => "info",
+    };
+    tally::logging::init_with_default(cli.log_format, default_level);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -1,5 +1,12 @@
 //! Operator commands over the shipper's and proxy's modules: `replay`, `queue`, `demo`.
+//!
+//! - [`replay`]: feeds historical spend logs (tally's or LiteLLM's) through the shipper's parsing,
+//!   dedupe and outbox.
+//! - [`queue`]: inspects and acts on the shipper's outbox.
+//! - [`demo`]: the whole pipeline in one process on loopback.
+//! - [`output`]: tables, JSON and exit codes shared by the commands.
 
 pub mod demo;
+pub mod output;
 pub mod queue;
 pub mod replay;

@@ -1,9 +1,248 @@
-//! `tally proxy`: the LiteLLM-compatible OpenAI proxy (issue #2).
+//! `tally proxy`: a LiteLLM-compatible, OpenAI-compatible proxy that appends one spend record per
+//! completed request to the spend log.
+//!
+//! The map:
+//! - [`config`]: LiteLLM's config.yaml, `tally_settings`, `TALLY_*` overrides, master-key checks.
+//! - [`pricing`]: per-token prices (built-in table, price file, per-deployment overrides).
+//! - [`keys`]: virtual keys in SQLite (`keys.db`), hashed, with an in-memory cache.
+//! - [`auth`]: which key a request carries and who that makes the caller.
+//! - [`request`]: reading a JSON body with the size limit and content-type check.
+//! - [`routes`]: the router: health, models, and wiring of the handlers below.
+//! - [`key_api`]: `/key/generate`, `/key/info`, `/key/delete`.
+//! - [`relay`]: `/chat/completions` and `/embeddings`: resolve, forward, record.
+//! - [`stream`]: relaying server-sent events while picking out the usage.
+//! - [`upstream`]: the pooled HTTP client and the mapping of transport failures.
+//! - [`mock`]: local answers for `mock_response` deployments.
+//! - [`tokens`]: the token estimate used when an upstream reports no usage.
+//! - [`spend_writer`]: the single writer of the spend log (bounded queue, rotation).
+//! - [`error`]: the OpenAI-shaped error every handler answers with.
 
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod key_api;
+pub mod keys;
+pub mod mock;
+pub mod pricing;
+pub mod relay;
+pub mod request;
+pub mod routes;
+pub mod spend_writer;
+pub mod stream;
+pub mod tokens;
+pub mod upstream;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::serve::ListenerExt;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::cli::ProxyArgs;
 
-pub async fn run(_args: ProxyArgs, _shutdown: CancellationToken) -> anyhow::Result<()> {
-    anyhow::bail!("tally proxy is not built yet")
+pub use config::{ConfigError, Deployment, ProxyConfig, TallySettings};
+pub use routes::app;
+
+use auth::Authenticator;
+use keys::KeyStore;
+use pricing::{Price, PriceTable};
+use spend_writer::SpendWriter;
+use upstream::{Endpoint, UpstreamClient};
+
+/// How long shutdown waits for in-flight streams before flushing the spend log anyway.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
+
+/// A deployment with everything a request needs precomputed.
+#[derive(Debug)]
+pub struct Route {
+    pub deployment: Deployment,
+    pub price: Option<Price>,
+    pub chat: Endpoint,
+    pub embeddings: Endpoint,
+}
+
+/// Shared state of the proxy; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Shared>,
+}
+
+struct Shared {
+    routes: HashMap<String, Arc<Route>>,
+    /// Model names in config order, for `/models` and error messages.
+    model_names: Vec<String>,
+    auth: Authenticator,
+    spend: SpendWriter,
+    upstream: UpstreamClient,
+    max_body_bytes: usize,
+    /// Calls and stream relays still running; shutdown waits for them before flushing the
+    /// spend log.
+    in_flight: TaskTracker,
+}
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Prices(#[from] pricing::PriceFileError),
+    #[error(transparent)]
+    Keys(#[from] keys::KeyStoreError),
+    #[error(transparent)]
+    SpendLog(#[from] spend_writer::SpendLogError),
+    #[error("cannot build the HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+}
+
+impl AppState {
+    /// Opens the key store and the spend log and prepares every deployment.
+    pub fn new(config: &ProxyConfig) -> Result<Self, StartError> {
+        let prices = PriceTable::load(config.settings.price_file.as_deref())?;
+        let keys = KeyStore::open(&config.settings.state_dir)?;
+        let spend = SpendWriter::open(
+            &config.settings.spend_log,
+            config.settings.spend_log_max_bytes,
+        )?;
+        let mut routes = HashMap::new();
+        let mut unpriced = Vec::new();
+        for d in &config.deployments {
+            let price = prices.price_for(d);
+            if price.is_none() {
+                unpriced.push(d.model_name.as_str());
+            }
+            routes.insert(
+                d.model_name.clone(),
+                Arc::new(Route {
+                    deployment: d.clone(),
+                    price,
+                    chat: Endpoint::new(d, "/chat/completions"),
+                    embeddings: Endpoint::new(d, "/embeddings"),
+                }),
+            );
+        }
+        if !unpriced.is_empty() {
+            tracing::warn!(
+                models = ?unpriced,
+                "no price known for these models: their spend records carry response_cost null; \
+                 set input_cost_per_token/output_cost_per_token or tally_settings.price_file"
+            );
+        }
+        for callback in &config.unsupported_callbacks {
+            tracing::warn!(
+                callback,
+                "litellm_settings callback {callback:?} is not supported by tally and is ignored; \
+                 only \"lago\" is (billing is done by `tally ship` from the spend log)"
+            );
+        }
+        Ok(Self {
+            inner: Arc::new(Shared {
+                routes,
+                model_names: config
+                    .deployments
+                    .iter()
+                    .map(|d| d.model_name.clone())
+                    .collect(),
+                auth: Authenticator::new(config.master_key.as_deref(), keys),
+                spend,
+                upstream: UpstreamClient::new()?,
+                max_body_bytes: config.settings.max_body_bytes,
+                in_flight: TaskTracker::new(),
+            }),
+        })
+    }
+
+    pub fn route(&self, model_name: &str) -> Option<&Arc<Route>> {
+        self.inner.routes.get(model_name)
+    }
+
+    pub fn model_names(&self) -> &[String] {
+        &self.inner.model_names
+    }
+
+    pub fn auth(&self) -> &Authenticator {
+        &self.inner.auth
+    }
+
+    pub fn spend(&self) -> &SpendWriter {
+        &self.inner.spend
+    }
+
+    pub fn upstream(&self) -> &UpstreamClient {
+        &self.inner.upstream
+    }
+
+    pub fn max_body_bytes(&self) -> usize {
+        self.inner.max_body_bytes
+    }
+
+    pub fn in_flight(&self) -> &TaskTracker {
+        &self.inner.in_flight
+    }
+
+    /// Waits for calls still running (up to a deadline), then flushes and closes the spend log.
+    pub async fn shutdown(&self) {
+        self.inner.in_flight.close();
+        if tokio::time::timeout(DRAIN_DEADLINE, self.inner.in_flight.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "calls still running after {DRAIN_DEADLINE:?}; closing the spend log without them"
+            );
+        }
+        self.inner.spend.close().await;
+    }
+}
+
+/// `tally proxy`: loads the config, binds, serves until `shutdown`, then drains and flushes.
+pub async fn run(args: ProxyArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let mut config = ProxyConfig::load(&args.config)?;
+    if let Some(path) = args.spend_log {
+        config = config.with_spend_log(path);
+    }
+    if let Some(path) = args.state_dir {
+        config = config.with_state_dir(path);
+    }
+    let address = format!("{}:{}", args.host, args.port);
+    let listener = tokio::net::TcpListener::bind(&address)
+        .await
+        .with_context(|| format!("cannot listen on {address}; choose another --port / --host"))?;
+    serve(config, listener, shutdown).await
+}
+
+/// Serves the proxy on `listener` until `shutdown` is cancelled; returns once in-flight requests
+/// are done (or the drain deadline passed) and the spend log is flushed.
+pub async fn serve(
+    config: ProxyConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let state = AppState::new(&config)
+        .with_context(|| format!("cannot start the proxy with {}", config.source))?;
+    let local = listener
+        .local_addr()
+        .context("listener has no local address")?;
+    tracing::info!(
+        address = %local,
+        models = ?state.model_names(),
+        spend_log = %config.settings.spend_log.display(),
+        state_dir = %config.settings.state_dir.display(),
+        "tally proxy listening"
+    );
+    let router = app(state.clone());
+    // Small request/response pairs: Nagle's algorithm would hold each answer for an ACK.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
+    let served = axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await;
+    state.shutdown().await;
+    served.context("the HTTP server failed")?;
+    tracing::info!("tally proxy stopped; spend log flushed");
+    Ok(())
 }

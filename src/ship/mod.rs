@@ -1,14 +1,184 @@
-//! `tally ship`: tail the spend log, dedupe in SQLite, deliver to Lago (issue #3).
+//! `tally ship`: tail the spend log, dedupe in SQLite, deliver to Lago exactly once (issue #3).
 //!
+//! Data flows one way: **tail → reader → outbox → sender → Lago**.
+//! - [`settings`]: validated settings ([`ShipSettings`]) from the CLI / environment, or built in
+//!   code; the Lago key is redacted everywhere.
 //! - [`tail`]: follows the live spend log across rotation and truncation, yielding lines and
 //!   file positions.
+//! - [`resolve`]: a record → who is charged (`LAGO_API_CHARGE_BY`) and the exact Lago event bytes.
+//! - [`outbox`]: `shipper.db` (SQLite, WAL, migrated schema): records, their delivery state,
+//!   rejected lines, file positions; plus what `tally queue` reads and does.
+//! - [`reader`]: tailer chunks → parsed records → one outbox transaction per chunk.
+//! - [`lago`]: the HTTP client for `POST /api/v1/events/batch` and the classification of answers.
+//! - [`sender`]: leases batches from the outbox, keeps several in flight, acks / dead-letters /
+//!   retries according to Lago's answer.
+//!
+//! [`run`] is the command; [`run_with`] runs the same shipper from code (the demo, tests).
 
+pub mod lago;
+pub mod outbox;
+pub mod reader;
+pub mod resolve;
+pub mod sender;
+pub mod settings;
 pub mod tail;
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::ShipArgs;
+use outbox::Outbox;
+use resolve::EventSpec;
+use sender::{SendMode, SendTotals, WorkSignal};
+pub use settings::{ApiKey, ShipSettings};
+use tail::{TailOptions, Tailer};
 
-pub async fn run(_args: ShipArgs, _shutdown: CancellationToken) -> anyhow::Result<()> {
-    anyhow::bail!("tally ship is not built yet")
+/// Lines per tailer chunk, i.e. per outbox transaction: large enough to amortise the commit,
+/// small enough to keep memory flat and a crash's re-read short.
+pub const CHUNK_LINES: usize = 4096;
+
+/// How often acked ids past their retention are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// `tally ship`: validates the settings, then runs until `shutdown`.
+pub async fn run(args: ShipArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let settings = ShipSettings::from_args(&args).context("invalid shipper settings")?;
+    run_with(settings, shutdown).await
+}
+
+/// The event spec (metric code and charge-by) of these settings.
+pub fn event_spec(settings: &ShipSettings) -> EventSpec {
+    EventSpec {
+        code: settings.lago.event_code.clone(),
+        charge_by: settings.lago.charge_by.clone(),
+    }
+}
+
+/// Runs the shipper with settings built in code until `shutdown`: reads the spend log into the
+/// outbox and delivers it. On shutdown it stops reading, lets requests in flight finish within
+/// the drain deadline, and returns `Ok(())`.
+pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let db_path = settings.db_path();
+    let mut outbox = Outbox::open_in(&settings.state_dir)
+        .with_context(|| format!("cannot open the outbox in {}", settings.state_dir.display()))?;
+    if let Some(retention) = settings.tuning.acked_retention {
+        let pruned = outbox.prune_acked(retention)?;
+        if pruned > 0 {
+            tracing::info!(pruned, "forgot acked ids past TALLY_ACKED_RETENTION_DAYS");
+        }
+    }
+    let positions = outbox.positions()?;
+    let tailer = Tailer::new(
+        TailOptions {
+            live_path: settings.spend_log.clone(),
+            poll_interval: settings.tuning.poll_interval,
+            max_line_bytes: settings.tuning.max_line_bytes,
+            max_chunk_lines: CHUNK_LINES,
+        },
+        positions,
+    )
+    .with_context(|| {
+        format!(
+            "cannot follow the spend log {}",
+            settings.spend_log.display()
+        )
+    })?;
+    let client = lago::LagoClient::new(&settings.lago, &settings.tuning)?;
+    let outbox = outbox.shared();
+    let signal = Arc::new(WorkSignal::default());
+    // Stops everything when either half fails; a parent shutdown stops it too.
+    let stop = shutdown.child_token();
+
+    tracing::info!(
+        spend_log = %settings.spend_log.display(),
+        outbox = %db_path.display(),
+        lago = %settings.lago.api_base,
+        charge_by = %settings.lago.charge_by,
+        "tally ship started"
+    );
+
+    let reader = tokio::spawn({
+        let (outbox, signal, stop) = (outbox.clone(), signal.clone(), stop.clone());
+        let spec = Arc::new(event_spec(&settings));
+        let max = settings.tuning.max_line_bytes;
+        async move {
+            let r = reader::run_reader(tailer, outbox, spec, max, signal, stop.clone()).await;
+            if r.is_err() {
+                stop.cancel();
+            }
+            r
+        }
+    });
+    let pruner = settings.tuning.acked_retention.map(|retention| {
+        let (outbox, stop) = (outbox.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(PRUNE_EVERY) => {}
+                    _ = stop.cancelled() => return,
+                }
+                match sender::with_outbox(&outbox, move |ob| ob.prune_acked(retention)).await {
+                    Ok(n) if n > 0 => tracing::info!(pruned = n, "forgot acked ids past retention"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "cannot prune acked ids"),
+                }
+            }
+        })
+    });
+
+    let totals = Arc::new(SendTotals::default());
+    let sent = sender::run_sender(
+        outbox.clone(),
+        client,
+        settings.tuning.clone(),
+        signal,
+        SendMode::Forever,
+        stop.clone(),
+        totals,
+    )
+    .await;
+    // The sender returns on shutdown or on failure; either way the reader stops too.
+    stop.cancel();
+    let read = reader.await.context("the reader task failed")?;
+    if let Some(p) = pruner {
+        let _ = p.await;
+    }
+    let read = read.context("reading the spend log failed")?;
+    let sent = sent.context("delivering to Lago failed")?;
+    tracing::info!(
+        read.pending,
+        read.held,
+        read.rejected,
+        read.conflicts,
+        read.already_seen,
+        sent.acked,
+        sent.dead,
+        sent.requests,
+        "tally ship stopped"
+    );
+    Ok(())
+}
+
+/// Delivers what is pending in the outbox of `settings.state_dir` and returns once nothing is left
+/// to claim and nothing is in flight (or on `shutdown`). For `tally replay --ship` and the demo.
+pub async fn deliver_pending(
+    settings: &ShipSettings,
+    shutdown: CancellationToken,
+) -> anyhow::Result<sender::SendReport> {
+    let outbox = Outbox::open_in(&settings.state_dir)?.shared();
+    let client = lago::LagoClient::new(&settings.lago, &settings.tuning)?;
+    let report = sender::run_sender(
+        outbox,
+        client,
+        settings.tuning.clone(),
+        Arc::new(WorkSignal::default()),
+        SendMode::UntilIdle,
+        shutdown,
+        Arc::new(SendTotals::default()),
+    )
+    .await?;
+    Ok(report)
 }

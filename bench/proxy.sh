@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Benchmark of `tally proxy` (not a test): a fixed-answer upstream measured directly and through
+# the proxy, in the same run, at 1 and 64 connections, with spend logging on.
+#
+#   bench/proxy.sh            # DURATION=10 by default; results on stdout as a Markdown table
+#
+# Needs wrk (Debian: apt-get install -y wrk). Everything binds 127.0.0.1; every process this script
+# starts is stopped by PID when it exits.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-10}
+TARGET=${CARGO_TARGET_DIR:-target}
+command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk" >&2; exit 1; }
+
+cargo build --release --quiet --bin tally --example proxy_upstream
+TALLY="$TARGET/release/tally"
+UPSTREAM_BIN="$TARGET/release/examples/proxy_upstream"
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+# Wait until a log file contains a pattern (up to 30 s).
+wait_for() {
+  for _ in $(seq 300); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
+  echo "timed out waiting for '$2' in $1" >&2; cat "$1" >&2; exit 1
+}
+
+"$UPSTREAM_BIN" 127.0.0.1:0 >"$work/upstream.log" 2>&1 &
+pids+=($!)
+wait_for "$work/upstream.log" "listening on"
+upstream=$(sed -n 's/^listening on //p' "$work/upstream.log")
+
+master="sk-bench-$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+cat >"$work/config.yaml" <<YAML
+model_list:
+  - model_name: gpt-4o
+    litellm_params:
+      model: openai/gpt-4o
+      api_base: http://$upstream/v1
+      api_key: upstream-key
+general_settings:
+  master_key: $master
+tally_settings:
+  spend_log: $work/spend.jsonl
+  state_dir: $work/state
+YAML
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+RUST_LOG=warn "$TALLY" proxy --config "$work/config.yaml" --host 127.0.0.1 --port "$port" >"$work/proxy.log" 2>&1 &
+proxy_pid=$!
+pids+=($proxy_pid)
+for _ in $(seq 300); do curl -fs "http://127.0.0.1:$port/health/liveliness" >/dev/null && break; sleep 0.1; done
+key=$(curl -fs "http://127.0.0.1:$port/key/generate" -H "Authorization: Bearer $master" \
+  -H 'content-type: application/json' -d '{"team_id":"bench-team"}' |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
+
+cat >"$work/post.lua" <<LUA
+wrk.method = "POST"
+wrk.body = '{"model":"gpt-4o","messages":[{"role":"user","content":"What is the capital of France?"}],"user":"bench-customer"}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer $key"
+LUA
+
+# Runs wrk; prints "rps p50_ms p99_ms errors".
+measure() {
+  local url=$1 conns=$2 threads=$(( $2 < 2 ? 1 : 2 ))
+  local out
+  out=$(wrk -t"$threads" -c"$conns" -d"${DURATION}s" --latency -s "$work/post.lua" "$url")
+  python3 - "$out" <<'PY'
+import re, sys
+out = sys.argv[1]
+def ms(v):
+    n, unit = re.match(r"([\d.]+)(us|ms|s)", v).groups()
+    return float(n) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
+p50 = ms(re.search(r"\s50%\s+(\S+)", out).group(1))
+p99 = ms(re.search(r"\s99%\s+(\S+)", out).group(1))
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+errors = int(m.group(1)) if m else 0
+m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+errors += sum(map(int, m.groups())) if m else 0
+print(f"{rps:.0f} {p50:.3f} {p99:.3f} {errors}")
+PY
+}
+
+# Warm both paths (connection pools, page cache) before measuring.
+wrk -t1 -c8 -d2s -s "$work/post.lua" "http://$upstream/v1/chat/completions" >/dev/null
+wrk -t1 -c8 -d2s -s "$work/post.lua" "http://127.0.0.1:$port/v1/chat/completions" >/dev/null
+lines_before=$(wc -l <"$work/spend.jsonl")
+
+echo "| connections | path | requests/s | p50 ms | p99 ms | errors |"
+echo "|---:|---|---:|---:|---:|---:|"
+declare -A result
+for conns in 1 64; do
+  for path in direct proxy; do
+    if [[ $path == direct ]]; then url="http://$upstream/v1/chat/completions"; else url="http://127.0.0.1:$port/v1/chat/completions"; fi
+    read -r rps p50 p99 errors < <(measure "$url" "$conns")
+    result[$path$conns]="$rps $p50 $p99"
+    echo "| $conns | $path | $rps | $p50 | $p99 | $errors |"
+  done
+done
+
+echo
+echo "| connections | added p50 ms | added p99 ms | proxy / direct requests/s |"
+echo "|---:|---:|---:|---:|"
+for conns in 1 64; do
+  read -r drps dp50 dp99 <<<"${result[direct$conns]}"
+  read -r prps pp50 pp99 <<<"${result[proxy$conns]}"
+  python3 -c "print(f'| $conns | {$pp50-$dp50:.3f} | {$pp99-$dp99:.3f} | {$prps/$drps:.2f} |')"
+done
+
+lines_after=$(wc -l <"$work/spend.jsonl")
+rss_kib=$(awk '/VmRSS/ {print $2}' "/proc/$proxy_pid/status")
+hwm_kib=$(awk '/VmHWM/ {print $2}' "/proc/$proxy_pid/status")
+echo
+echo "proxy RSS after the run: $((rss_kib / 1024)) MiB (peak $((hwm_kib / 1024)) MiB)"
+echo "spend records written during the measured runs: $((lines_after - lines_before))"
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), kernel $(uname -r)"

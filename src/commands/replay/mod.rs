@@ -1,0 +1,177 @@
+//! `tally replay FILE...`: feeds historical spend logs through the shipper's parsing, dedupe and
+//! outbox, so a line already billed (from the live log, an earlier replay or a rotated copy) is
+//! never billed again, and usage keeps its own timestamps.
+//!
+//! - [`input`]: files and globs, plain or gzip, streamed line by line with offsets.
+//! - [`litellm`]: LiteLLM `LiteLLM_SpendLogs` rows → spend records (`--format litellm`).
+//! - [`window`]: `--since` / `--until`.
+//! - [`reader`]: decodes every line of every file, with a progress bar ([`progress`]).
+//! - [`feed`]: the shipper's `prepare` + `Outbox::ingest` over those lines (or a dry run).
+//! - [`deliver`]: `--ship`, with the shipper's sender.
+//! - [`summary`]: the counts and per-customer totals it prints.
+//!
+//! By default the events are only enqueued: the running `tally ship` delivers them (the same
+//! SQLite file in WAL mode, so both can run at once).
+
+pub mod deliver;
+pub mod feed;
+pub mod input;
+pub mod litellm;
+pub mod progress;
+pub mod reader;
+pub mod summary;
+pub mod window;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::{OutputFormat, ReplayArgs};
+use crate::commands::output::{self, EXIT_NEEDS_ATTENTION};
+use crate::ship::ShipSettings;
+use crate::ship::outbox::Outbox;
+use crate::ship::resolve::{ChargeBy, EventSpec};
+use crate::ship::settings::{lago_from_args, tuning_from_args};
+
+use deliver::DeliveryReport;
+use feed::{FeedOptions, Target};
+use summary::ReplaySummary;
+
+/// Event code used for a dry run when `LAGO_API_EVENT_CODE` is not set: the code changes
+/// neither who is charged nor whether a line was already billed.
+const DRY_RUN_CODE: &str = "dry-run";
+
+/// Everything `tally replay --output-format json` prints.
+#[derive(Debug, Serialize)]
+struct ReplayOutput {
+    #[serde(flatten)]
+    summary: ReplaySummary,
+    /// Stopped early by SIGINT/SIGTERM; what was recorded up to then stays recorded.
+    interrupted: bool,
+    /// With `--ship`: what Lago acknowledged of this replay's new events.
+    delivery: Option<DeliveryReport>,
+}
+
+pub async fn run(args: ReplayArgs, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
+    // Check every setting before reading a byte.
+    let window = window::TimeWindow::parse(args.since.as_deref(), args.until.as_deref())?;
+    let tuning = tuning_from_args(&args.tuning).context("invalid setting")?;
+    let charge_by: ChargeBy = args.lago.lago_api_charge_by.parse().map_err(|e| {
+        anyhow::anyhow!(
+            "LAGO_API_CHARGE_BY={:?} is not valid: {e}",
+            args.lago.lago_api_charge_by
+        )
+    })?;
+    let ship_settings = if args.ship {
+        let lago = lago_from_args(&args.lago).context("--ship needs the Lago settings")?;
+        Some(ShipSettings {
+            spend_log: args.shared.spend_log.clone(),
+            state_dir: args.shared.state_dir.clone(),
+            lago,
+            tuning: tuning.clone(),
+            metrics_addr: None,
+        })
+    } else {
+        None
+    };
+    let code = match (&args.lago.lago_api_event_code, args.dry_run) {
+        (Some(code), _) if !code.trim().is_empty() => code.clone(),
+        (_, true) => DRY_RUN_CODE.to_owned(),
+        _ => anyhow::bail!(
+            "LAGO_API_EVENT_CODE is not set; replay builds the Lago events it enqueues, so set it \
+             (as for `tally ship`) or use --dry-run"
+        ),
+    };
+    let files = input::expand(&args.files)?;
+    let options = FeedOptions {
+        format: args.format,
+        window,
+        max_line_bytes: tuning.max_line_bytes,
+        spec: EventSpec { code, charge_by },
+        keep_new_ids: args.ship,
+    };
+
+    let state_dir = args.shared.state_dir.clone();
+    let dry_run = args.dry_run;
+    let cancel = shutdown.clone();
+    let outcome = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let target =
+            if dry_run {
+                Target::DryRun(Outbox::open_read_only_in(&state_dir)?)
+            } else {
+                Target::Write(Outbox::open_in(&state_dir).with_context(|| {
+                    format!("cannot open the outbox in {}", state_dir.display())
+                })?)
+            };
+        Ok(feed::feed(files, &options, target, &cancel)?)
+    })
+    .await
+    .context("the replay task failed")??;
+
+    let mut delivery = None;
+    if let Some(settings) = &ship_settings
+        && !outcome.interrupted
+    {
+        let report = deliver::deliver(
+            settings,
+            outcome.new_ids,
+            Duration::from_secs(args.ship_timeout),
+            &shutdown,
+        )
+        .await?;
+        delivery = Some(report);
+    }
+    let incomplete = delivery.as_ref().is_some_and(|d| !d.complete());
+    let out = ReplayOutput {
+        summary: outcome.summary,
+        interrupted: outcome.interrupted,
+        delivery,
+    };
+    match args.output_format {
+        OutputFormat::Json => output::print_json(&out)?,
+        OutputFormat::Text => output::print_text(&render(&out))?,
+    }
+    Ok(if incomplete || out.interrupted {
+        ExitCode::from(EXIT_NEEDS_ATTENTION)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn render(out: &ReplayOutput) -> String {
+    let mut s = out.summary.to_text();
+    if out.interrupted {
+        s.push_str("Interrupted: lines read so far are recorded; run the same replay again to finish (nothing is billed twice).\n");
+    }
+    if let Some(d) = &out.delivery {
+        if d.complete() && d.acked == 0 {
+            s.push_str("Nothing new to deliver.\n");
+        } else if d.complete() {
+            s.push_str(&format!(
+                "Delivered: Lago acknowledged all {} new event(s).\n",
+                d.acked
+            ));
+        } else {
+            s.push_str(&format!(
+                "Not all delivered: {} acked, {} still pending, {} held, {} dead.\n",
+                d.acked, d.pending, d.held, d.dead
+            ));
+            for u in &d.undelivered {
+                s.push_str(&format!(
+                    "  {} ({}, {} attempt(s)): {}\n",
+                    u.transaction_id,
+                    u.state,
+                    u.attempts,
+                    u.reason.as_deref().unwrap_or("no answer from Lago yet")
+                ));
+            }
+            s.push_str(
+                "See `tally queue stats` and `tally queue list`; pending events are delivered by `tally ship`.\n",
+            );
+        }
+    }
+    s
+}

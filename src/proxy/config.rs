@@ -1,0 +1,645 @@
+//! The proxy's configuration: LiteLLM's `config.yaml` (the subset tally implements), tally's own
+//! `tally_settings:` block, and their `TALLY_*` / `LITELLM_MASTER_KEY` environment overrides.
+//!
+//! Precedence, lowest first: built-in defaults, the YAML file, `TALLY_*` variables, CLI flags
+//! (applied by the caller with [`ProxyConfig::with_spend_log`] / [`ProxyConfig::with_state_dir`]).
+//! Every error names the file, the entry and what to change.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Default upstream when a deployment names no `api_base`.
+pub const OPENAI_API_BASE: &str = "https://api.openai.com/v1";
+/// LiteLLM's default request timeout.
+pub const DEFAULT_TIMEOUT_SECS: f64 = 600.0;
+/// Default rotation size of the live spend log (100 MiB).
+pub const DEFAULT_SPEND_LOG_MAX_BYTES: u64 = 100 * 1024 * 1024;
+/// Default request body limit (16 MiB, enough for long multi-turn chats).
+pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+/// Master keys shorter than this are refused as weak.
+pub const MIN_MASTER_KEY_LEN: usize = 16;
+/// Values published in docs and examples; anyone can guess them.
+const KNOWN_WEAK_MASTER_KEYS: &[&str] = &[
+    "sk-1234",
+    "sk-12345",
+    "sk-123456",
+    "sk-1234567890",
+    "changeme",
+    "change-me",
+    "password",
+    "secret",
+    "admin",
+    "master_key",
+    "sk-master-key",
+    "your-master-key",
+];
+/// The callbacks tally accepts: billing to Lago is done by `tally ship` from the spend log.
+const SUPPORTED_CALLBACKS: &[&str] = &["lago"];
+/// How to make a strong master key; quoted in every refusal.
+pub const MASTER_KEY_FIX: &str = "set a long random master key, e.g. export LITELLM_MASTER_KEY=\"sk-$(openssl rand -hex 24)\" \
+     (or general_settings.master_key: os.environ/LITELLM_MASTER_KEY), or, for a throwaway local \
+     trial only, set tally_settings.allow_weak_master_key: true (TALLY_ALLOW_WEAK_MASTER_KEY=1)";
+
+/// One `model_list[]` entry, resolved: what the proxy calls when a client asks for `model_name`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Deployment {
+    /// The name clients use (`model` in their request).
+    pub model_name: String,
+    /// The provider's model name (after `openai/`), substituted into the upstream request.
+    pub upstream_model: String,
+    /// Base URL without a trailing slash, e.g. `https://api.openai.com/v1`.
+    pub api_base: String,
+    pub api_key: Option<String>,
+    pub timeout: Duration,
+    pub input_cost_per_token: Option<f64>,
+    pub output_cost_per_token: Option<f64>,
+    /// Answer locally with this text instead of calling the upstream.
+    pub mock_response: Option<String>,
+}
+
+/// tally's own settings (`tally_settings:`; each also `TALLY_<UPPERCASE NAME>`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TallySettings {
+    pub spend_log: PathBuf,
+    pub state_dir: PathBuf,
+    /// Rotate the live spend log once it would grow past this many bytes (0 = never).
+    pub spend_log_max_bytes: u64,
+    pub max_body_bytes: usize,
+    /// A LiteLLM `model_prices_and_context_window.json`, layered over the built-in prices.
+    pub price_file: Option<PathBuf>,
+    pub allow_weak_master_key: bool,
+}
+
+impl Default for TallySettings {
+    fn default() -> Self {
+        Self {
+            spend_log: PathBuf::from("./spend.jsonl"),
+            state_dir: PathBuf::from("./.tally"),
+            spend_log_max_bytes: DEFAULT_SPEND_LOG_MAX_BYTES,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            price_file: None,
+            allow_weak_master_key: false,
+        }
+    }
+}
+
+/// The whole, validated proxy configuration.
+#[derive(Clone, PartialEq)]
+pub struct ProxyConfig {
+    /// Where the config came from (a path or a label), for messages.
+    pub source: String,
+    pub deployments: Vec<Deployment>,
+    pub master_key: Option<String>,
+    pub settings: TallySettings,
+    /// Callbacks in `litellm_settings.callbacks` that tally does not implement (warned at start).
+    pub unsupported_callbacks: Vec<String>,
+}
+
+impl std::fmt::Debug for ProxyConfig {
+    // Hand-written so the master key and upstream keys never reach a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyConfig")
+            .field("source", &self.source)
+            .field(
+                "models",
+                &self
+                    .deployments
+                    .iter()
+                    .map(|d| &d.model_name)
+                    .collect::<Vec<_>>(),
+            )
+            .field(
+                "master_key",
+                &self.master_key.as_ref().map(|_| "<redacted>"),
+            )
+            .field("settings", &self.settings)
+            .finish()
+    }
+}
+
+/// Why the configuration was refused. Each message names the file, the entry and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}; pass an existing file with --config")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{file}: invalid YAML{at}: {message}")]
+    Yaml {
+        file: String,
+        at: String,
+        message: String,
+    },
+    #[error("{file}: {entry}: {message}; {fix}")]
+    Entry {
+        file: String,
+        entry: String,
+        message: String,
+        fix: String,
+    },
+    #[error("{file}: {message}; {MASTER_KEY_FIX}")]
+    MasterKey { file: String, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+}
+
+// ---- the YAML as written ----------------------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+struct RawConfig {
+    #[serde(default)]
+    model_list: Vec<RawModel>,
+    #[serde(default)]
+    litellm_settings: RawLitellmSettings,
+    #[serde(default)]
+    general_settings: RawGeneralSettings,
+    #[serde(default)]
+    tally_settings: RawTallySettings,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawModel {
+    model_name: Option<String>,
+    litellm_params: Option<RawParams>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawParams {
+    model: Option<String>,
+    api_key: Option<String>,
+    api_base: Option<String>,
+    timeout: Option<f64>,
+    input_cost_per_token: Option<f64>,
+    output_cost_per_token: Option<f64>,
+    mock_response: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawLitellmSettings {
+    #[serde(default)]
+    callbacks: Vec<String>,
+    #[serde(default)]
+    success_callback: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawGeneralSettings {
+    master_key: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTallySettings {
+    spend_log: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    spend_log_max_bytes: Option<u64>,
+    max_body_bytes: Option<usize>,
+    price_file: Option<PathBuf>,
+    allow_weak_master_key: Option<bool>,
+}
+
+/// Looks up an environment variable; injected so tests need not touch the process environment.
+pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+impl ProxyConfig {
+    /// Reads `path`, resolves `os.environ/` values, applies `TALLY_*` and `LITELLM_MASTER_KEY`,
+    /// and refuses a missing or weak master key.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::load_from_str(&text, &path.display().to_string(), &process_env)
+    }
+
+    /// [`ProxyConfig::load`] on text, with an explicit environment.
+    pub fn load_from_str(text: &str, source: &str, env: EnvLookup) -> Result<Self, ConfigError> {
+        let mut config = Self::parse(text, source, env)?;
+        config.apply_env(env)?;
+        config.check_master_key()?;
+        Ok(config)
+    }
+
+    /// Builds a configuration from YAML text in code (tests, `tally demo`): `os.environ/` values
+    /// are resolved, but `TALLY_*` variables are not applied. The master key is checked.
+    pub fn from_yaml_str(text: &str, source: &str) -> Result<Self, ConfigError> {
+        let config = Self::parse(text, source, &process_env)?;
+        config.check_master_key()?;
+        Ok(config)
+    }
+
+    /// Overrides the live spend log path (the `--spend-log` flag).
+    pub fn with_spend_log(mut self, path: impl Into<PathBuf>) -> Self {
+        self.settings.spend_log = path.into();
+        self
+    }
+
+    /// Overrides the state directory (the `--state-dir` flag).
+    pub fn with_state_dir(mut self, path: impl Into<PathBuf>) -> Self {
+        self.settings.state_dir = path.into();
+        self
+    }
+
+    fn parse(text: &str, source: &str, env: EnvLookup) -> Result<Self, ConfigError> {
+        let raw: RawConfig = if text.trim().is_empty() {
+            RawConfig::default()
+        } else {
+            serde_saphyr::from_str(text).map_err(|e| yaml_error(source, &e))?
+        };
+
+        let entry_error = |entry: String, message: String, fix: &str| ConfigError::Entry {
+            file: source.to_owned(),
+            entry,
+            message,
+            fix: fix.to_owned(),
+        };
+
+        let mut deployments = Vec::with_capacity(raw.model_list.len());
+        let mut seen = HashSet::new();
+        for (i, m) in raw.model_list.into_iter().enumerate() {
+            let Some(model_name) = m.model_name.filter(|n| !n.trim().is_empty()) else {
+                return Err(entry_error(
+                    format!("model_list[{i}]"),
+                    "has no model_name".into(),
+                    "give every entry a model_name: the name clients send as `model`",
+                ));
+            };
+            let entry = format!("model_list[{i}] (model_name {model_name:?})");
+            let Some(params) = m.litellm_params else {
+                return Err(entry_error(
+                    entry,
+                    "has no litellm_params".into(),
+                    "add litellm_params with at least `model: openai/<model>`",
+                ));
+            };
+            if !seen.insert(model_name.clone()) {
+                return Err(entry_error(
+                    entry,
+                    "duplicates an earlier model_name".into(),
+                    "give each entry a unique model_name (tally does not load-balance between deployments)",
+                ));
+            }
+            let resolve = |field: &str,
+                           value: Option<String>|
+             -> Result<Option<String>, ConfigError> {
+                value
+                    .map(|v| resolve_env_value(&v, env))
+                    .transpose()
+                    .map_err(|var| {
+                        entry_error(
+                            format!("{entry}.litellm_params.{field}"),
+                            format!("environment variable {var} (from os.environ/{var}) is not set"),
+                            &format!("export {var}=... before starting tally proxy, or write the value directly"),
+                        )
+                    })
+            };
+            let model = resolve("model", params.model)?.unwrap_or_default();
+            let upstream_model = match model.split_once('/') {
+                Some(("openai", name)) if !name.is_empty() => name.to_owned(),
+                Some((provider, _)) => {
+                    return Err(entry_error(
+                        format!("{entry}.litellm_params.model"),
+                        format!("unknown provider {provider:?} in {model:?}"),
+                        "tally calls OpenAI-compatible APIs only: write `model: openai/<model>` and set `api_base` to the provider's OpenAI-compatible endpoint",
+                    ));
+                }
+                None => {
+                    return Err(entry_error(
+                        format!("{entry}.litellm_params.model"),
+                        format!("{model:?} names no provider"),
+                        "write `model: openai/<model>` (with `api_base` for a non-OpenAI endpoint)",
+                    ));
+                }
+            };
+            let api_base =
+                resolve("api_base", params.api_base)?.unwrap_or_else(|| OPENAI_API_BASE.to_owned());
+            let api_base = api_base.trim_end_matches('/').to_owned();
+            if !(api_base.starts_with("http://") || api_base.starts_with("https://")) {
+                return Err(entry_error(
+                    format!("{entry}.litellm_params.api_base"),
+                    format!("{api_base:?} is not an http(s) URL"),
+                    "write the endpoint's base URL, e.g. https://api.openai.com/v1",
+                ));
+            }
+            let timeout = params.timeout.unwrap_or(DEFAULT_TIMEOUT_SECS);
+            if !(timeout.is_finite() && timeout > 0.0) {
+                return Err(entry_error(
+                    format!("{entry}.litellm_params.timeout"),
+                    format!("{timeout} is not a positive number of seconds"),
+                    "write the timeout in seconds, e.g. timeout: 30",
+                ));
+            }
+            for (field, cost) in [
+                ("input_cost_per_token", params.input_cost_per_token),
+                ("output_cost_per_token", params.output_cost_per_token),
+            ] {
+                if let Some(c) = cost
+                    && !(c.is_finite() && c >= 0.0)
+                {
+                    return Err(entry_error(
+                        format!("{entry}.litellm_params.{field}"),
+                        format!("{c} is not a non-negative price"),
+                        "write the USD price of one token, e.g. 0.0000025",
+                    ));
+                }
+            }
+            deployments.push(Deployment {
+                model_name,
+                upstream_model,
+                api_base,
+                api_key: resolve("api_key", params.api_key)?,
+                timeout: Duration::from_secs_f64(timeout),
+                input_cost_per_token: params.input_cost_per_token,
+                output_cost_per_token: params.output_cost_per_token,
+                mock_response: params.mock_response,
+            });
+        }
+
+        let master_key = raw
+            .general_settings
+            .master_key
+            .map(|v| resolve_env_value(&v, env))
+            .transpose()
+            .map_err(|var| ConfigError::MasterKey {
+                file: source.to_owned(),
+                message: format!(
+                    "general_settings.master_key refers to os.environ/{var}, which is not set"
+                ),
+            })?;
+
+        let mut callbacks = raw.litellm_settings.callbacks;
+        callbacks.extend(raw.litellm_settings.success_callback);
+        let mut unsupported_callbacks: Vec<String> = callbacks
+            .into_iter()
+            .filter(|c| !SUPPORTED_CALLBACKS.contains(&c.as_str()))
+            .collect();
+        unsupported_callbacks.dedup();
+
+        let defaults = TallySettings::default();
+        let t = raw.tally_settings;
+        let settings = TallySettings {
+            spend_log: t.spend_log.unwrap_or(defaults.spend_log),
+            state_dir: t.state_dir.unwrap_or(defaults.state_dir),
+            spend_log_max_bytes: t
+                .spend_log_max_bytes
+                .unwrap_or(defaults.spend_log_max_bytes),
+            max_body_bytes: t.max_body_bytes.unwrap_or(defaults.max_body_bytes),
+            price_file: t.price_file,
+            allow_weak_master_key: t.allow_weak_master_key.unwrap_or(false),
+        };
+
+        Ok(Self {
+            source: source.to_owned(),
+            deployments,
+            master_key,
+            settings,
+            unsupported_callbacks,
+        })
+    }
+
+    /// `TALLY_*` variables override `tally_settings`; `LITELLM_MASTER_KEY` fills a missing
+    /// `general_settings.master_key`.
+    fn apply_env(&mut self, env: EnvLookup) -> Result<(), ConfigError> {
+        let s = &mut self.settings;
+        if let Some(v) = env("TALLY_SPEND_LOG") {
+            s.spend_log = v.into();
+        }
+        if let Some(v) = env("TALLY_STATE_DIR") {
+            s.state_dir = v.into();
+        }
+        if let Some(v) = env("TALLY_SPEND_LOG_MAX_BYTES") {
+            s.spend_log_max_bytes = parse_env("TALLY_SPEND_LOG_MAX_BYTES", &v)?;
+        }
+        if let Some(v) = env("TALLY_MAX_BODY_BYTES") {
+            s.max_body_bytes = parse_env("TALLY_MAX_BODY_BYTES", &v)?;
+        }
+        if let Some(v) = env("TALLY_PRICE_FILE") {
+            s.price_file = Some(v.into());
+        }
+        if let Some(v) = env("TALLY_ALLOW_WEAK_MASTER_KEY") {
+            s.allow_weak_master_key = parse_bool("TALLY_ALLOW_WEAK_MASTER_KEY", &v)?;
+        }
+        if self.master_key.is_none() {
+            self.master_key = env("LITELLM_MASTER_KEY").filter(|k| !k.is_empty());
+        }
+        Ok(())
+    }
+
+    fn check_master_key(&self) -> Result<(), ConfigError> {
+        if self.settings.allow_weak_master_key {
+            return Ok(());
+        }
+        let refuse = |message: String| ConfigError::MasterKey {
+            file: self.source.clone(),
+            message,
+        };
+        match &self.master_key {
+            None => Err(refuse(
+                "no master key: neither general_settings.master_key nor LITELLM_MASTER_KEY is set, \
+                 so anyone could call the proxy and mint keys"
+                    .into(),
+            )),
+            Some(key) if is_weak_master_key(key) => Err(refuse(format!(
+                "the master key is weak (publicly known or shorter than {MIN_MASTER_KEY_LEN} characters)"
+            ))),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// The deployment clients reach as `model_name`.
+    pub fn deployment(&self, model_name: &str) -> Option<&Deployment> {
+        self.deployments.iter().find(|d| d.model_name == model_name)
+    }
+}
+
+/// A key anyone could guess: a published example, or too short to resist guessing.
+pub fn is_weak_master_key(key: &str) -> bool {
+    let lower = key.trim().to_ascii_lowercase();
+    lower.len() < MIN_MASTER_KEY_LEN || KNOWN_WEAK_MASTER_KEYS.contains(&lower.as_str())
+}
+
+/// `os.environ/NAME` → the variable's value; anything else unchanged. `Err(NAME)` when unset.
+fn resolve_env_value(value: &str, env: EnvLookup) -> Result<String, String> {
+    match value.strip_prefix("os.environ/") {
+        Some(var) => env(var).ok_or_else(|| var.to_owned()),
+        None => Ok(value.to_owned()),
+    }
+}
+
+fn parse_env<T: std::str::FromStr>(var: &str, value: &str) -> Result<T, ConfigError>
+where
+    T::Err: std::fmt::Display,
+{
+    value.trim().parse().map_err(|e| ConfigError::Env {
+        var: var.to_owned(),
+        message: format!("{value:?} is not valid ({e}); write a whole number"),
+    })
+}
+
+fn parse_bool(var: &str, value: &str) -> Result<bool, ConfigError> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" | "" => Ok(false),
+        _ => Err(ConfigError::Env {
+            var: var.to_owned(),
+            message: format!("{value:?} is not a boolean; write true or false"),
+        }),
+    }
+}
+
+fn yaml_error(file: &str, e: &serde_saphyr::Error) -> ConfigError {
+    let at = e
+        .location()
+        .filter(|l| l.line() > 0)
+        .map(|l| format!(" at line {} column {}", l.line(), l.column()))
+        .unwrap_or_default();
+    // saphyr's Display may render a multi-line snippet; the first line carries the message.
+    let message = e.to_string();
+    let message = message.lines().next().unwrap_or_default().to_owned();
+    ConfigError::Yaml {
+        file: file.to_owned(),
+        at,
+        message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STRONG: &str = "sk-0123456789abcdef0123456789abcdef";
+
+    fn env_of(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |name| {
+            pairs
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (*v).to_owned())
+        }
+    }
+
+    fn load(
+        text: &str,
+        env: &'static [(&'static str, &'static str)],
+    ) -> Result<ProxyConfig, ConfigError> {
+        ProxyConfig::load_from_str(text, "test.yaml", &env_of(env))
+    }
+
+    #[test]
+    fn reads_the_example_config() {
+        let text = include_str!("../../fixtures/config.yaml");
+        let config = load(text, &[("LITELLM_MASTER_KEY", STRONG)]).unwrap();
+        assert_eq!(config.deployments.len(), 3);
+        let gpt = config.deployment("gpt-4o").unwrap();
+        assert_eq!(gpt.upstream_model, "gpt-4o");
+        assert!(gpt.mock_response.is_some());
+        let fake = config.deployment("fake-openai-endpoint").unwrap();
+        assert_eq!(
+            fake.api_base,
+            "https://exampleopenaiendpoint-production.up.railway.app"
+        );
+        assert_eq!(fake.timeout, Duration::from_secs(30));
+        assert_eq!(config.master_key.as_deref(), Some(STRONG));
+        assert_eq!(config.settings.spend_log_max_bytes, 104_857_600);
+        assert!(config.unsupported_callbacks.is_empty());
+    }
+
+    #[test]
+    fn tally_env_overrides_the_file() {
+        let text = "general_settings: {master_key: sk-0123456789abcdef0123}\ntally_settings: {spend_log: a.jsonl, max_body_bytes: 10}\n";
+        let config = load(
+            text,
+            &[
+                ("TALLY_SPEND_LOG", "/x/b.jsonl"),
+                ("TALLY_MAX_BODY_BYTES", "99"),
+                ("TALLY_PRICE_FILE", "p.json"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.settings.spend_log, PathBuf::from("/x/b.jsonl"));
+        assert_eq!(config.settings.max_body_bytes, 99);
+        assert_eq!(config.settings.price_file, Some(PathBuf::from("p.json")));
+        let bad = load(text, &[("TALLY_MAX_BODY_BYTES", "lots")]).unwrap_err();
+        assert!(bad.to_string().contains("TALLY_MAX_BODY_BYTES"), "{bad}");
+    }
+
+    #[test]
+    fn refuses_missing_and_weak_master_keys_with_the_fix() {
+        for text in [
+            "model_list: []",
+            "general_settings: {master_key: sk-1234}",
+            "general_settings: {master_key: short-key}",
+        ] {
+            let err = load(text, &[]).unwrap_err().to_string();
+            assert!(err.contains("openssl rand -hex 24"), "{err}");
+            assert!(err.contains("allow_weak_master_key"), "{err}");
+        }
+        // Explicitly allowed, by the file or by the environment.
+        load("general_settings: {master_key: sk-1234}\ntally_settings: {allow_weak_master_key: true}", &[]).unwrap();
+        load(
+            "general_settings: {master_key: sk-1234}",
+            &[("TALLY_ALLOW_WEAK_MASTER_KEY", "true")],
+        )
+        .unwrap();
+        assert!(is_weak_master_key("SK-1234"));
+        assert!(!is_weak_master_key(STRONG));
+    }
+
+    #[test]
+    fn bad_entries_name_the_file_the_entry_and_the_fix() {
+        let cases = [
+            (
+                "model_list:\n  - model_name: a\n    litellm_params: {model: openai/a}\n  - model_name: b\n    litellm_params: {model: openai/b}\n  - model_name: x\n    litellm_params: {model: anthropic/claude}\n",
+                "model_list[2] (model_name \"x\").litellm_params.model: unknown provider \"anthropic\"",
+            ),
+            (
+                "model_list:\n  - model_name: a\n    litellm_params: {model: openai/a}\n  - model_name: a\n    litellm_params: {model: openai/b}\n",
+                "model_list[1] (model_name \"a\"): duplicates an earlier model_name",
+            ),
+            (
+                "model_list:\n  - model_name: a\n    litellm_params: {model: openai/a, api_key: os.environ/NOPE_NOT_SET}\n",
+                "model_list[0] (model_name \"a\").litellm_params.api_key: environment variable NOPE_NOT_SET",
+            ),
+        ];
+        for (text, expected) in cases {
+            let text = format!("general_settings: {{master_key: {STRONG}}}\n{text}");
+            let err = load(&text, &[]).unwrap_err().to_string();
+            assert!(err.starts_with("test.yaml: "), "{err}");
+            assert!(err.contains(expected), "{err}\n  expected: {expected}");
+        }
+    }
+
+    #[test]
+    fn invalid_yaml_reports_line_and_column() {
+        let err = load("model_list:\n  - model_name: a\n   bad: [unclosed\n", &[]).unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, ConfigError::Yaml { .. }), "{text}");
+        assert!(text.contains("test.yaml: invalid YAML at line"), "{text}");
+    }
+
+    #[test]
+    fn unknown_tally_setting_is_refused() {
+        let err = load("tally_settings: {spend_logg: x}", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("spend_logg"), "{err}");
+    }
+
+    #[test]
+    fn other_callbacks_are_collected_for_a_warning() {
+        let config = load(
+            &format!("general_settings: {{master_key: {STRONG}}}\nlitellm_settings: {{callbacks: [lago, langfuse]}}"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.unsupported_callbacks, vec!["langfuse".to_owned()]);
+    }
+}

@@ -1,0 +1,154 @@
+//! The one error type of the proxy's HTTP surface, answered in OpenAI's shape:
+//! `{"error": {"message", "type", "param", "code"}}`.
+//!
+//! Client errors say what was wrong and how to fix it; internal failures are logged in full and
+//! answered with a short message, so nothing internal (paths, keys) leaks to a client.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use serde_json::json;
+
+/// Everything a proxy handler can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// No key, an unknown key, an expired or deleted key.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// A virtual key used on an admin route, or for a model it may not use.
+    #[error("{message}")]
+    Forbidden {
+        message: String,
+        param: Option<&'static str>,
+    },
+    /// A malformed or unsupported request body or query.
+    #[error("{message}")]
+    BadRequest {
+        message: String,
+        param: Option<String>,
+        code: &'static str,
+    },
+    #[error(
+        "request body is larger than the limit of {limit} bytes (tally_settings.max_body_bytes)"
+    )]
+    PayloadTooLarge { limit: usize },
+    #[error("content type must be application/json, got {0:?}")]
+    UnsupportedMediaType(String),
+    #[error("key not found")]
+    NotFound(String),
+    /// The upstream could not be reached (connection refused, DNS, TLS, reset).
+    #[error("upstream for model {model:?} is unreachable: {reason}")]
+    UpstreamUnreachable { model: String, reason: String },
+    /// The upstream did not answer within the deployment's `timeout`.
+    #[error(
+        "upstream for model {model:?} did not answer within {seconds}s (litellm_params.timeout)"
+    )]
+    UpstreamTimeout { model: String, seconds: f64 },
+    /// The upstream answered with an error status: its body is passed through unchanged.
+    #[error("upstream answered {status}")]
+    Upstream {
+        status: StatusCode,
+        content_type: Option<HeaderValue>,
+        body: Bytes,
+    },
+    /// The spend log could not be written, so the request cannot be billed and is refused.
+    #[error("the spend log is not writable; the request was not completed")]
+    SpendLogUnavailable,
+    /// A bug or an environment failure (disk, SQLite). Logged, answered without detail.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ProxyError {
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::BadRequest {
+            message: message.into(),
+            param: None,
+            code: "invalid_request",
+        }
+    }
+
+    pub fn bad_param(param: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::BadRequest {
+            message: message.into(),
+            param: Some(param.into()),
+            code: "invalid_request",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden { .. } => StatusCode::FORBIDDEN,
+            Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::UpstreamUnreachable { .. } => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::Upstream { status, .. } => *status,
+            Self::SpendLogUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn kind(&self) -> (&'static str, &'static str) {
+        match self {
+            Self::Unauthorized(_) => ("auth_error", "invalid_api_key"),
+            Self::Forbidden { .. } => ("permission_error", "forbidden"),
+            Self::BadRequest { code, .. } => ("invalid_request_error", code),
+            Self::PayloadTooLarge { .. } => ("invalid_request_error", "request_too_large"),
+            Self::UnsupportedMediaType(_) => ("invalid_request_error", "unsupported_media_type"),
+            Self::NotFound(_) => ("not_found_error", "not_found"),
+            Self::UpstreamUnreachable { .. } => ("api_error", "upstream_unreachable"),
+            Self::UpstreamTimeout { .. } => ("timeout_error", "upstream_timeout"),
+            Self::Upstream { .. } => ("api_error", "upstream_error"),
+            Self::SpendLogUnavailable => ("api_error", "spend_log_unavailable"),
+            Self::Internal(_) => ("api_error", "internal_error"),
+        }
+    }
+
+    fn param(&self) -> Option<&str> {
+        match self {
+            Self::BadRequest { param, .. } => param.as_deref(),
+            Self::Forbidden { param, .. } => *param,
+            _ => None,
+        }
+    }
+}
+
+impl IntoResponse for ProxyError {
+    fn into_response(self) -> Response {
+        if let Self::Upstream {
+            status,
+            content_type,
+            body,
+        } = self
+        {
+            let mut response = (status, body).into_response();
+            if let Some(ct) = content_type {
+                response.headers_mut().insert(header::CONTENT_TYPE, ct);
+            }
+            return response;
+        }
+        let status = self.status();
+        let message = match &self {
+            Self::Internal(detail) => {
+                tracing::error!(error = %detail, "internal error while serving a request");
+                "internal error; see the proxy's log".to_owned()
+            }
+            Self::NotFound(message) => message.clone(),
+            other => other.to_string(),
+        };
+        let (kind, code) = self.kind();
+        let body = json!({
+            "error": {
+                "message": message,
+                "type": kind,
+                "param": self.param(),
+                "code": code,
+            }
+        });
+        (status, axum::Json(body)).into_response()
+    }
+}

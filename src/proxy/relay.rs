@@ -1,0 +1,475 @@
+//! `/chat/completions` and `/embeddings`: authenticate, resolve the model, forward (or mock),
+//! and append the spend record before the response finishes.
+//!
+//! The client's body is parsed once, the `model` substituted (and `stream_options.include_usage`
+//! forced on for streams), and serialised once for the upstream. The upstream's answer is
+//! returned byte for byte; only `usage` and `model` are read out of it.
+
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use super::AppState;
+use super::Route;
+use super::auth::{self, Caller};
+use super::error::ProxyError;
+use super::mock;
+use super::request::read_json_object;
+use super::stream::{self, StreamOutcome};
+use super::tokens;
+use super::upstream::{Endpoint, UpstreamClient, Usage};
+use crate::spend::{SCHEMA_VERSION, SpendRecord};
+
+/// Chunks buffered between the upstream reader and a slow client.
+const STREAM_BUFFER: usize = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CallType {
+    Chat,
+    Embedding,
+}
+
+impl CallType {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Chat => "chat_completion",
+            Self::Embedding => "embedding",
+        }
+    }
+}
+
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    detached(state, headers, body, CallType::Chat).await
+}
+
+pub async fn embeddings(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    detached(state, headers, body, CallType::Embedding).await
+}
+
+/// Runs the call on its own tracked task. If the client hangs up, hyper drops the handler's
+/// future; the call itself goes on, so an answer the upstream already produced (and billed) is
+/// still recorded, and shutdown waits for it.
+async fn detached(
+    state: AppState,
+    headers: HeaderMap,
+    body: Body,
+    call_type: CallType,
+) -> Response {
+    let tracker = state.in_flight().clone();
+    match tracker.spawn(handle(state, headers, body, call_type)).await {
+        Ok(result) => result.unwrap_or_else(IntoResponse::into_response),
+        Err(e) => ProxyError::Internal(format!("request task failed: {e}")).into_response(),
+    }
+}
+
+/// One call in flight: everything its spend record needs besides the usage.
+struct Call {
+    state: AppState,
+    route: std::sync::Arc<Route>,
+    call_type: CallType,
+    transaction_id: Uuid,
+    start_time: DateTime<Utc>,
+    started: Instant,
+    caller: Caller,
+    end_user_id: Option<String>,
+    stream: bool,
+}
+
+impl Call {
+    fn record(
+        &self,
+        usage: Usage,
+        estimated: bool,
+        status: &str,
+        upstream_model: Option<String>,
+    ) -> SpendRecord {
+        let billable = status == "success";
+        let key = self.caller.key();
+        SpendRecord {
+            schema: SCHEMA_VERSION,
+            transaction_id: self.transaction_id.to_string(),
+            start_time: Some(self.start_time),
+            end_time: Utc::now(),
+            call_type: self.call_type.as_str().to_owned(),
+            model: self.route.deployment.model_name.clone(),
+            upstream_model: Some(
+                upstream_model.unwrap_or_else(|| self.route.deployment.upstream_model.clone()),
+            ),
+            input_tokens: usage.prompt_tokens,
+            output_tokens: usage.completion_tokens,
+            total_tokens: Some(
+                usage
+                    .total_tokens
+                    .unwrap_or(usage.prompt_tokens + usage.completion_tokens),
+            ),
+            usage_estimated: estimated,
+            response_cost: if billable {
+                self.route
+                    .price
+                    .map(|p| p.cost(usage.prompt_tokens, usage.completion_tokens))
+            } else {
+                None
+            },
+            end_user_id: self.end_user_id.clone(),
+            user_id: key.and_then(|k| k.user_id.clone()),
+            team_id: key.and_then(|k| k.team_id.clone()),
+            key_alias: key.and_then(|k| k.key_alias.clone()),
+            key_hash: key.map(|k| k.token()),
+            stream: self.stream,
+            status: status.to_owned(),
+            duration_ms: Some(self.started.elapsed().as_millis() as u64),
+        }
+    }
+
+    /// Appends the record; a failure to write refuses the request (it could not be billed).
+    async fn write(&self, record: &SpendRecord) -> Result<(), ProxyError> {
+        self.state.spend().append(record).await.map_err(|e| {
+            tracing::error!(error = %e, transaction_id = %record.transaction_id, "spend record not written");
+            ProxyError::SpendLogUnavailable
+        })
+    }
+
+    /// Logs an upstream failure (never billed) and passes the error on.
+    async fn fail(&self, error: ProxyError) -> ProxyError {
+        let record = self.record(Usage::default(), false, "failure", None);
+        if let Err(e) = self.state.spend().append(&record).await {
+            tracing::warn!(error = %e, "failure record not written");
+        }
+        error
+    }
+
+    fn endpoint(&self) -> &Endpoint {
+        match self.call_type {
+            CallType::Chat => &self.route.chat,
+            CallType::Embedding => &self.route.embeddings,
+        }
+    }
+
+    fn headers(&self, response: &mut Response, cost: Option<f64>) {
+        let h = response.headers_mut();
+        if let Ok(v) = HeaderValue::from_str(&self.transaction_id.to_string()) {
+            h.insert("x-litellm-call-id", v);
+        }
+        if let Some(cost) = cost
+            && let Ok(v) = HeaderValue::from_str(&cost.to_string())
+        {
+            h.insert("x-litellm-response-cost", v);
+        }
+    }
+}
+
+async fn handle(
+    state: AppState,
+    headers: HeaderMap,
+    body: Body,
+    call_type: CallType,
+) -> Result<Response, ProxyError> {
+    let started = Instant::now();
+    let start_time = Utc::now();
+    let caller = state.auth().authenticate(&headers)?;
+    let mut body = read_json_object(&headers, body, state.max_body_bytes()).await?;
+
+    let model = match body.get("model") {
+        Some(Value::String(m)) if !m.is_empty() => m.clone(),
+        _ => {
+            return Err(ProxyError::bad_param(
+                "model",
+                format!(
+                    "the request has no `model`; available models: {}",
+                    state.model_names().join(", ")
+                ),
+            ));
+        }
+    };
+    let Some(route) = state.route(&model).cloned() else {
+        return Err(ProxyError::BadRequest {
+            message: format!(
+                "model {model:?} is not served by this proxy; available models: {}",
+                state.model_names().join(", ")
+            ),
+            param: Some("model".into()),
+            code: "model_not_found",
+        });
+    };
+    if let Some(key) = caller.key()
+        && !key.allows_model(&model)
+    {
+        return Err(ProxyError::Forbidden {
+            message: format!(
+                "key {} may not use model {model:?}; it may use: {}",
+                key.key_name,
+                key.models.join(", ")
+            ),
+            param: Some("model"),
+        });
+    }
+    let end_user_id = match body.get("user") {
+        Some(Value::String(u)) if !u.is_empty() => Some(u.clone()),
+        Some(Value::Null) | None => auth::end_user_from_headers(&headers),
+        Some(_) => return Err(ProxyError::bad_param("user", "`user` must be a string")),
+    };
+    let stream = call_type == CallType::Chat
+        && match body.get("stream") {
+            Some(Value::Bool(b)) => *b,
+            Some(Value::Null) | None => false,
+            Some(_) => {
+                return Err(ProxyError::bad_param(
+                    "stream",
+                    "`stream` must be a boolean",
+                ));
+            }
+        };
+    if call_type == CallType::Chat && !matches!(body.get("messages"), Some(Value::Array(_))) {
+        return Err(ProxyError::bad_param(
+            "messages",
+            "`messages` must be an array of chat messages",
+        ));
+    }
+    if call_type == CallType::Embedding && body.get("input").is_none_or(Value::is_null) {
+        return Err(ProxyError::bad_param("input", "`input` is required"));
+    }
+
+    let call = Call {
+        state,
+        route,
+        call_type,
+        transaction_id: Uuid::now_v7(),
+        start_time,
+        started,
+        caller,
+        end_user_id,
+        stream,
+    };
+    let client_wants_usage = stream && wants_usage(&body);
+    if call.route.deployment.mock_response.is_some() {
+        return mock_answer(call, &body, client_wants_usage).await;
+    }
+
+    body.insert(
+        "model".into(),
+        Value::String(call.route.deployment.upstream_model.clone()),
+    );
+    if stream {
+        force_include_usage(&mut body);
+    }
+    let prompt_estimate = match call_type {
+        CallType::Chat => tokens::estimate_messages(&body),
+        CallType::Embedding => tokens::estimate_embedding_input(&body),
+    };
+    let payload = serde_json::to_vec(&body)
+        .map_err(|e| ProxyError::Internal(format!("re-encoding the request: {e}")))?;
+    drop(body);
+
+    let model_name = call.route.deployment.model_name.clone();
+    let response = match call
+        .state
+        .upstream()
+        .post_json(call.endpoint(), &model_name, payload)
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => return Err(call.fail(e).await),
+    };
+
+    if stream {
+        let source = response.bytes_stream();
+        return Ok(start_stream(
+            call,
+            source,
+            client_wants_usage,
+            prompt_estimate,
+        ));
+    }
+
+    let (content_type, bytes) =
+        match UpstreamClient::read_body(response, call.endpoint(), &model_name).await {
+            Ok(r) => r,
+            Err(e) => return Err(call.fail(e).await),
+        };
+    let (usage, estimated, upstream_model) = usage_of(&bytes, call_type, prompt_estimate);
+    let record = call.record(usage, estimated, "success", upstream_model);
+    call.write(&record).await?;
+    let mut response = (StatusCode::OK, bytes).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        content_type.unwrap_or_else(|| HeaderValue::from_static("application/json")),
+    );
+    call.headers(&mut response, record.response_cost);
+    Ok(response)
+}
+
+/// `stream_options.include_usage` as the client sent it.
+fn wants_usage(body: &Map<String, Value>) -> bool {
+    body.get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
+}
+
+fn force_include_usage(body: &mut Map<String, Value>) {
+    let options = body
+        .entry("stream_options")
+        .or_insert_with(|| Value::Object(Map::new()));
+    if !options.is_object() {
+        *options = Value::Object(Map::new());
+    }
+    if let Value::Object(o) = options {
+        o.insert("include_usage".into(), Value::Bool(true));
+    }
+}
+
+#[derive(Deserialize)]
+struct ResponseMeta {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    usage: Option<Usage>,
+    #[serde(default)]
+    choices: Vec<ResponseChoice>,
+}
+
+#[derive(Deserialize)]
+struct ResponseChoice {
+    #[serde(default)]
+    message: Option<ResponseMessage>,
+}
+
+#[derive(Deserialize)]
+struct ResponseMessage {
+    #[serde(default)]
+    content: Option<String>,
+}
+
+/// Usage from a whole answer, or an estimate (flagged) when the upstream reported none.
+fn usage_of(
+    bytes: &[u8],
+    call_type: CallType,
+    prompt_estimate: u64,
+) -> (Usage, bool, Option<String>) {
+    let meta: Option<ResponseMeta> = serde_json::from_slice(bytes).ok();
+    let upstream_model = meta.as_ref().and_then(|m| m.model.clone());
+    match meta {
+        Some(ResponseMeta {
+            usage: Some(usage), ..
+        }) => (usage, false, upstream_model),
+        other => {
+            let completion = match call_type {
+                CallType::Embedding => 0,
+                CallType::Chat => other
+                    .map(|m| {
+                        m.choices
+                            .iter()
+                            .filter_map(|c| c.message.as_ref()?.content.as_deref())
+                            .map(tokens::estimate_text)
+                            .sum()
+                    })
+                    .unwrap_or(0),
+            };
+            (
+                Usage::new(prompt_estimate, completion),
+                true,
+                upstream_model,
+            )
+        }
+    }
+}
+
+/// Starts relaying a stream on a tracked task and returns the streaming response.
+fn start_stream<S, E>(
+    call: Call,
+    source: S,
+    client_wants_usage: bool,
+    prompt_estimate: u64,
+) -> Response
+where
+    S: futures::Stream<Item = Result<Bytes, E>> + Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+{
+    let (tx, mut rx) = mpsc::channel(STREAM_BUFFER);
+    let mut response = Response::new(Body::from_stream(futures::stream::poll_fn(move |cx| {
+        rx.poll_recv(cx)
+    })));
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    call.headers(&mut response, None);
+    let tracker = call.state.in_flight().clone();
+    tracker.spawn(async move {
+        stream::relay(Box::pin(source), tx, client_wants_usage, async |outcome: StreamOutcome| {
+            let (usage, estimated) = match outcome.usage {
+                Some(u) => (u, false),
+                None => (Usage::new(prompt_estimate, outcome.estimated_completion_tokens), true),
+            };
+            let status = if outcome.upstream_error.is_some() { "failure" } else { "success" };
+            if let Some(reason) = &outcome.upstream_error {
+                tracing::warn!(transaction_id = %call.transaction_id, reason, "upstream stream broke off; not billed");
+            }
+            let record = call.record(usage, estimated, status, outcome.upstream_model);
+            call.write(&record).await.is_ok()
+        })
+        .await;
+    });
+    response
+}
+
+/// Answers a mock deployment locally, plain or streamed, with deterministic usage.
+async fn mock_answer(
+    call: Call,
+    body: &Map<String, Value>,
+    client_wants_usage: bool,
+) -> Result<Response, ProxyError> {
+    let d = &call.route.deployment;
+    let text = d.mock_response.clone().unwrap_or_default();
+    let created = call.start_time.timestamp();
+    let id = call.transaction_id.simple().to_string();
+    let (usage, bytes) = match call.call_type {
+        CallType::Chat => {
+            let usage = mock::chat_usage(body, &text);
+            if call.stream {
+                let events = mock::chat_stream(&id, &d.upstream_model, &text, usage, created);
+                let source = futures::stream::iter(
+                    events.into_iter().map(Ok::<_, std::convert::Infallible>),
+                );
+                return Ok(start_stream(
+                    call,
+                    source,
+                    client_wants_usage,
+                    usage.prompt_tokens,
+                ));
+            }
+            (
+                usage,
+                mock::chat_completion(&id, &d.upstream_model, &text, usage, created),
+            )
+        }
+        CallType::Embedding => {
+            let usage = Usage::new(tokens::estimate_embedding_input(body), 0);
+            (usage, mock::embeddings(&d.upstream_model, body, usage))
+        }
+    };
+    let record = call.record(usage, false, "success", None);
+    call.write(&record).await?;
+    let mut response = (StatusCode::OK, bytes).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    call.headers(&mut response, record.response_cost);
+    Ok(response)
+}

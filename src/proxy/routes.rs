@@ -1,0 +1,75 @@
+//! The router: which path goes to which handler, plus the small handlers (health, models).
+
+use axum::Json;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::json;
+
+use super::AppState;
+use super::error::ProxyError;
+use super::{key_api, relay};
+
+/// The whole HTTP surface, ready to serve (tests call it directly).
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/chat/completions", post(relay::chat_completions))
+        .route("/v1/chat/completions", post(relay::chat_completions))
+        .route("/embeddings", post(relay::embeddings))
+        .route("/v1/embeddings", post(relay::embeddings))
+        .route("/models", get(models))
+        .route("/v1/models", get(models))
+        .route("/health/liveliness", get(liveness))
+        .route("/health/liveness", get(liveness))
+        .route("/health/readiness", get(readiness))
+        .route("/key/generate", post(key_api::generate))
+        .route("/key/info", get(key_api::info))
+        .route("/key/delete", post(key_api::delete))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+/// No auth: says only that the process answers.
+async fn liveness() -> Json<serde_json::Value> {
+    Json(json!("I'm alive!"))
+}
+
+/// Ready when the spend log is writable and the key store answers; 503 otherwise.
+async fn readiness(State(state): State<AppState>) -> Response {
+    let spend_log = state.spend().is_healthy() && state.spend().path().exists();
+    let key_store = state.auth().keys().is_open();
+    let ready = spend_log && key_store;
+    let body = json!({
+        "status": if ready { "healthy" } else { "unhealthy" },
+        "spend_log": if spend_log { "writable" } else { "not writable" },
+        "key_store": if key_store { "open" } else { "unavailable" },
+        "version": env!("CARGO_PKG_VERSION"),
+    });
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+/// The models the caller may use, in OpenAI's list shape.
+async fn models(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ProxyError> {
+    let caller = state.auth().authenticate(&headers)?;
+    let data: Vec<_> = state
+        .model_names()
+        .iter()
+        .filter(|name| caller.key().is_none_or(|k| k.allows_model(name)))
+        .map(|name| json!({"id": name, "object": "model", "created": 0, "owned_by": "tally"}))
+        .collect();
+    Ok(Json(json!({"object": "list", "data": data})).into_response())
+}
+
+async fn not_found() -> ProxyError {
+    ProxyError::NotFound(
+        "no such route; tally serves /chat/completions, /embeddings, /models, /key/*, /health/*"
+            .into(),
+    )
+}

@@ -1,0 +1,261 @@
+//! Relaying a streamed (`stream: true`) answer: server-sent events are forwarded to the client
+//! one by one as they arrive, while the usage is picked out of them for the spend record.
+//!
+//! - The usage-only chunk (`choices: []`, `usage: {...}`) that tally asked the upstream for is
+//!   forwarded only if the client asked for it too.
+//! - The upstream's `data: [DONE]` is held back until the spend record is written, so a client
+//!   that saw `[DONE]` knows the call is on the books.
+//! - If the client disconnects, the upstream is still read to its end (bounded by the
+//!   deployment's timeout): the provider generates — and bills — the whole answer anyway, and
+//!   reading on gets its exact usage instead of an estimate.
+
+use std::future::Future;
+
+use bytes::{Bytes, BytesMut};
+use futures::{Stream, StreamExt};
+use serde::Deserialize;
+use tokio::sync::mpsc;
+
+use super::tokens;
+use super::upstream::Usage;
+
+/// What the relay saw, for the spend record.
+#[derive(Debug, Default)]
+pub struct StreamOutcome {
+    /// Usage the upstream reported, if it did.
+    pub usage: Option<Usage>,
+    /// Estimated tokens of the text received (used when `usage` is `None`).
+    pub estimated_completion_tokens: u64,
+    pub upstream_model: Option<String>,
+    /// The upstream stream broke off with an error (not billed).
+    pub upstream_error: Option<String>,
+    pub client_gone: bool,
+}
+
+pub type ClientSender = mpsc::Sender<Result<Bytes, std::io::Error>>;
+
+/// Forwards `source` to `client`; calls `finish` with what it saw once the upstream ends and,
+/// if `finish` says the record was written, sends `data: [DONE]`.
+pub async fn relay<S, E, F, Fut>(
+    mut source: S,
+    client: ClientSender,
+    client_wants_usage: bool,
+    finish: F,
+) where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+    F: FnOnce(StreamOutcome) -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let mut events = EventSplitter::default();
+    let mut outcome = StreamOutcome::default();
+    let mut completion_text = String::new();
+
+    let forward = async |event: Bytes, outcome: &mut StreamOutcome| {
+        if !outcome.client_gone && client.send(Ok(event)).await.is_err() {
+            outcome.client_gone = true;
+            tracing::debug!("client went away mid-stream; reading the upstream to its end");
+        }
+    };
+
+    loop {
+        let chunk = match source.next().await {
+            Some(Ok(chunk)) => chunk,
+            Some(Err(e)) => {
+                outcome.upstream_error = Some(e.to_string());
+                break;
+            }
+            None => break,
+        };
+        events.push(&chunk);
+        while let Some(event) = events.next_event() {
+            match inspect(&event) {
+                Seen::Done => {}
+                Seen::Chunk(c) => {
+                    let usage_only = c.choices.is_empty() && c.usage.is_some();
+                    if let Some(usage) = c.usage {
+                        outcome.usage = Some(usage);
+                    }
+                    if outcome.upstream_model.is_none() {
+                        outcome.upstream_model = c.model;
+                    }
+                    for choice in c.choices {
+                        if let Some(text) = choice.delta.and_then(|d| d.content) {
+                            completion_text.push_str(&text);
+                        }
+                    }
+                    if !usage_only || client_wants_usage {
+                        forward(event, &mut outcome).await;
+                    }
+                }
+                Seen::Other => forward(event, &mut outcome).await,
+            }
+        }
+    }
+    if let Some(rest) = events.finish() {
+        forward(rest, &mut outcome).await;
+    }
+    outcome.estimated_completion_tokens = tokens::estimate_text(&completion_text);
+    let failed = outcome.upstream_error.clone();
+    let client_gone = outcome.client_gone;
+    let recorded = finish(outcome).await;
+    if client_gone {
+        return;
+    }
+    if let Some(reason) = failed {
+        // Break the response off so the client sees an incomplete stream, not a clean end.
+        let _ = client
+            .send(Err(std::io::Error::other(format!(
+                "upstream stream failed: {reason}"
+            ))))
+            .await;
+    } else if recorded {
+        let _ = client
+            .send(Ok(Bytes::from_static(b"data: [DONE]\n\n")))
+            .await;
+    } else {
+        let _ = client
+            .send(Err(std::io::Error::other("spend log unavailable")))
+            .await;
+    }
+}
+
+#[derive(Deserialize)]
+struct Chunk {
+    #[serde(default)]
+    choices: Vec<ChunkChoice>,
+    #[serde(default)]
+    usage: Option<Usage>,
+    #[serde(default)]
+    model: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ChunkChoice {
+    #[serde(default)]
+    delta: Option<Delta>,
+}
+
+#[derive(Deserialize)]
+struct Delta {
+    #[serde(default)]
+    content: Option<String>,
+}
+
+enum Seen {
+    Done,
+    Chunk(Chunk),
+    /// Comments, keep-alives, or data that is not a chunk: forwarded untouched.
+    Other,
+}
+
+fn inspect(event: &[u8]) -> Seen {
+    let Ok(text) = std::str::from_utf8(event) else {
+        return Seen::Other;
+    };
+    let mut data = String::new();
+    for line in text.lines() {
+        if let Some(d) = line.strip_prefix("data:") {
+            if !data.is_empty() {
+                data.push('\n');
+            }
+            data.push_str(d.strip_prefix(' ').unwrap_or(d));
+        }
+    }
+    let data = data.trim();
+    if data == "[DONE]" {
+        return Seen::Done;
+    }
+    match serde_json::from_str::<Chunk>(data) {
+        Ok(chunk) => Seen::Chunk(chunk),
+        Err(_) => Seen::Other,
+    }
+}
+
+/// Splits a byte stream into server-sent events (each ending with a blank line), whatever the
+/// chunk boundaries of the transport.
+#[derive(Default)]
+pub struct EventSplitter {
+    buffer: BytesMut,
+}
+
+impl EventSplitter {
+    pub fn push(&mut self, chunk: &[u8]) {
+        self.buffer.extend_from_slice(chunk);
+    }
+
+    /// The next complete event, including its terminating blank line.
+    pub fn next_event(&mut self) -> Option<Bytes> {
+        let end = event_end(&self.buffer)?;
+        Some(self.buffer.split_to(end).freeze())
+    }
+
+    /// Whatever is left when the stream ends without a final blank line.
+    pub fn finish(self) -> Option<Bytes> {
+        (!self.buffer.iter().all(u8::is_ascii_whitespace)).then(|| self.buffer.freeze())
+    }
+}
+
+/// End offset (exclusive) of the first event: after `\n\n` or `\r\n\r\n`.
+fn event_end(buf: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while i + 1 < buf.len() {
+        if buf[i] == b'\n' {
+            if buf[i + 1] == b'\n' {
+                return Some(i + 2);
+            }
+            if buf[i + 1] == b'\r' && buf.get(i + 2) == Some(&b'\n') {
+                return Some(i + 3);
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_events_across_arbitrary_chunk_boundaries() {
+        let input = b"data: {\"a\":1}\n\ndata: {\"b\":2}\r\n\r\n: keep-alive\n\ndata: [DONE]\n\n";
+        for cut in 1..input.len() {
+            let mut s = EventSplitter::default();
+            let mut out = Vec::new();
+            for part in [&input[..cut], &input[cut..]] {
+                s.push(part);
+                while let Some(e) = s.next_event() {
+                    out.push(e);
+                }
+            }
+            assert_eq!(out.len(), 4, "cut at {cut}");
+            assert_eq!(out.concat(), input.to_vec());
+            assert!(s.finish().is_none());
+        }
+    }
+
+    #[tokio::test]
+    async fn strips_the_usage_chunk_unless_asked_and_sends_done_after_the_record() {
+        for wants_usage in [false, true] {
+            let events = super::super::mock::chat_stream("id", "m", "a b", Usage::new(3, 2), 0);
+            let source = futures::stream::iter(events.into_iter().map(Ok::<_, std::io::Error>));
+            let (tx, mut rx) = mpsc::channel(64);
+            let recorded = std::sync::Arc::new(std::sync::Mutex::new(None));
+            let sink = recorded.clone();
+            relay(source, tx, wants_usage, async move |o: StreamOutcome| {
+                *sink.lock().unwrap() = Some(o.usage);
+                true
+            })
+            .await;
+            let mut body = Vec::new();
+            while let Some(Ok(b)) = rx.recv().await {
+                body.extend_from_slice(&b);
+            }
+            let body = String::from_utf8(body).unwrap();
+            assert_eq!(body.contains("\"usage\""), wants_usage, "{body}");
+            assert!(body.ends_with("data: [DONE]\n\n"));
+            assert_eq!(*recorded.lock().unwrap(), Some(Some(Usage::new(3, 2))));
+        }
+    }
+}

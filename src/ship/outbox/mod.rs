@@ -1,0 +1,712 @@
+//! The outbox: `shipper.db`, a SQLite file in the state directory holding every record read, its
+//! Lago event and its delivery state, the rejected lines, and the tailer's file positions.
+//!
+//! Why it is shaped this way (full reasoning in `docs/delivery.md`):
+//! - **Lines and positions commit together** ([`Outbox::ingest`]): after a crash the tailer
+//!   resumes at the last committed position, so at most the uncommitted lines are read again, and
+//!   the primary key on `transaction_id` turns that re-read into "already seen".
+//! - **An event leaves `pending` only on Lago's word**: acked (200, or 422 `value_already_exist`)
+//!   or dead (any other 422 reason / 400). Transient failures only bump `attempts`.
+//! - **Several processes share the file** (`tally ship`, `tally replay`, `tally queue`): WAL lets
+//!   readers run beside the writer, `busy_timeout` makes writers queue instead of failing, every
+//!   write transaction is short and `IMMEDIATE` (no deadlock on lock upgrade). A sender *leases*
+//!   the rows it sends ([`Outbox::claim`]) so another process's sender does not send them at the
+//!   same time. Leases of a process that died (kill -9) are released by the next sender that
+//!   starts ([`Outbox::release_stale_leases`]). If a lease is ever lost anyway (a sender stalled
+//!   past its lease), the worst case is one resend of identical bytes, which Lago answers with
+//!   `value_already_exist` (Postgres store) or dedupes on id + timestamp (ClickHouse store).
+//! - **Durability**: WAL with `synchronous=NORMAL`. A commit survives a process crash (it is in
+//!   the WAL, in the OS page cache); only a power loss or kernel crash can lose the last few
+//!   commits, and because lines and positions roll back *together*, the shipper then re-reads
+//!   those lines and at worst resends events Lago already has — absorbed as duplicates. Paying an
+//!   fsync per commit would buy nothing the idempotency key does not already give.
+
+mod queue;
+mod readonly;
+mod schema;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+pub use queue::{ItemDetail, ItemSummary, LagoErrorNote, ListFilter, RetryReport, Stats};
+pub use schema::MIGRATIONS;
+
+use crate::ship::resolve::{Disposition, PreparedRecord};
+use crate::ship::tail::{FileId, FilePosition};
+
+/// File name of the outbox in `TALLY_STATE_DIR`.
+pub const DB_FILE: &str = "shipper.db";
+
+/// At most this many bytes of a rejected line are kept, to show the operator what it was.
+pub const REJECTED_HEAD_BYTES: usize = 200;
+
+/// How long a writer waits for another process's transaction before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Delivery state of one record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// Waiting to be sent (or being sent, under a lease).
+    Pending,
+    /// No customer id for the charge-by setting; waits for `tally queue retry`.
+    Held,
+    /// Lago refused it for a reason other than a duplicate; waits for an operator.
+    Dead,
+    /// Lago has it.
+    Acked,
+    /// A `status` other than success: never billed, remembered so a re-read is recognised.
+    NotBillable,
+    /// Removed by an operator (`tally queue drop`), never billed; the reason is kept.
+    Dropped,
+}
+
+impl State {
+    pub fn code(self) -> i64 {
+        match self {
+            State::Pending => 0,
+            State::Held => 1,
+            State::Dead => 2,
+            State::Acked => 3,
+            State::NotBillable => 4,
+            State::Dropped => 5,
+        }
+    }
+
+    pub fn from_code(code: i64) -> Option<Self> {
+        Some(match code {
+            0 => State::Pending,
+            1 => State::Held,
+            2 => State::Dead,
+            3 => State::Acked,
+            4 => State::NotBillable,
+            5 => State::Dropped,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::Held => "held",
+            State::Dead => "dead",
+            State::Acked => "acked",
+            State::NotBillable => "not_billable",
+            State::Dropped => "dropped",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error("cannot create the state directory {path}: {source}; check TALLY_STATE_DIR")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open the outbox {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error(
+        "shipper.db has schema version {found}, newer than this tally knows ({known}); run the newer tally, or move the file away to start afresh"
+    )]
+    NewerSchema { found: usize, known: usize },
+    #[error("outbox database error: {0}")]
+    Db(#[from] rusqlite::Error),
+}
+
+/// Where a line came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    pub file: String,
+    pub offset: u64,
+}
+
+/// One line to record, from the tailer or from any other reader (`tally replay`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum IngestItem {
+    Record {
+        prepared: PreparedRecord,
+        source: Source,
+    },
+    /// A line that could not be read as a record.
+    Rejected {
+        source: Source,
+        reason: String,
+        /// The line's first bytes (cut to [`REJECTED_HEAD_BYTES`] when stored).
+        head: Vec<u8>,
+    },
+}
+
+/// What one [`Outbox::ingest`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct IngestReport {
+    pub pending: u64,
+    pub held: u64,
+    pub not_billable: u64,
+    /// Same transaction_id, same content: a harmless re-read.
+    pub already_seen: u64,
+    /// Same transaction_id, different content: kept as a rejected line.
+    pub conflicts: u64,
+    /// Malformed lines kept as rejected (a line already rejected at the same place is not counted).
+    pub rejected: u64,
+}
+
+impl IngestReport {
+    pub fn add(&mut self, other: &IngestReport) {
+        self.pending += other.pending;
+        self.held += other.held;
+        self.not_billable += other.not_billable;
+        self.already_seen += other.already_seen;
+        self.conflicts += other.conflicts;
+        self.rejected += other.rejected;
+    }
+}
+
+/// An event a sender has leased.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimedEvent {
+    pub transaction_id: String,
+    pub event: Vec<u8>,
+}
+
+/// Who holds a lease: this process and one sender in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseOwner {
+    pub pid: u32,
+    pub id: i64,
+}
+
+/// Lease owners alive in this process; a lease of this pid by an owner not in the set belongs to
+/// a sender that is gone (e.g. the demo or a test restarting the shipper in-process).
+fn live_owners() -> &'static Mutex<HashSet<i64>> {
+    static OWNERS: OnceLock<Mutex<HashSet<i64>>> = OnceLock::new();
+    OWNERS.get_or_init(|| Mutex::new(HashSet::new()))
+}
+
+/// Registers a lease owner for as long as the guard lives.
+#[derive(Debug)]
+pub struct LeaseGuard {
+    owner: LeaseOwner,
+}
+
+impl LeaseGuard {
+    pub fn new() -> Self {
+        let id = loop {
+            let id = rand::random::<i64>();
+            if let Ok(mut owners) = live_owners().lock()
+                && owners.insert(id)
+            {
+                break id;
+            }
+        };
+        Self {
+            owner: LeaseOwner {
+                pid: std::process::id(),
+                id,
+            },
+        }
+    }
+
+    pub fn owner(&self) -> LeaseOwner {
+        self.owner
+    }
+}
+
+impl Default for LeaseGuard {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        if let Ok(mut owners) = live_owners().lock() {
+            owners.remove(&self.owner.id);
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// An open `shipper.db`. Synchronous: call it from `spawn_blocking` (see [`SharedOutbox`]).
+pub struct Outbox {
+    conn: Connection,
+    path: PathBuf,
+}
+
+/// The outbox shared by the tasks of one process. One connection, one writer at a time.
+pub type SharedOutbox = Arc<Mutex<Outbox>>;
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox").field("path", &self.path).finish()
+    }
+}
+
+impl Outbox {
+    /// Opens (creating if needed) `shipper.db` in `state_dir`.
+    pub fn open_in(state_dir: &Path) -> Result<Self, OutboxError> {
+        std::fs::create_dir_all(state_dir).map_err(|source| OutboxError::CreateDir {
+            path: state_dir.to_owned(),
+            source,
+        })?;
+        Self::open(&state_dir.join(DB_FILE))
+    }
+
+    /// Opens (creating if needed) the outbox at `path` and migrates its schema.
+    pub fn open(path: &Path) -> Result<Self, OutboxError> {
+        let open_err = |source| OutboxError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let mut conn = Connection::open(path).map_err(open_err)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
+        // WAL: readers (tally queue) never block the writer; NORMAL: see the module doc.
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(open_err)?;
+        // Bounded page cache (8 MiB) keeps RSS flat whatever the outbox size.
+        conn.pragma_update(None, "cache_size", -8192)
+            .map_err(open_err)?;
+        // Checkpoint every ~32 MiB of WAL instead of 4 MiB: fewer fsyncs during bulk ingest.
+        conn.pragma_update(None, "wal_autocheckpoint", 8192)
+            .map_err(open_err)?;
+        conn.set_prepared_statement_cache_capacity(64);
+        schema::migrate(&mut conn)?;
+        Ok(Self {
+            conn,
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Wraps the outbox for sharing between the tasks of one process.
+    pub fn shared(self) -> SharedOutbox {
+        Arc::new(Mutex::new(self))
+    }
+
+    /// The file positions committed so far (what the tailer resumes from).
+    pub fn positions(&self) -> Result<Vec<FilePosition>, OutboxError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT dev, ino, fingerprint, path, offset, finished FROM positions ORDER BY updated_ms",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(FilePosition {
+                id: FileId {
+                    dev: r.get::<_, i64>(0)? as u64,
+                    ino: r.get::<_, i64>(1)? as u64,
+                    fingerprint: r.get::<_, i64>(2)? as u64,
+                },
+                path: PathBuf::from(r.get::<_, String>(3)?),
+                offset: r.get::<_, i64>(4)? as u64,
+                finished: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Records lines and the file positions reached, in ONE transaction: either both are
+    /// committed or neither is, so a crash re-reads exactly the uncommitted lines. Re-recording a
+    /// line is harmless (same transaction_id and content → `already_seen`).
+    pub fn ingest(
+        &mut self,
+        items: &[IngestItem],
+        positions: &[FilePosition],
+    ) -> Result<IngestReport, OutboxError> {
+        let now = now_ms();
+        let mut report = IngestReport::default();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO events (transaction_id, state, content_hash, record, event,
+                     subscription_id, reason, source_file, source_offset, created_ms, updated_ms,
+                     customer_ids)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?11)
+                 ON CONFLICT (transaction_id) DO NOTHING",
+            )?;
+            let mut existing = tx.prepare_cached(
+                "SELECT content_hash, state FROM events WHERE transaction_id = ?1",
+            )?;
+            let mut reject = tx.prepare_cached(
+                "INSERT INTO rejected (source_file, source_offset, transaction_id, reason, head, created_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (source_file, source_offset) DO NOTHING",
+            )?;
+            for item in items {
+                match item {
+                    IngestItem::Record { prepared, source } => {
+                        let record = prepared.record_json.as_deref();
+                        let (state, event, sub, reason) = match &prepared.disposition {
+                            Disposition::Pending {
+                                external_subscription_id,
+                                event,
+                            } => (
+                                State::Pending,
+                                Some(event.as_slice()),
+                                Some(external_subscription_id.as_str()),
+                                None,
+                            ),
+                            Disposition::Held { reason } => {
+                                (State::Held, None, None, Some(reason.as_str()))
+                            }
+                            Disposition::NotBillable { .. } => {
+                                (State::NotBillable, None, None, None)
+                            }
+                        };
+                        let ids =
+                            (state != State::NotBillable).then(|| prepared.customer_ids.to_json());
+                        let inserted = insert.execute(params![
+                            prepared.transaction_id,
+                            state.code(),
+                            prepared.content_hash,
+                            record,
+                            event,
+                            sub,
+                            reason,
+                            source.file,
+                            source.offset as i64,
+                            now,
+                            ids,
+                        ])?;
+                        if inserted == 1 {
+                            match state {
+                                State::Pending => report.pending += 1,
+                                State::Held => report.held += 1,
+                                _ => report.not_billable += 1,
+                            }
+                            continue;
+                        }
+                        let (hash, old_state): (i64, i64) = existing
+                            .query_row([&prepared.transaction_id], |r| {
+                                Ok((r.get(0)?, r.get(1)?))
+                            })?;
+                        if hash == prepared.content_hash {
+                            report.already_seen += 1;
+                            continue;
+                        }
+                        let old_state = State::from_code(old_state).map_or("unknown", State::name);
+                        let reason = format!(
+                            "conflicting duplicate: transaction_id {} was already recorded with different content (now {old_state}); this line is not billed",
+                            prepared.transaction_id
+                        );
+                        let head = prepared.transaction_id.clone();
+                        if reject.execute(params![
+                            source.file,
+                            source.offset as i64,
+                            prepared.transaction_id,
+                            reason,
+                            head,
+                            now
+                        ])? == 1
+                        {
+                            report.conflicts += 1;
+                        }
+                    }
+                    IngestItem::Rejected {
+                        source,
+                        reason,
+                        head,
+                    } => {
+                        if reject.execute(params![
+                            source.file,
+                            source.offset as i64,
+                            Option::<&str>::None,
+                            reason,
+                            head_text(head),
+                            now
+                        ])? == 1
+                        {
+                            report.rejected += 1;
+                        }
+                    }
+                }
+            }
+            let mut position = tx.prepare_cached(
+                "INSERT INTO positions (dev, ino, fingerprint, path, offset, finished, updated_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (dev, ino) DO UPDATE SET fingerprint = excluded.fingerprint,
+                     path = excluded.path, offset = excluded.offset,
+                     finished = excluded.finished, updated_ms = excluded.updated_ms",
+            )?;
+            for p in positions {
+                position.execute(params![
+                    p.id.dev as i64,
+                    p.id.ino as i64,
+                    p.id.fingerprint as i64,
+                    p.path.to_string_lossy(),
+                    p.offset as i64,
+                    p.finished,
+                    now
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(report)
+    }
+
+    /// Leases up to `max` pending events for `lease` and returns them. Rows leased by another
+    /// live sender are skipped until their lease runs out.
+    pub fn claim(
+        &mut self,
+        max: usize,
+        lease: Duration,
+        owner: LeaseOwner,
+    ) -> Result<Vec<ClaimedEvent>, OutboxError> {
+        let now = now_ms();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let claimed = {
+            let mut stmt = tx.prepare_cached(
+                "UPDATE events SET lease_until_ms = ?1, lease_owner = ?2, lease_pid = ?3
+                 WHERE rowid IN (SELECT rowid FROM events
+                                 WHERE state = 0 AND lease_until_ms <= ?4
+                                 ORDER BY lease_until_ms, created_ms LIMIT ?5)
+                 RETURNING transaction_id, event",
+            )?;
+            let rows = stmt.query_map(
+                params![
+                    now + lease.as_millis() as i64,
+                    owner.id,
+                    owner.pid,
+                    now,
+                    max as i64
+                ],
+                |r| {
+                    Ok(ClaimedEvent {
+                        transaction_id: r.get(0)?,
+                        event: r.get::<_, Option<Vec<u8>>>(1)?.unwrap_or_default(),
+                    })
+                },
+            )?;
+            rows.collect::<Result<Vec<_>, _>>()?
+        };
+        tx.commit()?;
+        Ok(claimed)
+    }
+
+    /// Extends the lease on events this owner still holds (before another attempt).
+    pub fn renew_lease(
+        &mut self,
+        ids: &[&str],
+        lease: Duration,
+        owner: LeaseOwner,
+    ) -> Result<(), OutboxError> {
+        let until = now_ms() + lease.as_millis() as i64;
+        self.for_each_id(
+            ids,
+            "UPDATE events SET lease_until_ms = ?2 WHERE transaction_id = ?1 AND state = 0 AND lease_owner = ?3",
+            |stmt, id| stmt.execute(params![id, until, owner.id]),
+        )
+    }
+
+    /// Gives leased events back (shutdown with requests abandoned): they are sent again next time.
+    pub fn release(&mut self, ids: &[&str], owner: LeaseOwner) -> Result<(), OutboxError> {
+        self.for_each_id(
+            ids,
+            "UPDATE events SET lease_until_ms = 0, lease_owner = NULL, lease_pid = NULL
+             WHERE transaction_id = ?1 AND state = 0 AND lease_owner = ?2",
+            |stmt, id| stmt.execute(params![id, owner.id]),
+        )
+    }
+
+    /// Lago has these: they become acked and are slimmed to id, hash, attempts and time. Whatever state a
+    /// row was in, Lago's word wins (it may have been dropped or retried meanwhile).
+    pub fn mark_acked(&mut self, ids: &[&str]) -> Result<(), OutboxError> {
+        let now = now_ms();
+        self.for_each_id(
+            ids,
+            "UPDATE events SET state = 3, record = NULL, event = NULL, customer_ids = NULL, reason = NULL,
+                 lease_until_ms = 0, lease_owner = NULL, lease_pid = NULL, updated_ms = ?2
+             WHERE transaction_id = ?1 AND state <> 3",
+            |stmt, id| stmt.execute(params![id, now]),
+        )
+    }
+
+    /// Lago refused these for good: dead, with Lago's words, until an operator acts.
+    pub fn mark_dead(&mut self, dead: &[(&str, &str)]) -> Result<(), OutboxError> {
+        let now = now_ms();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "UPDATE events SET state = 2, reason = ?2, attempts = attempts + 1,
+                     lease_until_ms = 0, lease_owner = NULL, lease_pid = NULL, updated_ms = ?3
+                 WHERE transaction_id = ?1 AND state = 0",
+            )?;
+            for (id, reason) in dead {
+                stmt.execute(params![id, reason, now])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A send attempt failed for a transient reason: count it and keep the error; still pending.
+    pub fn record_failure(&mut self, ids: &[&str], error: &str) -> Result<(), OutboxError> {
+        let now = now_ms();
+        self.for_each_id(
+            ids,
+            "UPDATE events SET attempts = attempts + 1, reason = ?2, updated_ms = ?3
+             WHERE transaction_id = ?1 AND state = 0",
+            |stmt, id| stmt.execute(params![id, error, now]),
+        )
+    }
+
+    /// Remembers (or, with `None`, clears) the last error Lago gave, for `tally queue stats`.
+    pub fn set_last_lago_error(&mut self, error: Option<&str>) -> Result<(), OutboxError> {
+        match error {
+            Some(e) => {
+                let mut stmt = self.conn.prepare_cached(
+                    "INSERT INTO meta (key, value) VALUES ('last_lago_error', ?1), ('last_lago_error_ms', ?2)
+                     ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                )?;
+                stmt.execute(params![e, now_ms().to_string()])?;
+            }
+            None => {
+                self.conn.execute(
+                    "DELETE FROM meta WHERE key IN ('last_lago_error', 'last_lago_error_ms')",
+                    [],
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Releases leases held by senders that no longer exist: another process that died, or a
+    /// sender of this process that has stopped. Returns how many rows were released.
+    pub fn release_stale_leases(&mut self) -> Result<usize, OutboxError> {
+        let me = std::process::id();
+        let holders: Vec<(i64, Option<i64>)> = {
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT DISTINCT lease_pid, lease_owner FROM events
+                 WHERE state = 0 AND lease_until_ms > 0 AND lease_pid IS NOT NULL",
+            )?;
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?
+        };
+        let live = live_owners().lock().map(|s| s.clone()).unwrap_or_default();
+        let mut released = 0;
+        for (pid, owner) in holders {
+            let stale = if pid == i64::from(me) {
+                owner.is_none_or(|o| !live.contains(&o))
+            } else {
+                !process_alive(pid)
+            };
+            if stale {
+                released += self.conn.execute(
+                    "UPDATE events SET lease_until_ms = 0, lease_owner = NULL, lease_pid = NULL
+                     WHERE state = 0 AND lease_pid = ?1 AND lease_owner IS ?2",
+                    params![pid, owner],
+                )?;
+            }
+        }
+        Ok(released)
+    }
+
+    /// Forgets acked ids acked more than `older_than` ago (`TALLY_ACKED_RETENTION_DAYS`).
+    /// A log older than the retention replayed later could then bill again: the default keeps
+    /// them forever.
+    pub fn prune_acked(&mut self, older_than: Duration) -> Result<usize, OutboxError> {
+        let cutoff = now_ms() - older_than.as_millis() as i64;
+        Ok(self.conn.execute(
+            "DELETE FROM events WHERE state = 3 AND updated_ms < ?1",
+            [cutoff],
+        )?)
+    }
+
+    /// Number of pending events (leased or not).
+    pub fn pending_count(&self) -> Result<u64, OutboxError> {
+        let n: i64 =
+            self.conn
+                .query_row("SELECT count(*) FROM events WHERE state = 0", [], |r| {
+                    r.get(0)
+                })?;
+        Ok(n as u64)
+    }
+
+    /// State of one transaction_id, if recorded.
+    pub fn state_of(&self, transaction_id: &str) -> Result<Option<State>, OutboxError> {
+        let code: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT state FROM events WHERE transaction_id = ?1")?
+            .query_row([transaction_id], |r| r.get(0))
+            .optional()?;
+        Ok(code.and_then(State::from_code))
+    }
+
+    /// Runs one statement per id in one IMMEDIATE transaction.
+    fn for_each_id(
+        &mut self,
+        ids: &[&str],
+        sql: &str,
+        mut run: impl FnMut(&mut rusqlite::CachedStatement<'_>, &str) -> rusqlite::Result<usize>,
+    ) -> Result<(), OutboxError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        {
+            let mut stmt = tx.prepare_cached(sql)?;
+            for id in ids {
+                run(&mut stmt, id)?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub(crate) fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    pub(crate) fn conn_mut(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
+}
+
+/// Whether a process with this pid exists (signal 0 probes without sending anything).
+fn process_alive(pid: i64) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: kill with signal 0 only checks for existence and permission.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+/// The first bytes of a line, as text for an operator (lossy UTF-8).
+pub fn head_text(bytes: &[u8]) -> String {
+    let cut = &bytes[..bytes.len().min(REJECTED_HEAD_BYTES)];
+    String::from_utf8_lossy(cut).into_owned()
+}
+
+#[cfg(test)]
+mod tests;

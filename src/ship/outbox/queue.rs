@@ -1,0 +1,411 @@
+//! What the operator commands (`tally queue stats|list|show|retry|drop`) read from and do to the
+//! outbox. Each is one short transaction, safe while `tally ship` runs in another process.
+
+use rusqlite::{OptionalExtension, TransactionBehavior, params};
+use serde::Serialize;
+
+use super::{Outbox, OutboxError, State, now_ms};
+use crate::ship::resolve::{CustomerIds, Disposition, EventSpec, disposition, re_resolve_event};
+use crate::ship::tail::{FileId, FilePosition};
+use crate::spend::SpendRecord;
+
+/// The last error Lago (or the way to it) gave, and when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LagoErrorNote {
+    pub message: String,
+    pub at_ms: i64,
+}
+
+/// A file position with the time it was committed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PositionNote {
+    pub position: FilePosition,
+    pub updated_ms: i64,
+}
+
+/// Counts by state and what an operator checks first.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Stats {
+    pub pending: u64,
+    /// Of `pending`, how many a sender holds right now.
+    pub in_flight: u64,
+    pub held: u64,
+    pub dead: u64,
+    pub acked: u64,
+    pub not_billable: u64,
+    pub dropped: u64,
+    /// Rejected lines (malformed, too long, conflicting duplicates), not counting dropped ones.
+    pub rejected: u64,
+    /// When the oldest pending event was recorded (ms since the epoch).
+    pub oldest_pending_ms: Option<i64>,
+    pub last_lago_error: Option<LagoErrorNote>,
+    pub positions: Vec<PositionNote>,
+}
+
+impl Stats {
+    /// Age of the oldest pending event at `now_ms`.
+    pub fn oldest_pending_age(&self, now_ms: i64) -> Option<std::time::Duration> {
+        self.oldest_pending_ms
+            .map(|t| std::time::Duration::from_millis(now_ms.saturating_sub(t).max(0) as u64))
+    }
+}
+
+/// What to list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListFilter {
+    /// Events in one state (oldest first).
+    State(State),
+    /// Rejected lines (oldest first).
+    Rejected,
+}
+
+/// One line of `tally queue list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ItemSummary {
+    /// The transaction_id, or `rejected:<n>` for a rejected line.
+    pub id: String,
+    /// `pending`, `held`, …, or `rejected`.
+    pub state: String,
+    pub reason: Option<String>,
+    pub attempts: u64,
+    pub source_file: Option<String>,
+    pub source_offset: Option<u64>,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+}
+
+/// Everything known about one event (`tally queue show`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ItemDetail {
+    pub transaction_id: String,
+    pub state: State,
+    /// The spend record, kept while held (a pending or dead event holds its content).
+    pub record: Option<String>,
+    /// The record's customer ids (absent once acked: acked rows are slimmed).
+    pub customer_ids: Option<String>,
+    /// The Lago event as it is (or was) sent.
+    pub event: Option<String>,
+    pub external_subscription_id: Option<String>,
+    pub reason: Option<String>,
+    pub attempts: u64,
+    pub source_file: Option<String>,
+    pub source_offset: Option<u64>,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+    pub leased_until_ms: Option<i64>,
+}
+
+/// What `retry` did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RetryReport {
+    /// Back to pending, with a freshly built event.
+    pub requeued: Vec<String>,
+    /// Still no customer id with the given charge-by: stay held, reason updated.
+    pub still_held: Vec<String>,
+    /// Not found, or not held / dead (nothing to retry).
+    pub skipped: Vec<String>,
+}
+
+/// Prefix of rejected-line ids in `list` output and in `drop`.
+pub const REJECTED_PREFIX: &str = "rejected:";
+
+impl Outbox {
+    pub fn stats(&self) -> Result<Stats, OutboxError> {
+        let conn = self.conn();
+        let mut stats = Stats::default();
+        let now = now_ms();
+        {
+            let mut stmt =
+                conn.prepare_cached("SELECT state, count(*) FROM events GROUP BY state")?;
+            let mut rows = stmt.query([])?;
+            while let Some(r) = rows.next()? {
+                let n = r.get::<_, i64>(1)? as u64;
+                match State::from_code(r.get(0)?) {
+                    Some(State::Pending) => stats.pending = n,
+                    Some(State::Held) => stats.held = n,
+                    Some(State::Dead) => stats.dead = n,
+                    Some(State::Acked) => stats.acked = n,
+                    Some(State::NotBillable) => stats.not_billable = n,
+                    Some(State::Dropped) => stats.dropped = n,
+                    None => {}
+                }
+            }
+        }
+        let (in_flight, oldest): (i64, Option<i64>) = conn.query_row(
+            "SELECT count(*) FILTER (WHERE lease_until_ms > ?1), min(created_ms)
+             FROM events WHERE state = 0",
+            [now],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        stats.in_flight = in_flight as u64;
+        stats.oldest_pending_ms = oldest;
+        stats.rejected = conn.query_row(
+            "SELECT count(*) FROM rejected WHERE dropped_reason IS NULL",
+            [],
+            |r| r.get::<_, i64>(0),
+        )? as u64;
+        let message: Option<String> = conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'last_lago_error'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let at: Option<String> = conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'last_lago_error_ms'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        stats.last_lago_error = message.map(|message| LagoErrorNote {
+            message,
+            at_ms: at.and_then(|a| a.parse().ok()).unwrap_or_default(),
+        });
+        let mut stmt = conn.prepare_cached(
+            "SELECT dev, ino, fingerprint, path, offset, finished, updated_ms FROM positions
+             ORDER BY updated_ms",
+        )?;
+        stats.positions = stmt
+            .query_map([], |r| {
+                Ok(PositionNote {
+                    position: FilePosition {
+                        id: FileId {
+                            dev: r.get::<_, i64>(0)? as u64,
+                            ino: r.get::<_, i64>(1)? as u64,
+                            fingerprint: r.get::<_, i64>(2)? as u64,
+                        },
+                        path: r.get::<_, String>(3)?.into(),
+                        offset: r.get::<_, i64>(4)? as u64,
+                        finished: r.get(5)?,
+                    },
+                    updated_ms: r.get(6)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(stats)
+    }
+
+    /// Up to `limit` items matching `filter`, oldest first.
+    pub fn list(&self, filter: ListFilter, limit: usize) -> Result<Vec<ItemSummary>, OutboxError> {
+        let conn = self.conn();
+        let limit = limit.min(i64::MAX as usize) as i64;
+        let items = match filter {
+            ListFilter::Rejected => {
+                let mut stmt = conn.prepare_cached(
+                    "SELECT id, reason, source_file, source_offset, created_ms FROM rejected
+                     WHERE dropped_reason IS NULL ORDER BY id LIMIT ?1",
+                )?;
+                stmt.query_map([limit], |r| {
+                    Ok(ItemSummary {
+                        id: format!("{REJECTED_PREFIX}{}", r.get::<_, i64>(0)?),
+                        state: "rejected".into(),
+                        reason: r.get(1)?,
+                        attempts: 0,
+                        source_file: r.get(2)?,
+                        source_offset: r.get::<_, Option<i64>>(3)?.map(|o| o as u64),
+                        created_ms: r.get(4)?,
+                        updated_ms: r.get(4)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?
+            }
+            ListFilter::State(state) => {
+                // `state = <literal>` lets SQLite use the partial index of that state.
+                let sql = format!(
+                    "SELECT transaction_id, reason, attempts, source_file, source_offset,
+                         created_ms, updated_ms FROM events
+                     WHERE state = {} ORDER BY created_ms LIMIT ?1",
+                    state.code()
+                );
+                let mut stmt = conn.prepare_cached(&sql)?;
+                stmt.query_map([limit], |r| {
+                    Ok(ItemSummary {
+                        id: r.get(0)?,
+                        state: state.name().into(),
+                        reason: r.get(1)?,
+                        attempts: r.get::<_, i64>(2)? as u64,
+                        source_file: r.get(3)?,
+                        source_offset: r.get::<_, Option<i64>>(4)?.map(|o| o as u64),
+                        created_ms: r.get(5)?,
+                        updated_ms: r.get(6)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?
+            }
+        };
+        Ok(items)
+    }
+
+    /// Everything about one transaction_id, or `None` when it was never recorded.
+    pub fn show(&self, transaction_id: &str) -> Result<Option<ItemDetail>, OutboxError> {
+        let now = now_ms();
+        let mut stmt = self.conn().prepare_cached(
+            "SELECT state, record, event, subscription_id, reason, attempts, source_file,
+                 source_offset, created_ms, updated_ms, lease_until_ms, customer_ids
+             FROM events WHERE transaction_id = ?1",
+        )?;
+        let text = |b: Option<Vec<u8>>| b.map(|b| String::from_utf8_lossy(&b).into_owned());
+        Ok(stmt
+            .query_row([transaction_id], |r| {
+                let lease: i64 = r.get(10)?;
+                Ok(ItemDetail {
+                    transaction_id: transaction_id.to_owned(),
+                    state: State::from_code(r.get(0)?).unwrap_or(State::Pending),
+                    record: text(r.get(1)?),
+                    event: text(r.get(2)?),
+                    external_subscription_id: r.get(3)?,
+                    reason: r.get(4)?,
+                    attempts: r.get::<_, i64>(5)? as u64,
+                    source_file: r.get(6)?,
+                    source_offset: r.get::<_, Option<i64>>(7)?.map(|o| o as u64),
+                    created_ms: r.get(8)?,
+                    updated_ms: r.get(9)?,
+                    leased_until_ms: (lease > now).then_some(lease),
+                    customer_ids: r.get(11)?,
+                })
+            })
+            .optional()?)
+    }
+
+    /// Re-resolves held or dead events with `spec` (e.g. another charge-by) and puts those that
+    /// now have a customer back to pending, with a freshly built event. `ids` empty means every
+    /// event in `state` (held or dead; both when `state` is `None`).
+    pub fn retry(
+        &mut self,
+        ids: &[String],
+        state: Option<State>,
+        spec: &EventSpec,
+    ) -> Result<RetryReport, OutboxError> {
+        let now = now_ms();
+        let mut report = RetryReport::default();
+        let tx = self
+            .conn_mut()
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        {
+            type Row = (
+                String,
+                i64,
+                Option<Vec<u8>>,
+                Option<Vec<u8>>,
+                Option<String>,
+            );
+            let row = |r: &rusqlite::Row<'_>| -> rusqlite::Result<Row> {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            };
+            let candidates: Vec<Row> = if ids.is_empty() {
+                let states: Vec<i64> = match state {
+                    Some(s) => vec![s.code()],
+                    None => vec![State::Held.code(), State::Dead.code()],
+                };
+                let mut out = Vec::new();
+                for code in states {
+                    let sql = format!(
+                        "SELECT transaction_id, state, record, event, customer_ids FROM events
+                         WHERE state = {code}"
+                    );
+                    let mut stmt = tx.prepare(&sql)?;
+                    let rows = stmt.query_map([], row)?;
+                    for row in rows {
+                        out.push(row?);
+                    }
+                }
+                out
+            } else {
+                let mut stmt = tx.prepare_cached(
+                    "SELECT transaction_id, state, record, event, customer_ids FROM events
+                     WHERE transaction_id = ?1",
+                )?;
+                let mut out = Vec::new();
+                for id in ids {
+                    match stmt.query_row([id], row).optional()? {
+                        Some(row) => out.push(row),
+                        None => report.skipped.push(id.clone()),
+                    }
+                }
+                out
+            };
+            let mut requeue = tx.prepare_cached(
+                "UPDATE events SET state = 0, event = ?2, subscription_id = ?3, reason = NULL,
+                     lease_until_ms = 0, lease_owner = NULL, lease_pid = NULL, updated_ms = ?4
+                 WHERE transaction_id = ?1",
+            )?;
+            let mut hold = tx.prepare_cached(
+                "UPDATE events SET state = 1, subscription_id = NULL, reason = ?2, updated_ms = ?3
+                 WHERE transaction_id = ?1",
+            )?;
+            for (id, code, record, event, customer_ids) in candidates {
+                // A held row has its record; a dead one its event and customer ids.
+                let from_record = record
+                    .and_then(|r| serde_json::from_slice::<SpendRecord>(&r).ok())
+                    .map(|r| disposition(&r, spec));
+                let outcome = match State::from_code(code) {
+                    Some(State::Held) if from_record.is_some() => from_record,
+                    Some(State::Held | State::Dead) => event.and_then(|e| {
+                        let ids: CustomerIds = customer_ids
+                            .and_then(|c| serde_json::from_str(&c).ok())
+                            .unwrap_or_default();
+                        re_resolve_event(&e, &ids, spec)
+                    }),
+                    _ => None,
+                };
+                let Some(outcome) = outcome else {
+                    report.skipped.push(id);
+                    continue;
+                };
+                match outcome {
+                    Disposition::Pending {
+                        external_subscription_id,
+                        event,
+                    } => {
+                        requeue.execute(params![id, event, external_subscription_id, now])?;
+                        report.requeued.push(id);
+                    }
+                    Disposition::Held { reason } => {
+                        hold.execute(params![id, reason, now])?;
+                        report.still_held.push(id);
+                    }
+                    Disposition::NotBillable { .. } => report.skipped.push(id),
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(report)
+    }
+
+    /// Removes events (pending, held or dead) or rejected lines (`rejected:<n>`) without billing
+    /// them. The row stays, in state dropped, with the reason: nothing disappears silently, and a
+    /// dropped transaction_id read again is still recognised. Returns the ids dropped.
+    pub fn drop_items(&mut self, ids: &[String], reason: &str) -> Result<Vec<String>, OutboxError> {
+        let now = now_ms();
+        let mut dropped = Vec::new();
+        let tx = self
+            .conn_mut()
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        {
+            let mut event = tx.prepare_cached(
+                "UPDATE events SET state = 5, event = NULL, reason = ?2, lease_until_ms = 0,
+                     lease_owner = NULL, lease_pid = NULL, updated_ms = ?3
+                 WHERE transaction_id = ?1 AND state IN (0, 1, 2)",
+            )?;
+            let mut rejected = tx.prepare_cached(
+                "UPDATE rejected SET dropped_reason = ?2 WHERE id = ?1 AND dropped_reason IS NULL",
+            )?;
+            let reason = format!("dropped by operator: {reason}");
+            for id in ids {
+                let n = match id
+                    .strip_prefix(REJECTED_PREFIX)
+                    .and_then(|n| n.parse::<i64>().ok())
+                {
+                    Some(n) => rejected.execute(params![n, reason])?,
+                    None => event.execute(params![id, reason, now])?,
+                };
+                if n == 1 {
+                    dropped.push(id.clone());
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(dropped)
+    }
+}

@@ -1,0 +1,109 @@
+//! The versioned schema of `shipper.db`, migrated forward with `PRAGMA user_version`.
+//!
+//! Each entry of [`MIGRATIONS`] moves the schema from version *i* to *i + 1* and runs in the same
+//! transaction as the `user_version` bump, so a crash mid-migration leaves the old version intact
+//! and the migration simply runs again. A database from a newer tally (a higher version than this
+//! build knows) is refused rather than guessed at.
+//!
+//! States of `events.state` (see `docs/delivery.md`): 0 pending, 1 held, 2 dead, 3 acked,
+//! 4 not billable, 5 dropped. Acked rows are slimmed to their id, hash and time: the id is what
+//! stops an old log replayed later from billing twice; the rest is not needed once Lago has it.
+
+use rusqlite::{Connection, TransactionBehavior};
+
+use super::OutboxError;
+
+/// Migration *i* takes the schema from version *i* to *i + 1*.
+pub const MIGRATIONS: &[&str] = &[
+    // v1
+    r#"
+    CREATE TABLE events (
+        transaction_id  TEXT PRIMARY KEY NOT NULL,
+        state           INTEGER NOT NULL,
+        content_hash    INTEGER NOT NULL,
+        record          BLOB,              -- canonical record JSON, only while held
+        event           BLOB,              -- Lago event JSON while pending or dead
+        customer_ids    TEXT,              -- the record's ids (JSON), to re-resolve; NULL once acked
+        subscription_id TEXT,
+        reason          TEXT,              -- why held / dead / dropped, or the last send error
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        source_file     TEXT,
+        source_offset   INTEGER,
+        created_ms      INTEGER NOT NULL,
+        updated_ms      INTEGER NOT NULL,
+        lease_until_ms  INTEGER NOT NULL DEFAULT 0,
+        lease_owner     INTEGER,
+        lease_pid       INTEGER
+    );
+    -- What a sender claims from: pending rows, not leased (or lease expired) first.
+    CREATE INDEX events_pending ON events (lease_until_ms, created_ms) WHERE state = 0;
+    CREATE INDEX events_held ON events (created_ms) WHERE state = 1;
+    CREATE INDEX events_dead ON events (created_ms) WHERE state = 2;
+
+    CREATE TABLE rejected (
+        id             INTEGER PRIMARY KEY,
+        source_file    TEXT NOT NULL,
+        source_offset  INTEGER NOT NULL,
+        transaction_id TEXT,               -- set for a conflicting duplicate
+        reason         TEXT NOT NULL,
+        head           TEXT NOT NULL,      -- first bytes of the line, lossy UTF-8
+        created_ms     INTEGER NOT NULL,
+        dropped_reason TEXT,
+        UNIQUE (source_file, source_offset)
+    );
+
+    CREATE TABLE positions (
+        dev         INTEGER NOT NULL,
+        ino         INTEGER NOT NULL,
+        fingerprint INTEGER NOT NULL,
+        path        TEXT NOT NULL,
+        offset      INTEGER NOT NULL,
+        finished    INTEGER NOT NULL,
+        updated_ms  INTEGER NOT NULL,
+        PRIMARY KEY (dev, ino)
+    );
+
+    CREATE TABLE meta (
+        key   TEXT PRIMARY KEY NOT NULL,
+        value TEXT NOT NULL
+    );
+    "#,
+];
+
+/// Brings the schema up to date; returns the version now in place.
+pub fn migrate(conn: &mut Connection) -> Result<usize, OutboxError> {
+    let known = MIGRATIONS.len();
+    loop {
+        // IMMEDIATE: two processes opening a fresh file at once must not both migrate.
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        let version = usize::try_from(version).unwrap_or(usize::MAX);
+        if version == known {
+            return Ok(version);
+        }
+        if version > known {
+            return Err(OutboxError::NewerSchema {
+                found: version,
+                known,
+            });
+        }
+        tx.execute_batch(MIGRATIONS[version])?;
+        tx.pragma_update(None, "user_version", (version + 1) as i64)?;
+        tx.commit()?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrates_once_and_refuses_newer() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        assert_eq!(migrate(&mut conn).unwrap(), MIGRATIONS.len());
+        assert_eq!(migrate(&mut conn).unwrap(), MIGRATIONS.len());
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        let err = migrate(&mut conn).unwrap_err().to_string();
+        assert!(err.contains("newer"), "{err}");
+    }
+}

@@ -1,0 +1,266 @@
+use std::time::Duration;
+
+use super::*;
+use crate::ship::resolve::{EventSpec, prepare};
+use crate::spend::SpendRecord;
+
+fn record(id: &str, user: Option<&str>) -> SpendRecord {
+    let mut r = SpendRecord::parse_line(
+        br#"{"schema":1,"transaction_id":"x","end_time":"2026-11-27T10:00:00.250Z","model":"m","input_tokens":1,"output_tokens":2,"status":"success"}"#,
+    )
+    .unwrap();
+    r.transaction_id = id.into();
+    r.end_user_id = user.map(Into::into);
+    r
+}
+
+fn spec() -> EventSpec {
+    EventSpec {
+        code: "llm".into(),
+        charge_by: Default::default(),
+    }
+}
+
+fn item(r: &SpendRecord, offset: u64) -> IngestItem {
+    IngestItem::Record {
+        prepared: prepare(r, &spec()),
+        source: Source {
+            file: "spend.jsonl".into(),
+            offset,
+        },
+    }
+}
+
+fn pos(offset: u64) -> FilePosition {
+    FilePosition {
+        id: FileId {
+            dev: 1,
+            ino: 2,
+            fingerprint: 3,
+        },
+        path: "spend.jsonl".into(),
+        offset,
+        finished: false,
+    }
+}
+
+fn open() -> (tempfile::TempDir, Outbox) {
+    let dir = tempfile::tempdir().unwrap();
+    let ob = Outbox::open_in(dir.path()).unwrap();
+    (dir, ob)
+}
+
+#[test]
+fn ingest_records_lines_and_positions_together_and_dedupes() {
+    let (dir, mut ob) = open();
+    let a = record("a", Some("c1"));
+    let b = record("b", None);
+    let mut failed = record("c", Some("c1"));
+    failed.status = "failure".into();
+    let rep = ob
+        .ingest(&[item(&a, 0), item(&b, 10), item(&failed, 20)], &[pos(30)])
+        .unwrap();
+    assert_eq!((rep.pending, rep.held, rep.not_billable), (1, 1, 1));
+    assert_eq!(ob.positions().unwrap(), vec![pos(30)]);
+
+    // A re-read of the same lines is harmless; a different content under the same id conflicts.
+    let mut a2 = a.clone();
+    a2.input_tokens = 99;
+    let rep = ob
+        .ingest(&[item(&a, 0), item(&a2, 40)], &[pos(50)])
+        .unwrap();
+    assert_eq!((rep.already_seen, rep.conflicts, rep.pending), (1, 1, 0));
+    let rejected = ob.list(ListFilter::Rejected, 10).unwrap();
+    assert_eq!(rejected.len(), 1);
+    assert!(
+        rejected[0]
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("conflicting duplicate")
+    );
+    assert_eq!(rejected[0].source_offset, Some(40));
+
+    // Reopening sees the same state.
+    drop(ob);
+    let ob = Outbox::open_in(dir.path()).unwrap();
+    let s = ob.stats().unwrap();
+    assert_eq!(
+        (s.pending, s.held, s.not_billable, s.rejected),
+        (1, 1, 1, 1)
+    );
+    assert_eq!(ob.positions().unwrap(), vec![pos(50)]);
+    let held = ob.show("b").unwrap().unwrap();
+    assert_eq!(held.state, State::Held);
+    assert!(held.reason.unwrap().contains("no end_user_id"));
+}
+
+#[test]
+fn malformed_lines_keep_file_offset_reason_and_head() {
+    let (_dir, mut ob) = open();
+    let long = vec![b'x'; 1000];
+    let items = [IngestItem::Rejected {
+        source: Source {
+            file: "f".into(),
+            offset: 7,
+        },
+        reason: "invalid record: eof".into(),
+        head: long,
+    }];
+    assert_eq!(ob.ingest(&items, &[]).unwrap().rejected, 1);
+    // The same line rejected again (re-read) is not counted twice.
+    assert_eq!(ob.ingest(&items, &[]).unwrap().rejected, 0);
+    let r = &ob.list(ListFilter::Rejected, 10).unwrap()[0];
+    assert_eq!(
+        (r.source_file.as_deref(), r.source_offset),
+        (Some("f"), Some(7))
+    );
+    let head: String = ob
+        .conn()
+        .query_row("SELECT head FROM rejected", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(head.len(), REJECTED_HEAD_BYTES);
+}
+
+#[test]
+fn claim_leases_and_ack_slims() {
+    let (_dir, mut ob) = open();
+    let items: Vec<_> = (0..5)
+        .map(|i| item(&record(&format!("t{i}"), Some("c")), i))
+        .collect();
+    ob.ingest(&items, &[]).unwrap();
+    let g1 = LeaseGuard::new();
+    let g2 = LeaseGuard::new();
+    let first = ob.claim(3, Duration::from_secs(60), g1.owner()).unwrap();
+    assert_eq!(first.len(), 3);
+    // A second sender does not get leased rows.
+    let second = ob.claim(10, Duration::from_secs(60), g2.owner()).unwrap();
+    assert_eq!(second.len(), 2);
+    assert!(
+        ob.claim(10, Duration::from_secs(60), g2.owner())
+            .unwrap()
+            .is_empty()
+    );
+    let ids: Vec<&str> = first.iter().map(|c| c.transaction_id.as_str()).collect();
+    ob.mark_acked(&ids).unwrap();
+    let shown = ob.show(ids[0]).unwrap().unwrap();
+    assert_eq!(shown.state, State::Acked);
+    assert_eq!((shown.record, shown.event), (None, None));
+    // Released rows come back.
+    let ids2: Vec<&str> = second.iter().map(|c| c.transaction_id.as_str()).collect();
+    ob.release(&ids2, g2.owner()).unwrap();
+    assert_eq!(
+        ob.claim(10, Duration::from_secs(60), g1.owner())
+            .unwrap()
+            .len(),
+        2
+    );
+    let s = ob.stats().unwrap();
+    assert_eq!((s.acked, s.pending, s.in_flight), (3, 2, 2));
+}
+
+#[test]
+fn stale_leases_of_a_gone_sender_are_released() {
+    let (_dir, mut ob) = open();
+    ob.ingest(&[item(&record("t", Some("c")), 0)], &[]).unwrap();
+    let gone = LeaseGuard::new();
+    assert_eq!(
+        ob.claim(1, Duration::from_secs(600), gone.owner())
+            .unwrap()
+            .len(),
+        1
+    );
+    let live = LeaseGuard::new();
+    assert!(
+        ob.claim(1, Duration::from_secs(600), live.owner())
+            .unwrap()
+            .is_empty()
+    );
+    // While its owner lives, the lease stands.
+    assert_eq!(ob.release_stale_leases().unwrap(), 0);
+    drop(gone);
+    assert_eq!(ob.release_stale_leases().unwrap(), 1);
+    assert_eq!(
+        ob.claim(1, Duration::from_secs(600), live.owner())
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn dead_retry_and_drop() {
+    let (_dir, mut ob) = open();
+    let mut team = record("held-1", None);
+    team.team_id = Some("team-x".into());
+    ob.ingest(
+        &[item(&team, 0), item(&record("dead-1", Some("c")), 1)],
+        &[],
+    )
+    .unwrap();
+    let g = LeaseGuard::new();
+    let claimed = ob.claim(10, Duration::from_secs(60), g.owner()).unwrap();
+    assert_eq!(claimed.len(), 1);
+    ob.mark_dead(&[("dead-1", "timestamp: invalid_format")])
+        .unwrap();
+    let d = ob.show("dead-1").unwrap().unwrap();
+    assert_eq!(
+        (d.state, d.reason.as_deref(), d.attempts),
+        (State::Dead, Some("timestamp: invalid_format"), 1)
+    );
+
+    // Retrying the held one with the same charge-by keeps it held; with team_id it is requeued.
+    let rep = ob.retry(&[], Some(State::Held), &spec()).unwrap();
+    assert_eq!(rep.still_held, vec!["held-1".to_string()]);
+    let by_team = EventSpec {
+        code: "llm".into(),
+        charge_by: "team_id,end_user_id".parse().unwrap(),
+    };
+    let rep = ob.retry(&[], None, &by_team).unwrap();
+    assert_eq!(rep.requeued.len(), 2);
+    let shown = ob.show("held-1").unwrap().unwrap();
+    assert_eq!(shown.state, State::Pending);
+    assert_eq!(shown.external_subscription_id.as_deref(), Some("team-x"));
+    assert!(shown.event.unwrap().contains("\"team-x\""));
+
+    let dropped = ob
+        .drop_items(&["held-1".into(), "nope".into()], "test customer")
+        .unwrap();
+    assert_eq!(dropped, vec!["held-1".to_string()]);
+    let shown = ob.show("held-1").unwrap().unwrap();
+    assert_eq!(shown.state, State::Dropped);
+    assert!(shown.reason.unwrap().contains("test customer"));
+    // Only dead-1 remains claimable.
+    let c = ob.claim(10, Duration::from_secs(60), g.owner()).unwrap();
+    assert_eq!(c.len(), 1);
+    assert_eq!(c[0].transaction_id, "dead-1");
+}
+
+#[test]
+fn acked_ids_are_kept_unless_retention_says_otherwise() {
+    let (_dir, mut ob) = open();
+    let r = record("old", Some("c"));
+    ob.ingest(&[item(&r, 0)], &[]).unwrap();
+    ob.mark_acked(&["old"]).unwrap();
+    assert_eq!(ob.prune_acked(Duration::from_secs(3600)).unwrap(), 0);
+    // A replay of the acked record is recognised, never pending again.
+    assert_eq!(ob.ingest(&[item(&r, 0)], &[]).unwrap().already_seen, 1);
+    assert_eq!(ob.pending_count().unwrap(), 0);
+    std::thread::sleep(Duration::from_millis(5));
+    assert_eq!(ob.prune_acked(Duration::ZERO).unwrap(), 1);
+}
+
+#[test]
+fn a_second_connection_sees_and_waits_for_writes() {
+    let (dir, mut a) = open();
+    let b = Outbox::open_in(dir.path()).unwrap();
+    a.ingest(&[item(&record("x", Some("c")), 0)], &[]).unwrap();
+    assert_eq!(b.pending_count().unwrap(), 1);
+    a.set_last_lago_error(Some("401 Unauthorized")).unwrap();
+    assert_eq!(
+        b.stats().unwrap().last_lago_error.unwrap().message,
+        "401 Unauthorized"
+    );
+    a.set_last_lago_error(None).unwrap();
+    assert!(b.stats().unwrap().last_lago_error.is_none());
+}

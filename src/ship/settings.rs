@@ -1,0 +1,509 @@
+//! Validated shipper settings: everything `tally ship` needs, checked once at start-up.
+//!
+//! [`ShipSettings::from_args`] turns the raw command line / environment ([`ShipArgs`]) into typed
+//! settings, or a [`SettingsError`] that names the variable, what was wrong and what is accepted.
+//! [`ShipSettings::new`] builds them in code (the demo, tests) with the same defaults as the CLI.
+//! The Lago API key is held in an [`ApiKey`], whose `Debug` and `Display` never show it.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use reqwest::Url;
+
+use crate::cli::{LagoArgs, ShipArgs, ShipTuning};
+use crate::ship::resolve::{ChargeBy, ChargeByError};
+
+/// Lago's own cap on events per batch request (`LAGO_EVENTS_BATCH_MAX_LENGTH`, default 100).
+pub const MAX_BATCH_SIZE: usize = 100;
+
+/// The Lago API key. Its value is reachable only through [`ApiKey::expose`]; `Debug` and `Display`
+/// print a placeholder, so the key cannot leak through a log line, an error or a `{:?}` of the
+/// settings.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    pub fn new(key: impl Into<String>) -> Self {
+        Self(key.into())
+    }
+
+    /// The key itself, for the `Authorization` header only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiKey(<redacted>)")
+    }
+}
+
+impl fmt::Display for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Where and how to reach Lago, and how records become events.
+#[derive(Debug, Clone)]
+pub struct LagoSettings {
+    /// Base URL without `/api/v1` and without a trailing slash, e.g. `https://api.getlago.com`.
+    pub api_base: Url,
+    pub api_key: ApiKey,
+    /// The billable metric code every event carries.
+    pub event_code: String,
+    pub charge_by: ChargeBy,
+}
+
+impl LagoSettings {
+    /// `POST` target for batches.
+    pub fn batch_url(&self) -> String {
+        format!(
+            "{}/api/v1/events/batch",
+            self.api_base.as_str().trim_end_matches('/')
+        )
+    }
+}
+
+/// Shipper tuning, with units attached.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    /// Events per batch request, 1..=100.
+    pub batch_size: usize,
+    /// How long a partial batch waits to fill before it is sent anyway.
+    pub linger: Duration,
+    /// Batch requests in flight at once (≥ 1).
+    pub batches_in_flight: usize,
+    /// Longest wait between two retries of a failing request.
+    pub retry_cap: Duration,
+    /// Timeout of one Lago request.
+    pub request_timeout: Duration,
+    /// On shutdown, how long in-flight requests may still take.
+    pub drain_deadline: Duration,
+    /// Safety-net poll of the spend log.
+    pub poll_interval: Duration,
+    /// Longest accepted spend-log line.
+    pub max_line_bytes: usize,
+    /// How long acked transaction ids are kept; `None` = forever (the default).
+    pub acked_retention: Option<Duration>,
+}
+
+impl Default for Tuning {
+    /// The same defaults as the command line.
+    fn default() -> Self {
+        Self {
+            batch_size: 100,
+            linger: Duration::from_millis(20),
+            batches_in_flight: 4,
+            retry_cap: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(30),
+            drain_deadline: Duration::from_secs(10),
+            poll_interval: Duration::from_millis(1000),
+            max_line_bytes: 1024 * 1024,
+            acked_retention: None,
+        }
+    }
+}
+
+/// Everything `tally ship` runs with, validated.
+#[derive(Debug, Clone)]
+pub struct ShipSettings {
+    pub spend_log: PathBuf,
+    pub state_dir: PathBuf,
+    pub lago: LagoSettings,
+    pub tuning: Tuning,
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// A setting that cannot be used. Each variant names the environment variable (the flag has the
+/// same name in kebab case) and says what is accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("{var} is not set; {hint}")]
+    Missing {
+        var: &'static str,
+        hint: &'static str,
+    },
+    #[error("{var}={value:?} is not valid: {reason}")]
+    Invalid {
+        var: &'static str,
+        value: String,
+        reason: String,
+    },
+    /// Like `Invalid`, for a secret: the value is not repeated.
+    #[error("{var} is not valid: {reason}")]
+    InvalidSecret { var: &'static str, reason: String },
+}
+
+impl ShipSettings {
+    /// Settings built in code, with the command line's defaults for everything else.
+    pub fn new(
+        spend_log: impl Into<PathBuf>,
+        state_dir: impl Into<PathBuf>,
+        api_base: &str,
+        api_key: ApiKey,
+        event_code: &str,
+    ) -> Result<Self, SettingsError> {
+        Ok(Self {
+            spend_log: spend_log.into(),
+            state_dir: state_dir.into(),
+            lago: LagoSettings {
+                api_base: parse_api_base(api_base)?,
+                api_key: check_api_key(api_key.expose())?,
+                event_code: check_event_code(event_code)?,
+                charge_by: ChargeBy::default(),
+            },
+            tuning: Tuning::default(),
+            metrics_addr: None,
+        })
+    }
+
+    /// Validates the command line / environment. The first problem found is returned.
+    pub fn from_args(args: &ShipArgs) -> Result<Self, SettingsError> {
+        let lago = lago_from_args(&args.lago)?;
+        let tuning = tuning_from_args(&args.tuning)?;
+        if args.shared.spend_log.as_os_str().is_empty() {
+            return Err(invalid(
+                "TALLY_SPEND_LOG",
+                "",
+                "give the path of the live spend log".into(),
+            ));
+        }
+        if args.shared.state_dir.as_os_str().is_empty() {
+            return Err(invalid(
+                "TALLY_STATE_DIR",
+                "",
+                "give a directory for shipper.db".into(),
+            ));
+        }
+        Ok(Self {
+            spend_log: args.shared.spend_log.clone(),
+            state_dir: args.shared.state_dir.clone(),
+            lago,
+            tuning,
+            metrics_addr: args.metrics_addr,
+        })
+    }
+
+    /// `shipper.db` in the state directory.
+    pub fn db_path(&self) -> PathBuf {
+        self.state_dir.join(crate::ship::outbox::DB_FILE)
+    }
+}
+
+/// Validates only the Lago part (also used by `tally replay --ship`).
+pub fn lago_from_args(args: &LagoArgs) -> Result<LagoSettings, SettingsError> {
+    let base = args.lago_api_base.as_deref().ok_or(SettingsError::Missing {
+        var: "LAGO_API_BASE",
+        hint: "set it to the Lago API's base URL, e.g. https://api.getlago.com or http://127.0.0.1:3000",
+    })?;
+    let key = args.lago_api_key.as_deref().ok_or(SettingsError::Missing {
+        var: "LAGO_API_KEY",
+        hint: "set it to a Lago API key with write access (Lago: Developers → API keys)",
+    })?;
+    let code = args
+        .lago_api_event_code
+        .as_deref()
+        .ok_or(SettingsError::Missing {
+            var: "LAGO_API_EVENT_CODE",
+            hint: "set it to the code of the Lago billable metric the events feed",
+        })?;
+    let charge_by = args
+        .lago_api_charge_by
+        .parse::<ChargeBy>()
+        .map_err(|e: ChargeByError| {
+            invalid(
+                "LAGO_API_CHARGE_BY",
+                &args.lago_api_charge_by,
+                e.to_string(),
+            )
+        })?;
+    Ok(LagoSettings {
+        api_base: parse_api_base(base)?,
+        api_key: check_api_key(key)?,
+        event_code: check_event_code(code)?,
+        charge_by,
+    })
+}
+
+/// Validates the tuning flags.
+pub fn tuning_from_args(t: &ShipTuning) -> Result<Tuning, SettingsError> {
+    if !(1..=MAX_BATCH_SIZE).contains(&t.batch_size) {
+        return Err(invalid(
+            "TALLY_BATCH_SIZE",
+            &t.batch_size.to_string(),
+            format!("accepted: 1 to {MAX_BATCH_SIZE} (Lago refuses larger batches)"),
+        ));
+    }
+    if !(1..=256).contains(&t.batches_in_flight) {
+        return Err(invalid(
+            "TALLY_BATCHES_IN_FLIGHT",
+            &t.batches_in_flight.to_string(),
+            "accepted: 1 to 256".into(),
+        ));
+    }
+    if t.linger_ms > 60_000 {
+        return Err(invalid(
+            "TALLY_LINGER_MS",
+            &t.linger_ms.to_string(),
+            "accepted: 0 to 60000 milliseconds".into(),
+        ));
+    }
+    if !(1..=86_400).contains(&t.retry_cap_secs) {
+        return Err(invalid(
+            "TALLY_RETRY_CAP_SECS",
+            &t.retry_cap_secs.to_string(),
+            "accepted: 1 to 86400 seconds".into(),
+        ));
+    }
+    if !(1..=3_600).contains(&t.request_timeout_secs) {
+        return Err(invalid(
+            "TALLY_REQUEST_TIMEOUT_SECS",
+            &t.request_timeout_secs.to_string(),
+            "accepted: 1 to 3600 seconds".into(),
+        ));
+    }
+    if t.drain_deadline_secs > 3_600 {
+        return Err(invalid(
+            "TALLY_DRAIN_DEADLINE_SECS",
+            &t.drain_deadline_secs.to_string(),
+            "accepted: 0 to 3600 seconds".into(),
+        ));
+    }
+    if !(10..=3_600_000).contains(&t.poll_interval_ms) {
+        return Err(invalid(
+            "TALLY_POLL_INTERVAL_MS",
+            &t.poll_interval_ms.to_string(),
+            "accepted: 10 to 3600000 milliseconds".into(),
+        ));
+    }
+    if !(1024..=64 * 1024 * 1024).contains(&t.max_line_bytes) {
+        return Err(invalid(
+            "TALLY_MAX_LINE_BYTES",
+            &t.max_line_bytes.to_string(),
+            "accepted: 1024 to 67108864 bytes".into(),
+        ));
+    }
+    if t.acked_retention_days > 36_500 {
+        return Err(invalid(
+            "TALLY_ACKED_RETENTION_DAYS",
+            &t.acked_retention_days.to_string(),
+            "accepted: 0 (keep forever) to 36500 days".into(),
+        ));
+    }
+    Ok(Tuning {
+        batch_size: t.batch_size,
+        linger: Duration::from_millis(t.linger_ms),
+        batches_in_flight: t.batches_in_flight,
+        retry_cap: Duration::from_secs(t.retry_cap_secs),
+        request_timeout: Duration::from_secs(t.request_timeout_secs),
+        drain_deadline: Duration::from_secs(t.drain_deadline_secs),
+        poll_interval: Duration::from_millis(t.poll_interval_ms),
+        max_line_bytes: t.max_line_bytes,
+        acked_retention: (t.acked_retention_days > 0)
+            .then(|| Duration::from_secs(t.acked_retention_days * 86_400)),
+    })
+}
+
+fn invalid(var: &'static str, value: &str, reason: String) -> SettingsError {
+    SettingsError::Invalid {
+        var,
+        value: value.to_owned(),
+        reason,
+    }
+}
+
+fn parse_api_base(raw: &str) -> Result<Url, SettingsError> {
+    let bad = |reason: String| invalid("LAGO_API_BASE", raw, reason);
+    let url = Url::parse(raw.trim()).map_err(|e| {
+        bad(format!(
+            "{e}; expected an http(s) URL such as https://api.getlago.com"
+        ))
+    })?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(bad(format!(
+            "scheme {:?} is not supported; accepted: http or https",
+            url.scheme()
+        )));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(bad("the URL has no host".into()));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(bad(
+            "credentials in the URL are not accepted; put the key in LAGO_API_KEY".into(),
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(bad("a query string or fragment is not accepted".into()));
+    }
+    let path = url.path().trim_end_matches('/');
+    if path.ends_with("/api/v1") || path.ends_with("/api/v1/events") {
+        return Err(bad(
+            "give the base URL without /api/v1 (tally appends /api/v1/events/batch)".into(),
+        ));
+    }
+    Ok(url)
+}
+
+fn check_api_key(key: &str) -> Result<ApiKey, SettingsError> {
+    let reason = if key.is_empty() {
+        Some("it is empty; set it to a Lago API key with write access")
+    } else if key.trim() != key {
+        Some("it has leading or trailing whitespace; remove it")
+    } else if key.chars().any(|c| c.is_control() || !c.is_ascii()) {
+        Some("it contains control or non-ASCII characters, which cannot go in an HTTP header")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(SettingsError::InvalidSecret {
+            var: "LAGO_API_KEY",
+            reason: reason.into(),
+        }),
+        None => Ok(ApiKey::new(key)),
+    }
+}
+
+fn check_event_code(code: &str) -> Result<String, SettingsError> {
+    if code.trim().is_empty() {
+        return Err(invalid(
+            "LAGO_API_EVENT_CODE",
+            code,
+            "it is empty; set it to the code of your Lago billable metric".into(),
+        ));
+    }
+    if code.trim() != code {
+        return Err(invalid(
+            "LAGO_API_EVENT_CODE",
+            code,
+            "it has leading or trailing whitespace; Lago matches codes exactly".into(),
+        ));
+    }
+    Ok(code.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    fn args(extra: &[&str]) -> ShipArgs {
+        let mut pairs = vec![
+            ("--lago-api-base", "http://127.0.0.1:3000"),
+            ("--lago-api-key", "sekret-key-1"),
+            ("--lago-api-event-code", "llm_usage"),
+        ];
+        for kv in extra.chunks(2) {
+            pairs.retain(|(k, _)| *k != kv[0]);
+            pairs.push((kv[0], kv[1]));
+        }
+        let mut argv = vec!["tally", "ship"];
+        for (k, v) in pairs {
+            argv.extend([k, v]);
+        }
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Ship(a) => a,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn defaults_validate() {
+        let s = ShipSettings::from_args(&args(&[])).unwrap();
+        assert_eq!(s.tuning.batch_size, 100);
+        assert_eq!(
+            s.lago.batch_url(),
+            "http://127.0.0.1:3000/api/v1/events/batch"
+        );
+        assert_eq!(s.tuning.acked_retention, None);
+    }
+
+    #[test]
+    fn key_never_shows_in_debug_or_errors() {
+        let s = ShipSettings::from_args(&args(&[])).unwrap();
+        let dbg = format!("{s:?}");
+        assert!(!dbg.contains("sekret-key-1"), "{dbg}");
+        assert!(dbg.contains("redacted"));
+        let mut a = args(&[]);
+        a.lago.lago_api_key = Some(" sekret-key-1".into());
+        let err = ShipSettings::from_args(&a).unwrap_err().to_string();
+        assert!(err.contains("LAGO_API_KEY"), "{err}");
+        assert!(!err.contains("sekret"), "{err}");
+    }
+
+    #[test]
+    fn errors_name_the_variable_and_accepted_values() {
+        let cases: &[(&[&str], &str, &str)] = &[
+            (&["--batch-size", "101"], "TALLY_BATCH_SIZE", "1 to 100"),
+            (&["--batch-size", "0"], "TALLY_BATCH_SIZE", "1 to 100"),
+            (
+                &["--batches-in-flight", "0"],
+                "TALLY_BATCHES_IN_FLIGHT",
+                "1 to 256",
+            ),
+            (
+                &["--lago-api-charge-by", "customer"],
+                "LAGO_API_CHARGE_BY",
+                "end_user_id, user_id, team_id",
+            ),
+            (
+                &["--lago-api-base", "ftp://x"],
+                "LAGO_API_BASE",
+                "http or https",
+            ),
+            (
+                &["--lago-api-base", "not a url"],
+                "LAGO_API_BASE",
+                "https://api.getlago.com",
+            ),
+            (
+                &["--lago-api-base", "https://api.getlago.com/api/v1/"],
+                "LAGO_API_BASE",
+                "without /api/v1",
+            ),
+            (
+                &["--lago-api-event-code", ""],
+                "LAGO_API_EVENT_CODE",
+                "empty",
+            ),
+            (&["--retry-cap-secs", "0"], "TALLY_RETRY_CAP_SECS", "1 to"),
+        ];
+        for (extra, var, accepted) in cases {
+            let err = ShipSettings::from_args(&args(extra))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(var), "{extra:?}: {err}");
+            assert!(err.contains(accepted), "{extra:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn missing_required_settings_are_named() {
+        let mut a = args(&[]);
+        a.lago.lago_api_key = None;
+        let err = ShipSettings::from_args(&a).unwrap_err().to_string();
+        assert!(err.starts_with("LAGO_API_KEY is not set"), "{err}");
+        let mut a = args(&[]);
+        a.lago.lago_api_event_code = None;
+        let err = ShipSettings::from_args(&a).unwrap_err().to_string();
+        assert!(err.starts_with("LAGO_API_EVENT_CODE is not set"), "{err}");
+        let mut a = args(&[]);
+        a.lago.lago_api_base = None;
+        let err = ShipSettings::from_args(&a).unwrap_err().to_string();
+        assert!(err.starts_with("LAGO_API_BASE is not set"), "{err}");
+    }
+
+    #[test]
+    fn retention_days_become_a_duration() {
+        let s = ShipSettings::from_args(&args(&["--acked-retention-days", "2"])).unwrap();
+        assert_eq!(
+            s.tuning.acked_retention,
+            Some(Duration::from_secs(2 * 86_400))
+        );
+    }
+}

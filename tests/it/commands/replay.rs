@@ -1,0 +1,441 @@
+//! `tally replay`: dedupe against everything already billed, time windows, dry runs, LiteLLM
+//! rows, gzip.
+
+use std::io::Write;
+
+use chrono::DateTime;
+use tally::lago_emulator::StoredEvent;
+
+use super::Who::{EndUser, Team, User};
+use super::{Bench, GENEROUS, customers, line, u, write};
+use crate::support::poll_until;
+
+fn millis(t: &str) -> i64 {
+    DateTime::parse_from_rfc3339(t).unwrap().timestamp_millis()
+}
+
+fn by_id<'a>(events: &'a [StoredEvent], id: &str) -> &'a StoredEvent {
+    events
+        .iter()
+        .find(|e| e.transaction_id == id)
+        .unwrap_or_else(|| panic!("{id} not stored"))
+}
+
+fn gzip(path: &std::path::Path, text: &[u8]) {
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    enc.write_all(text).unwrap();
+    std::fs::write(path, enc.finish().unwrap()).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_twice_bills_once_and_keeps_the_records_timestamps() {
+    let b = Bench::new().await;
+    let log = b.path("october.jsonl");
+    write(
+        &log,
+        &[
+            line(
+                "r-1",
+                "2026-10-31T23:59:59.250Z",
+                EndUser("c-1"),
+                10,
+                20,
+                0.001,
+            ),
+            line(
+                "r-2",
+                "2026-10-30T08:00:00.000Z",
+                EndUser("c-1"),
+                5,
+                5,
+                0.0005,
+            ),
+            line(
+                "r-3",
+                "2026-10-29T08:00:00.000Z",
+                EndUser("c-2"),
+                1,
+                2,
+                0.0001,
+            ),
+        ],
+    );
+    let log = log.to_str().unwrap();
+
+    let first = b.json(&["replay", "--ship", log]).await;
+    assert_eq!(
+        (u(&first, "new_events"), u(&first, "already_billed")),
+        (3, 0)
+    );
+    assert_eq!(u(&first["delivery"], "acked"), 3, "{first}");
+    let mut ids = b.stored_ids();
+    ids.sort();
+    assert_eq!(ids, ["r-1", "r-2", "r-3"]);
+    let events = b.lago.events();
+    assert_eq!(
+        by_id(&events, "r-1").timestamp_millis,
+        millis("2026-10-31T23:59:59.250Z"),
+        "usage lands in the period it belongs to, not at replay time"
+    );
+
+    let second = b.json(&["replay", "--ship", log]).await;
+    assert_eq!(
+        (u(&second, "new_events"), u(&second, "already_billed")),
+        (0, 3),
+        "{second}"
+    );
+    assert_eq!(b.lago.event_count(), 3, "nothing is billed twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_copy_of_the_live_log_shipped_by_tally_ship_bills_nothing_new() {
+    let mut b = Bench::new().await;
+    let live = b.path("spend.jsonl");
+    let lines = [
+        line(
+            "live-1",
+            "2026-11-27T10:00:00.000Z",
+            EndUser("c-1"),
+            7,
+            15,
+            0.0002,
+        ),
+        line(
+            "live-2",
+            "2026-11-27T10:00:01.000Z",
+            User("u-1"),
+            7,
+            15,
+            0.0002,
+        ),
+        line(
+            "live-3",
+            "2026-11-27T10:00:02.000Z",
+            EndUser("c-2"),
+            7,
+            15,
+            0.0002,
+        ),
+    ];
+    write(&live, &lines);
+    b.charge_by = "end_user_id,user_id".into();
+    let mut ship = b
+        .command(&["ship", "--poll-interval-ms", "50", "--linger-ms", "5"])
+        .spawn()
+        .unwrap();
+    poll_until("tally ship delivers the live log", GENEROUS, || async {
+        b.lago.event_count() == 3
+    })
+    .await;
+
+    // The operator replays the rotated copy (plain and compressed) while `tally ship` runs.
+    std::fs::create_dir(b.path("archive")).unwrap();
+    std::fs::copy(&live, b.path("archive/spend.jsonl.1")).unwrap();
+    gzip(
+        &b.path("archive/spend.jsonl.2.gz"),
+        lines.concat().as_bytes(),
+    );
+    let pattern = format!("{}/spend.jsonl.*", b.path("archive").display());
+    let v = b.json(&["replay", &pattern]).await;
+    assert_eq!(v["files"].as_array().unwrap().len(), 2, "{v}");
+    assert_eq!(u(&v, "lines_read"), 6);
+    assert_eq!(u(&v, "new_events"), 0, "{v}");
+    assert_eq!(u(&v, "already_billed"), 6, "{v}");
+    assert!(customers(&v).is_empty());
+
+    let stats = b.json(&["queue", "stats"]).await;
+    assert_eq!(
+        (u(&stats, "pending"), u(&stats, "acked")),
+        (0, 3),
+        "{stats}"
+    );
+    assert_eq!(b.lago.event_count(), 3);
+    // The live log's position is shown, read to its end.
+    let size = std::fs::metadata(&live).unwrap().len();
+    let files = stats["files"].as_array().unwrap();
+    let file = files
+        .iter()
+        .find(|f| f["path"].as_str().unwrap().ends_with("spend.jsonl"))
+        .unwrap_or_else(|| panic!("live log missing from {stats}"));
+    assert_eq!(
+        (u(file, "position"), u(file, "size"), u(file, "lag_bytes")),
+        (size, size, 0)
+    );
+
+    stop(&mut ship).await;
+}
+
+/// SIGTERM, then the drained exit.
+pub async fn stop(child: &mut tokio::process::Child) {
+    let pid = child.id().expect("running") as libc::pid_t;
+    // SAFETY: signalling a child we started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let status = tokio::time::timeout(GENEROUS, child.wait())
+        .await
+        .expect("tally ship drains within the timeout")
+        .unwrap();
+    assert!(status.success(), "tally ship exits 0 on SIGTERM: {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn since_and_until_pick_a_utc_window_and_bad_values_are_refused() {
+    let b = Bench::new().await;
+    let log = b.path("history.jsonl");
+    write(
+        &log,
+        &[
+            line("w-1", "2026-10-31T23:59:59.999Z", EndUser("c"), 1, 1, 0.0),
+            line("w-2", "2026-11-01T00:00:00.000Z", EndUser("c"), 2, 2, 0.0),
+            line("w-3", "2026-11-15T12:00:00.000Z", EndUser("c"), 3, 3, 0.0),
+            line("w-4", "2026-12-01T00:00:00.000Z", EndUser("c"), 4, 4, 0.0),
+        ],
+    );
+    let log = log.to_str().unwrap();
+
+    let nov = b
+        .json(&[
+            "replay",
+            "--dry-run",
+            "--since",
+            "2026-11-01",
+            "--until",
+            "2026-12-01",
+            log,
+        ])
+        .await;
+    assert_eq!(
+        (u(&nov, "new_events"), u(&nov, "outside_window")),
+        (2, 2),
+        "{nov}"
+    );
+    assert_eq!(customers(&nov), [("c".to_owned(), 2, 5, 5)]);
+
+    // An offset is honoured: 13:00+01:00 is 12:00 UTC, so w-3 is inside.
+    let late = b
+        .json(&[
+            "replay",
+            "--dry-run",
+            "--since",
+            "2026-11-15T13:00:00+01:00",
+            log,
+        ])
+        .await;
+    assert_eq!(customers(&late), [("c".to_owned(), 2, 7, 7)]);
+
+    b.json(&[
+        "replay",
+        "--ship",
+        "--since",
+        "2026-11-01",
+        "--until",
+        "2026-12-01",
+        log,
+    ])
+    .await;
+    let mut ids = b.stored_ids();
+    ids.sort();
+    assert_eq!(ids, ["w-2", "w-3"]);
+
+    let bad = b.run(&["replay", "--until", "2026-02-30", log]).await;
+    bad.assert_code(1);
+    assert!(
+        bad.stderr.contains("--until") && bad.stderr.contains("RFC 3339"),
+        "{}",
+        bad.stderr
+    );
+    let empty = b
+        .run(&[
+            "replay",
+            "--since",
+            "2026-12-01",
+            "--until",
+            "2026-11-01",
+            log,
+        ])
+        .await;
+    empty.assert_code(1);
+    assert!(empty.stderr.contains("window is empty"), "{}", empty.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_writes_nothing_and_shows_per_customer_totals() {
+    let b = Bench::new().await;
+    let log = b.path("spend-2026-11.jsonl");
+    let lines = [
+        line(
+            "d-1",
+            "2026-11-02T10:00:00.000Z",
+            EndUser("acme"),
+            10,
+            20,
+            0.25,
+        ),
+        line(
+            "d-2",
+            "2026-11-02T11:00:00.000Z",
+            EndUser("acme"),
+            5,
+            7,
+            0.5,
+        ),
+        line(
+            "d-3",
+            "2026-11-02T12:00:00.000Z",
+            EndUser("globex"),
+            1,
+            2,
+            0.125,
+        ),
+        line(
+            "d-4",
+            "2026-11-02T13:00:00.000Z",
+            Team("team-only"),
+            100,
+            100,
+            1.0,
+        ),
+    ];
+    write(&log, &lines);
+    let log_s = log.to_str().unwrap();
+
+    // No outbox yet: a dry run does not create one.
+    let v = b.json(&["replay", "--dry-run", log_s]).await;
+    assert!(!b.state_dir().exists(), "a dry run created the state dir");
+    assert_eq!(v["dry_run"], true);
+    assert_eq!(
+        customers(&v),
+        [
+            ("acme".to_owned(), 2, 15, 27),
+            ("globex".to_owned(), 1, 1, 2)
+        ]
+    );
+    let acme_cost = v["customers"][0]["cost_usd"].as_f64().unwrap();
+    assert!((acme_cost - 0.75).abs() < 1e-9, "{v}");
+    assert_eq!((u(&v, "new_events"), u(&v, "held")), (3, 1));
+    let text = b.run(&["replay", "--dry-run", log_s]).await;
+    text.assert_code(0);
+    assert!(
+        text.stdout.contains("acme") && text.stdout.contains("$0.75"),
+        "{}",
+        text.stdout
+    );
+    assert!(text.stdout.contains("dry run"), "{}", text.stdout);
+
+    // With an outbox holding half the file: the dry run counts those as already billed and
+    // leaves the database byte for byte as it was.
+    let half = b.path("half.jsonl");
+    write(&half, &lines[..2]);
+    b.json(&["replay", half.to_str().unwrap()]).await;
+    let before = std::fs::read(b.db()).unwrap();
+    let stats_before = b.json(&["queue", "stats"]).await;
+    let v = b.json(&["replay", "--dry-run", log_s]).await;
+    assert_eq!(
+        (u(&v, "new_events"), u(&v, "already_billed"), u(&v, "held")),
+        (1, 2, 1),
+        "{v}"
+    );
+    assert_eq!(customers(&v), [("globex".to_owned(), 1, 1, 2)]);
+    assert_eq!(std::fs::read(b.db()).unwrap(), before, "the dry run wrote");
+    let stats_after = b.json(&["queue", "stats"]).await;
+    assert_eq!(stats_before["pending"], stats_after["pending"]);
+    assert_eq!(stats_before["held"], stats_after["held"]);
+    assert_eq!(b.lago.event_count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn litellm_spend_logs_are_backfilled() {
+    let mut b = Bench::new().await;
+    b.charge_by = "end_user_id,user_id,team_id".into();
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/litellm/spend_logs.jsonl"
+    );
+    let v = b
+        .json(&["replay", "--format", "litellm", "--ship", fixture])
+        .await;
+    assert_eq!(u(&v, "lines_read"), 8);
+    assert_eq!(
+        (
+            u(&v, "new_events"),
+            u(&v, "rejected"),
+            u(&v, "not_billable")
+        ),
+        (6, 1, 1),
+        "{v}"
+    );
+    assert_eq!(
+        customers(&v),
+        [
+            ("cust-7".to_owned(), 2, 108, 266),
+            ("team-acme".to_owned(), 2, 32, 75),
+            ("user-dana".to_owned(), 2, 55, 80),
+        ]
+    );
+    assert_eq!(u(&v["delivery"], "acked"), 6);
+
+    let events = b.lago.events();
+    assert_eq!(events.len(), 6);
+    let e = by_id(&events, "chatcmpl-7f3c2a10-0004");
+    assert_eq!(e.external_subscription_id.as_deref(), Some("cust-7"));
+    assert_eq!(e.timestamp_millis, millis("2026-11-04T13:00:00Z"));
+    assert_eq!(e.properties["input_tokens"], 100);
+    assert_eq!(e.properties["model"], "gpt-4o");
+    let e = by_id(&events, "chatcmpl-7f3c2a10-0001");
+    assert_eq!(e.external_subscription_id.as_deref(), Some("team-acme"));
+    assert_eq!(e.timestamp_millis, millis("2026-11-03T09:15:02.118Z"));
+
+    // The bad row is kept with where it was and why.
+    let text = std::fs::read_to_string(fixture).unwrap();
+    let offset = text
+        .find("{\"request_id\":\"chatcmpl-7f3c2a10-0007\"")
+        .unwrap() as u64;
+    let list = b.json(&["queue", "list", "--state", "rejected"]).await;
+    let items = list["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{list}");
+    assert_eq!(u(&items[0], "offset"), offset);
+    assert!(items[0]["reason"].as_str().unwrap().contains("endTime"));
+    assert!(
+        items[0]["first_bytes"]
+            .as_str()
+            .unwrap()
+            .starts_with("{\"request_id\":\"chatcmpl-7f3c2a10-0007\"")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gzip_files_are_read() {
+    let b = Bench::new().await;
+    let text = [
+        line(
+            "g-1",
+            "2026-11-03T10:00:00.000Z",
+            EndUser("c-9"),
+            3,
+            4,
+            0.01,
+        ),
+        line(
+            "g-2",
+            "2026-11-03T10:00:01.000Z",
+            EndUser("c-9"),
+            5,
+            6,
+            0.02,
+        ),
+    ]
+    .concat();
+    gzip(&b.path("spend.jsonl.3.gz"), text.as_bytes());
+    let v = b.json(&["replay", "--dry-run", "spend.jsonl.*.gz"]).await;
+    assert_eq!(customers(&v), [("c-9".to_owned(), 2, 8, 10)], "{v}");
+    let v = b.json(&["replay", "--ship", "spend.jsonl.3.gz"]).await;
+    assert_eq!(u(&v["delivery"], "acked"), 2);
+    assert_eq!(b.lago.event_count(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pattern_that_matches_nothing_is_an_error() {
+    let b = Bench::new().await;
+    let r = b.run(&["replay", "--dry-run", "nothing-*.jsonl"]).await;
+    r.assert_code(1);
+    assert!(r.stderr.contains("matches no file"), "{}", r.stderr);
+}

@@ -1,0 +1,248 @@
+//! `/key/generate`, `/key/info`, `/key/delete`: LiteLLM's fields, hashing, expiry, refusals.
+
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use super::{MASTER, Proxy, chat, error_of, eventually};
+
+#[tokio::test]
+async fn generate_returns_litellm_fields_and_the_hash_as_token() {
+    let proxy = Proxy::start().await;
+    let k = proxy
+        .generate_key(json!({
+            "key_alias": "alias-1", "user_id": "u-1", "team_id": "my-unique-id",
+            "models": ["gpt-4o"], "metadata": {"env": "ci"}, "duration": "2h",
+            "max_budget": null,
+        }))
+        .await;
+    let key = k["key"].as_str().unwrap();
+    assert!(key.starts_with("sk-") && key.len() >= 3 + 22, "{key}");
+    assert!(
+        key[3..]
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    );
+    assert_eq!(k["key_name"], format!("sk-...{}", &key[key.len() - 4..]));
+    assert_eq!(k["token"], hex::encode(Sha256::digest(key.as_bytes())));
+    assert_eq!(k["key_alias"], "alias-1");
+    assert_eq!(k["user_id"], "u-1");
+    assert_eq!(k["team_id"], "my-unique-id");
+    assert_eq!(k["models"], json!(["gpt-4o"]));
+    assert_eq!(k["metadata"], json!({"env": "ci"}));
+    let expires = chrono::DateTime::parse_from_rfc3339(k["expires"].as_str().unwrap()).unwrap();
+    let hours = (expires.with_timezone(&chrono::Utc) - chrono::Utc::now()).num_minutes();
+    assert!((115..=120).contains(&hours), "expires in {hours} minutes");
+    let other = proxy.generate_key(json!({})).await;
+    assert_ne!(other["key"], k["key"]);
+    assert_eq!(other["expires"], Value::Null);
+
+    // keys.db holds the hash, never the key.
+    let db_dir = proxy
+        .spend_log
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("state");
+    for name in ["keys.db", "keys.db-wal"] {
+        let bytes = std::fs::read(db_dir.join(name)).unwrap_or_default();
+        assert!(
+            !bytes.windows(key.len()).any(|w| w == key.as_bytes()),
+            "{name} holds the key"
+        );
+    }
+}
+
+#[tokio::test]
+async fn info_accepts_key_or_hash_and_never_returns_the_key() {
+    let proxy = Proxy::start().await;
+    let k = proxy.generate_key(json!({"team_id": "t"})).await;
+    let key = k["key"].as_str().unwrap();
+    let token = k["token"].as_str().unwrap();
+    for id in [key, token] {
+        let r = proxy
+            .http
+            .get(proxy.url(&format!("/key/info?key={id}")))
+            .bearer_auth(MASTER)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let text = r.text().await.unwrap();
+        assert!(!text.contains(key), "info leaked the key: {text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["info"]["team_id"], "t");
+        assert_eq!(v["info"]["token"], token);
+    }
+    let r = proxy
+        .http
+        .get(proxy.url("/key/info?key=sk-unknown-key-aaaaaaaaaaaa"))
+        .bearer_auth(MASTER)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    error_of(r).await;
+    let r = proxy
+        .http
+        .get(proxy.url("/key/info"))
+        .bearer_auth(MASTER)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+}
+
+#[tokio::test]
+async fn deleted_and_expired_keys_get_401() {
+    let proxy = Proxy::start().await;
+    let by_key = proxy.generate_key(json!({})).await;
+    let by_hash = proxy.generate_key(json!({})).await;
+    let keep = proxy.generate_key(json!({})).await;
+    for k in [&by_key, &by_hash, &keep] {
+        let r = proxy
+            .post(
+                "/chat/completions",
+                k["key"].as_str().unwrap(),
+                &chat("mock"),
+            )
+            .await;
+        assert_eq!(r.status(), 200);
+    }
+    let r = proxy
+        .post(
+            "/key/delete",
+            MASTER,
+            &json!({"keys": [by_key["key"], by_hash["token"]]}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        v["deleted_keys"],
+        json!([by_key["token"], by_hash["token"]])
+    );
+    for k in [&by_key, &by_hash] {
+        let r = proxy
+            .post(
+                "/chat/completions",
+                k["key"].as_str().unwrap(),
+                &chat("mock"),
+            )
+            .await;
+        assert_eq!(r.status(), 401);
+    }
+    let r = proxy
+        .post(
+            "/chat/completions",
+            keep["key"].as_str().unwrap(),
+            &chat("mock"),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    // Deleting what is not there is a 404, and deletes nothing.
+    let r = proxy
+        .post(
+            "/key/delete",
+            MASTER,
+            &json!({"keys": [keep["key"], by_key["key"]]}),
+        )
+        .await;
+    assert_eq!(r.status(), 404);
+    let r = proxy
+        .post(
+            "/chat/completions",
+            keep["key"].as_str().unwrap(),
+            &chat("mock"),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+
+    let short = proxy.generate_key(json!({"duration": "1s"})).await;
+    let short_key = short["key"].as_str().unwrap().to_owned();
+    let error = eventually("the 1s key to expire", || async {
+        let r = proxy
+            .post("/chat/completions", &short_key, &chat("mock"))
+            .await;
+        (r.status() == 401).then_some(r)
+    })
+    .await;
+    assert!(
+        error_of(error).await["message"]
+            .as_str()
+            .unwrap()
+            .contains("expired")
+    );
+}
+
+#[tokio::test]
+async fn unenforced_and_unknown_fields_are_refused_by_name() {
+    let proxy = Proxy::start().await;
+    for (field, value) in [
+        ("max_budget", json!(10.0)),
+        ("budget_duration", json!("30d")),
+        ("tpm_limit", json!(1000)),
+        ("rpm_limit", json!(10)),
+        ("max_parallel_requests", json!(2)),
+        ("soft_budget", json!(5)),
+        ("model_max_budget", json!({"gpt-4o": 1})),
+        ("spend", json!(0)),
+        ("colour", json!("blue")),
+    ] {
+        let r = proxy
+            .post(
+                "/key/generate",
+                MASTER,
+                &json!({"team_id": "t", field: value}),
+            )
+            .await;
+        assert_eq!(r.status(), 400, "{field}");
+        let e = error_of(r).await;
+        assert_eq!(e["param"], field);
+        assert!(e["message"].as_str().unwrap().contains(field), "{e}");
+    }
+    for (field, value) in [
+        ("duration", json!("7 years")),
+        ("models", json!("gpt-4o")),
+        ("team_id", json!(7)),
+    ] {
+        let r = proxy
+            .post("/key/generate", MASTER, &json!({field: value}))
+            .await;
+        assert_eq!(r.status(), 400, "{field}");
+        assert_eq!(error_of(r).await["param"], field);
+    }
+    let r = proxy
+        .post("/key/delete", MASTER, &json!({"keys": "sk-x"}))
+        .await;
+    assert_eq!(r.status(), 400);
+}
+
+#[tokio::test]
+async fn only_the_master_key_manages_keys() {
+    let proxy = Proxy::start().await;
+    let k = proxy.generate_key(json!({})).await;
+    let key = k["key"].as_str().unwrap();
+    let r = proxy.post("/key/generate", key, &json!({})).await;
+    assert_eq!(r.status(), 403);
+    error_of(r).await;
+    let r = proxy
+        .post("/key/delete", key, &json!({"keys": [key]}))
+        .await;
+    assert_eq!(r.status(), 403);
+    let r = proxy
+        .http
+        .get(proxy.url(&format!("/key/info?key={key}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = proxy
+        .http
+        .post(proxy.url("/key/generate"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+}
