@@ -1,8 +1,10 @@
 //! Integration tests: one binary, one submodule per area. Every server binds port 0.
 
+mod bad_input;
 mod commands;
 mod lago_emulator;
 mod proxy;
+mod reliability_support;
 mod ship_ingest;
 mod ship_sender;
 mod ship_stub;
