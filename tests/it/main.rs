@@ -4,6 +4,7 @@ mod bad_input;
 mod commands;
 mod lago_emulator;
 mod proxy;
+mod reliability_crash;
 mod reliability_support;
 mod ship_ingest;
 mod ship_sender;
