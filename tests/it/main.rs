@@ -5,6 +5,7 @@ mod commands;
 mod lago_emulator;
 mod proxy;
 mod reliability_crash;
+mod reliability_disk;
 mod reliability_outage;
 mod reliability_support;
 mod ship_ingest;
