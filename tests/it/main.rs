@@ -7,6 +7,7 @@ mod proxy;
 mod reliability_crash;
 mod reliability_disk;
 mod reliability_outage;
+mod reliability_proxy;
 mod reliability_support;
 mod ship_ingest;
 mod ship_sender;
