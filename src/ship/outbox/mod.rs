@@ -261,10 +261,17 @@ impl std::fmt::Debug for Outbox {
 impl Outbox {
     /// Opens (creating if needed) `shipper.db` in `state_dir`.
     pub fn open_in(state_dir: &Path) -> Result<Self, OutboxError> {
-        std::fs::create_dir_all(state_dir).map_err(|source| OutboxError::CreateDir {
-            path: state_dir.to_owned(),
-            source,
-        })?;
+        use std::os::unix::fs::DirBuilderExt;
+        // The outbox holds usage per customer: nothing for other users (the group may read,
+        // for operators running `tally queue`).
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o750)
+            .create(state_dir)
+            .map_err(|source| OutboxError::CreateDir {
+                path: state_dir.to_owned(),
+                source,
+            })?;
         Self::open(&state_dir.join(DB_FILE))
     }
 
@@ -274,6 +281,16 @@ impl Outbox {
             path: path.to_owned(),
             source,
         };
+        if !path.exists() {
+            use std::os::unix::fs::OpenOptionsExt;
+            // Created owner-only before SQLite does: its -wal and -shm files take the database
+            // file's mode. A failure here is left for SQLite to report.
+            let _ = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(path);
+        }
         let mut conn = Connection::open(path).map_err(open_err)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
         // WAL: readers (tally queue) never block the writer; NORMAL: see the module doc.

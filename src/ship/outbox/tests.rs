@@ -292,3 +292,17 @@ fn rejected_lines_at_the_same_place_of_a_reused_path_are_all_kept() {
     assert_eq!(ob.list(ListFilter::Rejected, 10).unwrap().len(), 2);
     assert_eq!(ob.stats().unwrap().rejected, 2);
 }
+
+/// Regression (issue #6, found by the security test): `shipper.db` was created 0644, readable by
+/// every user; it holds usage per customer.
+#[test]
+fn the_outbox_and_its_directory_are_not_readable_by_other_users() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let ob = Outbox::open_in(&state).unwrap();
+    drop(ob);
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&state.join(DB_FILE)), 0o600);
+    assert_eq!(mode(&state) & 0o007, 0);
+}
