@@ -9,6 +9,7 @@ mod reliability_disk;
 mod reliability_outage;
 mod reliability_proxy;
 mod reliability_support;
+mod security;
 mod ship_ingest;
 mod ship_sender;
 mod ship_stub;
