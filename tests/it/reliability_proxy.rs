@@ -33,6 +33,7 @@ tally_settings:
   spend_log: {log}
   state_dir: {state}
   spend_log_max_bytes: {rotate_bytes}
+  max_body_bytes: 65536
 "#,
         log = rig.log().display(),
         state = rig.path("proxy-state").display(),
@@ -198,8 +199,7 @@ fn load(
         for t in tasks {
             let _ = t.await;
         }
-        let ids = ok.lock().unwrap().clone();
-        ids
+        ok.lock().unwrap().clone()
     })
 }
 
@@ -216,7 +216,8 @@ async fn proxy_sigkilled_under_load_loses_no_acknowledged_record_and_a_torn_line
     let mut acknowledged = Vec::new();
     let mut torn = String::new();
     for round in 0..rounds {
-        let mut proxy = ProxyChild::start(&rig, &config, &proxy_stderr, "warn,tally::proxy=info").await;
+        let mut proxy =
+            ProxyChild::start(&rig, &config, &proxy_stderr, "warn,tally::proxy=info").await;
         let stop = CancellationToken::new();
         let clients = load(&proxy.base, 8, stop.clone());
         tokio::time::sleep(Duration::from_millis(300 + rng.below(900))).await;

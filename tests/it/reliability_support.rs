@@ -199,10 +199,6 @@ pub struct Shipper {
 }
 
 impl Shipper {
-    pub fn pid(&self) -> i32 {
-        self.child.as_ref().map_or(0, |c| c.id() as i32)
-    }
-
     /// SIGKILL, then reap.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
