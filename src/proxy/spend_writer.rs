@@ -181,12 +181,39 @@ impl LiveFile {
             source,
         })?;
         let size = file.metadata().map(|m| m.len()).unwrap_or(0);
-        Ok(Self {
+        let mut live = Self {
             path,
             file,
             size,
             max_bytes,
-        })
+        };
+        live.end_torn_line().map_err(|source| SpendLogError::Open {
+            path: live.path.display().to_string(),
+            source,
+        })?;
+        Ok(live)
+    }
+
+    /// A previous writer that died mid-line (or hit a full disk) left a last line without its
+    /// `\n`. Appending straight after it would glue the next record onto the fragment and the
+    /// shipper would reject both; ending the fragment first keeps the new record whole (the
+    /// fragment alone is rejected, with its reason, by the shipper).
+    fn end_torn_line(&mut self) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        if self.size == 0 {
+            return Ok(());
+        }
+        let mut last = [0u8; 1];
+        File::open(&self.path)?.read_exact_at(&mut last, self.size - 1)?;
+        if last[0] != b'\n' {
+            self.file.write_all(b"\n")?;
+            self.size += 1;
+            tracing::warn!(
+                path = %self.path.display(),
+                "the spend log ended in a partial line (a writer stopped mid-record); it was ended so new records stay whole"
+            );
+        }
+        Ok(())
     }
 
     fn append(&mut self, line: &[u8]) -> Result<(), SpendLogError> {
@@ -274,6 +301,42 @@ mod tests {
             status: "success".into(),
             duration_ms: Some(1),
         }
+    }
+
+    /// Regression (issue #6): a proxy killed mid-line (or stopped by a full disk) leaves a torn
+    /// last line; the next proxy's first record used to be appended onto it, so both were one
+    /// malformed line and that request was never billed.
+    #[tokio::test]
+    async fn a_torn_last_line_is_ended_before_the_next_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = dir.path().join("spend.jsonl");
+        let whole = record(1).to_line();
+        let mut text = whole.clone();
+        text.extend_from_slice(&record(2).to_line()[..40]);
+        std::fs::write(&live, &text).unwrap();
+        let writer = SpendWriter::open(&live, 0).unwrap();
+        writer.append(&record(3)).await.unwrap();
+        writer.close().await;
+        let after = std::fs::read(&live).unwrap();
+        let lines: Vec<&[u8]> = after
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .collect();
+        assert_eq!(lines.len(), 3, "{}", String::from_utf8_lossy(&after));
+        assert!(SpendRecord::parse_line(lines[0]).is_ok());
+        assert!(
+            SpendRecord::parse_line(lines[1]).is_err(),
+            "the fragment stays alone"
+        );
+        assert_eq!(
+            SpendRecord::parse_line(lines[2]).unwrap().transaction_id,
+            "tx-3",
+            "the new record is whole"
+        );
+        // A file that ends cleanly gets nothing extra.
+        let writer = SpendWriter::open(&live, 0).unwrap();
+        writer.close().await;
+        assert_eq!(std::fs::read(&live).unwrap(), after);
     }
 
     #[tokio::test]

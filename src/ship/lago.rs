@@ -187,8 +187,16 @@ pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Answer 
 /// The answer body as text for a reason or log line, cut to a sane length.
 pub fn body_text(body: &[u8]) -> String {
     let cut = &body[..body.len().min(MAX_BODY_IN_REASON)];
-    let mut s = String::from_utf8_lossy(cut).trim().to_owned();
-    if body.len() > MAX_BODY_IN_REASON {
+    let lossy = String::from_utf8_lossy(cut);
+    let text = lossy.trim();
+    // Each invalid byte becomes a 3-byte U+FFFD: cut again after the conversion, on a character
+    // boundary, so the reason stays within the limit whatever Lago (or a proxy) sent.
+    let mut end = text.len().min(MAX_BODY_IN_REASON);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut s = text[..end].to_owned();
+    if body.len() > MAX_BODY_IN_REASON || end < text.len() {
         s.push('…');
     }
     s
@@ -340,6 +348,20 @@ mod tests {
     fn body_is_built_from_stored_bytes() {
         let events: [&[u8]; 2] = [br#"{"a":1}"#, br#"{"b":2}"#];
         assert_eq!(batch_body(events), br#"{"events":[{"a":1},{"b":2}]}"#);
+    }
+
+    /// Regression (issue #6, found by the `lago_answer` fuzz target): a body of invalid UTF-8
+    /// made a reason three times over the limit (each byte became a 3-byte U+FFFD).
+    #[test]
+    fn invalid_utf8_bodies_are_cut_to_the_limit_too() {
+        let t = body_text(&[0xff; 1900]);
+        assert!(
+            t.len() <= MAX_BODY_IN_REASON + '…'.len_utf8(),
+            "{}",
+            t.len()
+        );
+        assert!(t.ends_with('…'));
+        assert_eq!(body_text(b"  short  "), "short");
     }
 
     #[test]

@@ -83,8 +83,13 @@ pub fn event_spec(settings: &ShipSettings) -> EventSpec {
 /// the drain deadline, and returns `Ok(())`.
 pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let db_path = settings.db_path();
-    let mut outbox = Outbox::open_in(&settings.state_dir)
-        .with_context(|| format!("cannot open the outbox in {}", settings.state_dir.display()))?;
+    let mut outbox = Outbox::open_in(&settings.state_dir).with_context(|| {
+        format!(
+            "cannot open the outbox in {}{}",
+            settings.state_dir.display(),
+            not_writable(&db_path)
+        )
+    })?;
     if let Some(retention) = settings.tuning.acked_retention {
         let pruned = outbox.prune_acked(retention)?;
         if pruned > 0 {
@@ -224,8 +229,19 @@ pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> an
             Ok(Ok(())) => {}
         }
     }
-    let read = read.context("reading the spend log failed")?;
-    let sent = sent.context("delivering to Lago failed")?;
+    // An outbox error (disk full, read-only) must name the file, so the operator knows where.
+    let read = read.with_context(|| {
+        format!(
+            "reading the spend log into the outbox {} failed",
+            db_path.display()
+        )
+    })?;
+    let sent = sent.with_context(|| {
+        format!(
+            "delivering to Lago stopped: cannot update the outbox {}",
+            db_path.display()
+        )
+    })?;
     tracing::info!(
         read.pending,
         read.held,
@@ -264,6 +280,25 @@ async fn refresh_queue_gauges(
             _ = tokio::time::sleep(QUEUE_GAUGES_EVERY) => {}
             _ = stop.cancelled() => return,
         }
+    }
+}
+
+/// Why `db` cannot be written, in the OS's words (SQLite only says "unable to open database
+/// file", which does not tell a read-only filesystem from a missing directory); empty if it can.
+fn not_writable(db: &std::path::Path) -> String {
+    let (path, probe) = if db.exists() {
+        let r = std::fs::OpenOptions::new().append(true).open(db);
+        (db.to_path_buf(), r)
+    } else {
+        // No outbox yet: can a file be created beside where it would be?
+        let p = db.with_file_name(".tally-write-probe");
+        let r = std::fs::File::create(&p);
+        let _ = std::fs::remove_file(&p);
+        (p, r)
+    };
+    match probe {
+        Ok(_) => String::new(),
+        Err(e) => format!(" ({}: {e})", path.display()),
     }
 }
 

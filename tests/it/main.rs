@@ -1,8 +1,15 @@
 //! Integration tests: one binary, one submodule per area. Every server binds port 0.
 
+mod bad_input;
 mod commands;
 mod lago_emulator;
 mod proxy;
+mod reliability_crash;
+mod reliability_disk;
+mod reliability_outage;
+mod reliability_proxy;
+mod reliability_support;
+mod security;
 mod service;
 mod ship_e2e;
 mod ship_ingest;

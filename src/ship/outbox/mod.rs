@@ -261,10 +261,17 @@ impl std::fmt::Debug for Outbox {
 impl Outbox {
     /// Opens (creating if needed) `shipper.db` in `state_dir`.
     pub fn open_in(state_dir: &Path) -> Result<Self, OutboxError> {
-        std::fs::create_dir_all(state_dir).map_err(|source| OutboxError::CreateDir {
-            path: state_dir.to_owned(),
-            source,
-        })?;
+        use std::os::unix::fs::DirBuilderExt;
+        // The outbox holds usage per customer: nothing for other users (the group may read,
+        // for operators running `tally queue`).
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o750)
+            .create(state_dir)
+            .map_err(|source| OutboxError::CreateDir {
+                path: state_dir.to_owned(),
+                source,
+            })?;
         Self::open(&state_dir.join(DB_FILE))
     }
 
@@ -274,6 +281,16 @@ impl Outbox {
             path: path.to_owned(),
             source,
         };
+        if !path.exists() {
+            use std::os::unix::fs::OpenOptionsExt;
+            // Created owner-only before SQLite does: its -wal and -shm files take the database
+            // file's mode. A failure here is left for SQLite to report.
+            let _ = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(path);
+        }
         let mut conn = Connection::open(path).map_err(open_err)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
         // WAL: readers (tally queue) never block the writer; NORMAL: see the module doc.
@@ -349,9 +366,9 @@ impl Outbox {
                 "SELECT content_hash, state FROM events WHERE transaction_id = ?1",
             )?;
             let mut reject = tx.prepare_cached(
-                "INSERT INTO rejected (source_file, source_offset, transaction_id, reason, head, created_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (source_file, source_offset) DO NOTHING",
+                "INSERT INTO rejected (source_file, source_offset, transaction_id, reason, head, created_ms, line_key)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (source_file, source_offset, line_key) DO NOTHING",
             )?;
             for item in items {
                 match item {
@@ -411,13 +428,15 @@ impl Outbox {
                             prepared.transaction_id
                         );
                         let head = prepared.transaction_id.clone();
+                        let key = rejected_line_key(&reason, head.as_bytes());
                         if reject.execute(params![
                             source.file,
                             source.offset as i64,
                             prepared.transaction_id,
                             reason,
                             head,
-                            now
+                            now,
+                            key
                         ])? == 1
                         {
                             report.conflicts += 1;
@@ -428,13 +447,16 @@ impl Outbox {
                         reason,
                         head,
                     } => {
+                        let head = head_text(head);
+                        let key = rejected_line_key(reason, head.as_bytes());
                         if reject.execute(params![
                             source.file,
                             source.offset as i64,
                             Option::<&str>::None,
                             reason,
-                            head_text(head),
-                            now
+                            head,
+                            now,
+                            key
                         ])? == 1
                         {
                             report.rejected += 1;
@@ -706,6 +728,17 @@ fn process_alive(pid: i64) -> bool {
 pub fn head_text(bytes: &[u8]) -> String {
     let cut = &bytes[..bytes.len().min(REJECTED_HEAD_BYTES)];
     String::from_utf8_lossy(cut).into_owned()
+}
+
+/// What tells two rejected lines at the same file path and offset apart: after a rotation the
+/// new live file reuses the path, so (path, offset) alone would merge a new malformed line into
+/// an old one. The same line read again after a crash has the same key and is not counted twice.
+fn rejected_line_key(reason: &str, head: &[u8]) -> i64 {
+    let mut bytes = Vec::with_capacity(reason.len() + 1 + head.len());
+    bytes.extend_from_slice(reason.as_bytes());
+    bytes.push(0);
+    bytes.extend_from_slice(head);
+    crate::ship::resolve::content_hash(&bytes)
 }
 
 #[cfg(test)]

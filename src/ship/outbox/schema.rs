@@ -77,6 +77,29 @@ pub const MIGRATIONS: &[&str] = &[
     DROP INDEX events_pending;
     CREATE INDEX events_pending ON events (created_ms) WHERE state = 0;
     "#,
+    // v3: a rejected line is one line *at one place with one content*. v1 keyed it on (file,
+    // offset) alone, so after a rotation a malformed line of the new live file at the offset of
+    // an earlier one was silently dropped. A re-read after a crash still dedupes (same key).
+    r#"
+    CREATE TABLE rejected_v2 (
+        id             INTEGER PRIMARY KEY,
+        source_file    TEXT NOT NULL,
+        source_offset  INTEGER NOT NULL,
+        line_key       INTEGER NOT NULL DEFAULT 0, -- hash of the reason and the line's first bytes
+        transaction_id TEXT,
+        reason         TEXT NOT NULL,
+        head           TEXT NOT NULL,
+        created_ms     INTEGER NOT NULL,
+        dropped_reason TEXT,
+        UNIQUE (source_file, source_offset, line_key)
+    );
+    INSERT INTO rejected_v2 (id, source_file, source_offset, transaction_id, reason, head,
+                             created_ms, dropped_reason)
+        SELECT id, source_file, source_offset, transaction_id, reason, head, created_ms,
+               dropped_reason FROM rejected;
+    DROP TABLE rejected;
+    ALTER TABLE rejected_v2 RENAME TO rejected;
+    "#,
 ];
 
 /// Brings the schema up to date; returns the version now in place.

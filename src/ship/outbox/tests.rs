@@ -264,3 +264,45 @@ fn a_second_connection_sees_and_waits_for_writes() {
     a.set_last_lago_error(None).unwrap();
     assert!(b.stats().unwrap().last_lago_error.is_none());
 }
+
+/// Regression (issue #6, found by the bad-input test): after a rotation the new live file has the
+/// same path, so a malformed line at the offset of an earlier malformed line used to be dropped
+/// silently by the (file, offset) uniqueness. A re-read of the same line still counts once.
+#[test]
+fn rejected_lines_at_the_same_place_of_a_reused_path_are_all_kept() {
+    let (_dir, mut ob) = open();
+    let bad = |head: &[u8], offset| IngestItem::Rejected {
+        source: Source {
+            file: "spend.jsonl".into(),
+            offset,
+        },
+        reason: "invalid record: expected value".into(),
+        head: head.to_vec(),
+    };
+    let rep = ob.ingest(&[bad(b"{first file", 300)], &[pos(400)]).unwrap();
+    assert_eq!(rep.rejected, 1);
+    // The same line read again (a restart before its position was committed): not counted again.
+    let rep = ob.ingest(&[bad(b"{first file", 300)], &[pos(400)]).unwrap();
+    assert_eq!(rep.rejected, 0);
+    // Another line at the same path and offset (a later file after rotation): kept too.
+    let rep = ob
+        .ingest(&[bad(b"{second file", 300)], &[pos(400)])
+        .unwrap();
+    assert_eq!(rep.rejected, 1);
+    assert_eq!(ob.list(ListFilter::Rejected, 10).unwrap().len(), 2);
+    assert_eq!(ob.stats().unwrap().rejected, 2);
+}
+
+/// Regression (issue #6, found by the security test): `shipper.db` was created 0644, readable by
+/// every user; it holds usage per customer.
+#[test]
+fn the_outbox_and_its_directory_are_not_readable_by_other_users() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let ob = Outbox::open_in(&state).unwrap();
+    drop(ob);
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&state.join(DB_FILE)), 0o600);
+    assert_eq!(mode(&state) & 0o007, 0);
+}

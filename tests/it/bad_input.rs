@@ -1,0 +1,187 @@
+//! Bad input (issue #6): every file in `fixtures/bad/` (plus an 8 MiB line and a larger binary
+//! file generated here) goes through the real `tally ship` between good lines, one case per
+//! rotated spend-log file. Each gets its reason in `tally queue list --state rejected`, the good
+//! lines around it are billed exactly once, and the shipper keeps running.
+
+use std::path::PathBuf;
+
+use crate::reliability_support::{LogWriter, Rig, figure, good_line};
+use crate::support::SplitMix;
+
+/// A case: its name, its bytes, and what its rejection must say (reason, and the first bytes of
+/// the rejected line when they are text worth matching).
+struct Case {
+    name: &'static str,
+    bytes: Vec<u8>,
+    reasons: Vec<&'static str>,
+}
+
+fn fixture(name: &str) -> Vec<u8> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/bad")
+        .join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn cases() -> Vec<Case> {
+    let mut rng = SplitMix(6);
+    // Random bytes without a newline: one "line" over the 1 MiB limit.
+    let big_binary: Vec<u8> = (0..(1 << 20) + 4096)
+        .map(|_| match rng.below(256) as u8 {
+            b'\n' => 0,
+            b => b,
+        })
+        .collect();
+    // An 8 MiB line: a record whose key_alias is 8 MiB long.
+    let mut eight_mib = good_line("bad-8mib-line", 0).into_bytes();
+    let padding = format!(",\"key_alias\":\"{}\"}}\n", "x".repeat(8 << 20));
+    eight_mib.truncate(eight_mib.len() - 2); // drop `}\n`
+    eight_mib.extend_from_slice(padding.as_bytes());
+    let c = |name, reasons: &[&'static str]| Case {
+        name,
+        bytes: fixture(name),
+        reasons: reasons.to_vec(),
+    };
+    vec![
+        c("invalid_json.jsonl", &["invalid record"]),
+        c(
+            "truncated_last_line.jsonl",
+            &["invalid record: EOF while parsing"],
+        ),
+        c("wrong_types.jsonl", &["field `input_tokens`"]),
+        c("negative_tokens.jsonl", &["field `output_tokens`"]),
+        c("huge_tokens.jsonl", &["input_tokens", "implausibly large"]),
+        c("nan_cost.jsonl", &["invalid record: expected value"]),
+        c(
+            "infinite_cost.jsonl",
+            &["field `response_cost`: number out of range"],
+        ),
+        c("invalid_utf8.jsonl", &["not valid UTF-8"]),
+        c("unknown_schema.jsonl", &["unsupported schema version 2"]),
+        c("conflicting_duplicate.jsonl", &["conflicting duplicate"]),
+        c("empty.jsonl", &[]),
+        c("binary.bin", &[]),
+        Case {
+            name: "generated: 8 MiB line",
+            bytes: eight_mib,
+            reasons: vec!["over the limit of 1048576 bytes"],
+        },
+        Case {
+            name: "generated: 1 MiB binary without a newline",
+            bytes: big_binary,
+            reasons: vec!["over the limit of 1048576 bytes"],
+        },
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bad_input_is_rejected_with_its_reason_and_the_good_lines_around_it_are_billed() {
+    let rig = Rig::new().await;
+    let mut writer = LogWriter::open(&rig.log());
+    let mut ship = rig.spawn_ship(&[]);
+    let cases = cases();
+    // The shipper has the live file open once this line is billed: on a first start it reads
+    // the live file only, and the first case's file is rotated right after it is written.
+    writer.append(good_line("good-first", 98).as_bytes());
+    let mut good = vec!["good-first".to_owned()];
+    rig.wait_stored(1, "the first line").await;
+    // The first line of the conflicting pair is a good record: billed once, with its content.
+    let mut extra = 0;
+    for (i, case) in cases.iter().enumerate() {
+        // good, bad, (rotation), good: the case sits alone at the end of its file, so even a
+        // last line without its newline is handed out once the file is rotated away.
+        let id = format!("good-before-{i}");
+        writer.append(good_line(&id, i as u64).as_bytes());
+        good.push(id);
+        writer.append(&case.bytes);
+        writer.rotate();
+        // The shipper must have read past the case before the next one starts: each case's
+        // effect is then attributable, and the shipper is seen to survive every one.
+        extra += usize::from(case.name.starts_with("conflicting"));
+        rig.wait_stored(good.len() + extra, case.name).await;
+        assert!(
+            ship.exited().is_none(),
+            "the shipper stopped after {}:\n{}",
+            case.name,
+            rig.stderr_text()
+        );
+    }
+    writer.append(good_line("good-last", 99).as_bytes());
+    good.push("good-last".into());
+    good.push("dup-conflict".into());
+    rig.wait_stored(good.len(), "the last good line").await;
+    assert!(ship.exited().is_none(), "the shipper stopped");
+
+    rig.assert_exactly_once(&good);
+    let dup = rig
+        .lago
+        .events()
+        .into_iter()
+        .find(|e| e.transaction_id == "dup-conflict")
+        .unwrap();
+    assert_eq!(
+        dup.properties["input_tokens"], 7,
+        "the first content is billed, not the conflicting one: {:?}",
+        dup.properties
+    );
+
+    // Rejections are committed with the lines around them, but the check is eventual anyway.
+    let all_said = |rejected: &[(String, String)]| {
+        cases.iter().all(|c| {
+            c.reasons
+                .iter()
+                .all(|want| rejected.iter().any(|(r, _)| r.contains(want)))
+        })
+    };
+    crate::support::wait_until(std::time::Duration::from_secs(60), || {
+        all_said(&rig.rejected())
+    })
+    .await;
+    let rejected = rig.rejected();
+    let reasons: Vec<&str> = rejected.iter().map(|(r, _)| r.as_str()).collect();
+    for case in &cases {
+        for want in &case.reasons {
+            assert!(
+                rejected.iter().any(|(reason, _)| reason.contains(want)),
+                "{}: no rejected line says {want:?}; reasons: {reasons:#?}",
+                case.name
+            );
+        }
+    }
+    // Every rejected line of the text cases names its transaction id in its first bytes, so an
+    // operator can find it; the binary cases produce only rejections that say why.
+    for id in [
+        "bad-invalid-json",
+        "bad-truncated-last-line",
+        "bad-wrong-types",
+        "bad-negative-tokens",
+        "bad-huge-tokens",
+        "bad-nan-cost",
+        "bad-infinite-cost",
+        "bad-unknown-schema",
+    ] {
+        assert!(
+            rejected.iter().any(|(_, head)| head.contains(id)),
+            "{id} is not among the rejected lines: {rejected:#?}"
+        );
+    }
+    let binary_lines = rejected
+        .iter()
+        .filter(|(r, _)| r.contains("not valid UTF-8") || r.contains("invalid record"))
+        .count();
+    assert!(binary_lines >= 3, "{rejected:#?}");
+    // Nothing rejected is billed: Lago has only the good ids (checked above), and the shipper
+    // still runs after all of it.
+    assert!(ship.exited().is_none());
+    let status = ship.terminate().unwrap();
+    assert!(status.success(), "SIGTERM exit: {status}");
+    figure(
+        "bad_input",
+        format!(
+            "{} cases, {} rejected lines, {} good lines billed once",
+            cases.len(),
+            rejected.len(),
+            good.len()
+        ),
+    );
+}
