@@ -12,11 +12,6 @@ use tokio_util::sync::CancellationToken;
 
 use tally::cli::{Cli, Command};
 
-/// mimalloc rather than the system allocator: a proxied request makes a few dozen small
-/// allocations, and glibc's malloc/free were about a sixth of the proxy's instructions.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo prints its own summary; keep the services' info lines out of it unless asked.
