@@ -17,43 +17,8 @@ TARGET=${CARGO_TARGET_DIR:-target}
 if [[ -z ${TALLY:-} || -z ${UPSTREAM_BIN:-} ]]; then
   cargo build --release --quiet --bin tally --example proxy_upstream
 fi
-TALLY=${TALLY:-$TARGET/release/tally}
-UPSTREAM_BIN=${UPSTREAM_BIN:-$TARGET/release/examples/proxy_upstream}
-
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-wait_for() {
-  for _ in $(seq 600); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
-  echo "timed out waiting for '$2' in $1" >&2; cat "$1" >&2; exit 1
-}
-
-"$UPSTREAM_BIN" 127.0.0.1:0 >"$work/upstream.log" 2>&1 &
-pids+=($!)
-wait_for "$work/upstream.log" "listening on"
-upstream=$(sed -n 's/^listening on //p' "$work/upstream.log")
-
-master="sk-bench-$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')"
-cat >"$work/config.yaml" <<YAML
-model_list:
-  - model_name: gpt-4o
-    litellm_params:
-      model: openai/gpt-4o
-      api_base: http://$upstream/v1
-      api_key: upstream-key
-general_settings:
-  master_key: $master
-tally_settings:
-  spend_log: $work/spend.jsonl
-  state_dir: $work/state
-YAML
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+# shellcheck source=bench/proxy_setup.sh
+source bench/proxy_setup.sh
 launcher=()
 if [[ -n ${CALLGRIND:-} ]]; then
   launcher=(valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.out")
