@@ -11,9 +11,11 @@
 //! | `tally_ship_lago_requests_total` | `outcome` (see [`LagoOutcome`]) |
 //! | `tally_ship_retries_total` | |
 //! | `tally_ship_lago_unauthorized` | |
+//! | `tally_ship_storage_blocked` | |
 //!
 //! Alert on: `tally_ship_oldest_pending_age_seconds` (events not reaching Lago),
-//! `tally_ship_queue_events{state="dead"} > 0`, `tally_ship_lago_unauthorized == 1`.
+//! `tally_ship_queue_events{state="dead"} > 0`, `tally_ship_lago_unauthorized == 1`,
+//! `tally_ship_storage_blocked == 1` (the state directory is full or read-only).
 
 use std::time::Duration;
 
@@ -116,6 +118,7 @@ pub struct ShipMetrics {
     lago_requests: Family<OutcomeLabels, Counter>,
     retries: Counter,
     lago_unauthorized: Gauge,
+    storage_blocked: Gauge,
 }
 
 impl ShipMetrics {
@@ -130,6 +133,7 @@ impl ShipMetrics {
             lago_requests: Family::default(),
             retries: Counter::default(),
             lago_unauthorized: Gauge::default(),
+            storage_blocked: Gauge::default(),
         };
         registry.register(
             "tally_ship_lines_read",
@@ -175,6 +179,11 @@ impl ShipMetrics {
             "tally_ship_lago_unauthorized",
             "1 while sending is stopped because Lago refused the API key (401/403)",
             metrics.lago_unauthorized.clone(),
+        );
+        registry.register(
+            "tally_ship_storage_blocked",
+            "1 while the shipper waits because the outbox cannot be written (state directory full, read-only or failing)",
+            metrics.storage_blocked.clone(),
         );
         // Every state is present from the start, so an alert on `dead > 0` has a series to
         // evaluate before the first dead event.
@@ -255,6 +264,11 @@ impl ShipMetrics {
     pub fn set_lago_unauthorized(&self, unauthorized: bool) {
         self.lago_unauthorized.set(i64::from(unauthorized));
     }
+
+    /// Whether the shipper waits for its state directory to become writable again.
+    pub fn set_storage_blocked(&self, blocked: bool) {
+        self.storage_blocked.set(i64::from(blocked));
+    }
 }
 
 #[cfg(test)]
@@ -291,6 +305,7 @@ mod tests {
         metrics.record_retry();
         metrics.record_retry();
         metrics.set_lago_unauthorized(true);
+        metrics.set_storage_blocked(true);
 
         for format in [Format::OpenMetrics, Format::PrometheusText] {
             let m = parse(&exposition.encode(format).unwrap());
@@ -313,6 +328,7 @@ mod tests {
             assert_eq!(queue("dead"), 3.0);
             assert_eq!(queue("rejected"), 3.0);
             assert_eq!(get(&m, "tally_ship_oldest_pending_age_seconds"), 90.5);
+            assert_eq!(get(&m, "tally_ship_storage_blocked"), 1.0);
             let lago = |o: &str| {
                 get(
                     &m,

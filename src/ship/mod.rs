@@ -12,6 +12,8 @@
 //! - [`lago`]: the HTTP client for `POST /api/v1/events/batch` and the classification of answers.
 //! - [`sender`]: leases batches from the outbox, keeps several in flight, acks / dead-letters /
 //!   retries according to Lago's answer.
+//! - [`storage`]: waits out a full or read-only state directory (retry, reopen, say why) so the
+//!   shipper resumes in the same process once the disk is fixed.
 //!
 //! [`run`] is the command; [`run_with`] runs the same shipper from code (the demo, tests).
 
@@ -21,6 +23,7 @@ pub mod reader;
 pub mod resolve;
 pub mod sender;
 pub mod settings;
+pub mod storage;
 pub mod tail;
 
 use std::sync::Arc;
@@ -37,6 +40,7 @@ use outbox::Outbox;
 use resolve::EventSpec;
 use sender::{SendMode, SendTotals, WorkSignal};
 pub use settings::{ApiKey, ShipSettings};
+use storage::StorageGate;
 use tail::{TailOptions, Tailer};
 
 /// Lines per tailer chunk, i.e. per outbox transaction: large enough to amortise the commit,
@@ -126,6 +130,8 @@ pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> an
         None => None,
     };
     let outbox = outbox.shared();
+    // A full or read-only state directory is waited out by the reader and the sender alike.
+    let storage = Arc::new(StorageGate::new(db_path.clone(), Some(metrics.clone())));
     let signal = Arc::new(WorkSignal::default());
     // Stops everything when either half fails; a parent shutdown stops it too.
     let stop = shutdown.child_token();
@@ -150,6 +156,7 @@ pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> an
         status.push_str(&format!("; metrics on {addr}"));
     }
     service::notify_status(&status);
+    storage.set_normal_status(status);
     service::notify_ready();
     let watchdog = service::spawn_watchdog(stop.clone(), || true);
     let served_metrics = metrics_server.map(|server| tokio::spawn(server.run(stop.clone())));
@@ -171,9 +178,19 @@ pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> an
         let spec = Arc::new(event_spec(&settings));
         let max = settings.tuning.max_line_bytes;
         let metrics = Some(metrics.clone());
+        let storage = storage.clone();
         async move {
-            let r =
-                reader::run_reader(tailer, outbox, spec, max, signal, stop.clone(), metrics).await;
+            let r = reader::run_reader_sharing(
+                tailer,
+                outbox,
+                spec,
+                max,
+                signal,
+                stop.clone(),
+                metrics,
+                storage,
+            )
+            .await;
             if r.is_err() {
                 stop.cancel();
             }
@@ -199,6 +216,7 @@ pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> an
 
     let totals = Arc::new(SendTotals {
         metrics: Some(metrics),
+        storage: Some(storage),
         ..SendTotals::default()
     });
     let sent = sender::run_sender(

@@ -13,6 +13,7 @@ use crate::metrics::ShipMetrics;
 use crate::ship::outbox::{IngestItem, IngestReport, Outbox, SharedOutbox, Source};
 use crate::ship::resolve::{EventSpec, prepare_line};
 use crate::ship::sender::{SenderError, WorkSignal, with_outbox};
+use crate::ship::storage::{StorageGate, with_outbox_waiting};
 use crate::ship::tail::{Chunk, LineContent, RawLine, TailError, TailNotice, Tailer};
 use crate::spend::SpendRecord;
 
@@ -88,12 +89,18 @@ pub async fn ingest_chunk(
 
 /// Reads until `shutdown`, recording every chunk and waking the sender.
 ///
+/// A chunk that cannot be committed for storage trouble (disk full, read-only) is retried until it
+/// can ([`with_outbox_waiting`]): the tailer, held back by the full channel, reads no further, and
+/// no later chunk is committed before it, so the committed positions never pass an uncommitted
+/// line. If `shutdown` comes during that wait, the chunk and everything after it are left
+/// uncommitted and read again at the next start.
+///
 /// Three stages overlap: the tailer reads chunk *n + 2* while chunk *n + 1* is parsed (on a
 /// blocking thread) and chunk *n* is committed. The channels between them hold one chunk each, so
 /// memory stays bounded whatever the backlog, and order is kept, so positions are committed in
 /// the order they were reached.
 pub async fn run_reader(
-    mut tailer: Tailer,
+    tailer: Tailer,
     outbox: SharedOutbox,
     spec: Arc<EventSpec>,
     max_line_bytes: usize,
@@ -101,17 +108,50 @@ pub async fn run_reader(
     shutdown: CancellationToken,
     metrics: Option<ShipMetrics>,
 ) -> Result<IngestReport, ReaderError> {
+    let path = with_outbox(&outbox, |ob| Ok(ob.path().to_owned())).await?;
+    let storage = Arc::new(StorageGate::new(path, metrics.clone()));
+    run_reader_sharing(
+        tailer,
+        outbox,
+        spec,
+        max_line_bytes,
+        signal,
+        shutdown,
+        metrics,
+        storage,
+    )
+    .await
+}
+
+/// [`run_reader`] with the storage state shared with the sender (`tally ship`).
+#[allow(clippy::too_many_arguments)]
+pub async fn run_reader_sharing(
+    mut tailer: Tailer,
+    outbox: SharedOutbox,
+    spec: Arc<EventSpec>,
+    max_line_bytes: usize,
+    signal: Arc<WorkSignal>,
+    shutdown: CancellationToken,
+    metrics: Option<ShipMetrics>,
+    storage: Arc<StorageGate>,
+) -> Result<IngestReport, ReaderError> {
     type Parsed = tokio::task::JoinHandle<(Vec<IngestItem>, Vec<crate::ship::tail::FilePosition>)>;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Parsed>(1);
+    let stop = shutdown.clone();
     let committer = tokio::spawn(async move {
         let mut totals = IngestReport::default();
         while let Some(parsed) = rx.recv().await {
             let (items, positions) = parsed.await.map_err(|e| SenderError::Task(e.to_string()))?;
             let lines = items.len() as u64;
-            let report = with_outbox(&outbox, move |ob: &mut Outbox| {
-                ob.ingest(&items, &positions)
-            })
-            .await?;
+            let committed =
+                with_outbox_waiting(&outbox, &storage, &stop, move |ob: &mut Outbox| {
+                    ob.ingest(&items, &positions)
+                })
+                .await?;
+            let Some(report) = committed else {
+                // Stopped while the disk was in trouble: commit nothing after this chunk either.
+                break;
+            };
             log_report(&report);
             if let Some(m) = &metrics {
                 m.record_lines_read(lines);

@@ -10,6 +10,11 @@
 //!   refused connections → exponential backoff with jitter (backon), capped, forever.
 //! - Shutdown: no new batches; a request in flight may finish until the drain deadline, then it
 //!   is abandoned and its events released (still pending; a resend is a harmless duplicate).
+//! - Storage trouble (the outbox cannot be written: disk full, read-only): every outbox write
+//!   waits and retries ([`crate::ship::storage`]); nothing new is claimed meanwhile. A batch Lago
+//!   already accepted keeps its ids in memory and retries the ack until it is recorded; if the
+//!   shipper is stopped first, the events stay pending and are resent at the next start, where
+//!   Lago answers `value_already_exist` and they are acked — never billed twice.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -28,6 +33,7 @@ use crate::ship::outbox::{
     ClaimedEvent, LeaseGuard, LeaseOwner, Outbox, OutboxError, SharedOutbox,
 };
 use crate::ship::settings::Tuning;
+use crate::ship::storage::{StorageGate, with_outbox_waiting};
 
 /// An auth failure is logged at most this often while it lasts.
 const AUTH_LOG_EVERY: Duration = Duration::from_secs(60);
@@ -75,6 +81,8 @@ pub struct SendTotals {
     pub failed_requests: AtomicU64,
     /// Where `tally ship` also reports for Prometheus.
     pub metrics: Option<ShipMetrics>,
+    /// Storage state shared with the reader (`tally ship`); a sender without one makes its own.
+    pub storage: Option<Arc<StorageGate>>,
 }
 
 /// A snapshot of [`SendTotals`].
@@ -209,6 +217,7 @@ struct Ctx {
     /// Fired by a worker that cannot write to the outbox: the sender stops with that error.
     failed: CancellationToken,
     error: std::sync::Mutex<Option<SenderError>>,
+    storage: Arc<StorageGate>,
     /// Whether a Lago error is on record (cleared at the next success).
     error_noted: AtomicBool,
     totals: Arc<SendTotals>,
@@ -223,6 +232,14 @@ impl Ctx {
             *slot = Some(e);
         }
         self.failed.cancel();
+    }
+
+    /// Runs an outbox write, waiting out storage trouble; `None` if shutdown came first.
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl Fn(&mut Outbox) -> Result<T, OutboxError> + Send + Sync + 'static,
+    ) -> Result<Option<T>, SenderError> {
+        with_outbox_waiting(&self.outbox, &self.storage, &self.shutdown, f).await
     }
 
     fn backoff(&self) -> impl Iterator<Item = Duration> + use<> {
@@ -251,7 +268,18 @@ pub async fn run_sender(
     totals: Arc<SendTotals>,
 ) -> Result<SendReport, SenderError> {
     let guard = LeaseGuard::new();
-    let released = with_outbox(&outbox, Outbox::release_stale_leases).await?;
+    let storage = match &totals.storage {
+        Some(gate) => gate.clone(),
+        None => {
+            let path = with_outbox(&outbox, |ob| Ok(ob.path().to_owned())).await?;
+            Arc::new(StorageGate::new(path, totals.metrics.clone()))
+        }
+    };
+    let Some(released) =
+        with_outbox_waiting(&outbox, &storage, &shutdown, Outbox::release_stale_leases).await?
+    else {
+        return Ok(totals.snapshot());
+    };
     if released > 0 {
         tracing::info!(
             released,
@@ -271,6 +299,7 @@ pub async fn run_sender(
         abandon: CancellationToken::new(),
         failed: CancellationToken::new(),
         error: std::sync::Mutex::new(None),
+        storage,
         // A previous run may have left an error on record: the first success clears it.
         error_noted: AtomicBool::new(true),
         totals: totals.clone(),
@@ -306,7 +335,9 @@ pub async fn run_sender(
         }
         if last_sweep.elapsed() >= STALE_LEASE_SWEEP {
             last_sweep = Instant::now();
-            with_outbox(&ctx.outbox, Outbox::release_stale_leases).await?;
+            if ctx.write(Outbox::release_stale_leases).await?.is_none() {
+                break;
+            }
         }
         // While Lago refuses the key, the batches in flight probe; claim nothing more.
         while ctx.auth.is_blocked() && !shutdown.is_cancelled() {
@@ -330,7 +361,9 @@ pub async fn run_sender(
         };
         signal.added.store(0, Ordering::Relaxed);
         let (n, owner, lease) = (ctx.tuning.batch_size, ctx.owner, ctx.lease);
-        let batch = with_outbox(&ctx.outbox, move |ob| ob.claim(n, lease, owner)).await?;
+        let Some(batch) = ctx.write(move |ob| ob.claim(n, lease, owner)).await? else {
+            break;
+        };
         last_was_full = batch.len() == n;
         if batch.is_empty() {
             drop(permit);
@@ -339,7 +372,9 @@ pub async fn run_sender(
             {
                 // Nothing claimable and nothing in flight: look once more (a worker may have
                 // just released events), then stop.
-                let again = with_outbox(&ctx.outbox, move |ob| ob.claim(n, lease, owner)).await?;
+                let Some(again) = ctx.write(move |ob| ob.claim(n, lease, owner)).await? else {
+                    break;
+                };
                 if again.is_empty() {
                     break;
                 }
@@ -401,13 +436,19 @@ async fn deliver(ctx: &Ctx, batch: Vec<ClaimedEvent>) {
         if attempted {
             let ids = ids(&events);
             let (lease, owner) = (ctx.lease, ctx.owner);
-            if let Err(e) = with_outbox(&ctx.outbox, move |ob| {
-                ob.renew_lease(&refs(&ids), lease, owner)
-            })
-            .await
+            match ctx
+                .write(move |ob| ob.renew_lease(&refs(&ids), lease, owner))
+                .await
             {
-                ctx.fail(e);
-                return;
+                Ok(Some(())) => {}
+                Ok(None) => {
+                    release(ctx, &events, &work).await;
+                    return;
+                }
+                Err(e) => {
+                    ctx.fail(e);
+                    return;
+                }
             }
         }
         attempted = true;
@@ -431,18 +472,18 @@ async fn deliver(ctx: &Ctx, batch: Vec<ClaimedEvent>) {
                 let ids = ids(&events);
                 let n = ids.len() as u64;
                 let clear = ctx.error_noted.swap(false, Ordering::Relaxed);
-                let r = with_outbox(&ctx.outbox, move |ob| {
-                    ob.mark_acked(&refs(&ids))?;
-                    if clear {
-                        ob.set_last_lago_error(None)?;
-                    }
-                    Ok(())
-                })
-                .await;
-                if r.is_ok() {
-                    ctx.totals.add_acked(n);
-                }
-                r
+                // Lago has these now: the ids stay in memory and the ack is retried until the
+                // outbox takes it (see the module doc for a stop before then).
+                let r = ctx
+                    .write(move |ob| {
+                        ob.mark_acked(&refs(&ids))?;
+                        if clear {
+                            ob.set_last_lago_error(None)?;
+                        }
+                        Ok(())
+                    })
+                    .await;
+                counted(r, || ctx.totals.add_acked(n))
             }
             Ok(Answer::PerIndex(map)) if map.keys().all(|i| *i < events.len()) => {
                 ctx.auth.succeed();
@@ -528,19 +569,20 @@ async fn apply_per_index(
         }
     }
     let (na, nd) = (acked.len() as u64, refused.len() as u64);
-    let r = with_outbox(&ctx.outbox, move |ob| {
-        ob.mark_acked(&refs(&acked))?;
-        let dead: Vec<(&str, &str)> = refused
-            .iter()
-            .map(|(id, why)| (id.as_str(), why.as_str()))
-            .collect();
-        ob.mark_dead(&dead)
-    })
-    .await;
-    if r.is_ok() {
+    let r = ctx
+        .write(move |ob| {
+            ob.mark_acked(&refs(&acked))?;
+            let dead: Vec<(&str, &str)> = refused
+                .iter()
+                .map(|(id, why)| (id.as_str(), why.as_str()))
+                .collect();
+            ob.mark_dead(&dead)
+        })
+        .await;
+    let r = counted(r, || {
         ctx.totals.add_acked(na);
         ctx.totals.add_dead(nd);
-    }
+    });
     (rest, r)
 }
 
@@ -553,18 +595,25 @@ async fn dead(ctx: &Ctx, events: &[ClaimedEvent], reason: &str) -> Result<(), Se
     let ids = ids(events);
     let reason = reason.to_owned();
     let n = ids.len() as u64;
-    let r = with_outbox(&ctx.outbox, move |ob| {
-        let dead: Vec<(&str, &str)> = ids
-            .iter()
-            .map(|id| (id.as_str(), reason.as_str()))
-            .collect();
-        ob.mark_dead(&dead)
-    })
-    .await;
-    if r.is_ok() {
-        ctx.totals.add_dead(n);
+    let r = ctx
+        .write(move |ob| {
+            let dead: Vec<(&str, &str)> = ids
+                .iter()
+                .map(|id| (id.as_str(), reason.as_str()))
+                .collect();
+            ob.mark_dead(&dead)
+        })
+        .await;
+    counted(r, || ctx.totals.add_dead(n))
+}
+
+/// Counts a write that happened; one cut short by shutdown (`None`) did nothing and is not an
+/// error: its events are still pending and are sent again at the next start.
+fn counted(r: Result<Option<()>, SenderError>, count: impl FnOnce()) -> Result<(), SenderError> {
+    if let Some(()) = r? {
+        count();
     }
-    r
+    Ok(())
 }
 
 /// Notes a failed attempt, waits, and queues the events for another attempt — unless shutdown
@@ -581,7 +630,7 @@ async fn retry_later(
     ctx.error_noted.store(true, Ordering::Relaxed);
     let ids = ids(&events);
     let note_owned = note.to_owned();
-    with_outbox(&ctx.outbox, move |ob| {
+    ctx.write(move |ob| {
         if count_attempt {
             ob.record_failure(&refs(&ids), &note_owned)?;
         }

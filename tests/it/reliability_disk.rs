@@ -1,52 +1,125 @@
-//! Disk trouble (issue #6): the shipper's state directory full, then read-only. The shipper stops
-//! advancing, says why (a log line naming the outbox path and the OS / SQLite error), and once the
-//! disk is fixed and it is started again (as systemd's `Restart=on-failure` does) every record
-//! arrives at Lago exactly once.
+//! Disk trouble (issue #6): the shipper's state directory full, then read-only, then fixed, while
+//! ONE shipper process keeps running. It stops advancing, says why (a log line naming the outbox
+//! path and the OS / SQLite reason, the `tally_ship_storage_blocked` gauge), `tally queue stats`
+//! shows the backlog, and once the disk is fixed it resumes by itself: every record arrives at
+//! Lago exactly once. A stop (SIGTERM) during the trouble exits 0 at once and loses nothing.
 //!
-//! Tests run as root, and root ignores permission bits, so the state directory is a small tmpfs
-//! mounted for the test (filled to make it full, remounted read-only). Where `mount` is not
-//! permitted the test says so on stderr and returns without checking anything.
+//! Tests run as root, and root ignores permission bits, so the state directory is a small ext4
+//! image mounted for the test (filled to make it full, failed to read-only, see [`Disk`]). Where
+//! `mount` is not permitted the test says so on stderr and returns without checking anything.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use tally::lago_emulator::Fault;
 
 use crate::reliability_support::{LogWriter, PATIENCE, Rig, figure, good_line, tail};
 use crate::support::wait_until;
 
-/// A tmpfs mounted at a directory for the test's lifetime.
-struct Tmpfs(std::path::PathBuf);
+/// The log line the shipper writes when the outbox cannot be written.
+const BLOCKED: &str = "cannot write the outbox";
+/// The log line when it can again.
+const RESUMED: &str = "can be written again";
 
-impl Tmpfs {
-    fn mount(at: &Path, size: &str) -> Option<Self> {
+/// A small ext4 filesystem (a loop-mounted image with no reserved blocks) mounted at the state
+/// directory for the test's lifetime. ext4 because it can be made read-only under a running
+/// writer: the kernel refuses `remount,ro` while files are open for writing, but an ext4 error
+/// with `errors=remount-ro` turns it read-only at once, as on a real failing disk. Undoing it takes
+/// an unmount, which the shipper's open files only allow lazily, and the kernel then keeps the
+/// failed filesystem (same loop device, same superblock) for as long as they stay open: so the
+/// fix mounts a checked copy of the image at the same place, as when the state disk is replaced.
+/// The shipper's old connection keeps failing on the old filesystem until it reopens the outbox.
+struct Disk {
+    image: PathBuf,
+    at: PathBuf,
+}
+
+fn run(cmd: &str, args: &[&str]) -> bool {
+    Command::new(cmd)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+impl Disk {
+    fn mount(image: &Path, at: &Path) -> Option<Self> {
         std::fs::create_dir_all(at).unwrap();
-        let ok = Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0700"),
-                "tmpfs",
-            ])
-            .arg(at)
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then(|| Self(at.to_path_buf()))
+        let f = std::fs::File::create(image).unwrap();
+        f.set_len(96 << 20).unwrap();
+        let img = image.to_str().unwrap();
+        if !run("mkfs.ext4", &["-q", "-F", "-m", "0", img]) {
+            return None;
+        }
+        let disk = Self {
+            image: image.to_path_buf(),
+            at: at.to_path_buf(),
+        };
+        disk.attach().then_some(disk)
     }
 
-    fn remount(&self, opts: &str) {
-        let s = Command::new("mount")
-            .args(["-o", &format!("remount,{opts}")])
-            .arg(&self.0)
-            .status()
+    fn attach(&self) -> bool {
+        run(
+            "mount",
+            &[
+                "-o",
+                "loop,errors=remount-ro",
+                self.image.to_str().unwrap(),
+                self.at.to_str().unwrap(),
+            ],
+        )
+    }
+
+    /// The filesystem turns read-only under the running shipper (an ext4 error, remount-ro).
+    fn fail_read_only(&self) {
+        let source = Command::new("findmnt")
+            .args(["-n", "-o", "SOURCE"])
+            .arg(&self.at)
+            .output()
             .unwrap();
-        assert!(s.success(), "remount {opts} failed");
+        let source = String::from_utf8_lossy(&source.stdout).trim().to_owned();
+        let dev = source.rsplit('/').next().unwrap_or_default().to_owned();
+        assert!(run("sync", &[]));
+        std::fs::write(format!("/sys/fs/ext4/{dev}/trigger_fs_error"), "1\n")
+            .expect("ext4 trigger_fs_error");
+    }
+
+    /// The fix: unmount, check, and mount a copy of the checked image at the same place.
+    fn repair(&mut self) {
+        assert!(run("umount", &["-l", self.at.to_str().unwrap()]));
+        let copy = self.image.with_extension("repaired");
+        std::fs::copy(&self.image, &copy).unwrap();
+        self.image = copy;
+        // 0: clean, 1: errors corrected.
+        let fsck = Command::new("e2fsck")
+            .args(["-f", "-y"])
+            .arg(&self.image)
+            .output()
+            .unwrap();
+        assert!(
+            fsck.status.code().is_some_and(|c| c <= 1),
+            "e2fsck: {fsck:?}"
+        );
+        assert!(self.attach(), "mounting the repaired state disk failed");
     }
 }
 
-impl Drop for Tmpfs {
+impl Drop for Disk {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = run("umount", &["-l", self.at.to_str().unwrap()]);
     }
+}
+
+/// Takes every free byte of the filesystem holding `path` (down to the last page).
+fn fill(path: &Path) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    for size in [64 << 10, 4 << 10, 512, 1] {
+        let block = vec![0u8; size];
+        while f.write_all(&block).is_ok() {}
+    }
+    let _ = f.sync_all();
 }
 
 fn write_range(writer: &mut LogWriter, from: u64, to: u64) {
@@ -55,104 +128,200 @@ fn write_range(writer: &mut LogWriter, from: u64, to: u64) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn state_dir_full_then_read_only_stops_the_shipper_loudly_and_loses_nothing() {
-    let rig = Rig::new().await;
-    let Some(fs) = Tmpfs::mount(&rig.state_dir(), "32m") else {
-        eprintln!("SKIPPED reliability_disk: `mount -t tmpfs` is not permitted here");
-        return;
-    };
-    let db = rig.state_dir().join("shipper.db");
-    let mut writer = LogWriter::open(&rig.log());
-    let mut ship = rig.spawn_ship(&[]);
-    write_range(&mut writer, 0, 300);
-    rig.wait_stored(300, "before the disk fills").await;
+fn count(text: &str, what: &str) -> usize {
+    text.lines().filter(|l| l.contains(what)).count()
+}
 
-    // Full: a filler takes every free byte of the state directory's filesystem.
-    let filler = rig.state_dir().join("filler");
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&filler).unwrap();
-        let block = vec![0u8; 64 << 10];
-        while f.write_all(&block).is_ok() {}
-        let _ = f.sync_all();
-    }
-    // Records keep coming; enough that the outbox must grow.
-    write_range(&mut writer, 300, 3_000);
-    let stopped = wait_until(PATIENCE, || {
-        ship.exited().is_some() || rig.stderr_text().contains("full")
+/// The `tally_ship_storage_blocked` gauge, read from the shipper's metrics listener.
+async fn storage_blocked(metrics: &str) -> Option<f64> {
+    let body = reqwest::get(format!("http://{metrics}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    body.lines()
+        .find_map(|l| l.strip_prefix("tally_ship_storage_blocked "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The metrics address the shipper logged at start.
+fn metrics_addr(log: &str) -> Option<String> {
+    let at = log.find("metrics=Some(")? + "metrics=Some(".len();
+    let end = log[at..].find(')')?;
+    Some(log[at..at + end].to_owned())
+}
+
+/// `tally queue stats` while the trouble lasts: pending events, and how many bytes of the spend
+/// log are not yet committed (`lag_bytes`, summed over the files it follows).
+fn backlog(rig: &Rig) -> (u64, u64) {
+    let stats = rig.queue_json(&["stats"]);
+    let pending = stats["pending"].as_u64().unwrap();
+    let lag = stats["files"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no files in {stats}"))
+        .iter()
+        .filter_map(|f| f["lag_bytes"].as_u64())
+        .sum();
+    (pending, lag)
+}
+
+/// One episode of trouble: pending events in the outbox (Lago failing), then `break_disk`, then
+/// Lago accepts again and more records are written. Checks the shipper says why, keeps running,
+/// does not advance, and shows the backlog; returns the log line and the backlog seen.
+async fn trouble(
+    rig: &Rig,
+    ship: &mut crate::reliability_support::Shipper,
+    writer: &mut LogWriter,
+    range: (u64, u64, u64),
+    break_disk: impl FnOnce(),
+    metrics: &str,
+) -> (String, (u64, u64)) {
+    let (from, mid, to) = range;
+    let blocked_before = count(&rig.stderr_text(), BLOCKED);
+    // Lago fails, so the next records wait in the outbox as pending.
+    rig.lago.inject(Fault::ServerError {
+        status: 503,
+        count: 1_000_000_000,
+    });
+    write_range(writer, from, mid);
+    let queued = wait_until(PATIENCE, || rig.pending() >= mid - from).await;
+    assert!(queued, "records never reached the outbox as pending");
+    break_disk();
+    // Lago takes them again: the shipper may send, but cannot record the acks; more records come.
+    rig.lago.clear_faults();
+    write_range(writer, mid, to);
+    let said = wait_until(PATIENCE, || {
+        count(&rig.stderr_text(), BLOCKED) > blocked_before
     })
     .await;
     assert!(
-        stopped,
-        "the shipper never noticed the full disk:\n{}",
+        said,
+        "the shipper never said it cannot write the outbox:\n{}",
         tail(&rig.stderr_text(), 30)
     );
-    let full_exit = wait_until(PATIENCE, || ship.exited().is_some()).await;
-    let log = rig.stderr_text();
-    let said = log
+    let line = rig
+        .stderr_text()
         .lines()
-        .find(|l| l.starts_with("tally: error:"))
+        .filter(|l| l.contains(BLOCKED))
+        .nth(blocked_before)
         .unwrap_or_default()
         .to_owned();
+    // While it lasts: still running, not advancing, the backlog visible, the gauge up.
+    let seen = backlog(rig);
     assert!(
-        said.contains(&db.display().to_string()) && said.contains("full"),
-        "the error does not name the outbox path and the cause: {said}\n{}",
-        tail(&log, 20)
+        seen.0 > 0 && seen.1 > 0,
+        "tally queue stats shows no backlog (pending, unread bytes) = {seen:?}"
     );
-    let stored_while_full = rig.lago.event_count();
     assert!(
-        stored_while_full < 3_000,
-        "the shipper advanced past a full disk"
+        rig.lago.event_count() < to as usize,
+        "the shipper advanced with its outbox unwritable"
     );
+    assert_eq!(storage_blocked(metrics).await, Some(1.0));
+    assert!(
+        ship.exited().is_none(),
+        "the shipper exited on disk trouble:\n{}",
+        tail(&rig.stderr_text(), 30)
+    );
+    (line, seen)
+}
 
-    // Fixed: room again; started again, it resumes where its last commit left it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_dir_full_then_read_only_is_ridden_through_by_one_shipper() {
+    let rig = Rig::new().await;
+    let Some(mut disk) = Disk::mount(&rig.path("state.img"), &rig.state_dir()) else {
+        eprintln!("SKIPPED reliability_disk: mkfs.ext4 or `mount -o loop` is not available here");
+        return;
+    };
+    let db = rig.state_dir().join("shipper.db").display().to_string();
+    let mut writer = LogWriter::open(&rig.log());
+    let mut ship = rig.spawn_ship(&["--metrics-addr", "127.0.0.1:0"]);
+    write_range(&mut writer, 0, 300);
+    rig.wait_stored(300, "before the trouble").await;
+    let metrics = metrics_addr(&rig.stderr_text()).expect("the shipper logs its metrics address");
+    assert_eq!(storage_blocked(&metrics).await, Some(0.0));
+
+    // Full: a filler takes every free byte of the state directory's filesystem.
+    let filler = rig.state_dir().join("filler");
+    let (full_line, full_backlog) = trouble(
+        &rig,
+        &mut ship,
+        &mut writer,
+        (300, 600, 2_000),
+        || fill(&filler),
+        &metrics,
+    )
+    .await;
+    assert!(
+        full_line.contains(&db) && full_line.contains("full"),
+        "the error does not name the outbox path and the cause: {full_line}"
+    );
     std::fs::remove_file(&filler).unwrap();
-    ship.kill9();
-    ship = rig.spawn_ship(&[]);
-    rig.wait_stored(3_000, "after the disk was freed").await;
-    assert!(ship.terminate().unwrap().success());
+    rig.wait_stored(2_000, "after the disk was freed").await;
+    assert!(count(&rig.stderr_text(), RESUMED) >= 1);
 
-    // Read-only: the outbox cannot be opened for writing; the start fails and says why.
-    fs.remount("ro");
-    write_range(&mut writer, 3_000, 3_500);
-    let out = rig
-        .command(&["ship", "--poll-interval-ms", "200"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    // Read-only: the same process, the same connection.
+    let (ro_line, ro_backlog) = trouble(
+        &rig,
+        &mut ship,
+        &mut writer,
+        (2_000, 2_300, 3_000),
+        || disk.fail_read_only(),
+        &metrics,
+    )
+    .await;
+    let lower = ro_line.to_lowercase();
     assert!(
-        !out.status.success(),
-        "the shipper ran on a read-only state dir:\n{text}"
+        ro_line.contains(&db) && (lower.contains("read-only") || lower.contains("readonly")),
+        "the error does not name the outbox path and the cause: {ro_line}"
     );
-    assert!(
-        text.contains(&rig.state_dir().display().to_string())
-            && text.to_lowercase().contains("read-only"),
-        "the error names neither the path nor the cause:\n{text}"
-    );
-    assert_eq!(
-        rig.lago.event_count(),
-        3_000,
-        "nothing is billed without the outbox"
-    );
-
-    // Fixed again: everything arrives once.
-    fs.remount("rw");
-    let mut ship = rig.spawn_ship(&[]);
-    rig.wait_stored(3_500, "after the state dir is writable again")
+    disk.repair();
+    rig.wait_stored(3_000, "after the state dir is writable again")
         .await;
+    let drained = wait_until(PATIENCE, || rig.pending() == 0).await;
+    assert!(drained, "events left pending after the fixes");
+    assert!(count(&rig.stderr_text(), RESUMED) >= 2);
+    assert_eq!(storage_blocked(&metrics).await, Some(0.0));
+    assert!(ship.exited().is_none(), "the shipper restarted or exited");
+    let ids: Vec<String> = (0..3_000).map(|n| format!("disk-{n:05}")).collect();
+    rig.assert_exactly_once(&ids);
+    let reopened = count(&rig.stderr_text(), "reopened it");
+
+    // A stop during the trouble exits 0 without waiting for the disk, and loses nothing.
+    fill(&filler);
+    let blocked_before = count(&rig.stderr_text(), BLOCKED);
+    write_range(&mut writer, 3_000, 3_200);
+    let said = wait_until(PATIENCE, || {
+        count(&rig.stderr_text(), BLOCKED) > blocked_before
+    })
+    .await;
+    assert!(said, "{}", tail(&rig.stderr_text(), 30));
+    let status = ship.terminate().unwrap();
+    assert!(
+        status.success(),
+        "SIGTERM during the wait: {status}\n{}",
+        tail(&rig.stderr_text(), 20)
+    );
+    std::fs::remove_file(&filler).unwrap();
+    let mut ship = rig.spawn_ship(&[]);
+    rig.wait_stored(
+        3_200,
+        "after a restart that followed a stop during the trouble",
+    )
+    .await;
     let drained = wait_until(PATIENCE, || rig.pending() == 0).await;
     assert!(drained);
     assert!(ship.terminate().unwrap().success());
-    let ids: Vec<String> = (0..3_500).map(|n| format!("disk-{n:05}")).collect();
+    let ids: Vec<String> = (0..3_200).map(|n| format!("disk-{n:05}")).collect();
     rig.assert_exactly_once(&ids);
-    let ro_line = text.lines().last().unwrap_or_default().to_owned();
+    let resent = rig.lago.counters().duplicates;
     figure(
         "disk_trouble",
         format!(
-            "full: shipper {} after {stored_while_full} of 3000 stored, said {said:?}; \
-             read-only: start refused with {ro_line:?}; 3500 records each stored once after the fixes",
-            if full_exit { "exited" } else { "kept running" },
+            "one shipper rode through full then read-only: full said {full_line:?} with backlog \
+             {full_backlog:?} (pending, unread bytes); read-only said {ro_line:?} with backlog \
+             {ro_backlog:?}; connection reopened {reopened} time(s); SIGTERM during the wait \
+             exited 0; 3200 records each stored once, {resent} duplicate answers absorbed"
         ),
     );
 }
