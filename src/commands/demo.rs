@@ -222,7 +222,7 @@ async fn drive(services: &Services, dir: &Path) -> anyhow::Result<DemoReport> {
         http: &http,
         base: &services.proxy_url,
     };
-    proxy.wait_ready(services).await?;
+    proxy.wait_ready(services, master_key).await?;
 
     let team_key = proxy
         .generate_key(
@@ -300,14 +300,14 @@ struct Proxy<'a> {
 impl Proxy<'_> {
     /// Waits until the proxy answers its readiness check (it opens its key store and spend log
     /// first), failing fast if it stopped.
-    async fn wait_ready(&self, services: &Services) -> anyhow::Result<()> {
+    async fn wait_ready(&self, services: &Services, master_key: &str) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
             if services.proxy.is_finished() {
                 bail!("the proxy stopped during start-up; run with RUST_LOG=info to see why");
             }
             let url = format!("{}/health/readiness", self.base);
-            if let Ok(r) = self.http.get(&url).send().await
+            if let Ok(r) = self.http.get(&url).bearer_auth(master_key).send().await
                 && r.status().is_success()
             {
                 return Ok(());

@@ -46,8 +46,13 @@ async fn liveness() -> Json<serde_json::Value> {
     Json(json!("I'm alive!"))
 }
 
-/// Ready when the spend log is writable and the key store answers; 503 otherwise.
-async fn readiness(State(state): State<AppState>) -> Response {
+/// Ready when the spend log is writable and the key store answers; 503 otherwise. Needs a key
+/// (master or virtual, as `/models`): only liveness answers without one (issue #6).
+async fn readiness(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, ProxyError> {
+    state.auth().authenticate(&headers)?;
     let spend_log = state.spend().is_healthy() && state.spend().path().exists();
     let key_store = state.auth().keys().is_open();
     let ready = spend_log && key_store;
@@ -62,7 +67,7 @@ async fn readiness(State(state): State<AppState>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, Json(body)).into_response()
+    Ok((status, Json(body)).into_response())
 }
 
 /// The models the caller may use, in OpenAI's list shape.

@@ -3,8 +3,9 @@
 //!   (with their WAL files) or the captured logs;
 //! - keys are compared in constant time (`subtle`), and a key differing only in its last byte is
 //!   refused;
-//! - without a key every route answers 401, except liveness (and the readiness probe, which
-//!   reveals only health booleans and the version);
+//! - without a key every route of the router (read from `src/proxy/routes.rs`, so a new route is
+//!   covered at once) answers 401, except the two liveness paths; readiness with a key reveals
+//!   only health booleans and the version;
 //! - malformed, oversized or mistyped request bodies and invalid keys get a clear OpenAI-shaped
 //!   error, never a 500;
 //! - the spend log and the state files are not readable by other users.
@@ -18,6 +19,20 @@ use crate::reliability_proxy::{MASTER, ProxyChild, proxy_config};
 use crate::reliability_support::{PATIENCE, Rig, figure};
 
 const PROMPT_MARKER: &str = "zebra-quartz-prompt-7731";
+
+/// `(METHOD, path)` of every `.route("path", method(...))` in the router's source.
+fn declared_routes(src: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for piece in src.split(".route(\"").skip(1) {
+        let Some((path, rest)) = piece.split_once('"') else {
+            continue;
+        };
+        let rest = rest.trim_start_matches([',', ' ', '\n']);
+        let method = rest.split('(').next().unwrap_or_default().trim();
+        out.push((method.to_uppercase(), path.to_owned()));
+    }
+    out
+}
 
 /// Every file under `dir` (recursively).
 fn files_under(dir: &Path) -> Vec<PathBuf> {
@@ -132,42 +147,44 @@ async fn no_secret_leaks_keys_are_checked_in_constant_time_and_only_liveness_is_
         "a plain == on key hashes in auth.rs"
     );
 
-    // Without a key, only liveness (and the readiness probe) answers.
-    let routes = [
-        ("POST", "/chat/completions"),
+    // Without a key, only liveness answers: every route the router declares is tried.
+    let routes = declared_routes(&src("src/proxy/routes.rs"));
+    for must in [
         ("POST", "/v1/chat/completions"),
-        ("POST", "/embeddings"),
-        ("POST", "/v1/embeddings"),
-        ("GET", "/models"),
-        ("GET", "/v1/models"),
+        ("GET", "/health/readiness"),
+        ("GET", "/metrics"),
         ("POST", "/key/generate"),
-        ("GET", "/key/info"),
-        ("POST", "/key/delete"),
-    ];
-    for (method, path) in routes {
-        let req = match method {
+    ] {
+        assert!(
+            routes.iter().any(|(m, p)| (m.as_str(), p.as_str()) == must),
+            "route list not read from routes.rs: {routes:?}"
+        );
+    }
+    let liveness = ["/health/liveliness", "/health/liveness"];
+    let mut open = Vec::new();
+    for (method, path) in &routes {
+        let req = match method.as_str() {
             "GET" => http.get(url(path)),
             _ => http
                 .post(url(path))
                 .json(&json!({"model": "gpt-4o", "input": "x",
                 "messages": [{"role": "user", "content": "x"}]})),
         };
-        openai_error(
-            req.send().await.unwrap(),
-            401,
-            &format!("{method} {path} without a key"),
-        )
-        .await;
+        let resp = req.send().await.unwrap();
+        if liveness.contains(&path.as_str()) {
+            assert_eq!(resp.status(), 200, "{method} {path}");
+            open.push(path.clone());
+        } else {
+            openai_error(resp, 401, &format!("{method} {path} without a key")).await;
+        }
     }
-    for path in ["/health/liveliness", "/health/liveness"] {
-        assert_eq!(
-            http.get(url(path)).send().await.unwrap().status(),
-            200,
-            "{path}"
-        );
-    }
+    assert_eq!(
+        open, liveness,
+        "exactly the liveness paths answer without a key"
+    );
     let ready: Value = http
         .get(url("/health/readiness"))
+        .bearer_auth(vkey.clone())
         .send()
         .await
         .unwrap()

@@ -249,6 +249,14 @@ async fn models_health_and_readiness() {
         .send()
         .await
         .unwrap();
+    assert_eq!(r.status(), 401, "readiness needs a key");
+    let r = proxy
+        .http
+        .get(proxy.url("/health/readiness"))
+        .bearer_auth(MASTER)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let body: Value = r.json().await.unwrap();
     assert_eq!(
