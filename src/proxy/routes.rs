@@ -53,7 +53,7 @@ async fn readiness(
     headers: HeaderMap,
 ) -> Result<Response, ProxyError> {
     state.auth().authenticate(&headers)?;
-    let spend_log = state.spend().is_healthy() && state.spend().path().exists();
+    let spend_log = state.spend().is_writable() && state.spend().path().exists();
     let key_store = state.auth().keys().is_open();
     let ready = spend_log && key_store;
     let body = json!({

@@ -5,6 +5,12 @@
 //!   half a record from a well-behaved filesystem, and lines never interleave.
 //! - Bounded queue: when the disk is slow the queue fills and requests wait for room — records are
 //!   never dropped, and memory stays bounded.
+//! - A write that fails (disk full, read-only, I/O error) is retried with a capped backoff until
+//!   it succeeds: the request waits for its record, and a full disk slows requests down instead of
+//!   answering them without a record or dropping one (issue #6). A partial write is cut off first
+//!   so the retry appends a whole line. Readiness reports `not writable` meanwhile; the writer
+//!   itself stays healthy (a restart would lose the records waiting in memory). At shutdown the
+//!   retries stop after [`CLOSE_GRACE`].
 //! - No `fsync` per line (it would cap throughput at the disk's flush rate): a line is in the page
 //!   cache when the request completes, so it survives a proxy crash; the file is synced on
 //!   rotation and at shutdown.
@@ -25,6 +31,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -38,6 +45,14 @@ const BATCH: usize = 256;
 const FILE_MODE: u32 = 0o640;
 /// Permissions of directories the proxy creates.
 pub const DIR_MODE: u32 = 0o750;
+/// First wait before writing again after a failed write.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+/// Longest wait between two tries.
+const RETRY_MAX: Duration = Duration::from_secs(5);
+/// A failing write is logged at most this often while it lasts.
+const LOG_EVERY: Duration = Duration::from_secs(60);
+/// At shutdown, how long records still waiting for the disk keep being retried.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpendLogError {
@@ -65,7 +80,10 @@ enum Job {
 #[derive(Clone)]
 pub struct SpendWriter {
     jobs: mpsc::Sender<Job>,
-    healthy: Arc<AtomicBool>,
+    /// The last write succeeded (false while the writer waits for the disk).
+    writable: Arc<AtomicBool>,
+    /// `close` was called: retries end after [`CLOSE_GRACE`].
+    closing: Arc<AtomicBool>,
     path: Arc<PathBuf>,
 }
 
@@ -85,16 +103,23 @@ impl SpendWriter {
         }
         let file = LiveFile::open(path.to_path_buf(), max_bytes)?;
         let (jobs, rx) = mpsc::channel(QUEUE_CAPACITY);
-        let healthy = Arc::new(AtomicBool::new(true));
-        let writer_healthy = healthy.clone();
+        let writable = Arc::new(AtomicBool::new(true));
+        let closing = Arc::new(AtomicBool::new(false));
+        let state = WriterState {
+            writable: writable.clone(),
+            closing: closing.clone(),
+            trouble_since: None,
+            last_log: None,
+        };
         let runtime = tokio::runtime::Handle::try_current().map_err(|e| SpendLogError::Open {
             path: path.display().to_string(),
             source: io::Error::other(format!("no async runtime to run the writer on: {e}")),
         })?;
-        runtime.spawn(writer_loop(file, rx, writer_healthy));
+        runtime.spawn(writer_loop(file, rx, state));
         Ok(Self {
             jobs,
-            healthy,
+            writable,
+            closing,
             path: Arc::new(path.to_path_buf()),
         })
     }
@@ -112,9 +137,15 @@ impl SpendWriter {
         wait.await.map_err(|_| SpendLogError::Closed)?
     }
 
-    /// True while the last write succeeded and the writer runs.
+    /// True while the writer runs, even if it is waiting for the disk: restarting the process
+    /// would not help, and would lose the records waiting (the watchdog uses this).
     pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed) && !self.jobs.is_closed()
+        !self.jobs.is_closed()
+    }
+
+    /// True while the writer runs and its last write succeeded (readiness uses this).
+    pub fn is_writable(&self) -> bool {
+        self.writable.load(Ordering::Relaxed) && self.is_healthy()
     }
 
     pub fn path(&self) -> &Path {
@@ -123,6 +154,7 @@ impl SpendWriter {
 
     /// Writes everything queued so far, syncs the file and stops the writer.
     pub async fn close(&self) {
+        self.closing.store(true, Ordering::SeqCst);
         let (done, wait) = oneshot::channel();
         if self.jobs.send(Job::Close { done }).await.is_ok() {
             let _ = wait.await;
@@ -130,18 +162,91 @@ impl SpendWriter {
     }
 }
 
-async fn writer_loop(mut file: LiveFile, mut rx: mpsc::Receiver<Job>, healthy: Arc<AtomicBool>) {
+/// What the writer knows about the disk's trouble, for its retries and logs.
+struct WriterState {
+    writable: Arc<AtomicBool>,
+    closing: Arc<AtomicBool>,
+    trouble_since: Option<Instant>,
+    last_log: Option<Instant>,
+}
+
+impl WriterState {
+    fn failed(&mut self, error: &SpendLogError, retry_in: Duration) {
+        self.writable.store(false, Ordering::Relaxed);
+        let now = Instant::now();
+        self.trouble_since.get_or_insert(now);
+        if self
+            .last_log
+            .is_none_or(|t| now.duration_since(t) >= LOG_EVERY)
+        {
+            self.last_log = Some(now);
+            tracing::error!(
+                error = %error,
+                ?retry_in,
+                "{error}; requests wait for their records and the write is retried until it succeeds \
+                 (nothing is dropped). Free space in, or make writable, the spend log's directory"
+            );
+        }
+    }
+
+    fn succeeded(&mut self) {
+        self.writable.store(true, Ordering::Relaxed);
+        if let Some(since) = self.trouble_since.take() {
+            self.last_log = None;
+            tracing::info!(
+                blocked_for = ?since.elapsed(),
+                "the spend log can be written again; waiting requests go on"
+            );
+        }
+    }
+
+    /// Stop retrying: the proxy is shutting down and the grace has passed.
+    fn given_up(&self, closing_since: &mut Option<Instant>) -> bool {
+        if !self.closing.load(Ordering::SeqCst) {
+            return false;
+        }
+        closing_since.get_or_insert_with(Instant::now).elapsed() >= CLOSE_GRACE
+    }
+}
+
+/// Appends one line, retrying a failed write with a capped backoff until it succeeds (or, at
+/// shutdown, until [`CLOSE_GRACE`] has passed).
+async fn append_until_written(
+    file: &mut LiveFile,
+    line: &[u8],
+    state: &mut WriterState,
+    closing_since: &mut Option<Instant>,
+) -> Result<(), SpendLogError> {
+    let mut wait = RETRY_MIN;
+    loop {
+        match file.append(line) {
+            Ok(()) => {
+                state.succeeded();
+                return Ok(());
+            }
+            Err(e) => {
+                if state.given_up(closing_since) {
+                    return Err(e);
+                }
+                state.failed(&e, wait);
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(RETRY_MAX);
+            }
+        }
+    }
+}
+
+async fn writer_loop(mut file: LiveFile, mut rx: mpsc::Receiver<Job>, mut state: WriterState) {
     let mut batch = Vec::with_capacity(BATCH);
+    let mut closing_since = None;
     while rx.recv_many(&mut batch, BATCH).await > 0 {
         let mut jobs = batch.drain(..);
         while let Some(job) = jobs.next() {
             match job {
                 Job::Append { line, done } => {
-                    let result = file.append(&line);
-                    healthy.store(result.is_ok(), Ordering::Relaxed);
-                    if let Err(e) = &result {
-                        tracing::error!(error = %e, "spend log write failed; requests are refused until it recovers");
-                    }
+                    let result =
+                        append_until_written(&mut file, &line, &mut state, &mut closing_since)
+                            .await;
                     let _ = done.send(result);
                 }
                 Job::Close { done } => {
@@ -149,9 +254,17 @@ async fn writer_loop(mut file: LiveFile, mut rx: mpsc::Receiver<Job>, healthy: A
                     // Anything queued before the close is still written: the rest of this batch,
                     // then what is left in the queue.
                     let queued = std::iter::from_fn(|| rx.try_recv().ok());
-                    for job in jobs.by_ref().chain(queued) {
+                    let rest: Vec<Job> = jobs.by_ref().chain(queued).collect();
+                    for job in rest {
                         if let Job::Append { line, done } = job {
-                            let _ = done.send(file.append(&line));
+                            let result = append_until_written(
+                                &mut file,
+                                &line,
+                                &mut state,
+                                &mut closing_since,
+                            )
+                            .await;
+                            let _ = done.send(result);
                         }
                     }
                     if let Err(e) = file.sync() {
@@ -170,8 +283,11 @@ async fn writer_loop(mut file: LiveFile, mut rx: mpsc::Receiver<Job>, healthy: A
 struct LiveFile {
     path: PathBuf,
     file: File,
+    /// Bytes of whole lines in the live file.
     size: u64,
     max_bytes: u64,
+    /// A write failed part-way: the file may end in a fragment to cut off before the next line.
+    torn: bool,
 }
 
 impl LiveFile {
@@ -186,6 +302,7 @@ impl LiveFile {
             file,
             size,
             max_bytes,
+            torn: false,
         };
         live.end_torn_line().map_err(|source| SpendLogError::Open {
             path: live.path.display().to_string(),
@@ -221,22 +338,42 @@ impl LiveFile {
             path: path.display().to_string(),
             source,
         };
+        if self.torn {
+            self.cut_fragment()
+                .map_err(|e| write_error(&self.path, e))?;
+        }
         if self.max_bytes > 0 && self.size > 0 && self.size + line.len() as u64 > self.max_bytes {
             self.rotate().map_err(|e| write_error(&self.path, e))?;
         }
-        // A regular file takes the whole buffer in one write(2); write_all only loops on the
-        // exotic partial write, which would still append the rest in order.
-        self.file
-            .write_all(line)
-            .map_err(|e| write_error(&self.path, e))?;
+        // A regular file takes the whole buffer in one write(2); write_all only loops on a partial
+        // write (a disk filling up mid-line), which leaves a fragment if the rest fails.
+        if let Err(e) = self.file.write_all(line) {
+            self.torn = true;
+            let _ = self.cut_fragment();
+            return Err(write_error(&self.path, e));
+        }
         self.size += line.len() as u64;
+        Ok(())
+    }
+
+    /// Cuts off what a failed write left after the last whole line, so the retry appends a whole
+    /// line and no fragment glues onto it.
+    fn cut_fragment(&mut self) -> io::Result<()> {
+        if self.file.metadata()?.len() > self.size {
+            self.file.set_len(self.size)?;
+        }
+        self.torn = false;
         Ok(())
     }
 
     fn rotate(&mut self) -> io::Result<()> {
         self.file.sync_all()?;
         let rotated = rotated_name(&self.path);
-        std::fs::rename(&self.path, &rotated)?;
+        // A rotation that renamed the file but could not open the next one (disk trouble) is
+        // finished by the retry: only the open is left to do.
+        if self.path.exists() {
+            std::fs::rename(&self.path, &rotated)?;
+        }
         self.file = open_append(&self.path)?;
         self.size = 0;
         tracing::info!(rotated = %rotated.display(), "rotated the spend log");
@@ -337,6 +474,144 @@ mod tests {
         let writer = SpendWriter::open(&live, 0).unwrap();
         writer.close().await;
         assert_eq!(std::fs::read(&live).unwrap(), after);
+    }
+
+    /// A small tmpfs at `dir`, unmounted on drop; `None` where mounting is not permitted.
+    struct Tmpfs(std::path::PathBuf);
+
+    impl Tmpfs {
+        fn mount(dir: &Path) -> Option<Self> {
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+                .arg(dir)
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            ok.then(|| Self(dir.to_path_buf()))
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+
+    /// Takes every free byte of the filesystem holding `path`.
+    fn fill(path: &Path) {
+        let mut f = File::create(path).unwrap();
+        for size in [16 << 10, 512, 1] {
+            let block = vec![b'x'; size];
+            while f.write_all(&block).is_ok() {}
+        }
+    }
+
+    async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Issue #6: a full spend-log disk makes requests wait for their records; none is answered
+    /// without its record, none is dropped or torn, and they all complete once there is room.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_disk_makes_appends_wait_and_loses_or_tears_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(_fs) = Tmpfs::mount(dir.path()) else {
+            eprintln!("SKIPPED: mounting a tmpfs is not permitted here");
+            return;
+        };
+        let live = dir.path().join("spend.jsonl");
+        let writer = SpendWriter::open(&live, 0).unwrap();
+        for n in 0..5 {
+            writer.append(&record(n)).await.unwrap();
+        }
+        let filler = dir.path().join("filler");
+        fill(&filler);
+        let waiting: Vec<_> = (5..45)
+            .map(|n| {
+                let w = writer.clone();
+                tokio::spawn(async move { w.append(&record(n)).await })
+            })
+            .collect();
+        wait_for("the writer to notice the full disk", || {
+            !writer.is_writable()
+        })
+        .await;
+        assert!(
+            writer.is_healthy(),
+            "the writer keeps running while it waits"
+        );
+        // Still full: the records that fitted in the file's last page are written; every append
+        // that has returned has its record in the file, and the rest wait.
+        let now = String::from_utf8(std::fs::read(&live).unwrap()).unwrap();
+        let mut done = 0;
+        for (i, t) in waiting.iter().enumerate() {
+            if t.is_finished() {
+                done += 1;
+                assert!(
+                    now.contains(&format!("\"tx-{}\"", i + 5)),
+                    "an append returned without its record"
+                );
+            }
+        }
+        assert!(done < waiting.len(), "every append returned on a full disk");
+        std::fs::remove_file(&filler).unwrap();
+        for t in waiting {
+            t.await.unwrap().unwrap();
+        }
+        assert!(writer.is_writable());
+
+        // Full again, then a shutdown: records still waiting get an error after the grace (the
+        // request is refused, never answered 200 without its record), and close returns.
+        fill(&filler);
+        let more: Vec<_> = (45..85)
+            .map(|n| {
+                let w = writer.clone();
+                tokio::spawn(async move { w.append(&record(n)).await.is_ok().then_some(n) })
+            })
+            .collect();
+        wait_for("the writer to notice the full disk again", || {
+            !writer.is_writable()
+        })
+        .await;
+        writer.close().await;
+        let mut written: Vec<u32> = (0..45).collect();
+        for t in more {
+            written.extend(t.await.unwrap());
+        }
+        written.sort();
+        assert!(
+            written.len() < 85,
+            "nothing was refused at shutdown on a full disk"
+        );
+        std::fs::remove_file(&filler).unwrap();
+
+        let text = std::fs::read(&live).unwrap();
+        let ids: Vec<String> = text
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                SpendRecord::parse_line(l)
+                    .unwrap_or_else(|e| panic!("a torn line ({e}): {}", String::from_utf8_lossy(l)))
+                    .transaction_id
+            })
+            .collect();
+        let mut sorted = ids.clone();
+        sorted.sort_by_key(|id| id[3..].parse::<u32>().unwrap());
+        assert_eq!(
+            sorted,
+            written
+                .iter()
+                .map(|n| format!("tx-{n}"))
+                .collect::<Vec<_>>(),
+            "every record answered Ok is written once, and no refused one"
+        );
     }
 
     #[tokio::test]
