@@ -84,7 +84,8 @@ async fn every_bad_input_is_rejected_with_its_reason_and_the_good_lines_around_i
     // the live file only, and the first case's file is rotated right after it is written.
     writer.append(good_line("good-first", 98).as_bytes());
     let mut good = vec!["good-first".to_owned()];
-    rig.wait_stored(1, "the first line").await;
+    rig.wait_stored_running(&mut ship, 1, "the first line")
+        .await;
     // The first line of the conflicting pair is a good record: billed once, with its content.
     let mut extra = 0;
     for (i, case) in cases.iter().enumerate() {
@@ -98,19 +99,14 @@ async fn every_bad_input_is_rejected_with_its_reason_and_the_good_lines_around_i
         // The shipper must have read past the case before the next one starts: each case's
         // effect is then attributable, and the shipper is seen to survive every one.
         extra += usize::from(case.name.starts_with("conflicting"));
-        rig.wait_stored(good.len() + extra, case.name).await;
-        assert!(
-            ship.exited().is_none(),
-            "the shipper stopped after {}:\n{}",
-            case.name,
-            rig.stderr_text()
-        );
+        rig.wait_stored_running(&mut ship, good.len() + extra, case.name)
+            .await;
     }
     writer.append(good_line("good-last", 99).as_bytes());
     good.push("good-last".into());
     good.push("dup-conflict".into());
-    rig.wait_stored(good.len(), "the last good line").await;
-    assert!(ship.exited().is_none(), "the shipper stopped");
+    rig.wait_stored_running(&mut ship, good.len(), "the last good line")
+        .await;
 
     rig.assert_exactly_once(&good);
     let dup = rig
@@ -133,7 +129,7 @@ async fn every_bad_input_is_rejected_with_its_reason_and_the_good_lines_around_i
                 .all(|want| rejected.iter().any(|(r, _)| r.contains(want)))
         })
     };
-    crate::support::wait_until(std::time::Duration::from_secs(60), || {
+    crate::support::wait_until(crate::reliability_support::PATIENCE, || {
         all_said(&rig.rejected())
     })
     .await;

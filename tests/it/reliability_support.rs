@@ -172,6 +172,51 @@ impl Rig {
         );
     }
 
+    /// Waits until Lago holds at least `n` events while `ship` keeps running. A shipper that
+    /// exits fails the wait at once with its status (instead of a timeout long after), and a
+    /// timeout reports where the shipper is: `tally queue stats` (pending, positions, lag) and the
+    /// spend-log files with their sizes.
+    pub async fn wait_stored_running(&self, ship: &mut Shipper, n: usize, what: &str) {
+        let mut exited = None;
+        let ok = crate::support::wait_until(PATIENCE, || {
+            exited = ship.exited();
+            exited.is_some() || self.lago.event_count() >= n
+        })
+        .await;
+        if let Some(status) = exited
+            && self.lago.event_count() < n
+        {
+            panic!(
+                "{what}: the shipper exited ({status}) with {} of {n} events at Lago; stderr tail:\n{}",
+                self.lago.event_count(),
+                tail(&self.stderr_text(), 40)
+            );
+        }
+        if !ok {
+            let mut files: Vec<String> = std::fs::read_dir(self.dir.path())
+                .map(|d| {
+                    d.flatten()
+                        .map(|e| {
+                            let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+                            format!("{} ({len} bytes)", e.file_name().to_string_lossy())
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            files.sort();
+            let stats = self
+                .command(&["queue", "stats", "--output-format", "json"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            panic!(
+                "{what}: Lago has {} of {n} events after {PATIENCE:?}; queue stats: {stats}\nfiles: {files:#?}\nshipper stderr tail:\n{}",
+                self.lago.event_count(),
+                tail(&self.stderr_text(), 40)
+            );
+        }
+    }
+
     /// Asserts Lago holds exactly `ids`, each once.
     pub fn assert_exactly_once(&self, ids: &[String]) {
         let counts = self.stored_counts();
