@@ -2,8 +2,9 @@
 //! full, read-only or failing, the shipper stops advancing, says why, retries with a capped
 //! backoff and carries on in the same process once the disk is fixed (issue #6).
 //!
-//! - [`trouble`] tells storage trouble (SQLite `FULL`, `READONLY*`, `IOERR*`, `CANTOPEN`; the OS's
-//!   `ENOSPC`, `EROFS`, `EDQUOT`, `EIO`) from everything else (corruption, a newer schema, a bug),
+//! - [`trouble`] tells storage trouble (SQLite `FULL`, `READONLY*`, `IOERR*`, `CANTOPEN`, which
+//!   is how SQLite reports the OS's `ENOSPC`, `EROFS`, `EDQUOT`, `EIO`; the same errors from the OS
+//!   when creating the state directory) from everything else (corruption, a newer schema, a bug),
 //!   which still stops the shipper with an error.
 //! - [`with_outbox_waiting`] runs one outbox operation until it succeeds or `stop` fires. The
 //!   operation is retried whole: an outbox transaction either commits or leaves nothing behind, so
@@ -70,19 +71,19 @@ fn is_storage_code(code: ErrorCode) -> bool {
 }
 
 /// Whether `e` is storage trouble (wait and retry) rather than a fault that must stop the shipper.
-/// `os_errno` is what SQLite saw from the OS for the failed call (0 if nothing).
+/// The SQLite result code decides (`os_errno` may be left over from an earlier call, so it only
+/// adds the OS's words to the reason); `os_errno` is what SQLite saw from the OS (0 if nothing).
 pub fn trouble(e: &SenderError, os_errno: i32) -> Option<Trouble> {
-    let storage =
-        match e {
-            SenderError::Outbox(OutboxError::Db(db))
-            | SenderError::Outbox(OutboxError::Open { source: db, .. }) => {
-                sqlite_code(db).is_some_and(is_storage_code)
-            }
-            SenderError::Outbox(OutboxError::CreateDir { source, .. }) => {
-                source.raw_os_error().is_some_and(is_storage_errno)
-            }
-            SenderError::Outbox(OutboxError::NewerSchema { .. }) | SenderError::Task(_) => false,
-        } || (os_errno != 0 && is_storage_errno(os_errno) && matches!(e, SenderError::Outbox(_)));
+    let storage = match e {
+        SenderError::Outbox(OutboxError::Db(db))
+        | SenderError::Outbox(OutboxError::Open { source: db, .. }) => {
+            sqlite_code(db).is_some_and(is_storage_code)
+        }
+        SenderError::Outbox(OutboxError::CreateDir { source, .. }) => {
+            source.raw_os_error().is_some_and(is_storage_errno)
+        }
+        SenderError::Outbox(OutboxError::NewerSchema { .. }) | SenderError::Task(_) => false,
+    };
     if !storage {
         return None;
     }
