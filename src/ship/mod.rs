@@ -87,13 +87,10 @@ pub fn event_spec(settings: &ShipSettings) -> EventSpec {
 /// the drain deadline, and returns `Ok(())`.
 pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let db_path = settings.db_path();
-    let mut outbox = Outbox::open_in(&settings.state_dir).with_context(|| {
-        format!(
-            "cannot open the outbox in {}{}",
-            settings.state_dir.display(),
-            not_writable(&db_path)
-        )
-    })?;
+    let Some(mut outbox) = open_outbox_waiting(&settings.state_dir, &db_path, &shutdown).await?
+    else {
+        return Ok(());
+    };
     if let Some(retention) = settings.tuning.acked_retention {
         let pruned = outbox.prune_acked(retention)?;
         if pruned > 0 {
@@ -301,9 +298,89 @@ async fn refresh_queue_gauges(
     }
 }
 
+/// Opens the outbox. While the state directory is read-only, full or failing (by the OS's word,
+/// from a write probe) it waits and retries, as a running shipper does, instead of failing: under
+/// systemd a start that fails quickly five times is not tried again (`StartLimitBurst`). Any
+/// other failure (a bad path, no permission, a corrupt or newer database) is returned at once.
+/// `Ok(None)`: `shutdown` came while waiting.
+async fn open_outbox_waiting(
+    state_dir: &std::path::Path,
+    db_path: &std::path::Path,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<Outbox>> {
+    let mut wait = storage::MIN_WAIT;
+    let mut last_log: Option<std::time::Instant> = None;
+    // An outbox seen while waiting must be the one opened: if it is gone (the state disk being
+    // unmounted and mounted again), a fresh empty one must not be created in its place.
+    let mut seen = false;
+    loop {
+        if seen && !db_path.is_file() {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.cancelled() => return Ok(None),
+            }
+            continue;
+        }
+        let error = match Outbox::open_in(state_dir) {
+            Ok(outbox) => {
+                if last_log.is_some() {
+                    tracing::info!(
+                        outbox = %db_path.display(),
+                        "the outbox {} can be opened again; tally ship starts",
+                        db_path.display()
+                    );
+                }
+                return Ok(Some(outbox));
+            }
+            Err(e) => e,
+        };
+        let probe = write_probe(db_path);
+        let storage = storage::is_full_or_failing(&error)
+            || probe
+                .as_ref()
+                .is_some_and(|(_, e)| e.raw_os_error().is_some_and(storage::is_storage_errno));
+        seen |= db_path.is_file();
+        if !storage {
+            return Err(anyhow::Error::new(error).context(format!(
+                "cannot open the outbox in {}{}",
+                state_dir.display(),
+                not_writable(db_path)
+            )));
+        }
+        if last_log.is_none_or(|t| t.elapsed() >= storage::LOG_EVERY) {
+            last_log = Some(std::time::Instant::now());
+            let reason = format!("{error}{}", not_writable(db_path));
+            tracing::error!(
+                outbox = %db_path.display(),
+                reason = %reason,
+                "cannot open the outbox {} for writing: {reason}; tally ship waits and retries \
+                 until it can. Free space in, or make writable, the state directory",
+                db_path.display()
+            );
+            service::notify_status(&format!(
+                "waiting: cannot open the outbox {}: {reason}",
+                db_path.display()
+            ));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.cancelled() => return Ok(None),
+        }
+        wait = (wait * 2).min(storage::MAX_WAIT);
+    }
+}
+
 /// Why `db` cannot be written, in the OS's words (SQLite only says "unable to open database
 /// file", which does not tell a read-only filesystem from a missing directory); empty if it can.
 fn not_writable(db: &std::path::Path) -> String {
+    match write_probe(db) {
+        Some((path, e)) => format!(" ({}: {e})", path.display()),
+        None => String::new(),
+    }
+}
+
+/// Tries to write where the outbox is (or would be): the file tried and the OS's error, if any.
+fn write_probe(db: &std::path::Path) -> Option<(std::path::PathBuf, std::io::Error)> {
     let (path, probe) = if db.exists() {
         let r = std::fs::OpenOptions::new().append(true).open(db);
         (db.to_path_buf(), r)
@@ -314,10 +391,7 @@ fn not_writable(db: &std::path::Path) -> String {
         let _ = std::fs::remove_file(&p);
         (p, r)
     };
-    match probe {
-        Ok(_) => String::new(),
-        Err(e) => format!(" ({}: {e})", path.display()),
-    }
+    probe.err().map(|e| (path, e))
 }
 
 /// Delivers what is pending in the outbox of `settings.state_dir` and returns once nothing is left

@@ -46,7 +46,7 @@ pub struct Trouble {
 }
 
 /// OS errors that mean the disk, not tally, is the problem.
-fn is_storage_errno(errno: i32) -> bool {
+pub fn is_storage_errno(errno: i32) -> bool {
     matches!(
         errno,
         libc::ENOSPC | libc::EROFS | libc::EDQUOT | libc::EIO | libc::EFBIG
@@ -95,6 +95,19 @@ pub fn trouble(e: &SenderError, os_errno: i32) -> Option<Trouble> {
         ));
     }
     Some(Trouble { reason })
+}
+
+/// Whether SQLite said the disk is full or failing (`FULL`, `IOERR*`): storage trouble whatever
+/// the path; `READONLY` and `CANTOPEN` can also mean a wrong path or missing permission.
+pub fn is_full_or_failing(e: &OutboxError) -> bool {
+    match e {
+        OutboxError::Db(db) | OutboxError::Open { source: db, .. } => sqlite_code(db)
+            .is_some_and(|c| matches!(c, ErrorCode::DiskFull | ErrorCode::SystemIoFailure)),
+        OutboxError::CreateDir { source, .. } => {
+            source.raw_os_error().is_some_and(is_storage_errno)
+        }
+        OutboxError::NewerSchema { .. } => false,
+    }
 }
 
 /// Writes and removes a small file beside the outbox: `Ok` if the directory takes writes.

@@ -32,6 +32,7 @@ const RESUMED: &str = "can be written again";
 struct Disk {
     image: PathBuf,
     at: PathBuf,
+    repairs: u32,
 }
 
 fn run(cmd: &str, args: &[&str]) -> bool {
@@ -55,6 +56,7 @@ impl Disk {
         let disk = Self {
             image: image.to_path_buf(),
             at: at.to_path_buf(),
+            repairs: 0,
         };
         disk.attach().then_some(disk)
     }
@@ -88,7 +90,10 @@ impl Disk {
     /// The fix: unmount, check, and mount a copy of the checked image at the same place.
     fn repair(&mut self) {
         assert!(run("umount", &["-l", self.at.to_str().unwrap()]));
-        let copy = self.image.with_extension("repaired");
+        self.repairs += 1;
+        let copy = self
+            .image
+            .with_extension(format!("repaired{}", self.repairs));
         std::fs::copy(&self.image, &copy).unwrap();
         self.image = copy;
         // 0: clean, 1: errors corrected.
@@ -314,6 +319,47 @@ async fn state_dir_full_then_read_only_is_ridden_through_by_one_shipper() {
     assert!(ship.terminate().unwrap().success());
     let ids: Vec<String> = (0..3_200).map(|n| format!("disk-{n:05}")).collect();
     rig.assert_exactly_once(&ids);
+
+    // Started on a read-only state directory, the shipper waits for it (it used to exit, and
+    // systemd gives up after five quick failed starts), says why, and starts once it is fixed.
+    disk.fail_read_only();
+    let mut ship = rig.spawn_ship(&[]);
+    write_range(&mut writer, 3_200, 3_400);
+    let said = wait_until(PATIENCE, || {
+        rig.stderr_text()
+            .lines()
+            .any(|l| l.contains("cannot open the outbox") && l.contains("Read-only file system"))
+            || ship.exited().is_some()
+    })
+    .await;
+    assert!(
+        said && ship.exited().is_none(),
+        "a start on a read-only state dir did not wait:\n{}",
+        tail(&rig.stderr_text(), 20)
+    );
+    assert_eq!(
+        rig.lago.event_count(),
+        3_200,
+        "nothing is billed without the outbox"
+    );
+    let start_line = rig
+        .stderr_text()
+        .lines()
+        .find(|l| l.contains("cannot open the outbox"))
+        .unwrap_or_default()
+        .to_owned();
+    disk.repair();
+    rig.wait_stored_running(
+        &mut ship,
+        3_400,
+        "after the state dir was fixed under a waiting start",
+    )
+    .await;
+    let drained = wait_until(PATIENCE, || rig.pending() == 0).await;
+    assert!(drained);
+    assert!(ship.terminate().unwrap().success());
+    let ids: Vec<String> = (0..3_400).map(|n| format!("disk-{n:05}")).collect();
+    rig.assert_exactly_once(&ids);
     let resent = rig.lago.counters().duplicates;
     figure(
         "disk_trouble",
@@ -321,7 +367,8 @@ async fn state_dir_full_then_read_only_is_ridden_through_by_one_shipper() {
             "one shipper rode through full then read-only: full said {full_line:?} with backlog \
              {full_backlog:?} (pending, unread bytes); read-only said {ro_line:?} with backlog \
              {ro_backlog:?}; connection reopened {reopened} time(s); SIGTERM during the wait \
-             exited 0; 3200 records each stored once, {resent} duplicate answers absorbed"
+             exited 0; a start on a read-only state dir waited ({start_line:?}) and started when fixed; 3400 records \
+             each stored once, {resent} duplicate answers absorbed"
         ),
     );
 }
