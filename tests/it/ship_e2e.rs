@@ -462,11 +462,17 @@ async fn kill_9_at_any_point_still_bills_every_record_exactly_once() {
 async fn two_shippers_on_one_state_dir_send_each_event_once_and_take_over() {
     let env = Env::new().await;
     let all = records("pair", 0..8_000);
-    append(&env.log(), &all[..5_000]);
     let first = Child::spawn(&env);
     let state = env.state();
     assert!(wait_until(LONG, || state.join("shipper.db").exists()).await);
     let second = Child::spawn(&env);
+    // Slow answers keep batches in flight for seconds while both processes read the same lines:
+    // two senders would both send the oldest pending events.
+    env.emu.inject(Fault::Delay {
+        duration: Duration::from_millis(300),
+        count: 40,
+    });
+    append(&env.log(), &all[..5_000]);
     env.wait_at_lago(5_000).await;
     let acked = |n: u64| {
         let state = env.state();
