@@ -10,7 +10,7 @@
 //!   rejected lines, file positions; plus what `tally queue` reads and does.
 //! - [`reader`]: tailer chunks → parsed records → one outbox transaction per chunk.
 //! - [`lago`]: the HTTP client for `POST /api/v1/events/batch` and the classification of answers.
-//! - [`sender`]: leases batches from the outbox, keeps several in flight, acks / dead-letters /
+//! - [`sender`]: claims batches from the outbox, keeps several in flight, acks / dead-letters /
 //!   retries according to Lago's answer.
 //!
 //! [`run`] is the command; [`run_with`] runs the same shipper from code (the demo, tests).
