@@ -10,7 +10,7 @@
 //!   rejected lines, file positions; plus what `tally queue` reads and does.
 //! - [`reader`]: tailer chunks → parsed records → one outbox transaction per chunk.
 //! - [`lago`]: the HTTP client for `POST /api/v1/events/batch` and the classification of answers.
-//! - [`sender`]: leases batches from the outbox, keeps several in flight, acks / dead-letters /
+//! - [`sender`]: claims batches from the outbox, keeps several in flight, acks / dead-letters /
 //!   retries according to Lago's answer.
 //! - [`storage`]: waits out a full or read-only state directory (retry, reopen, say why) so the
 //!   shipper resumes in the same process once the disk is fixed.
@@ -278,16 +278,21 @@ async fn refresh_queue_gauges(
     stop: CancellationToken,
 ) {
     loop {
-        match sender::with_outbox(&outbox, |ob| ob.stats()).await {
-            Ok(stats) => {
+        // `depth`, not `stats`: counting acked rows scans the whole outbox.
+        match sender::with_outbox(&outbox, |ob| ob.depth()).await {
+            Ok(depth) => {
                 metrics.set_queue_depth(QueueDepth {
-                    pending: stats.pending,
-                    held: stats.held,
-                    dead: stats.dead,
-                    rejected: stats.rejected,
+                    pending: depth.pending,
+                    held: depth.held,
+                    dead: depth.dead,
+                    rejected: depth.rejected,
                 });
                 let now_ms = chrono::Utc::now().timestamp_millis();
-                metrics.set_oldest_pending_age(stats.oldest_pending_age(now_ms));
+                metrics.set_oldest_pending_age(
+                    depth
+                        .oldest_pending_ms
+                        .map(|t| Duration::from_millis(now_ms.saturating_sub(t).max(0) as u64)),
+                );
             }
             Err(e) => tracing::warn!(error = %e, "cannot count the outbox for the metrics"),
         }

@@ -95,10 +95,10 @@ pub async fn ingest_chunk(
 /// line. If `shutdown` comes during that wait, the chunk and everything after it are left
 /// uncommitted and read again at the next start.
 ///
-/// Three stages overlap: the tailer reads chunk *n + 2* while chunk *n + 1* is parsed (on a
-/// blocking thread) and chunk *n* is committed. The channels between them hold one chunk each, so
-/// memory stays bounded whatever the backlog, and order is kept, so positions are committed in
-/// the order they were reached.
+/// Chunk *n + 1* is parsed (on a blocking thread) while chunk *n* is committed; the tailer reads
+/// the next chunk once the slot between them is free. At most two chunks are alive at once, so
+/// memory is bounded by the chunk size whatever the backlog, and order is kept, so positions are
+/// committed in the order they were reached.
 pub async fn run_reader(
     tailer: Tailer,
     outbox: SharedOutbox,
@@ -170,6 +170,13 @@ pub async fn run_reader_sharing(
     // first start mistake the rotated file for history and skip it.
     let mut first = true;
     loop {
+        // A free slot first, then read: the next chunk is not read (and held) while two others
+        // are still being parsed and committed. Reading is the cheap stage; parsing and
+        // committing still overlap, and the chunks alive at once stay at two.
+        let Ok(slot) = tx.reserve().await else {
+            // The committer stopped (an outbox error): its result says why.
+            break;
+        };
         let next = if std::mem::take(&mut first) {
             tailer.poll_chunk()
         } else {
@@ -197,10 +204,7 @@ pub async fn run_reader_sharing(
                 chunk.positions,
             )
         });
-        if tx.send(parsed).await.is_err() {
-            // The committer stopped (an outbox error): its result says why.
-            break;
-        }
+        slot.send(parsed);
     }
     // Everything read is committed before returning: no chunk is lost on shutdown.
     drop(tx);

@@ -1,6 +1,10 @@
-//! The sender: leases pending events from the outbox in batches, keeps several batch requests in
+//! The sender: claims pending events from the outbox in batches, keeps several batch requests in
 //! flight, and applies Lago's answer to each event (docs/delivery.md, "Retry policy").
 //!
+//! - One sender per outbox: it holds the outbox's [`SenderLock`] (a second `tally ship` on the same
+//!   state directory waits for it), so claiming is a read and what is in flight is a set in
+//!   memory. The acks of responses that arrive together are committed together; an ack lost in a
+//!   crash means a resend, which Lago answers as a duplicate.
 //! - 200 → acked. 422 per index → `value_already_exist` acked, other reasons dead with Lago's
 //!   words, the rest resent at once (a 422 batch stored nothing). 422 about the whole batch →
 //!   split in halves until the culprit stands alone (then dead with the body). 400 → dead.
@@ -16,7 +20,7 @@
 //!   shipper is stopped first, the events stay pending and are resent at the next start, where
 //!   Lago answers `value_already_exist` and they are acked — never billed twice.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -30,18 +34,23 @@ use crate::metrics::ship::{LagoOutcome, ShipMetrics};
 use crate::ship::lago::SendError;
 use crate::ship::lago::{Answer, IndexError, LagoClient};
 use crate::ship::outbox::{
-    ClaimedEvent, LeaseGuard, LeaseOwner, Outbox, OutboxError, SharedOutbox,
+    ClaimCursor, ClaimedEvent, Outbox, OutboxError, SenderLock, SharedOutbox,
 };
 use crate::ship::settings::Tuning;
-use crate::ship::storage::{StorageGate, with_outbox_waiting};
+use crate::ship::storage::{StorageGate, trouble, with_outbox_waiting};
 
 /// An auth failure is logged at most this often while it lasts.
 const AUTH_LOG_EVERY: Duration = Duration::from_secs(60);
 /// With nothing signalled, look for claimable rows this often anyway (rows written by another
-/// process, leases that ran out).
+/// process, requeued by an operator).
 const IDLE_RECHECK: Duration = Duration::from_millis(500);
-/// Leases of senders that died are looked for this often.
-const STALE_LEASE_SWEEP: Duration = Duration::from_secs(30);
+/// Claims start again from the oldest pending event at least this often (and whenever a claim
+/// comes back short), to pick up events that became pending behind the cursor.
+const CURSOR_RESTART: Duration = Duration::from_secs(5);
+/// While another sender holds the outbox's lock, try to take it this often.
+const LOCK_RETRY: Duration = Duration::from_secs(1);
+/// While storage trouble blocks the outbox, look whether it cleared this often.
+const STORAGE_RECHECK: Duration = Duration::from_millis(100);
 /// First retry delay.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -207,8 +216,12 @@ struct Ctx {
     outbox: SharedOutbox,
     client: LagoClient,
     tuning: Tuning,
-    owner: LeaseOwner,
-    lease: Duration,
+    /// Transaction ids claimed and not yet acked / dead / given up: never claimed twice. Changed
+    /// only while the outbox is locked, in the same step as the claim or the commit that ends
+    /// them, so a claim never sees an event as both pending and not in flight.
+    in_flight: std::sync::Mutex<HashSet<String>>,
+    /// Accepted batches to ack, committed together by the acker.
+    acks: tokio::sync::mpsc::UnboundedSender<Vec<(i64, String)>>,
     auth: AuthGate,
     /// Fired on shutdown: no new batches, no new attempts.
     shutdown: CancellationToken,
@@ -256,6 +269,60 @@ impl Ctx {
     }
 }
 
+/// Takes the outbox's sender lock: at once, or (in [`SendMode::Forever`]) once the sender that
+/// holds it stops. `None` when shutdown comes first or, in [`SendMode::UntilIdle`], when another
+/// sender holds it (that one delivers the pending events).
+async fn take_lock(
+    outbox: &SharedOutbox,
+    storage: &StorageGate,
+    mode: SendMode,
+    shutdown: &CancellationToken,
+) -> Result<Option<SenderLock>, SenderError> {
+    let (mut told, mut blocked) = (false, false);
+    loop {
+        let taken = match with_outbox(outbox, |ob| ob.try_lock_sender()).await {
+            // The lock file could be made after all: the outbox's own writes tell the rest.
+            Ok(taken) if std::mem::take(&mut blocked) => {
+                storage.clear();
+                taken
+            }
+            Ok(taken) => taken,
+            // The lock file cannot be created on a full or read-only disk: wait like any write.
+            Err(e) => {
+                let Some(trouble) = trouble(&e, 0) else {
+                    return Err(e);
+                };
+                storage.block(&trouble, LOCK_RETRY);
+                blocked = true;
+                tokio::select! {
+                    _ = tokio::time::sleep(LOCK_RETRY) => continue,
+                    _ = shutdown.cancelled() => return Ok(None),
+                }
+            }
+        };
+        if let Some(lock) = taken {
+            if told {
+                tracing::info!("took over sending from the sender that held the outbox");
+            }
+            return Ok(Some(lock));
+        }
+        if mode == SendMode::UntilIdle {
+            tracing::info!("another sender (a running tally ship?) delivers this outbox");
+            return Ok(None);
+        }
+        if !std::mem::replace(&mut told, true) {
+            tracing::warn!(
+                "another tally ship sends from this state directory; this one only reads the \
+                 spend log until that one stops (one sender per outbox)"
+            );
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(LOCK_RETRY) => {}
+            _ = shutdown.cancelled() => return Ok(None),
+        }
+    }
+}
+
 /// Delivers pending events until `shutdown` (or, in [`SendMode::UntilIdle`], until nothing is
 /// left). Returns what it did; an outbox that cannot be written stops it with an error.
 pub async fn run_sender(
@@ -267,7 +334,6 @@ pub async fn run_sender(
     shutdown: CancellationToken,
     totals: Arc<SendTotals>,
 ) -> Result<SendReport, SenderError> {
-    let guard = LeaseGuard::new();
     let storage = match &totals.storage {
         Some(gate) => gate.clone(),
         None => {
@@ -275,25 +341,18 @@ pub async fn run_sender(
             Arc::new(StorageGate::new(path, totals.metrics.clone()))
         }
     };
-    let Some(released) =
-        with_outbox_waiting(&outbox, &storage, &shutdown, Outbox::release_stale_leases).await?
-    else {
+    // Held by this future (not by the tasks it spawns), so the lock goes when it does — also
+    // when it is dropped mid-way (an aborted task), and tasks left behind cannot keep it.
+    let Some(lock) = take_lock(&outbox, &storage, mode, &shutdown).await? else {
         return Ok(totals.snapshot());
     };
-    if released > 0 {
-        tracing::info!(
-            released,
-            "released events leased by a sender that is gone; they will be sent again"
-        );
-    }
-    // A lease outlives any single attempt plus the longest wait before the next, and is renewed
-    // before each attempt.
-    let lease = tuning.request_timeout * 2 + tuning.retry_cap + Duration::from_secs(30);
+    let lock = Arc::new(lock);
+    let (acks, acks_rx) = tokio::sync::mpsc::unbounded_channel();
     let ctx = Arc::new(Ctx {
         outbox,
         client,
-        owner: guard.owner(),
-        lease,
+        in_flight: std::sync::Mutex::new(HashSet::new()),
+        acks,
         auth: AuthGate::default(),
         shutdown: shutdown.clone(),
         abandon: CancellationToken::new(),
@@ -305,10 +364,20 @@ pub async fn run_sender(
         totals: totals.clone(),
         tuning,
     });
+    let acks_done = CancellationToken::new();
+    let acker = tokio::spawn(run_acker(ctx.clone(), acks_rx, acks_done.clone()));
+    // Dropped before the end (the caller's task aborted): the workers give up their batches and
+    // the acker commits what it has, then both stop.
+    let _stop_workers = (
+        ctx.abandon.clone().drop_guard(),
+        ctx.failed.clone().drop_guard(),
+        acks_done.clone().drop_guard(),
+    );
     let permits = Arc::new(Semaphore::new(ctx.tuning.batches_in_flight));
     let tracker = TaskTracker::new();
-    let mut last_sweep = Instant::now();
     let mut last_was_full = false;
+    let mut cursor: Option<ClaimCursor> = None;
+    let mut cursor_since = Instant::now();
 
     loop {
         if shutdown.is_cancelled() || ctx.failed.is_cancelled() {
@@ -333,12 +402,6 @@ pub async fn run_sender(
                 }
             }
         }
-        if last_sweep.elapsed() >= STALE_LEASE_SWEEP {
-            last_sweep = Instant::now();
-            if ctx.write(Outbox::release_stale_leases).await?.is_none() {
-                break;
-            }
-        }
         // While Lago refuses the key, the batches in flight probe; claim nothing more.
         while ctx.auth.is_blocked() && !shutdown.is_cancelled() {
             let reopened = ctx.auth.reopened.notified();
@@ -351,6 +414,15 @@ pub async fn run_sender(
                 _ = ctx.failed.cancelled() => break,
             }
         }
+        // Storage trouble: acks cannot be recorded, so nothing new is sent until the writer
+        // that hit it (it retries until it succeeds) clears the gate.
+        while ctx.storage.is_blocked() && !shutdown.is_cancelled() && !ctx.failed.is_cancelled() {
+            tokio::select! {
+                _ = tokio::time::sleep(STORAGE_RECHECK) => {}
+                _ = shutdown.cancelled() => {}
+                _ = ctx.failed.cancelled() => {}
+            }
+        }
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => match p {
                 Ok(p) => p,
@@ -360,21 +432,25 @@ pub async fn run_sender(
             _ = ctx.failed.cancelled() => break,
         };
         signal.added.store(0, Ordering::Relaxed);
-        let (n, owner, lease) = (ctx.tuning.batch_size, ctx.owner, ctx.lease);
-        let Some(batch) = ctx.write(move |ob| ob.claim(n, lease, owner)).await? else {
-            break;
-        };
+        if cursor_since.elapsed() >= CURSOR_RESTART {
+            cursor = None;
+        }
+        if cursor.is_none() {
+            cursor_since = Instant::now();
+        }
+        let n = ctx.tuning.batch_size;
+        let (batch, reached) = claim(&ctx, &lock, n, cursor).await?;
         last_was_full = batch.len() == n;
+        // A short claim reached the newest pending event: start the next from the oldest.
+        cursor = if last_was_full { reached } else { None };
         if batch.is_empty() {
             drop(permit);
             if mode == SendMode::UntilIdle
                 && permits.available_permits() == ctx.tuning.batches_in_flight
             {
-                // Nothing claimable and nothing in flight: look once more (a worker may have
-                // just released events), then stop.
-                let Some(again) = ctx.write(move |ob| ob.claim(n, lease, owner)).await? else {
-                    break;
-                };
+                // Nothing claimable and nothing in flight: look once more from the oldest (a
+                // worker may have just given events back), then stop.
+                let (again, _) = claim(&ctx, &lock, n, None).await?;
                 if again.is_empty() {
                     break;
                 }
@@ -410,7 +486,11 @@ pub async fn run_sender(
         ctx.abandon.cancel();
         tracker.wait().await;
     }
-    drop(guard);
+    // Every worker is done: commit the acks still queued, then let go of the lock.
+    acks_done.cancel();
+    if let Err(e) = acker.await {
+        ctx.fail(SenderError::Task(e.to_string()));
+    }
     let error = ctx.error.lock().ok().and_then(|mut e| e.take());
     match error {
         Some(e) => Err(e),
@@ -418,9 +498,78 @@ pub async fn run_sender(
     }
 }
 
+/// Claims up to `n` events after `cursor` and marks them in flight, in one step under the
+/// outbox lock. Returns them and where the claim stopped.
+async fn claim(
+    ctx: &Arc<Ctx>,
+    lock: &Arc<SenderLock>,
+    n: usize,
+    cursor: Option<ClaimCursor>,
+) -> Result<(Vec<ClaimedEvent>, Option<ClaimCursor>), SenderError> {
+    let (c, lock) = (ctx.clone(), lock.clone());
+    with_outbox(&ctx.outbox, move |ob| {
+        let mut in_flight = c.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        let (batch, reached) = ob.claim(n, cursor, &in_flight, &lock)?;
+        in_flight.extend(batch.iter().map(|e| e.transaction_id.clone()));
+        Ok((batch, reached))
+    })
+    .await
+}
+
+/// Commits the acks of accepted batches, several responses per transaction when they arrive
+/// together (fewer commits). Runs until `done` and the queue is empty.
+async fn run_acker(
+    ctx: Arc<Ctx>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<(i64, String)>>,
+    done: CancellationToken,
+) {
+    loop {
+        let first = tokio::select! {
+            biased;
+            batch = rx.recv() => batch,
+            _ = done.cancelled() => rx.try_recv().ok(),
+        };
+        let Some(mut events) = first else { return };
+        while let Ok(more) = rx.try_recv() {
+            events.extend(more);
+        }
+        let n = events.len() as u64;
+        let clear = ctx.error_noted.swap(false, Ordering::Relaxed);
+        let c = ctx.clone();
+        // Lago has these: on storage trouble the ack is retried until the outbox takes it, the
+        // events staying in flight meanwhile. A stop before then leaves them pending, and their
+        // resend at the next start is answered as a duplicate.
+        let r = ctx
+            .write(move |ob| {
+                let mut in_flight = c.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+                let left = in_flight.len().saturating_sub(events.len()) as u64;
+                let pairs: Vec<(i64, &str)> =
+                    events.iter().map(|(r, id)| (*r, id.as_str())).collect();
+                ob.ack(&pairs, Some(left))?;
+                if clear {
+                    ob.set_last_lago_error(None)?;
+                }
+                // Out of flight only once committed: a claim meanwhile must not take them again.
+                for (_, id) in &events {
+                    in_flight.remove(id);
+                }
+                Ok(())
+            })
+            .await;
+        match r {
+            Ok(Some(())) => ctx.totals.add_acked(n),
+            Ok(None) => return,
+            Err(e) => {
+                ctx.fail(e);
+                return;
+            }
+        }
+    }
+}
+
 /// Delivers one claimed batch: sends it until every event is acked, dead or (on shutdown)
 /// released.
-async fn deliver(ctx: &Ctx, batch: Vec<ClaimedEvent>) {
+async fn deliver(ctx: &Arc<Ctx>, batch: Vec<ClaimedEvent>) {
     // Sub-batches still to send; a batch-level 422 splits one into two.
     let mut work: Vec<Vec<ClaimedEvent>> = vec![batch];
     let mut backoff = ctx.backoff();
@@ -432,24 +581,6 @@ async fn deliver(ctx: &Ctx, batch: Vec<ClaimedEvent>) {
         if attempted && (ctx.shutdown.is_cancelled() || ctx.failed.is_cancelled()) {
             release(ctx, &events, &work).await;
             return;
-        }
-        if attempted {
-            let ids = ids(&events);
-            let (lease, owner) = (ctx.lease, ctx.owner);
-            match ctx
-                .write(move |ob| ob.renew_lease(&refs(&ids), lease, owner))
-                .await
-            {
-                Ok(Some(())) => {}
-                Ok(None) => {
-                    release(ctx, &events, &work).await;
-                    return;
-                }
-                Err(e) => {
-                    ctx.fail(e);
-                    return;
-                }
-            }
         }
         attempted = true;
         ctx.totals.requests.fetch_add(1, Ordering::Relaxed);
@@ -469,21 +600,15 @@ async fn deliver(ctx: &Ctx, batch: Vec<ClaimedEvent>) {
             Ok(Answer::Accepted) => {
                 ctx.auth.succeed();
                 backoff = ctx.backoff();
-                let ids = ids(&events);
-                let n = ids.len() as u64;
-                let clear = ctx.error_noted.swap(false, Ordering::Relaxed);
-                // Lago has these now: the ids stay in memory and the ack is retried until the
-                // outbox takes it (see the module doc for a stop before then).
-                let r = ctx
-                    .write(move |ob| {
-                        ob.mark_acked(&refs(&ids))?;
-                        if clear {
-                            ob.set_last_lago_error(None)?;
-                        }
-                        Ok(())
-                    })
-                    .await;
-                counted(r, || ctx.totals.add_acked(n))
+                // The acker commits it (with other responses that arrive meanwhile); the events
+                // stay in flight until then.
+                let acked = events
+                    .into_iter()
+                    .map(|e| (e.rowid, e.transaction_id))
+                    .collect();
+                ctx.acks
+                    .send(acked)
+                    .map_err(|_| SenderError::Task("the acker stopped".into()))
             }
             Ok(Answer::PerIndex(map)) if map.keys().all(|i| *i < events.len()) => {
                 ctx.auth.succeed();
@@ -551,7 +676,7 @@ async fn deliver(ctx: &Ctx, batch: Vec<ClaimedEvent>) {
 /// Acks the duplicates, parks the refused events as dead, returns the rest for an immediate
 /// resend.
 async fn apply_per_index(
-    ctx: &Ctx,
+    ctx: &Arc<Ctx>,
     events: Vec<ClaimedEvent>,
     map: BTreeMap<usize, IndexError>,
 ) -> (Vec<ClaimedEvent>, Result<(), SenderError>) {
@@ -560,7 +685,7 @@ async fn apply_per_index(
     let mut rest = Vec::new();
     for (i, e) in events.into_iter().enumerate() {
         match map.get(&i) {
-            Some(IndexError::AlreadyExists) => acked.push(e.transaction_id),
+            Some(IndexError::AlreadyExists) => acked.push((e.rowid, e.transaction_id)),
             Some(IndexError::Refused(why)) => {
                 tracing::warn!(transaction_id = %e.transaction_id, reason = %why, "Lago refused an event; it is dead");
                 refused.push((e.transaction_id, format!("Lago refused it: {why}")));
@@ -568,58 +693,63 @@ async fn apply_per_index(
             None => rest.push(e),
         }
     }
-    let (na, nd) = (acked.len() as u64, refused.len() as u64);
-    let r = ctx
-        .write(move |ob| {
-            ob.mark_acked(&refs(&acked))?;
-            let dead: Vec<(&str, &str)> = refused
-                .iter()
-                .map(|(id, why)| (id.as_str(), why.as_str()))
-                .collect();
-            ob.mark_dead(&dead)
-        })
-        .await;
-    let r = counted(r, || {
-        ctx.totals.add_acked(na);
-        ctx.totals.add_dead(nd);
-    });
+    let r = settle(ctx, acked, refused).await;
     (rest, r)
 }
 
-async fn dead(ctx: &Ctx, events: &[ClaimedEvent], reason: &str) -> Result<(), SenderError> {
+/// Acks and dead-letters events in one transaction, then takes them out of flight.
+async fn settle(
+    ctx: &Arc<Ctx>,
+    acked: Vec<(i64, String)>,
+    dead: Vec<(String, String)>,
+) -> Result<(), SenderError> {
+    let (na, nd) = (acked.len() as u64, dead.len() as u64);
+    let c = ctx.clone();
+    let written = ctx
+        .write(move |ob| {
+            let mut in_flight = c.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            let pairs: Vec<(i64, &str)> = acked.iter().map(|(r, id)| (*r, id.as_str())).collect();
+            ob.ack(&pairs, None)?;
+            let refs: Vec<(&str, &str)> = dead
+                .iter()
+                .map(|(id, why)| (id.as_str(), why.as_str()))
+                .collect();
+            ob.mark_dead(&refs)?;
+            for id in acked
+                .iter()
+                .map(|(_, id)| id)
+                .chain(dead.iter().map(|(id, _)| id))
+            {
+                in_flight.remove(id);
+            }
+            Ok(())
+        })
+        .await?;
+    // `None`: shutdown came during storage trouble; the events stay pending for the next start.
+    if written.is_some() {
+        ctx.totals.add_acked(na);
+        ctx.totals.add_dead(nd);
+    }
+    Ok(())
+}
+
+async fn dead(ctx: &Arc<Ctx>, events: &[ClaimedEvent], reason: &str) -> Result<(), SenderError> {
     tracing::warn!(
         events = events.len(),
         reason,
         "Lago refused events; they are dead"
     );
-    let ids = ids(events);
-    let reason = reason.to_owned();
-    let n = ids.len() as u64;
-    let r = ctx
-        .write(move |ob| {
-            let dead: Vec<(&str, &str)> = ids
-                .iter()
-                .map(|id| (id.as_str(), reason.as_str()))
-                .collect();
-            ob.mark_dead(&dead)
-        })
-        .await;
-    counted(r, || ctx.totals.add_dead(n))
-}
-
-/// Counts a write that happened; one cut short by shutdown (`None`) did nothing and is not an
-/// error: its events are still pending and are sent again at the next start.
-fn counted(r: Result<Option<()>, SenderError>, count: impl FnOnce()) -> Result<(), SenderError> {
-    if let Some(()) = r? {
-        count();
-    }
-    Ok(())
+    let dead = events
+        .iter()
+        .map(|e| (e.transaction_id.clone(), reason.to_owned()))
+        .collect();
+    settle(ctx, Vec::new(), dead).await
 }
 
 /// Notes a failed attempt, waits, and queues the events for another attempt — unless shutdown
 /// comes first, in which case they are released.
 async fn retry_later(
-    ctx: &Ctx,
+    ctx: &Arc<Ctx>,
     events: Vec<ClaimedEvent>,
     work: &mut Vec<Vec<ClaimedEvent>>,
     note: &str,
@@ -654,17 +784,24 @@ async fn retry_later(
     Ok(())
 }
 
-/// Gives events back to the outbox (still pending) when the sender stops before they are done.
-async fn release(ctx: &Ctx, events: &[ClaimedEvent], more: &[Vec<ClaimedEvent>]) {
-    let mut ids = ids(events);
-    for m in more {
-        ids.extend(m.iter().map(|e| e.transaction_id.clone()));
-    }
-    let owner = ctx.owner;
-    if let Err(e) = with_outbox(&ctx.outbox, move |ob| ob.release(&refs(&ids), owner)).await {
-        // Not fatal: the lease runs out, or the next start releases it.
-        tracing::warn!(error = %e, "cannot release leased events; they will be sent after their lease");
-    }
+/// Gives events up when the sender stops before they are done: they stay pending in the outbox
+/// (nothing to write) and the next sender sends them; a resend is a harmless duplicate.
+async fn release(ctx: &Arc<Ctx>, events: &[ClaimedEvent], more: &[Vec<ClaimedEvent>]) {
+    let c = ctx.clone();
+    let ids: Vec<String> = events
+        .iter()
+        .chain(more.iter().flatten())
+        .map(|e| e.transaction_id.clone())
+        .collect();
+    // Under the outbox lock, like every change of the set (see `Ctx::in_flight`).
+    let _ = with_outbox(&ctx.outbox, move |_| {
+        let mut in_flight = c.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        for id in &ids {
+            in_flight.remove(id);
+        }
+        Ok(())
+    })
+    .await;
 }
 
 fn ids(events: &[ClaimedEvent]) -> Vec<String> {

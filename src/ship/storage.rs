@@ -79,9 +79,9 @@ pub fn trouble(e: &SenderError, os_errno: i32) -> Option<Trouble> {
         | SenderError::Outbox(OutboxError::Open { source: db, .. }) => {
             sqlite_code(db).is_some_and(is_storage_code)
         }
-        SenderError::Outbox(OutboxError::CreateDir { source, .. }) => {
-            source.raw_os_error().is_some_and(is_storage_errno)
-        }
+        SenderError::Outbox(
+            OutboxError::CreateDir { source, .. } | OutboxError::Lock { source, .. },
+        ) => source.raw_os_error().is_some_and(is_storage_errno),
         SenderError::Outbox(OutboxError::NewerSchema { .. }) | SenderError::Task(_) => false,
     };
     if !storage {
@@ -103,7 +103,7 @@ pub fn is_full_or_failing(e: &OutboxError) -> bool {
     match e {
         OutboxError::Db(db) | OutboxError::Open { source: db, .. } => sqlite_code(db)
             .is_some_and(|c| matches!(c, ErrorCode::DiskFull | ErrorCode::SystemIoFailure)),
-        OutboxError::CreateDir { source, .. } => {
+        OutboxError::CreateDir { source, .. } | OutboxError::Lock { source, .. } => {
             source.raw_os_error().is_some_and(is_storage_errno)
         }
         OutboxError::NewerSchema { .. } => false,

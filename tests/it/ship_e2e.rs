@@ -455,6 +455,46 @@ async fn kill_9_at_any_point_still_bills_every_record_exactly_once() {
     assert!(env.emu.counters().duplicates >= stored_unheard as u64);
 }
 
+/// One sender per outbox: two `tally ship` on one state directory never send the same event
+/// (Lago would answer the second copy as a duplicate), and when the one sending is killed the
+/// other takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_shippers_on_one_state_dir_send_each_event_once_and_take_over() {
+    let env = Env::new().await;
+    let all = records("pair", 0..8_000);
+    let first = Child::spawn(&env);
+    let state = env.state();
+    assert!(wait_until(LONG, || state.join("shipper.db").exists()).await);
+    let second = Child::spawn(&env);
+    // Slow answers keep batches in flight for seconds while both processes read the same lines:
+    // two senders would both send the oldest pending events.
+    env.emu.inject(Fault::Delay {
+        duration: Duration::from_millis(300),
+        count: 40,
+    });
+    append(&env.log(), &all[..5_000]);
+    env.wait_at_lago(5_000).await;
+    let acked = |n: u64| {
+        let state = env.state();
+        move || {
+            Outbox::open_in(&state)
+                .and_then(|o| o.stats())
+                .is_ok_and(|s| s.acked == n)
+        }
+    };
+    assert!(wait_until(LONG, acked(5_000)).await);
+    assert_eq!(env.emu.counters().duplicates, 0, "an event was sent twice");
+
+    // Whichever was sending, kill the first: the second (reading all along) delivers the rest.
+    first.kill9();
+    append(&env.log(), &all[5_000..]);
+    env.wait_at_lago(all.len()).await;
+    assert!(wait_until(LONG, acked(all.len() as u64)).await);
+    assert!(second.terminate().await.success());
+    env.assert_exactly_once(&all);
+    assert_eq!(env.emu.counters().duplicates, 0, "an event was sent twice");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_and_exits_zero() {
     let env = Env::new().await;

@@ -1,8 +1,8 @@
 //! `tally replay --ship`: deliver with the shipper's own sender ([`deliver_pending`]) and wait
 //! until this replay's events are acked, or say which are not and why.
 //!
-//! A running `tally ship` may deliver some of them first (it leases them): that is fine, this
-//! only waits for their state to change, up to `--ship-timeout`.
+//! A running `tally ship` holds the outbox's sender lock and delivers them instead: that is fine,
+//! this only waits for their state to change, up to `--ship-timeout`.
 
 use std::time::Duration;
 

@@ -9,30 +9,34 @@
 //!   or dead (any other 422 reason / 400). Transient failures only bump `attempts`.
 //! - **Several processes share the file** (`tally ship`, `tally replay`, `tally queue`): WAL lets
 //!   readers run beside the writer, `busy_timeout` makes writers queue instead of failing, every
-//!   write transaction is short and `IMMEDIATE` (no deadlock on lock upgrade). A sender *leases*
-//!   the rows it sends ([`Outbox::claim`]) so another process's sender does not send them at the
-//!   same time. Leases of a process that died (kill -9) are released by the next sender that
-//!   starts ([`Outbox::release_stale_leases`]). If a lease is ever lost anyway (a sender stalled
-//!   past its lease), the worst case is one resend of identical bytes, which Lago answers with
-//!   `value_already_exist` (Postgres store) or dedupes on id + timestamp (ClickHouse store).
+//!   write transaction is short and `IMMEDIATE` (no deadlock on lock upgrade).
+//! - **One sender per outbox** ([`SenderLock`], a `flock` the kernel drops when the process
+//!   dies): the holder claims pending events by *reading* them ([`Outbox::claim`]) and keeps what
+//!   it has in flight in memory, so the ack is the only write per event. A second shipper on the
+//!   same state directory waits for the lock instead of sending the same events. After a crash
+//!   (kill -9) the events that were in flight are still pending and the next holder sends them
+//!   again: one resend of identical bytes, which Lago answers with `value_already_exist`
+//!   (Postgres store) or dedupes on id + timestamp (ClickHouse store).
 //! - **Durability**: WAL with `synchronous=NORMAL`. A commit survives a process crash (it is in
 //!   the WAL, in the OS page cache); only a power loss or kernel crash can lose the last few
 //!   commits, and because lines and positions roll back *together*, the shipper then re-reads
 //!   those lines and at worst resends events Lago already has — absorbed as duplicates. Paying an
 //!   fsync per commit would buy nothing the idempotency key does not already give.
 
+mod lock;
 mod queue;
 mod readonly;
 mod schema;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-pub use queue::{ItemDetail, ItemSummary, LagoErrorNote, ListFilter, RetryReport, Stats};
+pub use lock::{SenderLock, sender_running};
+pub use queue::{Depth, ItemDetail, ItemSummary, LagoErrorNote, ListFilter, RetryReport, Stats};
 pub use schema::MIGRATIONS;
 
 use crate::ship::resolve::{Disposition, PreparedRecord};
@@ -51,7 +55,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum State {
-    /// Waiting to be sent (or being sent, under a lease).
+    /// Waiting to be sent (or being sent by the outbox's one sender).
     Pending,
     /// No customer id for the charge-by setting; waits for `tally queue retry`.
     Held,
@@ -119,6 +123,14 @@ pub enum OutboxError {
         "shipper.db has schema version {found}, newer than this tally knows ({known}); run the newer tally, or move the file away to start afresh"
     )]
     NewerSchema { found: usize, known: usize },
+    #[error(
+        "cannot lock {path} (the one-sender-per-outbox lock): {source}; check TALLY_STATE_DIR is writable"
+    )]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("outbox database error: {0}")]
     Db(#[from] rusqlite::Error),
 }
@@ -171,68 +183,20 @@ impl IngestReport {
     }
 }
 
-/// An event a sender has leased.
+/// A pending event a sender has claimed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClaimedEvent {
+    /// Where the row is (what the ack updates); checked against the id, see [`Outbox::ack`].
+    pub rowid: i64,
     pub transaction_id: String,
     pub event: Vec<u8>,
 }
 
-/// Who holds a lease: this process and one sender in it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LeaseOwner {
-    pub pid: u32,
-    pub id: i64,
-}
-
-/// Lease owners alive in this process; a lease of this pid by an owner not in the set belongs to
-/// a sender that is gone (e.g. the demo or a test restarting the shipper in-process).
-fn live_owners() -> &'static Mutex<HashSet<i64>> {
-    static OWNERS: OnceLock<Mutex<HashSet<i64>>> = OnceLock::new();
-    OWNERS.get_or_init(|| Mutex::new(HashSet::new()))
-}
-
-/// Registers a lease owner for as long as the guard lives.
-#[derive(Debug)]
-pub struct LeaseGuard {
-    owner: LeaseOwner,
-}
-
-impl LeaseGuard {
-    pub fn new() -> Self {
-        let id = loop {
-            let id = rand::random::<i64>();
-            if let Ok(mut owners) = live_owners().lock()
-                && owners.insert(id)
-            {
-                break id;
-            }
-        };
-        Self {
-            owner: LeaseOwner {
-                pid: std::process::id(),
-                id,
-            },
-        }
-    }
-
-    pub fn owner(&self) -> LeaseOwner {
-        self.owner
-    }
-}
-
-impl Default for LeaseGuard {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Drop for LeaseGuard {
-    fn drop(&mut self) {
-        if let Ok(mut owners) = live_owners().lock() {
-            owners.remove(&self.owner.id);
-        }
-    }
+/// Where the last claim stopped, in the pending index's order (`created_ms`, then rowid).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ClaimCursor {
+    pub created_ms: i64,
+    pub rowid: i64,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -314,6 +278,11 @@ impl Outbox {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Takes this outbox's one-sender lock, or `Ok(None)` while another sender holds it.
+    pub fn try_lock_sender(&self) -> Result<Option<SenderLock>, OutboxError> {
+        SenderLock::try_acquire(&self.path)
     }
 
     /// Wraps the outbox for sharing between the tasks of one process.
@@ -487,70 +456,96 @@ impl Outbox {
         Ok(report)
     }
 
-    /// Leases up to `max` pending events for `lease` and returns them. Rows leased by another
-    /// live sender are skipped until their lease runs out.
+    /// Up to `max` pending events after `after` (from the oldest when `None`), in ingest
+    /// order, leaving out those in `in_flight` (by transaction_id). A read: only the holder of
+    /// the [`SenderLock`] sends, so nothing needs to be written to keep another sender off them.
+    ///
+    /// Rows that become pending behind the cursor (an operator's `tally queue retry`, another
+    /// process's ingest with an earlier clock) are found when the caller starts again from `None`,
+    /// which the sender does whenever a claim comes back short.
     pub fn claim(
-        &mut self,
+        &self,
         max: usize,
-        lease: Duration,
-        owner: LeaseOwner,
-    ) -> Result<Vec<ClaimedEvent>, OutboxError> {
+        after: Option<ClaimCursor>,
+        in_flight: &HashSet<String>,
+        _lock: &SenderLock,
+    ) -> Result<(Vec<ClaimedEvent>, Option<ClaimCursor>), OutboxError> {
+        let after = after.unwrap_or(ClaimCursor {
+            created_ms: i64::MIN,
+            rowid: i64::MIN,
+        });
+        // Walks `events_pending` from the cursor; the rows in flight are skipped here rather than
+        // in SQL (at most batches in flight × batch size of them, and only after a restart from
+        // the oldest).
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT rowid, created_ms, transaction_id, event FROM events
+             WHERE state = 0 AND (created_ms, rowid) > (?1, ?2)
+             ORDER BY created_ms, rowid LIMIT ?3",
+        )?;
+        let limit = max.saturating_add(in_flight.len()).min(i64::MAX as usize) as i64;
+        let mut rows = stmt.query(params![after.created_ms, after.rowid, limit])?;
+        let mut claimed = Vec::with_capacity(max.min(1024));
+        let mut last = None;
+        while claimed.len() < max
+            && let Some(r) = rows.next()?
+        {
+            let rowid: i64 = r.get(0)?;
+            let created_ms: i64 = r.get(1)?;
+            last = Some(ClaimCursor { created_ms, rowid });
+            let transaction_id: String = r.get(2)?;
+            if in_flight.contains(&transaction_id) {
+                continue;
+            }
+            claimed.push(ClaimedEvent {
+                rowid,
+                transaction_id,
+                event: r.get::<_, Option<Vec<u8>>>(3)?.unwrap_or_default(),
+            });
+        }
+        Ok((claimed, last))
+    }
+
+    /// Lago has these `(rowid, transaction_id)`: acked and slimmed, in one transaction. The rowid
+    /// finds the row without the id index; the id check makes a rowid that changed meanwhile
+    /// (a `VACUUM` renumbers them) fall back to the id. Lago's word wins over any state.
+    ///
+    /// `in_flight` is what the sender has in flight once these are done, noted in `meta` in the
+    /// same commit for `tally queue stats` (one row per commit, not per event).
+    pub fn ack(
+        &mut self,
+        events: &[(i64, &str)],
+        in_flight: Option<u64>,
+    ) -> Result<(), OutboxError> {
         let now = now_ms();
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let claimed = {
-            let mut stmt = tx.prepare_cached(
-                "UPDATE events SET lease_until_ms = ?1, lease_owner = ?2, lease_pid = ?3
-                 WHERE rowid IN (SELECT rowid FROM events
-                                 WHERE state = 0 AND lease_until_ms <= ?4
-                                 ORDER BY created_ms LIMIT ?5)
-                 RETURNING transaction_id, event",
+        {
+            let mut by_rowid = tx.prepare_cached(
+                "UPDATE events SET state = 3, record = NULL, event = NULL, customer_ids = NULL,
+                     reason = NULL, updated_ms = ?3
+                 WHERE rowid = ?1 AND transaction_id = ?2 AND state <> 3",
             )?;
-            let rows = stmt.query_map(
-                params![
-                    now + lease.as_millis() as i64,
-                    owner.id,
-                    owner.pid,
-                    now,
-                    max as i64
-                ],
-                |r| {
-                    Ok(ClaimedEvent {
-                        transaction_id: r.get(0)?,
-                        event: r.get::<_, Option<Vec<u8>>>(1)?.unwrap_or_default(),
-                    })
-                },
+            let mut by_id = tx.prepare_cached(
+                "UPDATE events SET state = 3, record = NULL, event = NULL, customer_ids = NULL,
+                     reason = NULL, updated_ms = ?2
+                 WHERE transaction_id = ?1 AND state <> 3",
             )?;
-            rows.collect::<Result<Vec<_>, _>>()?
-        };
+            for (rowid, id) in events {
+                if by_rowid.execute(params![rowid, id, now])? == 0 {
+                    by_id.execute(params![id, now])?;
+                }
+            }
+            if let Some(n) = in_flight {
+                tx.prepare_cached(
+                    "INSERT INTO meta (key, value) VALUES ('sender_in_flight', ?1)
+                     ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                )?
+                .execute([n.to_string()])?;
+            }
+        }
         tx.commit()?;
-        Ok(claimed)
-    }
-
-    /// Extends the lease on events this owner still holds (before another attempt).
-    pub fn renew_lease(
-        &mut self,
-        ids: &[&str],
-        lease: Duration,
-        owner: LeaseOwner,
-    ) -> Result<(), OutboxError> {
-        let until = now_ms() + lease.as_millis() as i64;
-        self.for_each_id(
-            ids,
-            "UPDATE events SET lease_until_ms = ?2 WHERE transaction_id = ?1 AND state = 0 AND lease_owner = ?3",
-            |stmt, id| stmt.execute(params![id, until, owner.id]),
-        )
-    }
-
-    /// Gives leased events back (shutdown with requests abandoned): they are sent again next time.
-    pub fn release(&mut self, ids: &[&str], owner: LeaseOwner) -> Result<(), OutboxError> {
-        self.for_each_id(
-            ids,
-            "UPDATE events SET lease_until_ms = 0, lease_owner = NULL, lease_pid = NULL
-             WHERE transaction_id = ?1 AND state = 0 AND lease_owner = ?2",
-            |stmt, id| stmt.execute(params![id, owner.id]),
-        )
+        Ok(())
     }
 
     /// Lago has these: they become acked and are slimmed to id, hash, attempts and time. Whatever state a
@@ -560,7 +555,7 @@ impl Outbox {
         self.for_each_id(
             ids,
             "UPDATE events SET state = 3, record = NULL, event = NULL, customer_ids = NULL, reason = NULL,
-                 lease_until_ms = 0, lease_owner = NULL, lease_pid = NULL, updated_ms = ?2
+                 updated_ms = ?2
              WHERE transaction_id = ?1 AND state <> 3",
             |stmt, id| stmt.execute(params![id, now]),
         )
@@ -574,8 +569,7 @@ impl Outbox {
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
             let mut stmt = tx.prepare_cached(
-                "UPDATE events SET state = 2, reason = ?2, attempts = attempts + 1,
-                     lease_until_ms = 0, lease_owner = NULL, lease_pid = NULL, updated_ms = ?3
+                "UPDATE events SET state = 2, reason = ?2, attempts = attempts + 1, updated_ms = ?3
                  WHERE transaction_id = ?1 AND state = 0",
             )?;
             for (id, reason) in dead {
@@ -617,37 +611,6 @@ impl Outbox {
         Ok(())
     }
 
-    /// Releases leases held by senders that no longer exist: another process that died, or a
-    /// sender of this process that has stopped. Returns how many rows were released.
-    pub fn release_stale_leases(&mut self) -> Result<usize, OutboxError> {
-        let me = std::process::id();
-        let holders: Vec<(i64, Option<i64>)> = {
-            let mut stmt = self.conn.prepare_cached(
-                "SELECT DISTINCT lease_pid, lease_owner FROM events
-                 WHERE state = 0 AND lease_until_ms > 0 AND lease_pid IS NOT NULL",
-            )?;
-            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<Result<_, _>>()?
-        };
-        let live = live_owners().lock().map(|s| s.clone()).unwrap_or_default();
-        let mut released = 0;
-        for (pid, owner) in holders {
-            let stale = if pid == i64::from(me) {
-                owner.is_none_or(|o| !live.contains(&o))
-            } else {
-                !process_alive(pid)
-            };
-            if stale {
-                released += self.conn.execute(
-                    "UPDATE events SET lease_until_ms = 0, lease_owner = NULL, lease_pid = NULL
-                     WHERE state = 0 AND lease_pid = ?1 AND lease_owner IS ?2",
-                    params![pid, owner],
-                )?;
-            }
-        }
-        Ok(released)
-    }
-
     /// Forgets acked ids acked more than `older_than` ago (`TALLY_ACKED_RETENTION_DAYS`).
     /// A log older than the retention replayed later could then bill again: the default keeps
     /// them forever.
@@ -659,7 +622,7 @@ impl Outbox {
         )?)
     }
 
-    /// Number of pending events (leased or not).
+    /// Number of pending events (in flight or not).
     pub fn pending_count(&self) -> Result<u64, OutboxError> {
         let n: i64 =
             self.conn
@@ -709,19 +672,6 @@ impl Outbox {
     pub(crate) fn conn_mut(&mut self) -> &mut Connection {
         &mut self.conn
     }
-}
-
-/// Whether a process with this pid exists (signal 0 probes without sending anything).
-fn process_alive(pid: i64) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
-        return false;
-    };
-    if pid <= 0 {
-        return false;
-    }
-    // SAFETY: kill with signal 0 only checks for existence and permission.
-    let rc = unsafe { libc::kill(pid, 0) };
-    rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
 }
 
 /// The first bytes of a line, as text for an operator (lossy UTF-8).

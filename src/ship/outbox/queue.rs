@@ -27,7 +27,7 @@ pub struct PositionNote {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Stats {
     pub pending: u64,
-    /// Of `pending`, how many a sender holds right now.
+    /// Of `pending`, how many the running sender last had in flight (0 when no sender runs).
     pub in_flight: u64,
     pub held: u64,
     pub dead: u64,
@@ -48,6 +48,18 @@ impl Stats {
         self.oldest_pending_ms
             .map(|t| std::time::Duration::from_millis(now_ms.saturating_sub(t).max(0) as u64))
     }
+}
+
+/// Queue depth for the gauges: [`Outbox::depth`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Depth {
+    pub pending: u64,
+    /// Of `pending`, how many the running sender last had in flight (0 when no sender runs).
+    pub in_flight: u64,
+    pub held: u64,
+    pub dead: u64,
+    pub rejected: u64,
+    pub oldest_pending_ms: Option<i64>,
 }
 
 /// What to list.
@@ -92,6 +104,8 @@ pub struct ItemDetail {
     pub source_offset: Option<u64>,
     pub created_ms: i64,
     pub updated_ms: i64,
+    /// Not tracked per event since schema v4 (the one sender keeps what it has in flight in
+    /// memory, see `lock.rs`): always `None`, kept for the output format.
     pub leased_until_ms: Option<i64>,
 }
 
@@ -110,40 +124,77 @@ pub struct RetryReport {
 pub const REJECTED_PREFIX: &str = "rejected:";
 
 impl Outbox {
+    /// What the queue gauges need, cheaply enough to ask every few seconds whatever the outbox
+    /// size: the counts come from the partial indexes of pending, held and dead rows.
+    pub fn depth(&self) -> Result<Depth, OutboxError> {
+        let conn = self.conn();
+        let count = |sql: &str| -> Result<u64, OutboxError> {
+            Ok(conn
+                .prepare_cached(sql)?
+                .query_row([], |r| r.get::<_, i64>(0))? as u64)
+        };
+        let pending = count("SELECT count(*) FROM events WHERE state = 0")?;
+        let held = count("SELECT count(*) FROM events WHERE state = 1")?;
+        let dead = count("SELECT count(*) FROM events WHERE state = 2")?;
+        let rejected = count("SELECT count(*) FROM rejected WHERE dropped_reason IS NULL")?;
+        let oldest_pending_ms: Option<i64> = conn
+            .prepare_cached("SELECT min(created_ms) FROM events WHERE state = 0")?
+            .query_row([], |r| r.get(0))?;
+        // What the sender last noted as in flight counts only while a sender holds the lock.
+        let in_flight = if super::sender_running(self.path()) {
+            conn.prepare_cached("SELECT value FROM meta WHERE key = 'sender_in_flight'")?
+                .query_row([], |r| r.get::<_, String>(0))
+                .optional()?
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        Ok(Depth {
+            pending,
+            in_flight: in_flight.min(pending),
+            held,
+            dead,
+            rejected,
+            oldest_pending_ms,
+        })
+    }
+
+    /// Everything `tally queue stats` shows. Counts acked and the other settled states with one
+    /// pass over the table (they have no index); for the periodic gauges use [`Outbox::depth`].
     pub fn stats(&self) -> Result<Stats, OutboxError> {
         let conn = self.conn();
         let mut stats = Stats::default();
-        let now = now_ms();
-        {
-            let mut stmt =
-                conn.prepare_cached("SELECT state, count(*) FROM events GROUP BY state")?;
-            let mut rows = stmt.query([])?;
-            while let Some(r) = rows.next()? {
-                let n = r.get::<_, i64>(1)? as u64;
-                match State::from_code(r.get(0)?) {
-                    Some(State::Pending) => stats.pending = n,
-                    Some(State::Held) => stats.held = n,
-                    Some(State::Dead) => stats.dead = n,
-                    Some(State::Acked) => stats.acked = n,
-                    Some(State::NotBillable) => stats.not_billable = n,
-                    Some(State::Dropped) => stats.dropped = n,
-                    None => {}
-                }
-            }
-        }
-        let (in_flight, oldest): (i64, Option<i64>) = conn.query_row(
-            "SELECT count(*) FILTER (WHERE lease_until_ms > ?1), min(created_ms)
-             FROM events WHERE state = 0",
-            [now],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
-        stats.in_flight = in_flight as u64;
-        stats.oldest_pending_ms = oldest;
-        stats.rejected = conn.query_row(
-            "SELECT count(*) FROM rejected WHERE dropped_reason IS NULL",
+        // One scan with a counter per state: `GROUP BY state` sorted the whole table first, a
+        // sorter as large as the cache (RSS grew with the outbox) and the slowest way to count.
+        let counts: [i64; 6] = conn.query_row(
+            "SELECT count(*) FILTER (WHERE state = 0), count(*) FILTER (WHERE state = 1),
+                    count(*) FILTER (WHERE state = 2), count(*) FILTER (WHERE state = 3),
+                    count(*) FILTER (WHERE state = 4), count(*) FILTER (WHERE state = 5)
+             FROM events",
             [],
-            |r| r.get::<_, i64>(0),
-        )? as u64;
+            |r| {
+                Ok([
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ])
+            },
+        )?;
+        let [pending, held, dead, acked, not_billable, dropped] = counts.map(|n| n as u64);
+        stats.pending = pending;
+        stats.held = held;
+        stats.dead = dead;
+        stats.acked = acked;
+        stats.not_billable = not_billable;
+        stats.dropped = dropped;
+        let depth = self.depth()?;
+        stats.in_flight = depth.in_flight.min(stats.pending);
+        stats.oldest_pending_ms = depth.oldest_pending_ms;
+        stats.rejected = depth.rejected;
         let message: Option<String> = conn
             .query_row(
                 "SELECT value FROM meta WHERE key = 'last_lago_error'",
@@ -239,16 +290,14 @@ impl Outbox {
 
     /// Everything about one transaction_id, or `None` when it was never recorded.
     pub fn show(&self, transaction_id: &str) -> Result<Option<ItemDetail>, OutboxError> {
-        let now = now_ms();
         let mut stmt = self.conn().prepare_cached(
             "SELECT state, record, event, subscription_id, reason, attempts, source_file,
-                 source_offset, created_ms, updated_ms, lease_until_ms, customer_ids
+                 source_offset, created_ms, updated_ms, customer_ids
              FROM events WHERE transaction_id = ?1",
         )?;
         let text = |b: Option<Vec<u8>>| b.map(|b| String::from_utf8_lossy(&b).into_owned());
         Ok(stmt
             .query_row([transaction_id], |r| {
-                let lease: i64 = r.get(10)?;
                 Ok(ItemDetail {
                     transaction_id: transaction_id.to_owned(),
                     state: State::from_code(r.get(0)?).unwrap_or(State::Pending),
@@ -261,8 +310,8 @@ impl Outbox {
                     source_offset: r.get::<_, Option<i64>>(7)?.map(|o| o as u64),
                     created_ms: r.get(8)?,
                     updated_ms: r.get(9)?,
-                    leased_until_ms: (lease > now).then_some(lease),
-                    customer_ids: r.get(11)?,
+                    leased_until_ms: None,
+                    customer_ids: r.get(10)?,
                 })
             })
             .optional()?)
@@ -327,7 +376,7 @@ impl Outbox {
             };
             let mut requeue = tx.prepare_cached(
                 "UPDATE events SET state = 0, event = ?2, subscription_id = ?3, reason = NULL,
-                     lease_until_ms = 0, lease_owner = NULL, lease_pid = NULL, updated_ms = ?4
+                     updated_ms = ?4
                  WHERE transaction_id = ?1",
             )?;
             let mut hold = tx.prepare_cached(
@@ -384,8 +433,7 @@ impl Outbox {
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
             let mut event = tx.prepare_cached(
-                "UPDATE events SET state = 5, event = NULL, reason = ?2, lease_until_ms = 0,
-                     lease_owner = NULL, lease_pid = NULL, updated_ms = ?3
+                "UPDATE events SET state = 5, event = NULL, reason = ?2, updated_ms = ?3
                  WHERE transaction_id = ?1 AND state IN (0, 1, 2)",
             )?;
             let mut rejected = tx.prepare_cached(

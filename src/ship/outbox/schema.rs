@@ -100,6 +100,15 @@ pub const MIGRATIONS: &[&str] = &[
     DROP TABLE rejected;
     ALTER TABLE rejected_v2 RENAME TO rejected;
     "#,
+    // v4: one sender per outbox, holding a lock file (`lock.rs`), claims by reading; nothing
+    // writes the lease columns any more (they stay, unused: dropping them would rewrite the whole
+    // table). Leases left by a v3 shipper are cleared so the rows are claimable. The version bump
+    // itself matters too: a v3 tally, which would lease instead of taking the lock, refuses to
+    // open this file, so an old and a new shipper can never send the same events side by side.
+    r#"
+    UPDATE events SET lease_until_ms = 0, lease_owner = NULL, lease_pid = NULL
+        WHERE state = 0 AND (lease_until_ms <> 0 OR lease_owner IS NOT NULL);
+    "#,
 ];
 
 /// Brings the schema up to date; returns the version now in place.

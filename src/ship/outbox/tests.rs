@@ -122,70 +122,139 @@ fn malformed_lines_keep_file_offset_reason_and_head() {
     assert_eq!(head.len(), REJECTED_HEAD_BYTES);
 }
 
+fn ids(events: &[ClaimedEvent]) -> Vec<&str> {
+    events.iter().map(|c| c.transaction_id.as_str()).collect()
+}
+
+fn lock(ob: &Outbox) -> SenderLock {
+    ob.try_lock_sender()
+        .unwrap()
+        .expect("the sender lock is free")
+}
+
 #[test]
-fn claim_leases_and_ack_slims() {
+fn claim_reads_in_order_skips_what_is_in_flight_and_ack_slims() {
     let (_dir, mut ob) = open();
     let items: Vec<_> = (0..5)
         .map(|i| item(&record(&format!("t{i}"), Some("c")), i))
         .collect();
     ob.ingest(&items, &[]).unwrap();
-    let g1 = LeaseGuard::new();
-    let g2 = LeaseGuard::new();
-    let first = ob.claim(3, Duration::from_secs(60), g1.owner()).unwrap();
-    assert_eq!(first.len(), 3);
-    // A second sender does not get leased rows.
-    let second = ob.claim(10, Duration::from_secs(60), g2.owner()).unwrap();
-    assert_eq!(second.len(), 2);
-    assert!(
-        ob.claim(10, Duration::from_secs(60), g2.owner())
-            .unwrap()
-            .is_empty()
-    );
-    let ids: Vec<&str> = first.iter().map(|c| c.transaction_id.as_str()).collect();
-    ob.mark_acked(&ids).unwrap();
-    let shown = ob.show(ids[0]).unwrap().unwrap();
+    let lock = lock(&ob);
+    let mut in_flight = HashSet::new();
+    let (first, cursor) = ob.claim(3, None, &in_flight, &lock).unwrap();
+    assert_eq!(ids(&first), ["t0", "t1", "t2"]);
+    in_flight.extend(first.iter().map(|c| c.transaction_id.clone()));
+    // From the cursor: the rest.
+    let (second, end) = ob.claim(10, cursor, &in_flight, &lock).unwrap();
+    assert_eq!(ids(&second), ["t3", "t4"]);
+    assert!(ob.claim(10, end, &in_flight, &lock).unwrap().0.is_empty());
+    // From the oldest again, what is in flight is left out.
+    in_flight.extend(second.iter().map(|c| c.transaction_id.clone()));
+    assert!(ob.claim(10, None, &in_flight, &lock).unwrap().0.is_empty());
+    // Claiming wrote nothing: still pending.
+    assert_eq!(ob.pending_count().unwrap(), 5);
+
+    let acked: Vec<(i64, &str)> = first
+        .iter()
+        .map(|c| (c.rowid, c.transaction_id.as_str()))
+        .collect();
+    ob.ack(&acked, Some(2)).unwrap();
+    let shown = ob.show("t0").unwrap().unwrap();
     assert_eq!(shown.state, State::Acked);
     assert_eq!((shown.record, shown.event), (None, None));
-    // Released rows come back.
-    let ids2: Vec<&str> = second.iter().map(|c| c.transaction_id.as_str()).collect();
-    ob.release(&ids2, g2.owner()).unwrap();
+    // Given up (not acked) events come back when no longer in flight.
+    in_flight.clear();
     assert_eq!(
-        ob.claim(10, Duration::from_secs(60), g1.owner())
-            .unwrap()
-            .len(),
-        2
+        ids(&ob.claim(10, None, &in_flight, &lock).unwrap().0),
+        ["t3", "t4"]
     );
+    // The in-flight note counts while the lock is held, not after.
     let s = ob.stats().unwrap();
     assert_eq!((s.acked, s.pending, s.in_flight), (3, 2, 2));
+    drop(lock);
+    assert_eq!(ob.stats().unwrap().in_flight, 0);
 }
 
 #[test]
-fn stale_leases_of_a_gone_sender_are_released() {
+fn an_ack_finds_its_row_by_id_when_the_rowid_changed() {
     let (_dir, mut ob) = open();
-    ob.ingest(&[item(&record("t", Some("c")), 0)], &[]).unwrap();
-    let gone = LeaseGuard::new();
-    assert_eq!(
-        ob.claim(1, Duration::from_secs(600), gone.owner())
-            .unwrap()
-            .len(),
-        1
-    );
-    let live = LeaseGuard::new();
-    assert!(
-        ob.claim(1, Duration::from_secs(600), live.owner())
-            .unwrap()
-            .is_empty()
-    );
-    // While its owner lives, the lease stands.
-    assert_eq!(ob.release_stale_leases().unwrap(), 0);
-    drop(gone);
-    assert_eq!(ob.release_stale_leases().unwrap(), 1);
-    assert_eq!(
-        ob.claim(1, Duration::from_secs(600), live.owner())
-            .unwrap()
-            .len(),
-        1
-    );
+    ob.ingest(
+        &[
+            item(&record("a", Some("c")), 0),
+            item(&record("b", Some("c")), 1),
+        ],
+        &[],
+    )
+    .unwrap();
+    let lock = lock(&ob);
+    let (claimed, _) = ob.claim(10, None, &HashSet::new(), &lock).unwrap();
+    let b_rowid = claimed[1].rowid;
+    // "a" with the rowid of "b" (as after a VACUUM renumbered them): "b" must stay pending.
+    ob.ack(&[(b_rowid, "a")], None).unwrap();
+    assert_eq!(ob.state_of("a").unwrap(), Some(State::Acked));
+    assert_eq!(ob.state_of("b").unwrap(), Some(State::Pending));
+}
+
+#[test]
+fn the_claim_walks_the_pending_index() {
+    let (_dir, ob) = open();
+    let plan: Vec<String> = ob
+        .conn()
+        .prepare(
+            "EXPLAIN QUERY PLAN SELECT rowid, created_ms, transaction_id, event FROM events
+             WHERE state = 0 AND (created_ms, rowid) > (?1, ?2)
+             ORDER BY created_ms, rowid LIMIT ?3",
+        )
+        .unwrap()
+        .query_map(params![0, 0, 10], |r| r.get::<_, String>(3))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let plan = plan.join("; ");
+    assert!(plan.contains("events_pending"), "{plan}");
+    assert!(!plan.contains("TEMP B-TREE"), "{plan}");
+}
+
+#[test]
+fn a_v3_outbox_migrates_to_v4_with_its_leases_cleared() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(DB_FILE);
+    {
+        let conn = Connection::open(&path).unwrap();
+        for (v, sql) in MIGRATIONS[..3].iter().enumerate() {
+            conn.execute_batch(sql).unwrap();
+            conn.pragma_update(None, "user_version", (v + 1) as i64)
+                .unwrap();
+        }
+        // A v3 shipper's rows: one leased in flight, one free, one acked.
+        conn.execute_batch(
+            "INSERT INTO events (transaction_id, state, content_hash, event, created_ms,
+                 updated_ms, lease_until_ms, lease_owner, lease_pid)
+             VALUES ('leased', 0, 1, X'7B7D', 1, 1, 99999999999999, 7, 4242),
+                    ('free', 0, 2, X'7B7D', 2, 2, 0, NULL, NULL),
+                    ('done', 3, 3, NULL, 3, 3, 0, NULL, NULL);",
+        )
+        .unwrap();
+    }
+    let ob = Outbox::open(&path).unwrap();
+    let version: i64 = ob
+        .conn()
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 4);
+    let lock = lock(&ob);
+    let (claimed, _) = ob.claim(10, None, &HashSet::new(), &lock).unwrap();
+    assert_eq!(ids(&claimed), ["leased", "free"]);
+    let leased: i64 = ob
+        .conn()
+        .query_row(
+            "SELECT count(*) FROM events WHERE lease_until_ms <> 0 OR lease_owner IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(leased, 0);
+    assert_eq!(ob.state_of("done").unwrap(), Some(State::Acked));
 }
 
 #[test]
@@ -198,8 +267,8 @@ fn dead_retry_and_drop() {
         &[],
     )
     .unwrap();
-    let g = LeaseGuard::new();
-    let claimed = ob.claim(10, Duration::from_secs(60), g.owner()).unwrap();
+    let lock = lock(&ob);
+    let (claimed, _) = ob.claim(10, None, &HashSet::new(), &lock).unwrap();
     assert_eq!(claimed.len(), 1);
     ob.mark_dead(&[("dead-1", "timestamp: invalid_format")])
         .unwrap();
@@ -231,7 +300,7 @@ fn dead_retry_and_drop() {
     assert_eq!(shown.state, State::Dropped);
     assert!(shown.reason.unwrap().contains("test customer"));
     // Only dead-1 remains claimable.
-    let c = ob.claim(10, Duration::from_secs(60), g.owner()).unwrap();
+    let (c, _) = ob.claim(10, None, &HashSet::new(), &lock).unwrap();
     assert_eq!(c.len(), 1);
     assert_eq!(c[0].transaction_id, "dead-1");
 }
