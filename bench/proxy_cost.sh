@@ -6,6 +6,8 @@
 #   bench/proxy_cost.sh                 # 64 connections for 10 s, perf/proc counters
 #   CALLGRIND=1 bench/proxy_cost.sh     # the proxy under valgrind: instructions per request
 #   TALLY=path/to/tally bench/proxy_cost.sh   # measure another build (e.g. the one before a change)
+#   RATE=2000 bench/proxy_cost.sh       # open loop at a fixed rate (bench/loadgen.rs) instead of
+#                                       # wrk's closed loop: the cost when the proxy is not saturated
 #
 # Needs wrk; perf is optional (context switches and migrations come from /proc without it).
 set -euo pipefail
@@ -15,8 +17,9 @@ DURATION=${DURATION:-10}
 CONNS=${CONNS:-64}
 TARGET=${CARGO_TARGET_DIR:-target}
 if [[ -z ${TALLY:-} || -z ${UPSTREAM_BIN:-} ]]; then
-  cargo build --release --quiet --bin tally --example proxy_upstream
+  cargo build --release --quiet --bin tally --example proxy_upstream --example loadgen
 fi
+LOADGEN=${LOADGEN:-$TARGET/release/examples/loadgen}
 # shellcheck source=bench/proxy_setup.sh
 source bench/proxy_setup.sh
 launcher=()
@@ -56,7 +59,15 @@ elif command -v perf >/dev/null; then
   perf_pid=$!
 fi
 threads=$(( CONNS < 2 ? 1 : 2 ))
-wrk -t"$threads" -c"$CONNS" -d"${DURATION}s" -s "$work/post.lua" "$url" >"$work/wrk.txt"
+if [[ -n ${RATE:-} ]]; then
+  body='{"model":"gpt-4o","messages":[{"role":"user","content":"What is the capital of France?"}],"user":"bench-customer"}'
+  "$LOADGEN" --url "$url" --rate "$RATE" --connections "$CONNS" --duration "$DURATION" --warmup 0 \
+    --body "$body" --header 'content-type: application/json' --header "authorization: Bearer $key" >"$work/wrk.txt"
+  load="open loop at $RATE req/s: $(grep -m1 '^latency' "$work/wrk.txt")"
+else
+  wrk -t"$threads" -c"$CONNS" -d"${DURATION}s" -s "$work/post.lua" "$url" >"$work/wrk.txt"
+  load="$(grep Requests/sec "$work/wrk.txt" | xargs)"
+fi
 if [[ -n ${CALLGRIND:-} ]]; then
   callgrind_control -d "$proxy_pid" >/dev/null
 elif [[ -n $perf_pid ]]; then
@@ -68,7 +79,7 @@ invol=$(( $(ctx nonvoluntary_ctxt_switches) - invol_before ))
 ticks=$(( $(cpu_ticks) - ticks_before ))
 hz=$(getconf CLK_TCK)
 
-echo "requests (spend records): $lines at $CONNS connections over ${DURATION}s ($(grep Requests/sec "$work/wrk.txt" | xargs))"
+echo "requests (spend records): $lines at $CONNS connections over ${DURATION}s ($load)"
 python3 - "$lines" "$vol" "$invol" "$ticks" "$hz" <<'PY'
 import sys
 n, vol, invol, ticks, hz = map(int, sys.argv[1:])

@@ -14,7 +14,7 @@
 //! - [`upstream`]: the pooled HTTP client and the mapping of transport failures.
 //! - [`mock`]: local answers for `mock_response` deployments.
 //! - [`tokens`]: the token estimate used when an upstream reports no usage.
-//! - [`spend_writer`]: the single writer of the spend log (bounded queue, rotation).
+//! - [`spend_writer`]: the spend log: one line per append under a lock, rotation.
 //! - [`error`]: the OpenAI-shaped error every handler answers with.
 //! - [`observe`]: Prometheus metrics of relayed requests, and `/metrics`.
 

@@ -1,23 +1,25 @@
-//! The spend-log writer: one task owns the live file; requests hand it records through a
-//! bounded queue and wait for the write before their response finishes.
+//! The spend-log writer: each request appends its record to the live file, one at a time, and
+//! waits for the write before its response finishes.
 //!
 //! - One `write(2)` per line on an `O_APPEND` file, so a concurrent reader (the shipper) never sees
 //!   half a record from a well-behaved filesystem, and lines never interleave.
-//! - Bounded queue: when the disk is slow the queue fills and requests wait for room — records are
-//!   never dropped, and memory stays bounded.
+//! - When the disk is slow, requests wait for their turn at the file — records are never dropped,
+//!   and memory stays bounded by the requests in flight.
 //! - No `fsync` per line (it would cap throughput at the disk's flush rate): a line is in the page
-//!   cache when the request completes, so it survives a proxy crash; the file is synced on
-//!   rotation and at shutdown.
+//!   cache when the request completes, so it survives a proxy crash; a rotated file is synced (in
+//!   the background) and the live file at shutdown.
 //! - Rotation by size: the live file is renamed to `<name>.<UTC YYYYMMDDTHHMMSS.mmmZ>` in the same
 //!   directory and a fresh live file is opened. The shipper follows rotated files by that naming
 //!   and by inode.
 //!
-//! The writer is a task on the runtime rather than a thread of its own: an append to the page
-//! cache takes microseconds, while waking a dedicated thread and being woken back by it cost two
-//! context switches per record — the larger part of a proxied request's CPU time. The writer takes
-//! everything queued at once and writes it line by line, so under load one wake-up serves many
-//! records. The price is that a stalled disk blocks one runtime worker during the write; requests
-//! wait for their records then anyway.
+//! Each request appends its own line, under an async mutex over the live file: an append to the
+//! page cache takes microseconds, so handing the record to a writer task (first an OS thread, then
+//! a runtime task) and being woken back cost more than the write — two cross-thread wake-ups per
+//! record, the larger part of a proxied request's wait at low load. The mutex keeps the single
+//! writer's guarantees (lines never interleave, one `write(2)` each, in lock order) and bounds the
+//! waiting: a request that finds the file busy parks its task (its worker serves others) until
+//! its turn. Rotation renames and reopens under the lock, and leaves the `fsync` of the rotated
+//! file to a blocking thread, so no runtime worker stalls for the disk's flush.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -26,14 +28,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::Mutex;
 
 use crate::spend::SpendRecord;
 
-/// Records that may wait for the disk before requests start waiting for room.
-const QUEUE_CAPACITY: usize = 4096;
-/// Records taken off the queue per wake-up of the writer.
-const BATCH: usize = 256;
 /// Permissions of the spend log: the owner writes, the shipper's group reads.
 const FILE_MODE: u32 = 0o640;
 /// Permissions of directories the proxy creates.
@@ -51,27 +49,17 @@ pub enum SpendLogError {
     Closed,
 }
 
-enum Job {
-    Append {
-        line: Vec<u8>,
-        done: oneshot::Sender<Result<(), SpendLogError>>,
-    },
-    Close {
-        done: oneshot::Sender<()>,
-    },
-}
-
-/// A handle to the writer task; cheap to clone.
+/// A handle to the spend log; cheap to clone.
 #[derive(Clone)]
 pub struct SpendWriter {
-    jobs: mpsc::Sender<Job>,
+    /// `None` once closed.
+    file: Arc<Mutex<Option<LiveFile>>>,
     healthy: Arc<AtomicBool>,
     path: Arc<PathBuf>,
 }
 
 impl SpendWriter {
-    /// Opens (or creates) the live spend log and starts the writer task on the current Tokio
-    /// runtime (so it must be called from within one).
+    /// Opens (or creates) the live spend log.
     pub fn open(path: &Path, max_bytes: u64) -> Result<Self, SpendLogError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::DirBuilder::new()
@@ -84,86 +72,49 @@ impl SpendWriter {
                 })?;
         }
         let file = LiveFile::open(path.to_path_buf(), max_bytes)?;
-        let (jobs, rx) = mpsc::channel(QUEUE_CAPACITY);
-        let healthy = Arc::new(AtomicBool::new(true));
-        let writer_healthy = healthy.clone();
-        let runtime = tokio::runtime::Handle::try_current().map_err(|e| SpendLogError::Open {
-            path: path.display().to_string(),
-            source: io::Error::other(format!("no async runtime to run the writer on: {e}")),
-        })?;
-        runtime.spawn(writer_loop(file, rx, writer_healthy));
         Ok(Self {
-            jobs,
-            healthy,
+            file: Arc::new(Mutex::new(Some(file))),
+            healthy: Arc::new(AtomicBool::new(true)),
             path: Arc::new(path.to_path_buf()),
         })
     }
 
     /// Appends one record and returns once it is written (or failed to be).
     pub async fn append(&self, record: &SpendRecord) -> Result<(), SpendLogError> {
-        let (done, wait) = oneshot::channel();
-        self.jobs
-            .send(Job::Append {
-                line: record.to_line(),
-                done,
-            })
-            .await
-            .map_err(|_| SpendLogError::Closed)?;
-        wait.await.map_err(|_| SpendLogError::Closed)?
+        // Serialised before taking the lock, so the lock is held for the write alone.
+        let line = record.to_line();
+        let mut file = self.file.lock().await;
+        let live = file.as_mut().ok_or(SpendLogError::Closed)?;
+        let result = live.append(&line);
+        drop(file);
+        self.healthy.store(result.is_ok(), Ordering::Relaxed);
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "spend log write failed; requests are refused until it recovers");
+        }
+        result
     }
 
-    /// True while the last write succeeded and the writer runs.
+    /// True while the last write succeeded and the log is open.
     pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed) && !self.jobs.is_closed()
+        self.healthy.load(Ordering::Relaxed)
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Writes everything queued so far, syncs the file and stops the writer.
+    /// Syncs the file and closes the log: appends after this fail with
+    /// [`SpendLogError::Closed`]. Appends that got the lock first are written before.
     pub async fn close(&self) {
-        let (done, wait) = oneshot::channel();
-        if self.jobs.send(Job::Close { done }).await.is_ok() {
-            let _ = wait.await;
+        let mut file = self.file.lock().await;
+        self.healthy.store(false, Ordering::Relaxed);
+        // Shutdown: blocking this worker for the flush is what the caller waits for anyway.
+        if let Some(live) = file.take()
+            && let Err(e) = live.sync()
+        {
+            tracing::warn!(error = %e, "could not sync the spend log at shutdown");
         }
     }
-}
-
-async fn writer_loop(mut file: LiveFile, mut rx: mpsc::Receiver<Job>, healthy: Arc<AtomicBool>) {
-    let mut batch = Vec::with_capacity(BATCH);
-    while rx.recv_many(&mut batch, BATCH).await > 0 {
-        let mut jobs = batch.drain(..);
-        while let Some(job) = jobs.next() {
-            match job {
-                Job::Append { line, done } => {
-                    let result = file.append(&line);
-                    healthy.store(result.is_ok(), Ordering::Relaxed);
-                    if let Err(e) = &result {
-                        tracing::error!(error = %e, "spend log write failed; requests are refused until it recovers");
-                    }
-                    let _ = done.send(result);
-                }
-                Job::Close { done } => {
-                    rx.close();
-                    // Anything queued before the close is still written: the rest of this batch,
-                    // then what is left in the queue.
-                    let queued = std::iter::from_fn(|| rx.try_recv().ok());
-                    for job in jobs.by_ref().chain(queued) {
-                        if let Job::Append { line, done } = job {
-                            let _ = done.send(file.append(&line));
-                        }
-                    }
-                    if let Err(e) = file.sync() {
-                        tracing::warn!(error = %e, "could not sync the spend log at shutdown");
-                    }
-                    let _ = done.send(());
-                    return;
-                }
-            }
-        }
-    }
-    let _ = file.sync();
 }
 
 /// The live file and its size, for rotation.
@@ -234,12 +185,22 @@ impl LiveFile {
     }
 
     fn rotate(&mut self) -> io::Result<()> {
-        self.file.sync_all()?;
         let rotated = rotated_name(&self.path);
         std::fs::rename(&self.path, &rotated)?;
-        self.file = open_append(&self.path)?;
+        let full = std::mem::replace(&mut self.file, open_append(&self.path)?);
         self.size = 0;
         tracing::info!(rotated = %rotated.display(), "rotated the spend log");
+        // The flush of a full file can take the disk a long while; it must not hold the lock or
+        // a runtime worker. (Lines are in the page cache either way: a proxy crash loses none.)
+        let flush = move || {
+            if let Err(e) = full.sync_all() {
+                tracing::warn!(error = %e, rotated = %rotated.display(), "could not sync the rotated spend log");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(flush)),
+            Err(_) => flush(),
+        }
         Ok(())
     }
 
