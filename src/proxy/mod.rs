@@ -98,8 +98,8 @@ pub enum StartError {
     Keys(#[from] keys::KeyStoreError),
     #[error(transparent)]
     SpendLog(#[from] spend_writer::SpendLogError),
-    #[error("cannot build the HTTP client: {0}")]
-    Http(#[from] reqwest::Error),
+    #[error(transparent)]
+    Http(#[from] upstream::ClientError),
 }
 
 impl AppState {

@@ -346,7 +346,7 @@ async fn handle(
     };
 
     if stream {
-        let source = response.bytes_stream();
+        let source = response.into_stream();
         return Ok(start_stream(
             call,
             source,
