@@ -6,6 +6,7 @@
 #   bench/proxy_cost.sh                 # 64 connections for 10 s, perf/proc counters
 #   CALLGRIND=1 bench/proxy_cost.sh     # the proxy under valgrind: instructions per request
 #   TALLY=path/to/tally bench/proxy_cost.sh   # measure another build (e.g. the one before a change)
+#   BODY_FILE=chat.json bench/proxy_cost.sh   # another request body (default: one short message)
 #   RATE=2000 bench/proxy_cost.sh       # open loop at a fixed rate (bench/loadgen.rs) instead of
 #                                       # wrk's closed loop: the cost when the proxy is not saturated
 #
@@ -34,9 +35,12 @@ key=$(curl -fs "http://127.0.0.1:$port/key/generate" -H "Authorization: Bearer $
   -H 'content-type: application/json' -d '{"team_id":"bench-team"}' |
   python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
 
+body='{"model":"gpt-4o","messages":[{"role":"user","content":"What is the capital of France?"}],"user":"bench-customer"}'
+[[ -n ${BODY_FILE:-} ]] && body=$(cat "$BODY_FILE")
+lua_body=$(python3 -c 'import json,sys; print(json.dumps(sys.argv[1]))' "$body")
 cat >"$work/post.lua" <<LUA
 wrk.method = "POST"
-wrk.body = '{"model":"gpt-4o","messages":[{"role":"user","content":"What is the capital of France?"}],"user":"bench-customer"}'
+wrk.body = $lua_body
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer $key"
 LUA
@@ -60,7 +64,6 @@ elif command -v perf >/dev/null; then
 fi
 threads=$(( CONNS < 2 ? 1 : 2 ))
 if [[ -n ${RATE:-} ]]; then
-  body='{"model":"gpt-4o","messages":[{"role":"user","content":"What is the capital of France?"}],"user":"bench-customer"}'
   "$LOADGEN" --url "$url" --rate "$RATE" --connections "$CONNS" --duration "$DURATION" --warmup 0 \
     --body "$body" --header 'content-type: application/json' --header "authorization: Bearer $key" >"$work/wrk.txt"
   load="open loop at $RATE req/s: $(grep -m1 '^latency' "$work/wrk.txt")"

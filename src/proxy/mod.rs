@@ -7,6 +7,7 @@
 //! - [`keys`]: virtual keys in SQLite (`keys.db`), hashed, with an in-memory cache.
 //! - [`auth`]: which key a request carries and who that makes the caller.
 //! - [`request`]: reading a JSON body with the size limit and content-type check.
+//! - [`json_body`]: a relayed body's members located and substituted without a `Value` tree.
 //! - [`routes`]: the router: health, models, and wiring of the handlers below.
 //! - [`key_api`]: `/key/generate`, `/key/info`, `/key/delete`.
 //! - [`relay`]: `/chat/completions` and `/embeddings`: resolve, forward, record.
@@ -21,6 +22,7 @@
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod json_body;
 pub mod key_api;
 pub mod keys;
 pub mod mock;

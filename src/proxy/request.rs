@@ -4,7 +4,10 @@
 use axum::body::Body;
 use axum::http::{HeaderMap, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
+use bytes::Bytes;
 use serde_json::{Map, Value};
+
+use super::json_body::JsonBody;
 
 use super::error::ProxyError;
 
@@ -15,6 +18,30 @@ pub async fn read_json_object(
     body: Body,
     limit: usize,
 ) -> Result<Map<String, Value>, ProxyError> {
+    let bytes = read_json_bytes(headers, body, limit).await?;
+    match serde_json::from_slice::<Value>(&bytes) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(ProxyError::bad_request(
+            "the request body must be a JSON object",
+        )),
+        Err(e) => Err(ProxyError::bad_request(format!(
+            "the request body is not valid JSON: {e}"
+        ))),
+    }
+}
+
+/// The body as a JSON object with its members located, for relaying (see [`JsonBody`]); the
+/// same checks and refusals as [`read_json_object`].
+pub async fn read_json_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<JsonBody, ProxyError> {
+    JsonBody::parse(read_json_bytes(headers, body, limit).await?)
+}
+
+/// The raw body, after the content-type check and within the size limit.
+async fn read_json_bytes(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ProxyError> {
     if let Some(ct) = headers.get(header::CONTENT_TYPE) {
         let text = ct.to_str().unwrap_or_default();
         let essence = text.split(';').next().unwrap_or_default().trim();
@@ -29,24 +56,13 @@ pub async fn read_json_object(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ProxyError::PayloadTooLarge { limit });
     }
-    let bytes = match Limited::new(body, limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            return Err(ProxyError::PayloadTooLarge { limit });
+            Err(ProxyError::PayloadTooLarge { limit })
         }
-        Err(e) => {
-            return Err(ProxyError::bad_request(format!(
-                "could not read the request body: {e}"
-            )));
-        }
-    };
-    match serde_json::from_slice::<Value>(&bytes) {
-        Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(ProxyError::bad_request(
-            "the request body must be a JSON object",
-        )),
         Err(e) => Err(ProxyError::bad_request(format!(
-            "the request body is not valid JSON: {e}"
+            "could not read the request body: {e}"
         ))),
     }
 }
