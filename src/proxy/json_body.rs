@@ -38,9 +38,10 @@ impl JsonBody {
             Ok(Value::Object(map)) => {
                 // Unreachable in practice (the checks above accept every object); handled by
                 // re-encoding rather than refusing a valid request.
-                let bytes = Bytes::from(serde_json::to_vec(&map).map_err(|e| {
-                    ProxyError::Internal(format!("re-encoding the request: {e}"))
-                })?);
+                let bytes =
+                    Bytes::from(serde_json::to_vec(&map).map_err(|e| {
+                        ProxyError::Internal(format!("re-encoding the request: {e}"))
+                    })?);
                 let members = locate_members(&bytes).ok_or_else(|| {
                     ProxyError::Internal("a re-encoded request did not parse".into())
                 })?;
@@ -94,7 +95,10 @@ impl JsonBody {
     /// The body with the named members' values replaced (and appended when absent): the
     /// client's bytes otherwise. `replacements` hold JSON texts.
     pub fn with_members(&self, replacements: &[(&str, &[u8])]) -> Vec<u8> {
-        let extra: usize = replacements.iter().map(|(n, v)| n.len() + v.len() + 4).sum();
+        let extra: usize = replacements
+            .iter()
+            .map(|(n, v)| n.len() + v.len() + 4)
+            .sum();
         let mut out = Vec::with_capacity(self.bytes.len() + extra);
         out.push(b'{');
         let mut first = true;

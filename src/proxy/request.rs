@@ -3,8 +3,8 @@
 
 use axum::body::Body;
 use axum::http::{HeaderMap, header};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 use bytes::Bytes;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde_json::{Map, Value};
 
 use super::json_body::JsonBody;
@@ -41,7 +41,11 @@ pub async fn read_json_body(
 }
 
 /// The raw body, after the content-type check and within the size limit.
-async fn read_json_bytes(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ProxyError> {
+async fn read_json_bytes(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<Bytes, ProxyError> {
     if let Some(ct) = headers.get(header::CONTENT_TYPE) {
         let text = ct.to_str().unwrap_or_default();
         let essence = text.split(';').next().unwrap_or_default().trim();

@@ -245,17 +245,18 @@ impl UpstreamClient {
         model_name: &str,
     ) -> Result<(Option<HeaderValue>, Bytes), ProxyError> {
         let content_type = response.content_type().cloned();
-        let body = tokio::time::timeout_at(response.deadline, response.response.into_body().collect())
-            .await
-            .map_err(|_| ProxyError::UpstreamTimeout {
-                model: model_name.to_owned(),
-                seconds: endpoint.timeout.as_secs_f64(),
-            })?
-            .map_err(|e| ProxyError::UpstreamUnreachable {
-                model: model_name.to_owned(),
-                reason: innermost(&e),
-            })?
-            .to_bytes();
+        let body =
+            tokio::time::timeout_at(response.deadline, response.response.into_body().collect())
+                .await
+                .map_err(|_| ProxyError::UpstreamTimeout {
+                    model: model_name.to_owned(),
+                    seconds: endpoint.timeout.as_secs_f64(),
+                })?
+                .map_err(|e| ProxyError::UpstreamUnreachable {
+                    model: model_name.to_owned(),
+                    reason: innermost(&e),
+                })?
+                .to_bytes();
         Ok((content_type, body))
     }
 }
