@@ -70,7 +70,7 @@ PY
 # Warm both paths (connection pools, page cache) before measuring.
 wrk -t1 -c8 -d2s -s "$work/post.lua" "http://$upstream/v1/chat/completions" >/dev/null
 wrk -t1 -c8 -d2s -s "$work/post.lua" "http://127.0.0.1:$port/v1/chat/completions" >/dev/null
-lines_before=$(wc -l <"$work/spend.jsonl")
+lines_before=$(spend_lines)
 
 echo "| connections | path | requests/s | p50 ms | p99 ms | errors |"
 echo "|---:|---|---:|---:|---:|---:|"
@@ -138,7 +138,7 @@ read -r prps _ <<<"${result[proxy64]}"
 if (( ${prps%.*} >= 15000 )); then tp=met; else tp="not met"; fi
 echo "Throughput target (≥ 15,000 req/s through the proxy, closed loop, 64 connections): $tp ($prps req/s)"
 
-lines_after=$(wc -l <"$work/spend.jsonl")
+lines_after=$(spend_lines)
 rss_kib=$(awk '/VmRSS/ {print $2}' "/proc/$proxy_pid/status")
 hwm_kib=$(awk '/VmHWM/ {print $2}' "/proc/$proxy_pid/status")
 echo

@@ -51,7 +51,7 @@ wrk -t1 -c8 -d2s -s "$work/post.lua" "$url" >/dev/null
 ctx() { cat /proc/"$proxy_pid"/task/*/status 2>/dev/null | awk -v f="$1" '$1 == f":" {s += $2} END {print s}'; }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$proxy_pid/stat"; }
 
-lines_before=$(wc -l <"$work/spend.jsonl")
+lines_before=$(spend_lines)
 vol_before=$(ctx voluntary_ctxt_switches)
 invol_before=$(ctx nonvoluntary_ctxt_switches)
 ticks_before=$(cpu_ticks)
@@ -76,7 +76,7 @@ if [[ -n ${CALLGRIND:-} ]]; then
 elif [[ -n $perf_pid ]]; then
   kill -INT "$perf_pid"; wait "$perf_pid" || true
 fi
-lines=$(( $(wc -l <"$work/spend.jsonl") - lines_before ))
+lines=$(( $(spend_lines) - lines_before ))
 vol=$(( $(ctx voluntary_ctxt_switches) - vol_before ))
 invol=$(( $(ctx nonvoluntary_ctxt_switches) - invol_before ))
 ticks=$(( $(cpu_ticks) - ticks_before ))
