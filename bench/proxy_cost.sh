@@ -6,6 +6,9 @@
 #   bench/proxy_cost.sh                 # 64 connections for 10 s, perf/proc counters
 #   CALLGRIND=1 bench/proxy_cost.sh     # the proxy under valgrind: instructions per request
 #   TALLY=path/to/tally bench/proxy_cost.sh   # measure another build (e.g. the one before a change)
+#   BODY_FILE=chat.json bench/proxy_cost.sh   # another request body (default: one short message)
+#   RATE=2000 bench/proxy_cost.sh       # open loop at a fixed rate (bench/loadgen.rs) instead of
+#                                       # wrk's closed loop: the cost when the proxy is not saturated
 #
 # Needs wrk; perf is optional (context switches and migrations come from /proc without it).
 set -euo pipefail
@@ -15,8 +18,9 @@ DURATION=${DURATION:-10}
 CONNS=${CONNS:-64}
 TARGET=${CARGO_TARGET_DIR:-target}
 if [[ -z ${TALLY:-} || -z ${UPSTREAM_BIN:-} ]]; then
-  cargo build --release --quiet --bin tally --example proxy_upstream
+  cargo build --release --quiet --bin tally --example proxy_upstream --example loadgen
 fi
+LOADGEN=${LOADGEN:-$TARGET/release/examples/loadgen}
 # shellcheck source=bench/proxy_setup.sh
 source bench/proxy_setup.sh
 launcher=()
@@ -31,9 +35,12 @@ key=$(curl -fs "http://127.0.0.1:$port/key/generate" -H "Authorization: Bearer $
   -H 'content-type: application/json' -d '{"team_id":"bench-team"}' |
   python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
 
+body='{"model":"gpt-4o","messages":[{"role":"user","content":"What is the capital of France?"}],"user":"bench-customer"}'
+[[ -n ${BODY_FILE:-} ]] && body=$(cat "$BODY_FILE")
+lua_body=$(python3 -c 'import json,sys; print(json.dumps(sys.argv[1]))' "$body")
 cat >"$work/post.lua" <<LUA
 wrk.method = "POST"
-wrk.body = '{"model":"gpt-4o","messages":[{"role":"user","content":"What is the capital of France?"}],"user":"bench-customer"}'
+wrk.body = $lua_body
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer $key"
 LUA
@@ -44,7 +51,7 @@ wrk -t1 -c8 -d2s -s "$work/post.lua" "$url" >/dev/null
 ctx() { cat /proc/"$proxy_pid"/task/*/status 2>/dev/null | awk -v f="$1" '$1 == f":" {s += $2} END {print s}'; }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$proxy_pid/stat"; }
 
-lines_before=$(wc -l <"$work/spend.jsonl")
+lines_before=$(spend_lines)
 vol_before=$(ctx voluntary_ctxt_switches)
 invol_before=$(ctx nonvoluntary_ctxt_switches)
 ticks_before=$(cpu_ticks)
@@ -56,19 +63,26 @@ elif command -v perf >/dev/null; then
   perf_pid=$!
 fi
 threads=$(( CONNS < 2 ? 1 : 2 ))
-wrk -t"$threads" -c"$CONNS" -d"${DURATION}s" -s "$work/post.lua" "$url" >"$work/wrk.txt"
+if [[ -n ${RATE:-} ]]; then
+  "$LOADGEN" --url "$url" --rate "$RATE" --connections "$CONNS" --duration "$DURATION" --warmup 0 \
+    --body "$body" --header 'content-type: application/json' --header "authorization: Bearer $key" >"$work/wrk.txt"
+  load="open loop at $RATE req/s: $(grep -m1 '^latency' "$work/wrk.txt")"
+else
+  wrk -t"$threads" -c"$CONNS" -d"${DURATION}s" -s "$work/post.lua" "$url" >"$work/wrk.txt"
+  load="$(grep Requests/sec "$work/wrk.txt" | xargs)"
+fi
 if [[ -n ${CALLGRIND:-} ]]; then
   callgrind_control -d "$proxy_pid" >/dev/null
 elif [[ -n $perf_pid ]]; then
   kill -INT "$perf_pid"; wait "$perf_pid" || true
 fi
-lines=$(( $(wc -l <"$work/spend.jsonl") - lines_before ))
+lines=$(( $(spend_lines) - lines_before ))
 vol=$(( $(ctx voluntary_ctxt_switches) - vol_before ))
 invol=$(( $(ctx nonvoluntary_ctxt_switches) - invol_before ))
 ticks=$(( $(cpu_ticks) - ticks_before ))
 hz=$(getconf CLK_TCK)
 
-echo "requests (spend records): $lines at $CONNS connections over ${DURATION}s ($(grep Requests/sec "$work/wrk.txt" | xargs))"
+echo "requests (spend records): $lines at $CONNS connections over ${DURATION}s ($load)"
 python3 - "$lines" "$vol" "$invol" "$ticks" "$hz" <<'PY'
 import sys
 n, vol, invol, ticks, hz = map(int, sys.argv[1:])

@@ -13,6 +13,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Spend records written so far, across the live log and any rotated ones (the log rotates at
+# 100 MiB, about 230,000 records: within one long run at full speed).
+spend_lines() { cat "$work"/spend.jsonl* 2>/dev/null | wc -l; }
+
 # Wait until a log file contains a pattern (up to 60 s).
 wait_for() {
   for _ in $(seq 600); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done

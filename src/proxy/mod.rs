@@ -7,6 +7,7 @@
 //! - [`keys`]: virtual keys in SQLite (`keys.db`), hashed, with an in-memory cache.
 //! - [`auth`]: which key a request carries and who that makes the caller.
 //! - [`request`]: reading a JSON body with the size limit and content-type check.
+//! - [`json_body`]: a relayed body's members located and substituted without a `Value` tree.
 //! - [`routes`]: the router: health, models, and wiring of the handlers below.
 //! - [`key_api`]: `/key/generate`, `/key/info`, `/key/delete`.
 //! - [`relay`]: `/chat/completions` and `/embeddings`: resolve, forward, record.
@@ -14,13 +15,14 @@
 //! - [`upstream`]: the pooled HTTP client and the mapping of transport failures.
 //! - [`mock`]: local answers for `mock_response` deployments.
 //! - [`tokens`]: the token estimate used when an upstream reports no usage.
-//! - [`spend_writer`]: the single writer of the spend log (bounded queue, rotation).
+//! - [`spend_writer`]: the spend log: one line per append under a lock, rotation.
 //! - [`error`]: the OpenAI-shaped error every handler answers with.
 //! - [`observe`]: Prometheus metrics of relayed requests, and `/metrics`.
 
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod json_body;
 pub mod key_api;
 pub mod keys;
 pub mod mock;
@@ -98,8 +100,8 @@ pub enum StartError {
     Keys(#[from] keys::KeyStoreError),
     #[error(transparent)]
     SpendLog(#[from] spend_writer::SpendLogError),
-    #[error("cannot build the HTTP client: {0}")]
-    Http(#[from] reqwest::Error),
+    #[error(transparent)]
+    Http(#[from] upstream::ClientError),
 }
 
 impl AppState {

@@ -24,9 +24,10 @@ use super::AppState;
 use super::Route;
 use super::auth::{self, Caller};
 use super::error::ProxyError;
+use super::json_body::Kind;
 use super::mock;
 use super::observe;
-use super::request::read_json_object;
+use super::request::read_json_body;
 use super::stream::{self, StreamOutcome};
 use super::tokens;
 use super::upstream::{Endpoint, UpstreamClient, Usage};
@@ -240,10 +241,10 @@ async fn handle(
     let started = Instant::now();
     let start_time = Utc::now();
     let caller = state.auth().authenticate(&headers)?;
-    let mut body = read_json_object(&headers, body, state.max_body_bytes()).await?;
+    let body = read_json_body(&headers, body, state.max_body_bytes()).await?;
 
     let model = match body.get("model") {
-        Some(Value::String(m)) if !m.is_empty() => m.clone(),
+        Some(Value::String(m)) if !m.is_empty() => m,
         _ => {
             return Err(ProxyError::bad_param(
                 "model",
@@ -278,13 +279,13 @@ async fn handle(
         });
     }
     let end_user_id = match body.get("user") {
-        Some(Value::String(u)) if !u.is_empty() => Some(u.clone()),
+        Some(Value::String(u)) if !u.is_empty() => Some(u),
         Some(Value::Null) | None => auth::end_user_from_headers(&headers),
         Some(_) => return Err(ProxyError::bad_param("user", "`user` must be a string")),
     };
     let stream = call_type == CallType::Chat
         && match body.get("stream") {
-            Some(Value::Bool(b)) => *b,
+            Some(Value::Bool(b)) => b,
             Some(Value::Null) | None => false,
             Some(_) => {
                 return Err(ProxyError::bad_param(
@@ -293,13 +294,13 @@ async fn handle(
                 ));
             }
         };
-    if call_type == CallType::Chat && !matches!(body.get("messages"), Some(Value::Array(_))) {
+    if call_type == CallType::Chat && body.kind("messages") != Some(Kind::Array) {
         return Err(ProxyError::bad_param(
             "messages",
             "`messages` must be an array of chat messages",
         ));
     }
-    if call_type == CallType::Embedding && body.get("input").is_none_or(Value::is_null) {
+    if call_type == CallType::Embedding && matches!(body.kind("input"), None | Some(Kind::Null)) {
         return Err(ProxyError::bad_param("input", "`input` is required"));
     }
 
@@ -314,24 +315,27 @@ async fn handle(
         end_user_id,
         stream,
     };
-    let client_wants_usage = stream && wants_usage(&body);
+    let stream_options = body.get("stream_options");
+    let client_wants_usage = stream && wants_usage(stream_options.as_ref());
     if call.route.deployment.mock_response.is_some() {
-        return mock_answer(call, &body, client_wants_usage).await;
+        return mock_answer(call, &body.to_map(), client_wants_usage).await;
     }
 
-    body.insert(
-        "model".into(),
-        Value::String(call.route.deployment.upstream_model.clone()),
-    );
-    if stream {
-        force_include_usage(&mut body);
-    }
-    let prompt_estimate = match call_type {
-        CallType::Chat => tokens::estimate_messages(&body),
-        CallType::Embedding => tokens::estimate_embedding_input(&body),
+    // Only `model` (and, for streams, `stream_options`) change; the rest goes as the client sent it.
+    let upstream_model = serde_json::to_vec(&call.route.deployment.upstream_model)
+        .map_err(|e| ProxyError::Internal(format!("encoding the upstream model: {e}")))?;
+    let payload = if stream {
+        let options = serde_json::to_vec(&include_usage(stream_options))
+            .map_err(|e| ProxyError::Internal(format!("encoding stream_options: {e}")))?;
+        body.with_members(&[("model", &upstream_model), ("stream_options", &options)])
+    } else {
+        body.with_members(&[("model", &upstream_model)])
     };
-    let payload = serde_json::to_vec(&body)
-        .map_err(|e| ProxyError::Internal(format!("re-encoding the request: {e}")))?;
+    // Estimated only if the upstream reports no usage.
+    let prompt = PromptEstimate {
+        body: body.bytes().clone(),
+        call_type,
+    };
     drop(body);
 
     let model_name = call.route.deployment.model_name.clone();
@@ -346,13 +350,10 @@ async fn handle(
     };
 
     if stream {
-        let source = response.bytes_stream();
-        return Ok(start_stream(
-            call,
-            source,
-            client_wants_usage,
-            prompt_estimate,
-        ));
+        let source = response.into_stream();
+        return Ok(start_stream(call, source, client_wants_usage, move || {
+            prompt.tokens()
+        }));
     }
 
     let (content_type, bytes) =
@@ -360,7 +361,7 @@ async fn handle(
             Ok(r) => r,
             Err(e) => return Err(call.fail(e).await),
         };
-    let (usage, estimated, upstream_model) = usage_of(&bytes, call_type, prompt_estimate);
+    let (usage, estimated, upstream_model) = usage_of(&bytes, call_type, || prompt.tokens());
     let record = call.record(usage, estimated, "success", upstream_model);
     call.write(&record).await?;
     let mut response = (StatusCode::OK, bytes).into_response();
@@ -373,22 +374,39 @@ async fn handle(
 }
 
 /// `stream_options.include_usage` as the client sent it.
-fn wants_usage(body: &Map<String, Value>) -> bool {
-    body.get("stream_options")
+fn wants_usage(stream_options: Option<&Value>) -> bool {
+    stream_options
         .and_then(|o| o.get("include_usage"))
         .and_then(Value::as_bool)
         .unwrap_or(false)
 }
 
-fn force_include_usage(body: &mut Map<String, Value>) {
-    let options = body
-        .entry("stream_options")
-        .or_insert_with(|| Value::Object(Map::new()));
-    if !options.is_object() {
-        *options = Value::Object(Map::new());
-    }
-    if let Value::Object(o) = options {
-        o.insert("include_usage".into(), Value::Bool(true));
+/// The client's `stream_options` (an object, or a new one) with `include_usage` on.
+fn include_usage(stream_options: Option<Value>) -> Value {
+    let mut options = match stream_options {
+        Some(Value::Object(o)) => o,
+        _ => Map::new(),
+    };
+    options.insert("include_usage".into(), Value::Bool(true));
+    Value::Object(options)
+}
+
+/// The prompt's estimated tokens, worked out from the client's body only when needed.
+struct PromptEstimate {
+    body: Bytes,
+    call_type: CallType,
+}
+
+impl PromptEstimate {
+    fn tokens(&self) -> u64 {
+        let body = match serde_json::from_slice(&self.body) {
+            Ok(Value::Object(map)) => map,
+            _ => Map::new(),
+        };
+        match self.call_type {
+            CallType::Chat => tokens::estimate_messages(&body),
+            CallType::Embedding => tokens::estimate_embedding_input(&body),
+        }
     }
 }
 
@@ -428,7 +446,7 @@ struct ResponseMessage {
 fn usage_of(
     bytes: &[u8],
     call_type: CallType,
-    prompt_estimate: u64,
+    prompt_estimate: impl FnOnce() -> u64,
 ) -> (Usage, bool, Option<String>) {
     if let Ok(ResponseUsage {
         model,
@@ -457,7 +475,7 @@ fn usage_of(
                     .unwrap_or(0),
             };
             (
-                Usage::new(prompt_estimate, completion),
+                Usage::new(prompt_estimate(), completion),
                 true,
                 upstream_model,
             )
@@ -470,7 +488,7 @@ fn start_stream<S, E>(
     call: Call,
     source: S,
     client_wants_usage: bool,
-    prompt_estimate: u64,
+    prompt_estimate: impl FnOnce() -> u64 + Send + 'static,
 ) -> Response
 where
     S: futures::Stream<Item = Result<Bytes, E>> + Send + 'static,
@@ -492,7 +510,7 @@ where
         stream::relay(Box::pin(source), tx, client_wants_usage, async |outcome: StreamOutcome| {
             let (usage, estimated) = match outcome.usage {
                 Some(u) => (u, false),
-                None => (Usage::new(prompt_estimate, outcome.estimated_completion_tokens), true),
+                None => (Usage::new(prompt_estimate(), outcome.estimated_completion_tokens), true),
             };
             let status = if outcome.upstream_error.is_some() { "failure" } else { "success" };
             if let Some(reason) = &outcome.upstream_error {
@@ -528,12 +546,9 @@ async fn mock_answer(
                 let source = futures::stream::iter(
                     events.into_iter().map(Ok::<_, std::convert::Infallible>),
                 );
-                return Ok(start_stream(
-                    call,
-                    source,
-                    client_wants_usage,
-                    usage.prompt_tokens,
-                ));
+                return Ok(start_stream(call, source, client_wants_usage, move || {
+                    usage.prompt_tokens
+                }));
             }
             (
                 usage,

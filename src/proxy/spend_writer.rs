@@ -1,46 +1,44 @@
-//! The spend-log writer: one task owns the live file; requests hand it records through a
-//! bounded queue and wait for the write before their response finishes.
+//! The spend-log writer: each request appends its record to the live file, one at a time, and
+//! waits for the write before its response finishes.
 //!
 //! - One `write(2)` per line on an `O_APPEND` file, so a concurrent reader (the shipper) never sees
 //!   half a record from a well-behaved filesystem, and lines never interleave.
-//! - Bounded queue: when the disk is slow the queue fills and requests wait for room — records are
-//!   never dropped, and memory stays bounded.
+//! - When the disk is slow, requests wait for their turn at the file — records are never dropped,
+//!   and memory stays bounded by the requests in flight.
 //! - A write that fails (disk full, read-only, I/O error) is retried with a capped backoff until
 //!   it succeeds: the request waits for its record, and a full disk slows requests down instead of
 //!   answering them without a record or dropping one (issue #6). A partial write is cut off first
 //!   so the retry appends a whole line. Readiness reports `not writable` meanwhile; the writer
-//!   itself stays healthy (a restart would lose the records waiting in memory). At shutdown the
-//!   retries stop after [`CLOSE_GRACE`].
+//!   stays healthy (a restart would lose the records waiting in memory). At shutdown the retries
+//!   stop [`CLOSE_GRACE`] after `close` was called.
 //! - No `fsync` per line (it would cap throughput at the disk's flush rate): a line is in the page
-//!   cache when the request completes, so it survives a proxy crash; the file is synced on
-//!   rotation and at shutdown.
+//!   cache when the request completes, so it survives a proxy crash; a rotated file is synced (in
+//!   the background) and the live file at shutdown.
 //! - Rotation by size: the live file is renamed to `<name>.<UTC YYYYMMDDTHHMMSS.mmmZ>` in the same
 //!   directory and a fresh live file is opened. The shipper follows rotated files by that naming
 //!   and by inode.
 //!
-//! The writer is a task on the runtime rather than a thread of its own: an append to the page
-//! cache takes microseconds, while waking a dedicated thread and being woken back by it cost two
-//! context switches per record — the larger part of a proxied request's CPU time. The writer takes
-//! everything queued at once and writes it line by line, so under load one wake-up serves many
-//! records. The price is that a stalled disk blocks one runtime worker during the write; requests
-//! wait for their records then anyway.
+//! Each request appends its own line, under an async mutex over the live file: an append to the
+//! page cache takes microseconds, so handing the record to a writer task (first an OS thread, then
+//! a runtime task) and being woken back cost more than the write — two cross-thread wake-ups per
+//! record, the larger part of a proxied request's wait at low load. The mutex keeps the single
+//! writer's guarantees (lines never interleave, one `write(2)` each, in lock order) and bounds the
+//! waiting: a request that finds the file busy parks its task (its worker serves others) until
+//! its turn. Rotation renames and reopens under the lock, and leaves the `fsync` of the rotated
+//! file to a blocking thread, so no runtime worker stalls for the disk's flush.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::Mutex;
 
 use crate::spend::SpendRecord;
 
-/// Records that may wait for the disk before requests start waiting for room.
-const QUEUE_CAPACITY: usize = 4096;
-/// Records taken off the queue per wake-up of the writer.
-const BATCH: usize = 256;
 /// Permissions of the spend log: the owner writes, the shipper's group reads.
 const FILE_MODE: u32 = 0o640;
 /// Permissions of directories the proxy creates.
@@ -66,30 +64,27 @@ pub enum SpendLogError {
     Closed,
 }
 
-enum Job {
-    Append {
-        line: Vec<u8>,
-        done: oneshot::Sender<Result<(), SpendLogError>>,
-    },
-    Close {
-        done: oneshot::Sender<()>,
-    },
-}
-
-/// A handle to the writer task; cheap to clone.
+/// A handle to the spend log; cheap to clone.
 #[derive(Clone)]
 pub struct SpendWriter {
-    jobs: mpsc::Sender<Job>,
-    /// The last write succeeded (false while the writer waits for the disk).
+    /// The live file (`None` once closed) and what the writer knows of the disk's trouble.
+    file: Arc<Mutex<Writer>>,
+    /// The last write succeeded (false while appends wait for the disk).
     writable: Arc<AtomicBool>,
-    /// `close` was called: retries end after [`CLOSE_GRACE`].
-    closing: Arc<AtomicBool>,
+    /// When `close` was called: retries end [`CLOSE_GRACE`] after it, for every waiting append.
+    closing: Arc<OnceLock<Instant>>,
     path: Arc<PathBuf>,
 }
 
+/// What the lock guards.
+struct Writer {
+    live: Option<LiveFile>,
+    trouble_since: Option<Instant>,
+    last_log: Option<Instant>,
+}
+
 impl SpendWriter {
-    /// Opens (or creates) the live spend log and starts the writer task on the current Tokio
-    /// runtime (so it must be called from within one).
+    /// Opens (or creates) the live spend log.
     pub fn open(path: &Path, max_bytes: u64) -> Result<Self, SpendLogError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::DirBuilder::new()
@@ -102,48 +97,55 @@ impl SpendWriter {
                 })?;
         }
         let file = LiveFile::open(path.to_path_buf(), max_bytes)?;
-        let (jobs, rx) = mpsc::channel(QUEUE_CAPACITY);
-        let writable = Arc::new(AtomicBool::new(true));
-        let closing = Arc::new(AtomicBool::new(false));
-        let state = WriterState {
-            writable: writable.clone(),
-            closing: closing.clone(),
-            trouble_since: None,
-            last_log: None,
-        };
-        let runtime = tokio::runtime::Handle::try_current().map_err(|e| SpendLogError::Open {
-            path: path.display().to_string(),
-            source: io::Error::other(format!("no async runtime to run the writer on: {e}")),
-        })?;
-        runtime.spawn(writer_loop(file, rx, state));
         Ok(Self {
-            jobs,
-            writable,
-            closing,
+            file: Arc::new(Mutex::new(Writer {
+                live: Some(file),
+                trouble_since: None,
+                last_log: None,
+            })),
+            writable: Arc::new(AtomicBool::new(true)),
+            closing: Arc::new(OnceLock::new()),
             path: Arc::new(path.to_path_buf()),
         })
     }
 
-    /// Appends one record and returns once it is written (or failed to be).
+    /// Appends one record and returns once it is written. A failed write is retried (the lock
+    /// held: the next records wait behind this one, in order) until it succeeds, or until
+    /// [`CLOSE_GRACE`] after `close`.
     pub async fn append(&self, record: &SpendRecord) -> Result<(), SpendLogError> {
-        let (done, wait) = oneshot::channel();
-        self.jobs
-            .send(Job::Append {
-                line: record.to_line(),
-                done,
-            })
-            .await
-            .map_err(|_| SpendLogError::Closed)?;
-        wait.await.map_err(|_| SpendLogError::Closed)?
+        // Serialised before taking the lock, so the lock is held for the write alone.
+        let line = record.to_line();
+        let mut writer = self.file.lock().await;
+        let mut wait = RETRY_MIN;
+        loop {
+            let live = writer.live.as_mut().ok_or(SpendLogError::Closed)?;
+            let error = match live.append(&line) {
+                Ok(()) => {
+                    writer.succeeded(&self.writable);
+                    return Ok(());
+                }
+                Err(e) => e,
+            };
+            if self
+                .closing
+                .get()
+                .is_some_and(|at| at.elapsed() >= CLOSE_GRACE)
+            {
+                return Err(error);
+            }
+            writer.failed(&error, wait, &self.writable);
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(RETRY_MAX);
+        }
     }
 
-    /// True while the writer runs, even if it is waiting for the disk: restarting the process
-    /// would not help, and would lose the records waiting (the watchdog uses this).
+    /// True until the log is closed, even while appends wait for the disk: restarting the
+    /// process would not help, and would lose the records waiting (the watchdog uses this).
     pub fn is_healthy(&self) -> bool {
-        !self.jobs.is_closed()
+        self.closing.get().is_none()
     }
 
-    /// True while the writer runs and its last write succeeded (readiness uses this).
+    /// True while the log is open and its last write succeeded (readiness uses this).
     pub fn is_writable(&self) -> bool {
         self.writable.load(Ordering::Relaxed) && self.is_healthy()
     }
@@ -152,27 +154,24 @@ impl SpendWriter {
         &self.path
     }
 
-    /// Writes everything queued so far, syncs the file and stops the writer.
+    /// Syncs the file and closes the log: appends after this fail with
+    /// [`SpendLogError::Closed`]. Appends that got the lock first are written before (on a
+    /// failing disk, given up [`CLOSE_GRACE`] from now).
     pub async fn close(&self) {
-        self.closing.store(true, Ordering::SeqCst);
-        let (done, wait) = oneshot::channel();
-        if self.jobs.send(Job::Close { done }).await.is_ok() {
-            let _ = wait.await;
+        let _ = self.closing.set(Instant::now());
+        let mut writer = self.file.lock().await;
+        // Shutdown: blocking this worker for the flush is what the caller waits for anyway.
+        if let Some(live) = writer.live.take()
+            && let Err(e) = live.sync()
+        {
+            tracing::warn!(error = %e, "could not sync the spend log at shutdown");
         }
     }
 }
 
-/// What the writer knows about the disk's trouble, for its retries and logs.
-struct WriterState {
-    writable: Arc<AtomicBool>,
-    closing: Arc<AtomicBool>,
-    trouble_since: Option<Instant>,
-    last_log: Option<Instant>,
-}
-
-impl WriterState {
-    fn failed(&mut self, error: &SpendLogError, retry_in: Duration) {
-        self.writable.store(false, Ordering::Relaxed);
+impl Writer {
+    fn failed(&mut self, error: &SpendLogError, retry_in: Duration, writable: &AtomicBool) {
+        writable.store(false, Ordering::Relaxed);
         let now = Instant::now();
         self.trouble_since.get_or_insert(now);
         if self
@@ -189,8 +188,8 @@ impl WriterState {
         }
     }
 
-    fn succeeded(&mut self) {
-        self.writable.store(true, Ordering::Relaxed);
+    fn succeeded(&mut self, writable: &AtomicBool) {
+        writable.store(true, Ordering::Relaxed);
         if let Some(since) = self.trouble_since.take() {
             self.last_log = None;
             tracing::info!(
@@ -199,84 +198,6 @@ impl WriterState {
             );
         }
     }
-
-    /// Stop retrying: the proxy is shutting down and the grace has passed.
-    fn given_up(&self, closing_since: &mut Option<Instant>) -> bool {
-        if !self.closing.load(Ordering::SeqCst) {
-            return false;
-        }
-        closing_since.get_or_insert_with(Instant::now).elapsed() >= CLOSE_GRACE
-    }
-}
-
-/// Appends one line, retrying a failed write with a capped backoff until it succeeds (or, at
-/// shutdown, until [`CLOSE_GRACE`] has passed).
-async fn append_until_written(
-    file: &mut LiveFile,
-    line: &[u8],
-    state: &mut WriterState,
-    closing_since: &mut Option<Instant>,
-) -> Result<(), SpendLogError> {
-    let mut wait = RETRY_MIN;
-    loop {
-        match file.append(line) {
-            Ok(()) => {
-                state.succeeded();
-                return Ok(());
-            }
-            Err(e) => {
-                if state.given_up(closing_since) {
-                    return Err(e);
-                }
-                state.failed(&e, wait);
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(RETRY_MAX);
-            }
-        }
-    }
-}
-
-async fn writer_loop(mut file: LiveFile, mut rx: mpsc::Receiver<Job>, mut state: WriterState) {
-    let mut batch = Vec::with_capacity(BATCH);
-    let mut closing_since = None;
-    while rx.recv_many(&mut batch, BATCH).await > 0 {
-        let mut jobs = batch.drain(..);
-        while let Some(job) = jobs.next() {
-            match job {
-                Job::Append { line, done } => {
-                    let result =
-                        append_until_written(&mut file, &line, &mut state, &mut closing_since)
-                            .await;
-                    let _ = done.send(result);
-                }
-                Job::Close { done } => {
-                    rx.close();
-                    // Anything queued before the close is still written: the rest of this batch,
-                    // then what is left in the queue.
-                    let queued = std::iter::from_fn(|| rx.try_recv().ok());
-                    let rest: Vec<Job> = jobs.by_ref().chain(queued).collect();
-                    for job in rest {
-                        if let Job::Append { line, done } = job {
-                            let result = append_until_written(
-                                &mut file,
-                                &line,
-                                &mut state,
-                                &mut closing_since,
-                            )
-                            .await;
-                            let _ = done.send(result);
-                        }
-                    }
-                    if let Err(e) = file.sync() {
-                        tracing::warn!(error = %e, "could not sync the spend log at shutdown");
-                    }
-                    let _ = done.send(());
-                    return;
-                }
-            }
-        }
-    }
-    let _ = file.sync();
 }
 
 /// The live file and its size, for rotation.
@@ -367,16 +288,26 @@ impl LiveFile {
     }
 
     fn rotate(&mut self) -> io::Result<()> {
-        self.file.sync_all()?;
         let rotated = rotated_name(&self.path);
         // A rotation that renamed the file but could not open the next one (disk trouble) is
         // finished by the retry: only the open is left to do.
         if self.path.exists() {
             std::fs::rename(&self.path, &rotated)?;
         }
-        self.file = open_append(&self.path)?;
+        let full = std::mem::replace(&mut self.file, open_append(&self.path)?);
         self.size = 0;
         tracing::info!(rotated = %rotated.display(), "rotated the spend log");
+        // The flush of a full file can take the disk a long while; it must not hold the lock or
+        // a runtime worker. (Lines are in the page cache either way: a proxy crash loses none.)
+        let flush = move || {
+            if let Err(e) = full.sync_all() {
+                tracing::warn!(error = %e, rotated = %rotated.display(), "could not sync the rotated spend log");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(flush)),
+            Err(_) => flush(),
+        }
         Ok(())
     }
 
