@@ -1,6 +1,10 @@
 //! Logs go to stderr through `tracing` (journald picks them up under systemd); data a script
 //! might read goes to stdout. Levels come from `RUST_LOG`, defaulting to `info`.
 //!
+//! The `notify` crate stays at `info` unless `RUST_LOG` names it: it traces every inotify event,
+//! so with `RUST_LOG=trace` and stderr written to a file in the spend log's directory, each log
+//! line would be an event that writes the next one — a loop that spins a core.
+//!
 //! `--log-format json` (or `TALLY_LOG_FORMAT=json`) writes one JSON object per line with the
 //! event's fields at the top level, for log shippers. Colours only when stderr is a terminal, so
 //! the journal holds no escape codes.
@@ -17,9 +21,22 @@ use crate::cli::LogFormat;
 /// Installs the global subscriber. Safe to call twice (the second call is a no-op), which tests
 /// that start several services in one process rely on.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = filter(std::env::var("RUST_LOG").ok().as_deref());
     let ansi = std::io::stderr().is_terminal();
     let _ = build(format, filter, BoxMakeWriter::new(std::io::stderr), ansi).try_init();
+}
+
+/// The level filter for a `RUST_LOG` value (`None`, or one that does not parse: `info`).
+fn filter(rust_log: Option<&str>) -> EnvFilter {
+    let spec = rust_log.unwrap_or("info");
+    let filter = EnvFilter::try_new(spec).unwrap_or_else(|_| EnvFilter::new("info"));
+    if spec.contains("notify") {
+        return filter;
+    }
+    match "notify=info".parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    }
 }
 
 /// The subscriber `init` installs, writing to `writer`.
@@ -65,7 +82,7 @@ mod tests {
             let out = out.clone();
             BoxMakeWriter::new(move || out.clone())
         };
-        let subscriber = build(format, EnvFilter::new(filter), writer, false);
+        let subscriber = build(format, super::filter(Some(filter)), writer, false);
         tracing::subscriber::with_default(subscriber, emit);
         String::from_utf8(out.0.lock().unwrap().clone()).unwrap()
     }
@@ -100,5 +117,18 @@ mod tests {
         assert_eq!(out.lines().count(), 1, "{out}");
         assert!(out.contains("DEBUG") && out.contains("batch=7") && out.contains("sent"));
         assert!(!out.contains('\u{1b}'), "escape codes in {out:?}");
+    }
+
+    #[test]
+    fn notify_stays_at_info_unless_rust_log_names_it() {
+        let emit = || {
+            tracing::trace!(target: "notify::inotify", "inotify event");
+            tracing::trace!(target: "tally::ship", "tally trace");
+        };
+        let out = capture(LogFormat::Text, "trace", emit);
+        assert!(out.contains("tally trace"), "{out}");
+        assert!(!out.contains("inotify event"), "{out}");
+        let out = capture(LogFormat::Text, "trace,notify=trace", emit);
+        assert!(out.contains("inotify event"), "{out}");
     }
 }
