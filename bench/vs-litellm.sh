@@ -152,7 +152,9 @@ sed -e "s|@UPSTREAM@|http://$upstream/v1|" -e "s|@MASTER_KEY@|$MASTER_KEY|" \
   "$HERE/config.yaml.in" >"$work/config.yaml"
 
 tally_port=$(free_port)
-TALLY_SPEND_LOG="$work/spend.jsonl" TALLY_STATE_DIR="$work/proxy-state" RUST_LOG=warn \
+# No rotation: the script counts completions as the lines of the one live file (tally ship follows
+# rotation, but a line count across renames would race the rename).
+TALLY_SPEND_LOG="$work/spend.jsonl" TALLY_STATE_DIR="$work/proxy-state" TALLY_SPEND_LOG_MAX_BYTES=0 RUST_LOG=warn \
   "$TALLY" proxy --config "$work/config.yaml" --host 127.0.0.1 --port "$tally_port" >"$work/tally-proxy.log" 2>&1 &
 tally_proxy_pid=$!
 pids+=($tally_proxy_pid)

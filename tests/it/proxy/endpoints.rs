@@ -556,3 +556,41 @@ async fn a_client_that_hangs_up_on_a_plain_call_is_still_recorded() {
     assert_eq!(records[0].status, "success");
     assert_eq!((records[0].input_tokens, records[0].output_tokens), (7, 15));
 }
+
+/// A client that is still sending when the proxy refuses its body (413 over the size limit, 415
+/// not JSON) must get the answer, not a reset: the proxy reads the refused body before it
+/// answers. Sent as a raw HTTP/1.1 request whose body follows its headers after a pause, so a
+/// proxy that answered and closed at once would have its socket reset by the body's arrival.
+#[tokio::test]
+async fn a_refused_body_still_sent_by_the_client_gets_its_answer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let proxy = Proxy::start().await;
+    let addr = proxy.base.trim_start_matches("http://").to_owned();
+    for (content_type, size, want) in [
+        ("application/json", 80 << 10, "413"),
+        ("text/plain", 32 << 10, "415"),
+    ] {
+        let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {MASTER}\r\n\
+             content-type: {content_type}\r\ncontent-length: {size}\r\nconnection: close\r\n\r\n"
+        );
+        conn.write_all(head.as_bytes()).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        // The proxy may close once it has answered; a write error here is not the failure.
+        let _ = conn.write_all(&vec![b' '; size]).await;
+        let mut answer = Vec::new();
+        conn.read_to_end(&mut answer)
+            .await
+            .unwrap_or_else(|e| panic!("{want}: the connection broke before the answer: {e}"));
+        let text = String::from_utf8_lossy(&answer);
+        assert!(
+            text.starts_with(&format!("HTTP/1.1 {want}")),
+            "{want}: {text}"
+        );
+        assert!(
+            text.contains("\"error\""),
+            "{want}: not OpenAI-shaped: {text}"
+        );
+    }
+}
