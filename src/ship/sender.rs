@@ -49,8 +49,6 @@ const IDLE_RECHECK: Duration = Duration::from_millis(500);
 const CURSOR_RESTART: Duration = Duration::from_secs(5);
 /// While another sender holds the outbox's lock, try to take it this often.
 const LOCK_RETRY: Duration = Duration::from_secs(1);
-/// While storage trouble blocks the outbox, look whether it cleared this often.
-const STORAGE_RECHECK: Duration = Duration::from_millis(100);
 /// First retry delay.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -221,7 +219,7 @@ struct Ctx {
     /// them, so a claim never sees an event as both pending and not in flight.
     in_flight: std::sync::Mutex<HashSet<String>>,
     /// Accepted batches to ack, committed together by the acker.
-    acks: tokio::sync::mpsc::UnboundedSender<Vec<(i64, String)>>,
+    acks: tokio::sync::mpsc::Sender<Vec<(i64, String)>>,
     auth: AuthGate,
     /// Fired on shutdown: no new batches, no new attempts.
     shutdown: CancellationToken,
@@ -347,7 +345,9 @@ pub async fn run_sender(
         return Ok(totals.snapshot());
     };
     let lock = Arc::new(lock);
-    let (acks, acks_rx) = tokio::sync::mpsc::unbounded_channel();
+    // Bounded: while the acker cannot commit (storage trouble), batches Lago accepted wait here
+    // holding their permits, so nothing new is claimed and sent meanwhile.
+    let (acks, acks_rx) = tokio::sync::mpsc::channel(tuning.batches_in_flight * 2);
     let ctx = Arc::new(Ctx {
         outbox,
         client,
@@ -412,15 +412,6 @@ pub async fn run_sender(
                 _ = reopened => {}
                 _ = shutdown.cancelled() => {}
                 _ = ctx.failed.cancelled() => break,
-            }
-        }
-        // Storage trouble: acks cannot be recorded, so nothing new is sent until the writer
-        // that hit it (it retries until it succeeds) clears the gate.
-        while ctx.storage.is_blocked() && !shutdown.is_cancelled() && !ctx.failed.is_cancelled() {
-            tokio::select! {
-                _ = tokio::time::sleep(STORAGE_RECHECK) => {}
-                _ = shutdown.cancelled() => {}
-                _ = ctx.failed.cancelled() => {}
             }
         }
         let permit = tokio::select! {
@@ -520,7 +511,7 @@ async fn claim(
 /// together (fewer commits). Runs until `done` and the queue is empty.
 async fn run_acker(
     ctx: Arc<Ctx>,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<(i64, String)>>,
+    mut rx: tokio::sync::mpsc::Receiver<Vec<(i64, String)>>,
     done: CancellationToken,
 ) {
     loop {
@@ -606,9 +597,13 @@ async fn deliver(ctx: &Arc<Ctx>, batch: Vec<ClaimedEvent>) {
                     .into_iter()
                     .map(|e| (e.rowid, e.transaction_id))
                     .collect();
-                ctx.acks
-                    .send(acked)
-                    .map_err(|_| SenderError::Task("the acker stopped".into()))
+                match ctx.acks.send(acked).await {
+                    Ok(()) => Ok(()),
+                    // The acker gave up waiting for the disk at shutdown: these stay pending
+                    // and their resend at the next start is answered as a duplicate.
+                    Err(_) if ctx.shutdown.is_cancelled() => Ok(()),
+                    Err(_) => Err(SenderError::Task("the acker stopped".into())),
+                }
             }
             Ok(Answer::PerIndex(map)) if map.keys().all(|i| *i < events.len()) => {
                 ctx.auth.succeed();
