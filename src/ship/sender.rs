@@ -346,8 +346,9 @@ pub async fn run_sender(
     };
     let lock = Arc::new(lock);
     // Bounded: while the acker cannot commit (storage trouble), batches Lago accepted wait here
-    // holding their permits, so nothing new is claimed and sent meanwhile.
-    let (acks, acks_rx) = tokio::sync::mpsc::channel(tuning.batches_in_flight * 2);
+    // holding their permits, so nothing new is claimed and sent meanwhile. Roomy enough that a
+    // slow commit never holds back sending in normal operation (a few MiB of ids at most).
+    let (acks, acks_rx) = tokio::sync::mpsc::channel(tuning.batches_in_flight * 64);
     let ctx = Arc::new(Ctx {
         outbox,
         client,
