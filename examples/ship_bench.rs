@@ -236,14 +236,7 @@ fn deliver(tally_bin: &str, file: &str, state_dir: &str) -> anyhow::Result<()> {
     }
     let rt = runtime()?;
     rt.block_on(async {
-        let emu = tally::lago_emulator::spawn(
-            tally::lago_emulator::EmulatorConfig {
-                api_key: "bench-key".into(),
-                ..Default::default()
-            },
-            ([127, 0, 0, 1], 0).into(),
-        )
-        .await?;
+        let emu = emulator().await?;
         let start = Instant::now();
         let child = ship_child(
             tally_bin,
@@ -276,6 +269,18 @@ fn deliver(tally_bin: &str, file: &str, state_dir: &str) -> anyhow::Result<()> {
     })
 }
 
+/// The Lago emulator on a free loopback port, with the key the shipper child is given.
+async fn emulator() -> anyhow::Result<tally::lago_emulator::EmulatorHandle> {
+    Ok(tally::lago_emulator::spawn(
+        tally::lago_emulator::EmulatorConfig {
+            api_key: "bench-key".into(),
+            ..Default::default()
+        },
+        ([127, 0, 0, 1], 0).into(),
+    )
+    .await?)
+}
+
 /// Append at RATE lines/s; measure append → stored at Lago.
 fn latency(tally_bin: &str, dir: &str, rate: u64, secs: u64) -> anyhow::Result<()> {
     use std::collections::HashMap;
@@ -286,14 +291,7 @@ fn latency(tally_bin: &str, dir: &str, rate: u64, secs: u64) -> anyhow::Result<(
     let state = dir.join("state");
     let rt = runtime()?;
     rt.block_on(async {
-        let emu = tally::lago_emulator::spawn(
-            tally::lago_emulator::EmulatorConfig {
-                api_key: "bench-key".into(),
-                ..Default::default()
-            },
-            ([127, 0, 0, 1], 0).into(),
-        )
-        .await?;
+        let emu = emulator().await?;
         std::fs::File::create(&log)?;
         let child = ship_child(tally_bin, &emu.base_url(), &log, &state)?;
         // Let it start and watch the file.
