@@ -13,7 +13,7 @@ use tally::ship::{ApiKey, ShipSettings, run_with};
 use tally::spend::SpendRecord;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{spawn_lago_emulator, spend_record, tally_bin, wait_until};
+use crate::support::{spawn_lago_emulator, spend_record, tally_bin, wait_until, watch_end};
 
 const KEY: &str = "lago-e2e-key";
 const READ_ONLY_KEY: &str = "lago-e2e-read-only";
@@ -140,7 +140,15 @@ pub struct Running {
 impl Running {
     pub fn start(settings: ShipSettings) -> Self {
         let stop = CancellationToken::new();
-        let handle = tokio::spawn(run_with(settings, stop.clone()));
+        let ending = watch_end();
+        let run = run_with(settings, stop.clone());
+        let handle = tokio::spawn(async move {
+            let result = run.await;
+            if let Err(e) = &result {
+                *ending.lock().unwrap() = Some(format!("tally ship: {e:#}"));
+            }
+            result
+        });
         Self { stop, handle }
     }
 

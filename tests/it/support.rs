@@ -9,6 +9,31 @@ pub fn tally_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_tally"))
 }
 
+thread_local! {
+    /// The end results of services this test runs in-process (see [`watch_end`]).
+    static ENDINGS: std::cell::RefCell<Vec<Ending>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Where an in-process service writes the error it ended with.
+pub type Ending = std::sync::Arc<std::sync::Mutex<Option<String>>>;
+
+/// Registers a service started by this test (on this thread, which polls the test's body): if it
+/// ends with an error, [`wait_until`] fails at once with that error instead of waiting out its
+/// timeout with no clue.
+pub fn watch_end() -> Ending {
+    let ending = Ending::default();
+    ENDINGS.with(|e| e.borrow_mut().push(ending.clone()));
+    ending
+}
+
+fn ended_early() -> Option<String> {
+    ENDINGS.with(|e| {
+        e.borrow()
+            .iter()
+            .find_map(|ending| ending.lock().ok().and_then(|g| g.clone()))
+    })
+}
+
 /// Calls `probe` until it returns `Some`, or panics with `what` after `timeout`. For eventual
 /// conditions: no fixed sleeps as synchronisation.
 pub fn wait_for<T>(
@@ -84,6 +109,9 @@ pub async fn wait_until(timeout: std::time::Duration, mut cond: impl FnMut() -> 
     loop {
         if cond() {
             return true;
+        }
+        if let Some(error) = ended_early() {
+            panic!("stopped waiting: a service this test runs in-process ended: {error}");
         }
         if std::time::Instant::now() >= deadline {
             return false;

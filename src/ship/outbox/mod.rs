@@ -222,6 +222,25 @@ impl std::fmt::Debug for Outbox {
     }
 }
 
+/// Switches `conn` to WAL. On a fresh file another process opening it at the same moment (the
+/// shipper and `tally queue`, two shippers) holds a lock that this switch does not wait for:
+/// SQLite answers BUSY at once, without calling the busy handler. So it is retried here, for as
+/// long as the busy timeout; a shipper that failed its start on such a race exited.
+fn set_wal(conn: &Connection) -> rusqlite::Result<()> {
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    loop {
+        match conn.pragma_update(None, "journal_mode", "WAL") {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            other => return other,
+        }
+    }
+}
+
 impl Outbox {
     /// Opens (creating if needed) `shipper.db` in `state_dir`.
     pub fn open_in(state_dir: &Path) -> Result<Self, OutboxError> {
@@ -258,8 +277,7 @@ impl Outbox {
         let mut conn = Connection::open(path).map_err(open_err)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
         // WAL: readers (tally queue) never block the writer; NORMAL: see the module doc.
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(open_err)?;
+        set_wal(&conn).map_err(open_err)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(open_err)?;
         // Bounded page cache (8 MiB) keeps RSS flat whatever the outbox size.

@@ -375,3 +375,27 @@ fn the_outbox_and_its_directory_are_not_readable_by_other_users() {
     assert_eq!(mode(&state.join(DB_FILE)), 0o600);
     assert_eq!(mode(&state) & 0o007, 0);
 }
+
+/// Two processes opening a fresh outbox at once (a shipper starting while `tally queue` looks):
+/// SQLite refuses the WAL switch with BUSY without waiting, which made a starting shipper exit.
+/// The race is narrow; 200 rounds lost it ~9 times before the fix.
+#[test]
+fn two_openers_of_a_fresh_outbox_both_succeed() {
+    for round in 0..200 {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let start = Arc::new(std::sync::Barrier::new(2));
+        let other = std::thread::spawn({
+            let (state, start) = (state.clone(), start.clone());
+            move || {
+                start.wait();
+                Outbox::open_in(&state).map(|_| ())
+            }
+        });
+        start.wait();
+        let here = Outbox::open_in(&state).and_then(|o| o.stats());
+        let there = other.join().unwrap();
+        assert!(here.is_ok(), "round {round}: {here:?}");
+        assert!(there.is_ok(), "round {round}: {there:?}");
+    }
+}
