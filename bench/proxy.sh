@@ -11,6 +11,13 @@
 #
 #   bench/proxy.sh            # DURATION=10 by default; results on stdout as Markdown tables
 #   RATES="1000 5000" bench/proxy.sh    # the open-loop rates (default 1000 5000 10000 15000)
+#   PIN=1 bench/proxy.sh      # open loop with the load generator on CPU 0 and the upstream on CPU 1
+#
+# PIN: unpinned, the direct baseline is bimodal. When the scheduler puts the load generator and the
+# upstream on one core, a direct request costs two same-core wake-ups (p50 ≈ 0.05 ms here). On two
+# cores it costs two cross-core wake-ups (≈ 0.17 ms), and which one a run gets is chance, so
+# "added" swings by ~0.12 ms between runs. PIN=1 keeps them on separate cores, as a client and a
+# model server on separate hosts would be. The proxy itself is never pinned.
 #
 # Needs wrk (Debian: apt-get install -y wrk). Everything binds 127.0.0.1; every process this script
 # starts is stopped by PID when it exits.
@@ -95,10 +102,18 @@ done
 
 # Open loop: fixed offered rates over 64 connections; latency from each request's due time.
 body='{"model":"gpt-4o","messages":[{"role":"user","content":"What is the capital of France?"}],"user":"bench-customer"}'
+pin_loadgen=()
+if [[ ${PIN:-0} == 1 ]]; then
+  (( $(nproc) >= 2 )) || { echo "PIN=1 needs two CPUs" >&2; exit 1; }
+  for task in /proc/"${pids[0]}"/task/*; do taskset -pc 1 "${task##*/}" >/dev/null; done
+  pin_loadgen=(taskset -c 0)
+  echo
+  echo "Pinned: load generator on CPU 0, upstream on CPU 1, proxy unpinned."
+fi
 # Runs the load generator; prints "p50 p99 achieved sustained errors".
 open_loop() {
   local url=$1 rate=$2 out
-  out=$("$LOADGEN" --url "$url" --rate "$rate" --connections 64 --duration "$DURATION" --warmup 1 \
+  out=$("${pin_loadgen[@]}" "$LOADGEN" --url "$url" --rate "$rate" --connections 64 --duration "$DURATION" --warmup 1 \
     --body "$body" --header 'content-type: application/json' --header "authorization: Bearer $key")
   echo "$out" >>"$work/loadgen.txt"
   python3 - "$out" <<'PY'

@@ -84,6 +84,14 @@ async fn detached(
     }
 }
 
+/// A UUIDv7 for the call: its start millisecond, then 74 random bits from the thread's CSPRNG
+/// (seeded once from the OS). `Uuid::now_v7` asked the kernel (`getrandom(2)`) on every call: a
+/// system call per request on the hot path.
+fn transaction_id(start_time: &DateTime<Utc>) -> Uuid {
+    let millis = u64::try_from(start_time.timestamp_millis()).unwrap_or(0);
+    uuid::Builder::from_unix_timestamp_millis(millis, &rand::random()).into_uuid()
+}
+
 /// A call that, if dropped before it finished, finishes on a task of its own.
 struct FinishOnHangUp<F: Future + Send + Unpin + 'static>
 where
@@ -308,7 +316,7 @@ async fn handle(
         state,
         route,
         call_type,
-        transaction_id: Uuid::now_v7(),
+        transaction_id: transaction_id(&start_time),
         start_time,
         started,
         caller,
@@ -569,4 +577,26 @@ async fn mock_answer(
     );
     call.headers(&mut response, record.response_cost);
     Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transaction_ids_are_v7_at_the_start_millisecond_and_unique() {
+        let start: DateTime<Utc> = "2026-11-27T10:00:00.250Z".parse().unwrap();
+        let ids: std::collections::HashSet<Uuid> =
+            (0..1000).map(|_| transaction_id(&start)).collect();
+        assert_eq!(
+            ids.len(),
+            1000,
+            "the random bits differ within one millisecond"
+        );
+        for id in &ids {
+            assert_eq!(id.get_version_num(), 7);
+            let (secs, nanos) = id.get_timestamp().unwrap().to_unix();
+            assert_eq!((secs, nanos), (start.timestamp() as u64, 250_000_000));
+        }
+    }
 }
