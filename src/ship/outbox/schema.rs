@@ -1,9 +1,10 @@
 //! The versioned schema of `shipper.db`, migrated forward with `PRAGMA user_version`.
 //!
-//! Each entry of [`MIGRATIONS`] moves the schema from version *i* to *i + 1* and runs in the same
-//! transaction as the `user_version` bump, so a crash mid-migration leaves the old version intact
-//! and the migration simply runs again. A database from a newer tally (a higher version than this
-//! build knows) is refused rather than guessed at.
+//! Each entry of [`MIGRATIONS`] moves the schema from version *i* to *i + 1*. The pending ones run
+//! in one transaction with the `user_version` bump, so a crash mid-migration leaves the old version
+//! intact and the migrations simply run again, and a reader never sees a schema half way. A
+//! database from a newer tally (a higher version than this build knows) is refused rather than
+//! guessed at.
 //!
 //! States of `events.state` (see `docs/delivery.md`): 0 pending, 1 held, 2 dead, 3 acked,
 //! 4 not billable, 5 dropped. Acked rows are slimmed to their id, hash and time: the id is what
@@ -114,24 +115,26 @@ pub const MIGRATIONS: &[&str] = &[
 /// Brings the schema up to date; returns the version now in place.
 pub fn migrate(conn: &mut Connection) -> Result<usize, OutboxError> {
     let known = MIGRATIONS.len();
-    loop {
-        // IMMEDIATE: two processes opening a fresh file at once must not both migrate.
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-        let version = usize::try_from(version).unwrap_or(usize::MAX);
-        if version == known {
-            return Ok(version);
+    // IMMEDIATE: two processes opening a fresh file at once must not both migrate. All steps in
+    // one transaction: a reader (`tally queue`) never sees a schema half way, which it would
+    // report as "older than this tally's".
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let version = usize::try_from(version).unwrap_or(usize::MAX);
+    if version > known {
+        return Err(OutboxError::NewerSchema {
+            found: version,
+            known,
+        });
+    }
+    if version < known {
+        for step in &MIGRATIONS[version..] {
+            tx.execute_batch(step)?;
         }
-        if version > known {
-            return Err(OutboxError::NewerSchema {
-                found: version,
-                known,
-            });
-        }
-        tx.execute_batch(MIGRATIONS[version])?;
-        tx.pragma_update(None, "user_version", (version + 1) as i64)?;
+        tx.pragma_update(None, "user_version", known as i64)?;
         tx.commit()?;
     }
+    Ok(known)
 }
 
 #[cfg(test)]
