@@ -124,6 +124,7 @@ fn ingest(file: &str, state_dir: &str) -> anyhow::Result<()> {
     use std::sync::Arc;
     use tally::ship::reader::run_reader;
     use tally::ship::sender::WorkSignal;
+    use tally::ship::storage::StorageGate;
     use tally::ship::tail::{TailOptions, Tailer};
     use tokio_util::sync::CancellationToken;
 
@@ -146,6 +147,7 @@ fn ingest(file: &str, state_dir: &str) -> anyhow::Result<()> {
         });
         let stop = CancellationToken::new();
         let start = Instant::now();
+        let storage = Arc::new(StorageGate::new(outbox.path().to_owned(), None));
         let reader = tokio::spawn(run_reader(
             tailer,
             outbox.shared(),
@@ -154,6 +156,7 @@ fn ingest(file: &str, state_dir: &str) -> anyhow::Result<()> {
             Arc::new(WorkSignal::default()),
             stop.clone(),
             None,
+            storage,
         ));
         let watcher = Outbox::open_in(std::path::Path::new(state_dir))?;
         loop {

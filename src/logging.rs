@@ -10,6 +10,7 @@
 //! the journal holds no escape codes.
 
 use std::io::IsTerminal;
+use std::time::{Duration, Instant};
 
 use tracing::Subscriber;
 use tracing_subscriber::EnvFilter;
@@ -17,6 +18,40 @@ use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::cli::LogFormat;
+
+/// How often an error is repeated while the condition behind it lasts.
+pub const REPEAT_EVERY: Duration = Duration::from_secs(60);
+
+/// Rate limit for an error logged while a condition lasts (a full disk, a refused key): the first
+/// time, then at most once every [`REPEAT_EVERY`]. [`Repeated::reset`] when the condition clears,
+/// so the next one is logged at once.
+#[derive(Debug, Default)]
+pub struct Repeated {
+    last: Option<Instant>,
+}
+
+impl Repeated {
+    /// Whether to log now (and if so, counts this as logged).
+    pub fn due(&mut self) -> bool {
+        let now = Instant::now();
+        let due = self
+            .last
+            .is_none_or(|t| now.duration_since(t) >= REPEAT_EVERY);
+        if due {
+            self.last = Some(now);
+        }
+        due
+    }
+
+    /// Whether anything was logged since the last reset.
+    pub fn logged(&self) -> bool {
+        self.last.is_some()
+    }
+
+    pub fn reset(&mut self) {
+        self.last = None;
+    }
+}
 
 /// Installs the global subscriber. Safe to call twice (the second call is a no-op), which tests
 /// that start several services in one process rely on.

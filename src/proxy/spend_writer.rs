@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Mutex;
 
+use crate::logging::Repeated;
 use crate::spend::SpendRecord;
 
 /// Permissions of the spend log: the owner writes, the shipper's group reads.
@@ -47,8 +48,6 @@ pub const DIR_MODE: u32 = 0o750;
 const RETRY_MIN: Duration = Duration::from_millis(100);
 /// Longest wait between two tries.
 const RETRY_MAX: Duration = Duration::from_secs(5);
-/// A failing write is logged at most this often while it lasts.
-const LOG_EVERY: Duration = Duration::from_secs(60);
 /// At shutdown, how long records still waiting for the disk keep being retried.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
@@ -80,7 +79,7 @@ pub struct SpendWriter {
 struct Writer {
     live: Option<LiveFile>,
     trouble_since: Option<Instant>,
-    last_log: Option<Instant>,
+    logged: Repeated,
 }
 
 impl SpendWriter {
@@ -101,7 +100,7 @@ impl SpendWriter {
             file: Arc::new(Mutex::new(Writer {
                 live: Some(file),
                 trouble_since: None,
-                last_log: None,
+                logged: Repeated::default(),
             })),
             writable: Arc::new(AtomicBool::new(true)),
             closing: Arc::new(OnceLock::new()),
@@ -172,13 +171,8 @@ impl SpendWriter {
 impl Writer {
     fn failed(&mut self, error: &SpendLogError, retry_in: Duration, writable: &AtomicBool) {
         writable.store(false, Ordering::Relaxed);
-        let now = Instant::now();
-        self.trouble_since.get_or_insert(now);
-        if self
-            .last_log
-            .is_none_or(|t| now.duration_since(t) >= LOG_EVERY)
-        {
-            self.last_log = Some(now);
+        self.trouble_since.get_or_insert_with(Instant::now);
+        if self.logged.due() {
             tracing::error!(
                 error = %error,
                 ?retry_in,
@@ -191,7 +185,7 @@ impl Writer {
     fn succeeded(&mut self, writable: &AtomicBool) {
         writable.store(true, Ordering::Relaxed);
         if let Some(since) = self.trouble_since.take() {
-            self.last_log = None;
+            self.logged.reset();
             tracing::info!(
                 blocked_for = ?since.elapsed(),
                 "the spend log can be written again; waiting requests go on"

@@ -177,7 +177,7 @@ pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> an
         let metrics = Some(metrics.clone());
         let storage = storage.clone();
         async move {
-            let r = reader::run_reader_sharing(
+            let r = reader::run_reader(
                 tailer,
                 outbox,
                 spec,
@@ -314,7 +314,7 @@ async fn open_outbox_waiting(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<Outbox>> {
     let mut wait = storage::MIN_WAIT;
-    let mut last_log: Option<std::time::Instant> = None;
+    let mut logged = crate::logging::Repeated::default();
     // An outbox seen while waiting must be the one opened: if it is gone (the state disk being
     // unmounted and mounted again), a fresh empty one must not be created in its place.
     let mut seen = false;
@@ -328,7 +328,7 @@ async fn open_outbox_waiting(
         }
         let error = match Outbox::open_in(state_dir) {
             Ok(outbox) => {
-                if last_log.is_some() {
+                if logged.logged() {
                     tracing::info!(
                         outbox = %db_path.display(),
                         "the outbox {} can be opened again; tally ship starts",
@@ -344,17 +344,16 @@ async fn open_outbox_waiting(
             || probe
                 .as_ref()
                 .is_some_and(|(_, e)| e.raw_os_error().is_some_and(storage::is_storage_errno));
+        let not_writable = not_writable(probe);
         seen |= db_path.is_file();
         if !storage {
             return Err(anyhow::Error::new(error).context(format!(
-                "cannot open the outbox in {}{}",
+                "cannot open the outbox in {}{not_writable}",
                 state_dir.display(),
-                not_writable(db_path)
             )));
         }
-        if last_log.is_none_or(|t| t.elapsed() >= storage::LOG_EVERY) {
-            last_log = Some(std::time::Instant::now());
-            let reason = format!("{error}{}", not_writable(db_path));
+        if logged.due() {
+            let reason = format!("{error}{not_writable}");
             tracing::error!(
                 outbox = %db_path.display(),
                 reason = %reason,
@@ -375,10 +374,11 @@ async fn open_outbox_waiting(
     }
 }
 
-/// Why `db` cannot be written, in the OS's words (SQLite only says "unable to open database
-/// file", which does not tell a read-only filesystem from a missing directory); empty if it can.
-fn not_writable(db: &std::path::Path) -> String {
-    match write_probe(db) {
+/// Why the outbox cannot be written, from [`write_probe`], in the OS's words (SQLite only says
+/// "unable to open database file", which does not tell a read-only filesystem from a missing
+/// directory); empty if it can.
+fn not_writable(probe: Option<(std::path::PathBuf, std::io::Error)>) -> String {
+    match probe {
         Some((path, e)) => format!(" ({}: {e})", path.display()),
         None => String::new(),
     }

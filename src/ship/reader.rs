@@ -99,33 +99,10 @@ pub async fn ingest_chunk(
 /// the next chunk once the slot between them is free. At most two chunks are alive at once, so
 /// memory is bounded by the chunk size whatever the backlog, and order is kept, so positions are
 /// committed in the order they were reached.
-pub async fn run_reader(
-    tailer: Tailer,
-    outbox: SharedOutbox,
-    spec: Arc<EventSpec>,
-    max_line_bytes: usize,
-    signal: Arc<WorkSignal>,
-    shutdown: CancellationToken,
-    metrics: Option<ShipMetrics>,
-) -> Result<IngestReport, ReaderError> {
-    let path = with_outbox(&outbox, |ob| Ok(ob.path().to_owned())).await?;
-    let storage = Arc::new(StorageGate::new(path, metrics.clone()));
-    run_reader_sharing(
-        tailer,
-        outbox,
-        spec,
-        max_line_bytes,
-        signal,
-        shutdown,
-        metrics,
-        storage,
-    )
-    .await
-}
-
-/// [`run_reader`] with the storage state shared with the sender (`tally ship`).
+///
+/// `storage` is the storage state shared with the sender.
 #[allow(clippy::too_many_arguments)]
-pub async fn run_reader_sharing(
+pub async fn run_reader(
     mut tailer: Tailer,
     outbox: SharedOutbox,
     spec: Arc<EventSpec>,

@@ -30,6 +30,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::logging::Repeated;
 use crate::metrics::ship::{LagoOutcome, ShipMetrics};
 use crate::ship::lago::SendError;
 use crate::ship::lago::{Answer, IndexError, LagoClient};
@@ -39,8 +40,6 @@ use crate::ship::outbox::{
 use crate::ship::settings::Tuning;
 use crate::ship::storage::{StorageGate, trouble, with_outbox_waiting};
 
-/// An auth failure is logged at most this often while it lasts.
-const AUTH_LOG_EVERY: Duration = Duration::from_secs(60);
 /// With nothing signalled, look for claimable rows this often anyway (rows written by another
 /// process, requeued by an operator).
 const IDLE_RECHECK: Duration = Duration::from_millis(500);
@@ -174,18 +173,17 @@ pub async fn with_outbox<T: Send + 'static>(
 #[derive(Debug, Default)]
 struct AuthGate {
     blocked: AtomicBool,
-    last_log: std::sync::Mutex<Option<Instant>>,
+    logged: std::sync::Mutex<Repeated>,
     reopened: Notify,
 }
 
 impl AuthGate {
     fn fail(&self, status: u16, body: &str) {
         self.blocked.store(true, Ordering::SeqCst);
-        let Ok(mut last) = self.last_log.lock() else {
+        let Ok(mut logged) = self.logged.lock() else {
             return;
         };
-        if last.is_none_or(|t| t.elapsed() >= AUTH_LOG_EVERY) {
-            *last = Some(Instant::now());
+        if logged.due() {
             tracing::error!(
                 status,
                 body,
@@ -197,8 +195,8 @@ impl AuthGate {
 
     fn succeed(&self) {
         if self.blocked.swap(false, Ordering::SeqCst) {
-            if let Ok(mut last) = self.last_log.lock() {
-                *last = None;
+            if let Ok(mut logged) = self.logged.lock() {
+                logged.reset();
             }
             tracing::info!("Lago accepts the API key again; sending resumes");
             self.reopened.notify_waiters();

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use rusqlite::ErrorCode;
 use tokio_util::sync::CancellationToken;
 
+use crate::logging::Repeated;
 use crate::metrics::ShipMetrics;
 use crate::service;
 use crate::ship::outbox::{Outbox, OutboxError, SharedOutbox};
@@ -33,8 +34,6 @@ use crate::ship::sender::SenderError;
 pub const MIN_WAIT: Duration = Duration::from_millis(100);
 /// Longest wait between two tries.
 pub const MAX_WAIT: Duration = Duration::from_secs(5);
-/// The error line is repeated at most this often while the trouble lasts.
-pub const LOG_EVERY: Duration = Duration::from_secs(60);
 /// Bytes written by the probe that tells whether the directory takes writes again: more than
 /// nothing, because a full filesystem may still create an empty file.
 const PROBE_BYTES: usize = 4096;
@@ -125,7 +124,7 @@ pub fn probe_writable(dir: &Path) -> std::io::Result<()> {
 #[derive(Debug, Default)]
 struct GateState {
     since: Option<Instant>,
-    last_log: Option<Instant>,
+    logged: Repeated,
 }
 
 /// Storage state shared by the reader and the sender of one shipper, and what it shows.
@@ -182,11 +181,7 @@ impl StorageGate {
         };
         let now = Instant::now();
         let since = *state.since.get_or_insert(now);
-        if state
-            .last_log
-            .is_none_or(|t| now.duration_since(t) >= LOG_EVERY)
-        {
-            state.last_log = Some(now);
+        if state.logged.due() {
             let path = self.db_path.display();
             tracing::error!(
                 outbox = %path,
@@ -213,7 +208,7 @@ impl StorageGate {
             m.set_storage_blocked(false);
         }
         let since = self.state.lock().ok().and_then(|mut s| {
-            s.last_log = None;
+            s.logged.reset();
             s.since.take()
         });
         tracing::info!(

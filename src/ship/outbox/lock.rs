@@ -22,7 +22,6 @@ pub const LOCK_SUFFIX: &str = "-sender.lock";
 pub struct SenderLock {
     // Closing the file releases the lock.
     _file: File,
-    path: PathBuf,
 }
 
 impl SenderLock {
@@ -50,17 +49,13 @@ impl SenderLock {
         // SAFETY: flock on a descriptor this function owns; it only changes the lock state.
         let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         if rc == 0 {
-            return Ok(Some(Self { _file: file, path }));
+            return Ok(Some(Self { _file: file }));
         }
         let err = std::io::Error::last_os_error();
         if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
             return Ok(None);
         }
         Err(OutboxError::Lock { path, source: err })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 }
 
