@@ -63,28 +63,41 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
 }
 
 /// A token cancelled on SIGTERM or SIGINT; long-running commands drain and exit 0.
+///
+/// The handlers are installed here, before the command starts, not in the spawned task: a
+/// SIGTERM that arrives while the task has not yet run (a `systemctl stop` right after start)
+/// would otherwise meet the default action and kill the process instead of stopping it cleanly.
 fn shutdown_on_signals() -> CancellationToken {
     let token = CancellationToken::new();
     let trigger = token.clone();
-    tokio::spawn(async move {
-        let ctrl_c = tokio::signal::ctrl_c();
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{SignalKind, signal};
-            match signal(SignalKind::terminate()) {
-                Ok(mut term) => {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (term, int) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        );
+        tokio::spawn(async move {
+            match (term, int) {
+                (Ok(mut term), Ok(mut int)) => {
                     tokio::select! {
-                        _ = ctrl_c => {}
                         _ = term.recv() => {}
+                        _ = int.recv() => {}
                     }
                 }
-                Err(_) => {
-                    let _ = ctrl_c.await;
+                // Without handlers the default actions stay: the process ends on the signal.
+                (Err(e), _) | (Ok(_), Err(e)) => {
+                    tracing::warn!(error = %e, "cannot handle SIGTERM/SIGINT; a stop will not drain");
+                    std::future::pending::<()>().await;
                 }
             }
-        }
-        #[cfg(not(unix))]
-        let _ = ctrl_c.await;
+            tracing::info!("shutdown requested; draining");
+            trigger.cancel();
+        });
+    }
+    #[cfg(not(unix))]
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
         tracing::info!("shutdown requested; draining");
         trigger.cancel();
     });

@@ -117,8 +117,7 @@ impl ProxyChild {
 
     pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
         let mut c = self.child.take()?;
-        // SAFETY: signalling our own child by its pid.
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        crate::support::sigterm_when_handled(&c);
         c.wait().ok()
     }
 }

@@ -255,8 +255,7 @@ impl Shipper {
     /// SIGTERM and wait for the exit (the drain path).
     pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
         let mut c = self.child.take()?;
-        // SAFETY: signalling our own child by its pid.
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        crate::support::sigterm_when_handled(&c);
         c.wait().ok()
     }
 

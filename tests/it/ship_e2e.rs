@@ -382,7 +382,7 @@ impl Child {
     }
 
     async fn terminate(mut self) -> std::process::ExitStatus {
-        self.signal(libc::SIGTERM);
+        crate::support::sigterm_when_handled(&self.child);
         let deadline = std::time::Instant::now() + LONG;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {

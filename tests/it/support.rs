@@ -152,3 +152,32 @@ pub fn spend_record(
         duration_ms: Some(250),
     }
 }
+
+/// SIGTERM to `child`, sent once the child handles it. Between exec and the first lines of `main`
+/// a program has no handler yet, and the signal ends it the default way (killed by the signal,
+/// not a clean exit), as it would any program; tests of the clean stop wait that moment out by
+/// watching the caught-signal mask in `/proc/<pid>/status`.
+pub fn sigterm_when_handled(child: &std::process::Child) {
+    let pid = child.id();
+    let status_file = format!("/proc/{pid}/status");
+    let sigterm_bit = 1u64 << (libc::SIGTERM - 1);
+    wait_for(
+        &format!("process {pid} to handle SIGTERM"),
+        std::time::Duration::from_secs(60),
+        || {
+            let status = std::fs::read_to_string(&status_file).ok()?;
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(str::trim)
+            };
+            // Already exited (a zombie): signalling is harmless and the exit status tells.
+            let exited = field("State:").is_some_and(|s| s.starts_with('Z'));
+            let caught = field("SigCgt:").and_then(|m| u64::from_str_radix(m, 16).ok())?;
+            (exited || caught & sigterm_bit != 0).then_some(())
+        },
+    );
+    // SAFETY: signalling our own child by its pid.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+}
