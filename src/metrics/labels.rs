@@ -13,13 +13,12 @@ pub const NONE: &str = "none";
 /// Value that stands for every value beyond the limit, or outside the allowed set.
 pub const OTHER: &str = "other";
 
-/// The label values one label may take: an allowed set fixed up front, or the first `limit`
-/// distinct values seen (later ones are reported as [`OTHER`]).
+/// The label values one label may take: the first `limit` distinct values seen (later ones are
+/// reported as [`OTHER`]).
 #[derive(Debug)]
 pub struct BoundedValues {
     seen: RwLock<HashSet<String>>,
     limit: usize,
-    fixed: bool,
 }
 
 impl BoundedValues {
@@ -28,21 +27,6 @@ impl BoundedValues {
         Self {
             seen: RwLock::new(HashSet::new()),
             limit,
-            fixed: false,
-        }
-    }
-
-    /// Admits exactly `allowed` (e.g. the model names in the proxy's config).
-    pub fn only<I, S>(allowed: I) -> Self
-    where
-        I: IntoIterator<Item = S>,
-        S: Into<String>,
-    {
-        let seen: HashSet<String> = allowed.into_iter().map(Into::into).collect();
-        Self {
-            limit: seen.len(),
-            seen: RwLock::new(seen),
-            fixed: true,
         }
     }
 
@@ -57,7 +41,7 @@ impl BoundedValues {
         if seen.contains(value) {
             return value.to_string();
         }
-        if self.fixed || seen.len() >= self.limit {
+        if seen.len() >= self.limit {
             return OTHER.to_string();
         }
         drop(seen);
@@ -87,13 +71,5 @@ mod tests {
         );
         assert_eq!(values.label(None), NONE);
         assert_eq!(values.label(Some("")), NONE);
-    }
-
-    #[test]
-    fn only_admits_the_allowed_set() {
-        let values = BoundedValues::only(["gpt-4o", "house-model"]);
-        assert_eq!(values.label(Some("gpt-4o")), "gpt-4o");
-        assert_eq!(values.label(Some("made-up-by-a-client")), OTHER);
-        assert_eq!(values.label(Some("house-model")), "house-model");
     }
 }

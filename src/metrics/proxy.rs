@@ -13,8 +13,9 @@
 //! `model` is limited to the models in the config (anything else is `other`); `team` and
 //! `key_alias` to the first [`KEY_LABEL_LIMIT`] distinct values each.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -24,7 +25,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use super::labels::BoundedValues;
+use super::labels::{BoundedValues, NONE, OTHER};
 
 /// Distinct teams (and, separately, key aliases) that get their own series.
 pub const KEY_LABEL_LIMIT: usize = 200;
@@ -116,7 +117,9 @@ pub struct ProxyMetrics {
     tokens: Family<TokenLabels, Counter>,
     cost: Family<ModelLabels, Counter<f64, AtomicU64>>,
     spend_records: Family<OutcomeLabels, Counter>,
-    models: Arc<BoundedValues>,
+    written: Counter,
+    failed: Counter,
+    models: Arc<ModelTable>,
     teams: Arc<BoundedValues>,
     key_aliases: Arc<BoundedValues>,
 }
@@ -129,7 +132,7 @@ impl ProxyMetrics {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        let metrics = Self {
+        let mut metrics = Self {
             requests: Family::default(),
             latency: Family::new_with_constructor(|| Histogram::new(LATENCY_BUCKETS)),
             in_flight: Gauge::default(),
@@ -137,7 +140,19 @@ impl ProxyMetrics {
             tokens: Family::default(),
             cost: Family::default(),
             spend_records: Family::default(),
-            models: Arc::new(BoundedValues::only(models)),
+            written: Counter::default(),
+            failed: Counter::default(),
+            models: Arc::new(ModelTable {
+                configured: models
+                    .into_iter()
+                    .map(|m| {
+                        let slot = ModelSlot::new(m.into());
+                        (slot.name.clone(), slot)
+                    })
+                    .collect(),
+                other: ModelSlot::new(OTHER.to_owned()),
+                none: ModelSlot::new(NONE.to_owned()),
+            }),
             teams: Arc::new(BoundedValues::first_seen(KEY_LABEL_LIMIT)),
             key_aliases: Arc::new(BoundedValues::first_seen(KEY_LABEL_LIMIT)),
         };
@@ -176,20 +191,50 @@ impl ProxyMetrics {
             "Spend-log appends; a failed one means the request was not billed",
             metrics.spend_records.clone(),
         );
+        // Held here so a request does not look them up (both are shown from the start, at 0).
+        for (counter, outcome) in [
+            (&mut metrics.written, "written"),
+            (&mut metrics.failed, "failed"),
+        ] {
+            *counter = metrics
+                .spend_records
+                .get_or_create_owned(&OutcomeLabels { outcome });
+        }
         metrics
+    }
+
+    /// The `model` label value for `model` and its series.
+    fn model(&self, model: Option<&str>) -> (&str, &ModelSeries) {
+        let table = &*self.models;
+        let slot = match model {
+            None | Some("") => &table.none,
+            Some(m) => table.configured.get(m).unwrap_or(&table.other),
+        };
+        let series = slot.series.get_or_init(|| {
+            let model = || ModelLabels {
+                model: slot.name.clone(),
+            };
+            let tokens = |direction| TokenLabels {
+                model: slot.name.clone(),
+                direction,
+            };
+            ModelSeries {
+                latency: self.latency.get_or_create_owned(&model()),
+                cost: OnceLock::new(),
+                input_tokens: self.tokens.get_or_create_owned(&tokens("input")),
+                output_tokens: self.tokens.get_or_create_owned(&tokens("output")),
+            }
+        });
+        (&slot.name, series)
     }
 
     /// Counts one finished request and its latency.
     pub fn record_request(&self, request: &RequestOutcome<'_>) {
-        let model = self.models.label(request.model);
-        self.latency
-            .get_or_create(&ModelLabels {
-                model: model.clone(),
-            })
-            .observe(request.duration.as_secs_f64());
+        let (model, series) = self.model(request.model);
+        series.latency.observe(request.duration.as_secs_f64());
         self.requests
             .get_or_create(&RequestLabels {
-                model,
+                model: model.to_owned(),
                 status: request.status,
                 team: self.teams.label(request.team_id),
                 key_alias: self.key_aliases.label(request.key_alias),
@@ -206,24 +251,25 @@ impl ProxyMetrics {
         output_tokens: u64,
         cost_usd: Option<f64>,
     ) {
-        let model = self.models.label(Some(model));
-        for (direction, n) in [("input", input_tokens), ("output", output_tokens)] {
-            self.tokens
-                .get_or_create(&TokenLabels {
-                    model: model.clone(),
-                    direction,
-                })
-                .inc_by(n);
-        }
+        let (name, series) = self.model(Some(model));
+        series.input_tokens.inc_by(input_tokens);
+        series.output_tokens.inc_by(output_tokens);
         if let Some(cost) = cost_usd.filter(|c| c.is_finite() && *c >= 0.0) {
-            self.cost.get_or_create(&ModelLabels { model }).inc_by(cost);
+            series
+                .cost
+                .get_or_init(|| {
+                    self.cost.get_or_create_owned(&ModelLabels {
+                        model: name.to_owned(),
+                    })
+                })
+                .inc_by(cost);
         }
     }
 
     pub fn record_upstream_error(&self, model: &str, kind: UpstreamErrorKind) {
         self.upstream_errors
             .get_or_create(&UpstreamErrorLabels {
-                model: self.models.label(Some(model)),
+                model: self.model(Some(model)).0.to_owned(),
                 kind: kind.as_str(),
             })
             .inc();
@@ -231,10 +277,11 @@ impl ProxyMetrics {
 
     /// Counts one spend-log append (`written == false`: it failed).
     pub fn record_spend_record(&self, written: bool) {
-        let outcome = if written { "written" } else { "failed" };
-        self.spend_records
-            .get_or_create(&OutcomeLabels { outcome })
-            .inc();
+        if written {
+            self.written.inc();
+        } else {
+            self.failed.inc();
+        }
     }
 
     /// Counts a request as in flight until the returned guard is dropped.
@@ -244,6 +291,42 @@ impl ProxyMetrics {
             gauge: self.in_flight.clone(),
         }
     }
+}
+
+/// The series labelled with one `model` value.
+#[derive(Debug)]
+struct ModelSeries {
+    latency: Histogram,
+    /// Only for a model with a price: an unpriced model has no cost series.
+    cost: OnceLock<Counter<f64, AtomicU64>>,
+    input_tokens: Counter,
+    output_tokens: Counter,
+}
+
+/// A `model` label value and its series, created on the value's first use (as a family would)
+/// and then kept, so recording a request hashes no label sets.
+#[derive(Debug)]
+struct ModelSlot {
+    name: String,
+    series: OnceLock<ModelSeries>,
+}
+
+impl ModelSlot {
+    fn new(name: String) -> Self {
+        Self {
+            name,
+            series: OnceLock::new(),
+        }
+    }
+}
+
+/// The values `model` may take: the config's model names, [`OTHER`] for any other, [`NONE`]
+/// for a request without one.
+#[derive(Debug)]
+struct ModelTable {
+    configured: HashMap<String, ModelSlot>,
+    other: ModelSlot,
+    none: ModelSlot,
 }
 
 /// Decrements `tally_proxy_requests_in_flight` when dropped (also when a client disconnects
@@ -320,6 +403,7 @@ mod tests {
             assert_eq!(h(r#"bucket{le="0.25",model="gpt-4o"}"#), 0.0);
             assert_eq!(h(r#"bucket{le="0.5",model="gpt-4o"}"#), 4.0);
             assert_eq!(h(r#"bucket{le="+Inf",model="gpt-4o"}"#), 4.0);
+            assert_eq!(h(r#"count{model="other"}"#), 1.0);
         }
     }
 
@@ -329,6 +413,7 @@ mod tests {
         metrics.record_usage("gpt-4o", 7, 15, Some(0.0001675));
         metrics.record_usage("gpt-4o", 3, 5, Some(0.0001));
         metrics.record_usage("house-model", 10, 20, None);
+        metrics.record_usage("made-up", 1, 2, Some(0.5));
         metrics.record_upstream_error("gpt-4o", UpstreamErrorKind::Timeout);
         metrics.record_upstream_error("gpt-4o", UpstreamErrorKind::Timeout);
         metrics.record_upstream_error("house-model", UpstreamErrorKind::ServerError);
@@ -341,6 +426,9 @@ mod tests {
         assert_eq!(tokens(r#"direction="input",model="gpt-4o""#), 10.0);
         assert_eq!(tokens(r#"direction="output",model="gpt-4o""#), 20.0);
         assert_eq!(tokens(r#"direction="output",model="house-model""#), 20.0);
+        assert_eq!(tokens(r#"direction="output",model="other""#), 2.0);
+        assert_eq!(get(&m, r#"tally_proxy_cost_usd_total{model="other"}"#), 0.5);
+        assert!(!m.keys().any(|k| k.contains("made-up")));
         let cost = get(&m, r#"tally_proxy_cost_usd_total{model="gpt-4o"}"#);
         assert!((cost - 0.0002675).abs() < 1e-12, "cost {cost}");
         assert!(

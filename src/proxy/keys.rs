@@ -77,7 +77,15 @@ pub struct KeyRecord {
 impl KeyRecord {
     /// The hash as lowercase hex: LiteLLM's `token`, and the spend log's `key_hash`.
     pub fn token(&self) -> String {
-        hex::encode(self.hash)
+        // Per request (the spend record's key_hash): a table lookup per digit, where
+        // `hex::encode` collects chars one by one.
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut hex = String::with_capacity(64);
+        for b in self.hash {
+            hex.push(char::from(DIGITS[usize::from(b >> 4)]));
+            hex.push(char::from(DIGITS[usize::from(b & 0xf)]));
+        }
+        hex
     }
 
     pub fn is_expired(&self, now: DateTime<Utc>) -> bool {
@@ -375,6 +383,26 @@ mod tests {
         assert!(key[3..].bytes().all(|b| URL_SAFE.contains(&b)));
         assert_ne!(key, new_key());
         assert_eq!(key_name("sk-abcdefgh1234"), "sk-...1234");
+    }
+
+    #[test]
+    fn the_token_is_the_lowercase_hex_of_the_hash() {
+        let record = |hash| KeyRecord {
+            hash,
+            key_name: String::new(),
+            key_alias: None,
+            user_id: None,
+            team_id: None,
+            models: Vec::new(),
+            metadata: serde_json::Map::new(),
+            created_at: Utc::now(),
+            expires: None,
+        };
+        assert_eq!(record([0xa5; 32]).token(), "a5".repeat(32));
+        for key in ["sk-1234", &new_key()] {
+            let hash = hash_key(key);
+            assert_eq!(record(hash).token(), hex::encode(hash));
+        }
     }
 
     #[test]

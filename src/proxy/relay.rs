@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -33,6 +33,10 @@ use super::tokens;
 use super::upstream::{Endpoint, UpstreamClient, Usage};
 use crate::metrics::proxy::UpstreamErrorKind;
 use crate::spend::{SCHEMA_VERSION, SpendRecord};
+
+/// LiteLLM's response headers (parsed once, not per response).
+const CALL_ID: HeaderName = HeaderName::from_static("x-litellm-call-id");
+const RESPONSE_COST: HeaderName = HeaderName::from_static("x-litellm-response-cost");
 
 /// Chunks buffered between the upstream reader and a slow client.
 const STREAM_BUFFER: usize = 64;
@@ -154,7 +158,7 @@ impl Call {
         let key = self.caller.key();
         SpendRecord {
             schema: SCHEMA_VERSION,
-            transaction_id: self.transaction_id.to_string(),
+            transaction_id: self.id_text(),
             start_time: Some(self.start_time),
             end_time: Utc::now(),
             call_type: self.call_type.as_str().to_owned(),
@@ -227,15 +231,25 @@ impl Call {
         }
     }
 
+    /// The transaction id in its usual hyphenated form, without `Display`'s formatting machinery
+    /// (it is written twice per request).
+    fn id_text(&self) -> String {
+        let mut buffer = Uuid::encode_buffer();
+        self.transaction_id
+            .hyphenated()
+            .encode_lower(&mut buffer)
+            .to_owned()
+    }
+
     fn headers(&self, response: &mut Response, cost: Option<f64>) {
         let h = response.headers_mut();
-        if let Ok(v) = HeaderValue::from_str(&self.transaction_id.to_string()) {
-            h.insert("x-litellm-call-id", v);
+        if let Ok(v) = HeaderValue::from_str(&self.id_text()) {
+            h.insert(CALL_ID, v);
         }
         if let Some(cost) = cost
             && let Ok(v) = HeaderValue::from_str(&cost.to_string())
         {
-            h.insert("x-litellm-response-cost", v);
+            h.insert(RESPONSE_COST, v);
         }
     }
 }
