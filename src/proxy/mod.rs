@@ -12,7 +12,8 @@
 //! - [`key_api`]: `/key/generate`, `/key/info`, `/key/delete`.
 //! - [`relay`]: `/chat/completions` and `/embeddings`: resolve, forward, record.
 //! - [`stream`]: relaying server-sent events while picking out the usage.
-//! - [`upstream`]: the pooled HTTP client and the mapping of transport failures.
+//! - [`upstream`]: calls to upstreams over kept-alive connections the calling task drives, and
+//!   the mapping of transport failures.
 //! - [`mock`]: local answers for `mock_response` deployments.
 //! - [`tokens`]: the token estimate used when an upstream reports no usage.
 //! - [`spend_writer`]: the spend log: one line per append under a lock, rotation.

@@ -5,6 +5,7 @@ mod endpoints;
 mod fake_upstream;
 mod key_api;
 mod streaming;
+mod upstream_conns;
 
 use std::path::PathBuf;
 use std::time::Duration;

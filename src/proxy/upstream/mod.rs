@@ -1,6 +1,8 @@
-//! Calls to OpenAI-compatible upstreams over one pooled HTTP client, with each deployment's
-//! timeout (covering the whole answer, streamed or not), and the mapping of transport failures
-//! to 502 / 504.
+//! Calls to OpenAI-compatible upstreams over kept-alive HTTP/1.1 connections ([`conn`]), with
+//! each deployment's timeout (covering the whole answer, streamed or not), and the mapping of
+//! transport failures to 502 / 504.
+
+mod conn;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -11,14 +13,12 @@ use axum::http::{HeaderValue, Uri, header};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body as _, Incoming};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls_platform_verifier::BuilderVerifierExt;
 use serde::Deserialize;
 use tokio::time::Instant;
 
+use self::conn::{Conn, Connector, Driven, IdleConns, SendError, UpstreamRequest};
 use super::config::Deployment;
 use super::error::ProxyError;
 
@@ -46,15 +46,15 @@ impl Usage {
     }
 }
 
-/// The one HTTP client every upstream call shares, so connections are pooled and reused.
+/// What every upstream call shares: how to open a connection (TCP, and rustls with the
+/// platform's trust store for `https` upstreams). The kept-alive connections live with their
+/// [`Endpoint`].
 ///
-/// A `hyper-util` pooled client (rustls with the platform's trust store for `https` upstreams)
-/// rather than `reqwest`: reqwest re-parsed the URL twice per request and ran redirect and retry
-/// layers the proxy never uses (upstream redirects are not followed either way), a tenth of a
-/// proxied call's instructions.
+/// Not a pooled client (`reqwest`, hyper-util's): those parse URLs per request, run layers the
+/// proxy never uses, and hand every request to a connection task over channels; see [`conn`].
 #[derive(Clone)]
 pub struct UpstreamClient {
-    http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    connector: Connector,
 }
 
 /// Why the upstream client could not be built.
@@ -62,15 +62,58 @@ pub struct UpstreamClient {
 #[error("cannot set up TLS for upstream calls: {0}")]
 pub struct ClientError(#[from] rustls::Error);
 
-/// A deployment's endpoint, prepared once at start-up.
+/// A deployment's endpoint, prepared once at start-up, with its idle connections.
 #[derive(Debug, Clone)]
 pub struct Endpoint {
     pub url: String,
-    /// `url` parsed once (`Err` with the reason when it does not parse; the call then fails as
-    /// unreachable, naming it).
-    uri: Result<Uri, String>,
+    /// Where and what to send (`Err` with the reason when `url` is not a usable http(s) URL;
+    /// the call then fails as unreachable, naming it).
+    target: Result<Target, String>,
     pub auth: Option<HeaderValue>,
     pub timeout: Duration,
+    idle: Arc<IdleConns>,
+}
+
+/// `url` taken apart once: the origin to connect to, and the request line's path and `Host`.
+#[derive(Debug, Clone)]
+struct Target {
+    origin: Uri,
+    path: Uri,
+    host: HeaderValue,
+}
+
+impl Target {
+    fn parse(url: &str) -> Result<Self, String> {
+        let invalid = |reason: &dyn std::fmt::Display| format!("invalid upstream URL: {reason}");
+        let uri = url.parse::<Uri>().map_err(|e| invalid(&e))?;
+        let secure = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => return Err(invalid(&"the scheme must be http or https")),
+        };
+        let (Some(authority), Some(host)) = (uri.authority(), uri.host()) else {
+            return Err(invalid(&"it has no host"));
+        };
+        // `Host` as a browser would send it: no user info, the port only when not the default.
+        let host = match uri.port_u16() {
+            Some(port) if port != if secure { 443 } else { 80 } => format!("{host}:{port}"),
+            _ => host.to_owned(),
+        };
+        Ok(Self {
+            origin: Uri::builder()
+                .scheme(uri.scheme_str().unwrap_or("http"))
+                .authority(authority.as_str())
+                .path_and_query("/")
+                .build()
+                .map_err(|e| invalid(&e))?,
+            path: uri
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .parse()
+                .map_err(|e| invalid(&e))?,
+            host: HeaderValue::from_str(&host).map_err(|e| invalid(&e))?,
+        })
+    }
 }
 
 impl Endpoint {
@@ -82,31 +125,48 @@ impl Endpoint {
         });
         let url = format!("{}{path}", d.api_base);
         Self {
-            uri: url
-                .parse::<Uri>()
-                .map_err(|e| format!("invalid upstream URL: {e}")),
+            target: Target::parse(&url),
             url,
             auth,
             timeout: d.timeout,
+            idle: Arc::default(),
         }
+    }
+
+    fn request(&self, target: &Target, body: Bytes) -> UpstreamRequest {
+        let mut request = hyper::Request::new(Full::new(body));
+        *request.method_mut() = hyper::Method::POST;
+        *request.uri_mut() = target.path.clone();
+        let headers = request.headers_mut();
+        headers.insert(header::HOST, target.host.clone());
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let Some(auth) = &self.auth {
+            headers.insert(header::AUTHORIZATION, auth.clone());
+        }
+        request
     }
 }
 
-/// A 2xx answer from the upstream, with the deadline its body must arrive by.
+/// A 2xx answer from the upstream, with the connection its body arrives on and the deadline it
+/// must arrive by.
 pub struct UpstreamResponse {
-    response: hyper::Response<Incoming>,
+    content_type: Option<HeaderValue>,
+    body: Driven,
     deadline: Instant,
 }
 
 impl UpstreamResponse {
     pub fn content_type(&self) -> Option<&HeaderValue> {
-        self.response.headers().get(header::CONTENT_TYPE)
+        self.content_type.as_ref()
     }
 
     /// The body as it arrives, cut off with an error at the deadline.
     pub fn into_stream(self) -> BodyStream {
         BodyStream {
-            body: self.response.into_body(),
+            body: self.body,
             deadline: Box::pin(tokio::time::sleep_until(self.deadline)),
             done: false,
         }
@@ -124,7 +184,7 @@ pub enum BodyError {
 
 /// An upstream answer's body as a stream of data chunks, bounded by the deployment's timeout.
 pub struct BodyStream {
-    body: Incoming,
+    body: Driven,
     deadline: Pin<Box<tokio::time::Sleep>>,
     done: bool,
 }
@@ -178,15 +238,9 @@ impl UpstreamClient {
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
-            .enable_all_versions()
+            .enable_http1()
             .wrap_connector(tcp);
-        let http = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(512)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(connector);
-        Ok(Self { http })
+        Ok(Self { connector })
     }
 
     /// POSTs a JSON body. A 2xx answer is returned for the caller to read (whole or streamed)
@@ -207,35 +261,61 @@ impl UpstreamClient {
             seconds: endpoint.timeout.as_secs_f64(),
         };
         let deadline = Instant::now() + endpoint.timeout;
-        let uri = endpoint.uri.clone().map_err(unreachable)?;
-        let mut request = hyper::Request::post(uri)
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| unreachable(e.to_string()))?;
-        if let Some(auth) = &endpoint.auth {
-            request
-                .headers_mut()
-                .insert(header::AUTHORIZATION, auth.clone());
+        let target = endpoint
+            .target
+            .as_ref()
+            .map_err(|e| unreachable(e.clone()))?;
+        let request = endpoint.request(target, Bytes::from(body));
+        let (conn, response) =
+            tokio::time::timeout_at(deadline, self.exchange(endpoint, target, request))
+                .await
+                .map_err(|_| timed_out())?
+                .map_err(unreachable)?;
+        let (head, body) = response.into_parts();
+        let body = Driven::new(body, conn, endpoint.idle.clone());
+        if head.status.is_success() {
+            return Ok(UpstreamResponse {
+                content_type: head.headers.get(header::CONTENT_TYPE).cloned(),
+                body,
+                deadline,
+            });
         }
-        let response = tokio::time::timeout_at(deadline, self.http.request(request))
-            .await
-            .map_err(|_| timed_out())?
-            .map_err(|e| unreachable(innermost(&e)))?;
-        let status = response.status();
-        if status.is_success() {
-            return Ok(UpstreamResponse { response, deadline });
-        }
-        let content_type = response.headers().get(header::CONTENT_TYPE).cloned();
-        let body = tokio::time::timeout_at(deadline, response.into_body().collect())
+        let body = tokio::time::timeout_at(deadline, body.collect())
             .await
             .map_err(|_| timed_out())?
             .map_err(|e| unreachable(innermost(&e)))?
             .to_bytes();
         Err(ProxyError::Upstream {
-            status,
-            content_type,
+            status: head.status,
+            content_type: head.headers.get(header::CONTENT_TYPE).cloned(),
             body,
         })
+    }
+
+    /// Sends `request` on a kept connection, or a new one; returns the connection with the
+    /// answer's head. A kept connection the upstream closed before it took the request is
+    /// dropped and the request sent on the next one; a request that may have reached the
+    /// upstream is never sent twice.
+    async fn exchange(
+        &self,
+        endpoint: &Endpoint,
+        target: &Target,
+        mut request: UpstreamRequest,
+    ) -> Result<(Conn, hyper::Response<Incoming>), String> {
+        while let Some(mut conn) = endpoint.idle.take() {
+            match conn.send(request).await {
+                Ok(response) => return Ok((conn, response)),
+                Err(SendError::NotSent(unsent, _)) => request = *unsent,
+                Err(SendError::Failed(e)) => return Err(innermost(&e)),
+            }
+        }
+        let mut conn = Conn::open(&self.connector, &target.origin)
+            .await
+            .map_err(|e| innermost(&*e))?;
+        match conn.send(request).await {
+            Ok(response) => Ok((conn, response)),
+            Err(SendError::NotSent(_, e) | SendError::Failed(e)) => Err(innermost(&e)),
+        }
     }
 
     /// Reads a whole (non-streamed) 2xx answer.
@@ -244,20 +324,18 @@ impl UpstreamClient {
         endpoint: &Endpoint,
         model_name: &str,
     ) -> Result<(Option<HeaderValue>, Bytes), ProxyError> {
-        let content_type = response.content_type().cloned();
-        let body =
-            tokio::time::timeout_at(response.deadline, response.response.into_body().collect())
-                .await
-                .map_err(|_| ProxyError::UpstreamTimeout {
-                    model: model_name.to_owned(),
-                    seconds: endpoint.timeout.as_secs_f64(),
-                })?
-                .map_err(|e| ProxyError::UpstreamUnreachable {
-                    model: model_name.to_owned(),
-                    reason: innermost(&e),
-                })?
-                .to_bytes();
-        Ok((content_type, body))
+        let body = tokio::time::timeout_at(response.deadline, response.body.collect())
+            .await
+            .map_err(|_| ProxyError::UpstreamTimeout {
+                model: model_name.to_owned(),
+                seconds: endpoint.timeout.as_secs_f64(),
+            })?
+            .map_err(|e| ProxyError::UpstreamUnreachable {
+                model: model_name.to_owned(),
+                reason: innermost(&e),
+            })?
+            .to_bytes();
+        Ok((response.content_type, body))
     }
 }
 
