@@ -470,14 +470,17 @@ fn usage_of(
     call_type: CallType,
     prompt_estimate: impl FnOnce() -> u64,
 ) -> (Usage, bool, Option<String>) {
-    if let Ok(ResponseUsage {
+    // As text: serde_json then skips checking each string's UTF-8 (JSON that is not UTF-8 does
+    // not parse either way).
+    let text = std::str::from_utf8(bytes).ok();
+    if let Some(Ok(ResponseUsage {
         model,
         usage: Some(usage),
-    }) = serde_json::from_slice(bytes)
+    })) = text.map(serde_json::from_str)
     {
         return (usage, false, model);
     }
-    let meta: Option<ResponseMeta> = serde_json::from_slice(bytes).ok();
+    let meta: Option<ResponseMeta> = text.and_then(|t| serde_json::from_str(t).ok());
     let upstream_model = meta.as_ref().and_then(|m| m.model.clone());
     match meta {
         Some(ResponseMeta {
