@@ -9,7 +9,7 @@
 
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -24,6 +24,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tower::ServiceExt;
+
+use super::wake_gate::WakeGate;
 
 pub type Connector = HttpsConnector<HttpConnector>;
 type Io = MaybeHttpsStream<TokioIo<TcpStream>>;
@@ -54,6 +56,18 @@ pub struct Conn {
     /// `None` once the connection has ended (closed by either side, or failed). Boxed: with
     /// TLS state inline it is kilobytes, and the futures holding a `Conn` are moved.
     io: Option<Pin<Box<Driver>>>,
+    /// The connection wakes the task that drives it through this (see [`WakeGate`]).
+    gate: Arc<WakeGate>,
+}
+
+/// Moves the connection's I/O along; `false` once it has ended (and `io` is `None`).
+fn drive(io: &mut Option<Pin<Box<Driver>>>, cx: &mut Context<'_>) -> bool {
+    if let Some(conn) = io
+        && conn.as_mut().poll(cx).is_ready()
+    {
+        *io = None;
+    }
+    io.is_some()
 }
 
 impl Conn {
@@ -67,17 +81,8 @@ impl Conn {
         Ok(Self {
             sender,
             io: Some(Box::pin(io)),
+            gate: Arc::default(),
         })
-    }
-
-    /// Moves the connection's I/O along; `false` once it has ended.
-    pub fn drive(&mut self, cx: &mut Context<'_>) -> bool {
-        if let Some(io) = &mut self.io
-            && io.as_mut().poll(cx).is_ready()
-        {
-            self.io = None;
-        }
-        self.io.is_some()
     }
 
     /// Sends `request` and waits for the answer's head, driving the connection meanwhile. The
@@ -86,20 +91,25 @@ impl Conn {
         &mut self,
         request: UpstreamRequest,
     ) -> Result<Response<Incoming>, SendError> {
+        let Self { sender, io, gate } = self;
         // Ready once the previous exchange is fully done; an error means the connection ended.
         if let Err(e) = poll_fn(|cx| {
-            self.drive(cx);
-            self.sender.poll_ready(cx)
+            gate.poll(cx, |cx| {
+                drive(io, cx);
+                sender.poll_ready(cx)
+            })
         })
         .await
         {
             return Err(SendError::NotSent(Box::new(request), e));
         }
-        let mut answer = std::pin::pin!(self.sender.try_send_request(request));
+        let mut answer = std::pin::pin!(sender.try_send_request(request));
         poll_fn(|cx| {
-            // The I/O first: it may complete the answer polled next.
-            self.drive(cx);
-            answer.as_mut().poll(cx)
+            gate.poll(cx, |cx| {
+                // The I/O first: it may complete the answer polled next.
+                drive(io, cx);
+                answer.as_mut().poll(cx)
+            })
         })
         .await
         .map_err(|mut e| match e.take_message() {
@@ -145,7 +155,7 @@ impl IdleConns {
                 conn
             };
             let mut cx = Context::from_waker(std::task::Waker::noop());
-            if conn.drive(&mut cx) && conn.reusable() {
+            if drive(&mut conn.io, &mut cx) && conn.reusable() {
                 return Some(conn);
             }
         }
@@ -170,11 +180,11 @@ impl IdleConns {
 /// mid-answer).
 pub struct Driven {
     body: Incoming,
-    conn: Option<(Conn, std::sync::Arc<IdleConns>)>,
+    conn: Option<(Conn, Arc<IdleConns>)>,
 }
 
 impl Driven {
-    pub fn new(body: Incoming, conn: Conn, idle: std::sync::Arc<IdleConns>) -> Self {
+    pub fn new(body: Incoming, conn: Conn, idle: Arc<IdleConns>) -> Self {
         Self {
             body,
             conn: Some((conn, idle)),
@@ -190,15 +200,21 @@ impl hyper::body::Body for Driven {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
-        if let Some((conn, _)) = &mut self.conn {
-            conn.drive(cx);
-        }
-        let frame = Pin::new(&mut self.body).poll_frame(cx);
+        let this = &mut *self;
+        let Some((conn, _)) = &mut this.conn else {
+            return Pin::new(&mut this.body).poll_frame(cx);
+        };
+        let Conn { io, gate, .. } = conn;
+        let frame = gate.poll(cx, |cx| {
+            drive(io, cx);
+            Pin::new(&mut this.body).poll_frame(cx)
+        });
         if let Poll::Ready(None) = frame
-            && let Some((mut conn, idle)) = self.conn.take()
+            && let Some((mut conn, idle)) = this.conn.take()
         {
             // Let the connection finish the exchange (it then accepts the next request).
-            conn.drive(cx);
+            let Conn { io, gate, .. } = &mut conn;
+            let _ = gate.poll(cx, |cx| Poll::Ready(drive(io, cx)));
             idle.put(conn);
         }
         frame

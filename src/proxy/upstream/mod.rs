@@ -3,6 +3,7 @@
 //! transport failures to 502 / 504.
 
 mod conn;
+mod wake_gate;
 
 use std::pin::Pin;
 use std::sync::Arc;
