@@ -9,6 +9,12 @@
 #   BODY_FILE=chat.json bench/proxy_cost.sh   # another request body (default: one short message)
 #   RATE=2000 bench/proxy_cost.sh       # open loop at a fixed rate (bench/loadgen.rs) instead of
 #                                       # wrk's closed loop: the cost when the proxy is not saturated
+#   SYSCALLS=1 bench/proxy_cost.sh      # also count system calls per request, by call (perf stat
+#                                       # on the syscall tracepoints; needs perf and tracefs)
+#
+# Besides CPU time from /proc/<pid>/stat (clock ticks), it reports on-CPU time and time spent
+# runnable but waiting for a CPU from /proc/<pid>/task/*/schedstat (nanoseconds): on a shared
+# 2-core machine the second is what other processes cost the proxy's latency.
 #
 # Needs wrk; perf is optional (context switches and migrations come from /proc without it).
 set -euo pipefail
@@ -50,16 +56,27 @@ wrk -t1 -c8 -d2s -s "$work/post.lua" "$url" >/dev/null
 # Sum of a field of every thread's /proc status.
 ctx() { cat /proc/"$proxy_pid"/task/*/status 2>/dev/null | awk -v f="$1" '$1 == f":" {s += $2} END {print s}'; }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$proxy_pid/stat"; }
+# On-CPU and run-queue nanoseconds summed over the proxy's threads.
+sched_ns() { cat /proc/"$proxy_pid"/task/*/schedstat 2>/dev/null | awk -v f="$1" '{s += $f} END {printf "%.0f", s}'; }
 
 lines_before=$(spend_lines)
 vol_before=$(ctx voluntary_ctxt_switches)
 invol_before=$(ctx nonvoluntary_ctxt_switches)
 ticks_before=$(cpu_ticks)
+oncpu_before=$(sched_ns 1)
+waiting_before=$(sched_ns 2)
 perf_pid=
 if [[ -n ${CALLGRIND:-} ]]; then
   callgrind_control -z "$proxy_pid" >/dev/null # count from here
 elif command -v perf >/dev/null; then
-  perf stat -e task-clock,context-switches,cpu-migrations -p "$proxy_pid" -o "$work/perf.txt" &
+  events=task-clock,context-switches,cpu-migrations
+  if [[ -n ${SYSCALLS:-} ]]; then
+    events="$events,raw_syscalls:sys_enter"
+    for call in epoll_wait futex read recvfrom write writev sendto; do
+      events="$events,syscalls:sys_enter_$call"
+    done
+  fi
+  perf stat -e "$events" -p "$proxy_pid" -o "$work/perf.txt" &
   perf_pid=$!
 fi
 threads=$(( CONNS < 2 ? 1 : 2 ))
@@ -80,21 +97,26 @@ lines=$(( $(spend_lines) - lines_before ))
 vol=$(( $(ctx voluntary_ctxt_switches) - vol_before ))
 invol=$(( $(ctx nonvoluntary_ctxt_switches) - invol_before ))
 ticks=$(( $(cpu_ticks) - ticks_before ))
+oncpu=$(( $(sched_ns 1) - oncpu_before ))
+waiting=$(( $(sched_ns 2) - waiting_before ))
 hz=$(getconf CLK_TCK)
 
 echo "requests (spend records): $lines at $CONNS connections over ${DURATION}s ($load)"
-python3 - "$lines" "$vol" "$invol" "$ticks" "$hz" <<'PY'
+python3 - "$lines" "$vol" "$invol" "$ticks" "$hz" "$oncpu" "$waiting" <<'PY'
 import sys
-n, vol, invol, ticks, hz = map(int, sys.argv[1:])
+n, vol, invol, ticks, hz, oncpu, waiting = map(int, sys.argv[1:])
 print(f"per request: CPU {ticks / hz / n * 1e6:.1f} us, voluntary context switches {vol / n:.3f}, involuntary {invol / n:.3f}")
+print(f"per request (schedstat): on CPU {oncpu / n / 1e3:.1f} us, runnable but waiting for a CPU {waiting / n / 1e3:.1f} us")
 PY
 if [[ -f $work/perf.txt ]]; then
   python3 - "$lines" "$work/perf.txt" <<'PY'
 import re, sys
 n = int(sys.argv[1])
 text = open(sys.argv[2]).read()
-for event in ("task-clock", "context-switches", "cpu-migrations"):
-    m = re.search(r"([\d,.]+)\s+(?:msec\s+)?" + event, text)
+events = ["task-clock", "context-switches", "cpu-migrations"]
+events += re.findall(r"(raw_syscalls:sys_enter|syscalls:sys_enter_\w+)", text)
+for event in events:
+    m = re.search(r"([\d,.]+)\s+(?:msec\s+)?" + re.escape(event) + r"\b", text)
     if m:
         v = float(m.group(1).replace(",", ""))
         unit = " us" if event == "task-clock" else ""
