@@ -72,6 +72,7 @@ pub async fn embeddings(State(state): State<AppState>, headers: HeaderMap, body:
 /// hangs up, hyper drops the handler's future; the call is then moved onto a task of its own and
 /// goes on, so an answer the upstream already produced (and billed) is still recorded. Spawning
 /// only on hang-up spares every other request a task and the wake-up that hands its result back.
+/// The request is counted for Prometheus around all of it ([`observe::track`]).
 async fn detached(
     state: AppState,
     headers: HeaderMap,
@@ -79,13 +80,18 @@ async fn detached(
     call_type: CallType,
 ) -> Response {
     let tracker = state.in_flight().clone();
-    let call = tracker.track_future(Box::pin(observe::carry(handle(
-        state, headers, body, call_type,
-    ))));
-    match (FinishOnHangUp { call: Some(call) }).await {
-        Ok(response) => response,
-        Err(e) => e.into_response(),
-    }
+    let tracked = state.clone();
+    observe::track(&tracked, async move {
+        // Made inside `track`'s scope, so `carry` takes the request's tags along.
+        let call = tracker.track_future(Box::pin(observe::carry(handle(
+            state, headers, body, call_type,
+        ))));
+        match (FinishOnHangUp { call: Some(call) }).await {
+            Ok(response) => response,
+            Err(e) => e.into_response(),
+        }
+    })
+    .await
 }
 
 /// A UUIDv7 for the call: its start millisecond, then 74 random bits from the thread's CSPRNG

@@ -4,7 +4,6 @@ use axum::Json;
 use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
@@ -15,18 +14,13 @@ use super::{key_api, observe, relay};
 
 /// The whole HTTP surface, ready to serve (tests call it directly).
 pub fn app(state: AppState) -> Router {
-    // Relayed calls are counted for Prometheus (observe::track); the other routes are not.
-    let relay = Router::new()
+    // Relayed calls are counted for Prometheus by the handlers themselves (observe::track); the
+    // other routes are not.
+    Router::new()
         .route("/chat/completions", post(relay::chat_completions))
         .route("/v1/chat/completions", post(relay::chat_completions))
         .route("/embeddings", post(relay::embeddings))
         .route("/v1/embeddings", post(relay::embeddings))
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            observe::track,
-        ));
-    Router::new()
-        .merge(relay)
         .route("/metrics", get(observe::metrics))
         .route("/models", get(models))
         .route("/v1/models", get(models))
