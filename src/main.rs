@@ -71,13 +71,13 @@ fn shutdown_on_signals() -> CancellationToken {
     let token = CancellationToken::new();
     let trigger = token.clone();
     #[cfg(unix)]
-    {
+    let signalled = {
         use tokio::signal::unix::{SignalKind, signal};
         let (term, int) = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
         );
-        tokio::spawn(async move {
+        async move {
             match (term, int) {
                 (Ok(mut term), Ok(mut int)) => {
                     tokio::select! {
@@ -91,13 +91,14 @@ fn shutdown_on_signals() -> CancellationToken {
                     std::future::pending::<()>().await;
                 }
             }
-            tracing::info!("shutdown requested; draining");
-            trigger.cancel();
-        });
-    }
+        }
+    };
     #[cfg(not(unix))]
-    tokio::spawn(async move {
+    let signalled = async {
         let _ = tokio::signal::ctrl_c().await;
+    };
+    tokio::spawn(async move {
+        signalled.await;
         tracing::info!("shutdown requested; draining");
         trigger.cancel();
     });

@@ -203,38 +203,25 @@ impl ProxyMetrics {
         metrics
     }
 
-    /// The `model` label value for `model` and its series.
-    fn model(&self, model: Option<&str>) -> (&str, &ModelSeries) {
+    /// The `model` label value for `model`, with its series.
+    fn model(&self, model: Option<&str>) -> &ModelSlot {
         let table = &*self.models;
-        let slot = match model {
+        match model {
             None | Some("") => &table.none,
             Some(m) => table.configured.get(m).unwrap_or(&table.other),
-        };
-        let series = slot.series.get_or_init(|| {
-            let model = || ModelLabels {
-                model: slot.name.clone(),
-            };
-            let tokens = |direction| TokenLabels {
-                model: slot.name.clone(),
-                direction,
-            };
-            ModelSeries {
-                latency: self.latency.get_or_create_owned(&model()),
-                cost: OnceLock::new(),
-                input_tokens: self.tokens.get_or_create_owned(&tokens("input")),
-                output_tokens: self.tokens.get_or_create_owned(&tokens("output")),
-            }
-        });
-        (&slot.name, series)
+        }
     }
 
     /// Counts one finished request and its latency.
     pub fn record_request(&self, request: &RequestOutcome<'_>) {
-        let (model, series) = self.model(request.model);
-        series.latency.observe(request.duration.as_secs_f64());
+        let model = self.model(request.model);
+        model
+            .latency
+            .get_or_init(|| self.latency.get_or_create_owned(&model.labels()))
+            .observe(request.duration.as_secs_f64());
         self.requests
             .get_or_create(&RequestLabels {
-                model: model.to_owned(),
+                model: model.name.clone(),
                 status: request.status,
                 team: self.teams.label(request.team_id),
                 key_alias: self.key_aliases.label(request.key_alias),
@@ -251,17 +238,21 @@ impl ProxyMetrics {
         output_tokens: u64,
         cost_usd: Option<f64>,
     ) {
-        let (name, series) = self.model(Some(model));
-        series.input_tokens.inc_by(input_tokens);
-        series.output_tokens.inc_by(output_tokens);
-        if let Some(cost) = cost_usd.filter(|c| c.is_finite() && *c >= 0.0) {
-            series
-                .cost
-                .get_or_init(|| {
-                    self.cost.get_or_create_owned(&ModelLabels {
-                        model: name.to_owned(),
-                    })
+        let model = self.model(Some(model));
+        let [input, output] = model.tokens.get_or_init(|| {
+            ["input", "output"].map(|direction| {
+                self.tokens.get_or_create_owned(&TokenLabels {
+                    model: model.name.clone(),
+                    direction,
                 })
+            })
+        });
+        input.inc_by(input_tokens);
+        output.inc_by(output_tokens);
+        if let Some(cost) = cost_usd.filter(|c| c.is_finite() && *c >= 0.0) {
+            model
+                .cost
+                .get_or_init(|| self.cost.get_or_create_owned(&model.labels()))
                 .inc_by(cost);
         }
     }
@@ -269,7 +260,7 @@ impl ProxyMetrics {
     pub fn record_upstream_error(&self, model: &str, kind: UpstreamErrorKind) {
         self.upstream_errors
             .get_or_create(&UpstreamErrorLabels {
-                model: self.model(Some(model)).0.to_owned(),
+                model: self.model(Some(model)).name.clone(),
                 kind: kind.as_str(),
             })
             .inc();
@@ -293,29 +284,31 @@ impl ProxyMetrics {
     }
 }
 
-/// The series labelled with one `model` value.
-#[derive(Debug)]
-struct ModelSeries {
-    latency: Histogram,
-    /// Only for a model with a price: an unpriced model has no cost series.
-    cost: OnceLock<Counter<f64, AtomicU64>>,
-    input_tokens: Counter,
-    output_tokens: Counter,
-}
-
-/// A `model` label value and its series, created on the value's first use (as a family would)
+/// A `model` label value and its series, each created on its first use (as a family would)
 /// and then kept, so recording a request hashes no label sets.
 #[derive(Debug)]
 struct ModelSlot {
     name: String,
-    series: OnceLock<ModelSeries>,
+    latency: OnceLock<Histogram>,
+    /// Input, then output.
+    tokens: OnceLock<[Counter; 2]>,
+    /// Only for a model with a price: an unpriced model has no cost series.
+    cost: OnceLock<Counter<f64, AtomicU64>>,
 }
 
 impl ModelSlot {
     fn new(name: String) -> Self {
         Self {
             name,
-            series: OnceLock::new(),
+            latency: OnceLock::new(),
+            tokens: OnceLock::new(),
+            cost: OnceLock::new(),
+        }
+    }
+
+    fn labels(&self) -> ModelLabels {
+        ModelLabels {
+            model: self.name.clone(),
         }
     }
 }
