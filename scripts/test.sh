@@ -9,6 +9,9 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*" >&2; }
 
+# No incremental cache: this script builds once, and the cache costs disk (see Cargo.toml).
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
 step "Python venv for the client tests"
 if [[ ! -x .venv/bin/python ]]; then
   python3 -m venv .venv
@@ -33,8 +36,10 @@ cargo fmt --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --quiet -- -D warnings
 
-step "cargo build"
-cargo build --quiet --bins
+# One build of the binary and every test, with the dev-dependencies' features (tokio's test-util)
+# unified in: a plain `cargo build` first would build the whole dependency tree twice.
+step "cargo build (the binary and the tests)"
+cargo build --quiet --bins --tests
 
 export TALLY_BIN="$PWD/target/debug/tally"
 export TALLY_PYTHON="$PWD/.venv/bin/python"
