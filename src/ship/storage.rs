@@ -232,11 +232,17 @@ fn system_errno(outbox: &Outbox) -> i32 {
     unsafe { rusqlite::ffi::sqlite3_system_errno(outbox.conn().handle()) }
 }
 
-/// The value and whether the operation wrote anything; or the error and the OS errno behind it.
+/// The value and whether it ends storage trouble (see [`attempt`]); or the error and the OS
+/// errno behind it.
 type Attempt<T> = Result<(T, bool), (SenderError, i32)>;
 
 /// One try of `f` under the outbox lock. On storage trouble, if the directory takes a write, the
 /// connection (not the disk) is what fails: reopen it and try once more.
+///
+/// A success ends the trouble only if it wrote something (a read-only disk still serves reads
+/// and transactions that change nothing) and, while the gate is blocked, the directory takes a
+/// new file too: on a full disk some commits still fit in space SQLite already holds (a reused
+/// WAL), and clearing on those would flap the gauge and the log between blocked and resumed.
 fn attempt<T>(
     outbox: &SharedOutbox,
     gate: &StorageGate,
@@ -249,7 +255,8 @@ fn attempt<T>(
     let first = match f(&mut guard) {
         Ok(v) => {
             let wrote = guard.conn().total_changes() != before;
-            return Ok((v, wrote));
+            let clears = wrote && (!gate.is_blocked() || takes_new_files(guard.path()));
+            return Ok((v, clears));
         }
         Err(e) => (SenderError::from(e), system_errno(&guard)),
     };
@@ -257,7 +264,7 @@ fn attempt<T>(
         return Err(first);
     }
     let path = guard.path().to_owned();
-    let dir = path.parent().unwrap_or(Path::new("."));
+    let dir = state_dir(&path);
     // Only a file that is there is reopened: a missing one (the state disk not mounted yet) must
     // not be replaced by a fresh, empty outbox.
     if !path.is_file() {
@@ -295,6 +302,16 @@ fn attempt<T>(
     }
 }
 
+/// The directory holding the outbox at `path`.
+fn state_dir(path: &Path) -> &Path {
+    path.parent().unwrap_or(Path::new("."))
+}
+
+/// Whether the outbox's directory takes a new file with data in it.
+fn takes_new_files(outbox_path: &Path) -> bool {
+    probe_writable(state_dir(outbox_path)).is_ok()
+}
+
 /// Runs `f` on the outbox (off the async threads) until it succeeds, waiting out storage trouble
 /// with a capped backoff. Returns `Ok(None)` if `stop` fires while waiting (nothing was done), and
 /// an error at once for anything that is not storage trouble.
@@ -316,10 +333,8 @@ where
             .await
             .map_err(|e| SenderError::Task(e.to_string()))?;
         let (error, errno) = match result {
-            Ok((v, wrote)) => {
-                // Only a write proves the trouble is over: a read-only disk still serves reads
-                // and transactions that change nothing.
-                if wrote {
+            Ok((v, clears)) => {
+                if clears {
                     gate.clear();
                 }
                 return Ok(Some(v));
@@ -408,6 +423,41 @@ mod tests {
         assert_eq!(tries.load(Ordering::SeqCst), 3);
         assert_eq!(gate.reopened(), 1);
         assert!(!gate.is_blocked());
+    }
+
+    #[tokio::test]
+    async fn a_commit_that_fits_on_a_still_full_disk_does_not_clear_the_gate() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open_in(dir.path()).unwrap().shared();
+        let gate = Arc::new(StorageGate::new(dir.path().join("shipper.db"), None));
+        gate.block(
+            &Trouble {
+                reason: "database or disk is full".into(),
+            },
+            MIN_WAIT,
+        );
+        // The directory takes no new file (as on a full disk; a directory in the probe's place
+        // makes creating it fail even for root), while the outbox's own commit succeeds, as one
+        // fitting in a reused WAL does.
+        let probe = dir.path().join(".tally-write-probe");
+        std::fs::create_dir(&probe).unwrap();
+        let write = |ob: &mut Outbox| ob.set_last_lago_error(Some("x"));
+        let stop = CancellationToken::new();
+        with_outbox_waiting(&outbox, &gate, &stop, write)
+            .await
+            .unwrap();
+        assert!(
+            gate.is_blocked(),
+            "cleared while the disk takes no new file"
+        );
+        std::fs::remove_dir(&probe).unwrap();
+        with_outbox_waiting(&outbox, &gate, &stop, write)
+            .await
+            .unwrap();
+        assert!(
+            !gate.is_blocked(),
+            "still blocked once the disk takes files"
+        );
     }
 
     #[tokio::test]

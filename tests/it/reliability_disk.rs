@@ -222,7 +222,13 @@ async fn trouble(
         rig.lago.event_count() < to as usize,
         "the shipper advanced with its outbox unwritable"
     );
-    assert_eq!(storage_blocked(metrics).await, Some(1.0));
+    let gauge = storage_blocked(metrics).await;
+    assert_eq!(
+        gauge,
+        Some(1.0),
+        "tally_ship_storage_blocked while the outbox cannot be written:\n{}",
+        tail(&rig.stderr_text(), 30)
+    );
     assert!(
         ship.exited().is_none(),
         "the shipper exited on disk trouble:\n{}",
