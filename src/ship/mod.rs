@@ -326,7 +326,14 @@ async fn open_outbox_waiting(
             }
             continue;
         }
-        let error = match Outbox::open_in(state_dir) {
+        // Off the async threads: opening waits on other openers' locks, and the probe syncs.
+        let (dir, db) = (state_dir.to_owned(), db_path.to_owned());
+        let opened = tokio::task::spawn_blocking(move || {
+            Outbox::open_in(&dir).map_err(|error| (error, write_probe(&db)))
+        })
+        .await
+        .context("the task opening the outbox failed")?;
+        let (error, probe) = match opened {
             Ok(outbox) => {
                 if logged.logged() {
                     tracing::info!(
@@ -337,9 +344,8 @@ async fn open_outbox_waiting(
                 }
                 return Ok(Some(outbox));
             }
-            Err(e) => e,
+            Err(failed) => failed,
         };
-        let probe = write_probe(db_path);
         let storage = storage::is_full_or_failing(&error)
             || probe
                 .as_ref()
