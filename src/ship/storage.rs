@@ -17,7 +17,7 @@
 //!   `STATUS=`, and the `tally_ship_storage_blocked` gauge.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -121,8 +121,11 @@ pub fn probe_writable(dir: &Path) -> std::io::Result<()> {
     result
 }
 
+/// Blocked or not, since when, and when it was last said: one lock, so the gauge and the log
+/// never disagree with the state when a failed write and a successful one race.
 #[derive(Debug, Default)]
 struct GateState {
+    blocked: bool,
     since: Option<Instant>,
     logged: Repeated,
 }
@@ -131,7 +134,6 @@ struct GateState {
 #[derive(Debug)]
 pub struct StorageGate {
     db_path: PathBuf,
-    blocked: AtomicBool,
     state: Mutex<GateState>,
     metrics: Option<ShipMetrics>,
     /// The systemd status to restore when the trouble clears.
@@ -146,7 +148,6 @@ impl StorageGate {
         }
         Self {
             db_path,
-            blocked: AtomicBool::new(false),
             state: Mutex::new(GateState::default()),
             metrics,
             status: Mutex::new(None),
@@ -161,8 +162,12 @@ impl StorageGate {
         }
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn is_blocked(&self) -> bool {
-        self.blocked.load(Ordering::SeqCst)
+        self.lock().blocked
     }
 
     /// How many times the connection was reopened to recover.
@@ -172,13 +177,12 @@ impl StorageGate {
 
     /// A write failed for `trouble`: say so (at most once a minute) and mark the shipper blocked.
     pub fn block(&self, trouble: &Trouble, retry_in: Duration) {
-        let first = !self.blocked.swap(true, Ordering::SeqCst);
-        if first && let Some(m) = &self.metrics {
+        let mut state = self.lock();
+        if !std::mem::replace(&mut state.blocked, true)
+            && let Some(m) = &self.metrics
+        {
             m.set_storage_blocked(true);
         }
-        let Ok(mut state) = self.state.lock() else {
-            return;
-        };
         let now = Instant::now();
         let since = *state.since.get_or_insert(now);
         if state.logged.due() {
@@ -201,16 +205,17 @@ impl StorageGate {
 
     /// A write succeeded: if the shipper was blocked, say it resumes.
     pub fn clear(&self) {
-        if !self.blocked.swap(false, Ordering::SeqCst) {
-            return;
-        }
-        if let Some(m) = &self.metrics {
-            m.set_storage_blocked(false);
-        }
-        let since = self.state.lock().ok().and_then(|mut s| {
-            s.logged.reset();
-            s.since.take()
-        });
+        let since = {
+            let mut state = self.lock();
+            if !std::mem::take(&mut state.blocked) {
+                return;
+            }
+            if let Some(m) = &self.metrics {
+                m.set_storage_blocked(false);
+            }
+            state.logged.reset();
+            state.since.take()
+        };
         tracing::info!(
             outbox = %self.db_path.display(),
             blocked_for = ?since.map(|t| t.elapsed()),
