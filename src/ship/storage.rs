@@ -237,17 +237,17 @@ fn system_errno(outbox: &Outbox) -> i32 {
     unsafe { rusqlite::ffi::sqlite3_system_errno(outbox.conn().handle()) }
 }
 
-/// The value and whether it ends storage trouble (see [`attempt`]); or the error and the OS
-/// errno behind it.
+/// The value and whether it ends the gate's storage trouble (see [`attempt`]); or the error and
+/// the OS errno behind it.
 type Attempt<T> = Result<(T, bool), (SenderError, i32)>;
 
 /// One try of `f` under the outbox lock. On storage trouble, if the directory takes a write, the
 /// connection (not the disk) is what fails: reopen it and try once more.
 ///
-/// A success ends the trouble only if it wrote something (a read-only disk still serves reads
-/// and transactions that change nothing) and, while the gate is blocked, the directory takes a
-/// new file too: on a full disk some commits still fit in space SQLite already holds (a reused
-/// WAL), and clearing on those would flap the gauge and the log between blocked and resumed.
+/// A success ends the gate's trouble only if it wrote something (a read-only disk still serves
+/// reads and transactions that change nothing) and the directory takes a new file too: on a full
+/// disk some commits still fit in space SQLite already holds (a reused WAL), and clearing on those
+/// would flap the gauge and the log between blocked and resumed. Unblocked, nothing is probed.
 fn attempt<T>(
     outbox: &SharedOutbox,
     gate: &StorageGate,
@@ -260,7 +260,8 @@ fn attempt<T>(
     let first = match f(&mut guard) {
         Ok(v) => {
             let wrote = guard.conn().total_changes() != before;
-            let clears = wrote && (!gate.is_blocked() || takes_new_files(guard.path()));
+            let clears =
+                wrote && gate.is_blocked() && probe_writable(state_dir(guard.path())).is_ok();
             return Ok((v, clears));
         }
         Err(e) => (SenderError::from(e), system_errno(&guard)),
@@ -310,11 +311,6 @@ fn attempt<T>(
 /// The directory holding the outbox at `path`.
 fn state_dir(path: &Path) -> &Path {
     path.parent().unwrap_or(Path::new("."))
-}
-
-/// Whether the outbox's directory takes a new file with data in it.
-fn takes_new_files(outbox_path: &Path) -> bool {
-    probe_writable(state_dir(outbox_path)).is_ok()
 }
 
 /// Runs `f` on the outbox (off the async threads) until it succeeds, waiting out storage trouble
