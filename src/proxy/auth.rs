@@ -14,8 +14,6 @@ use super::keys::{KeyHash, KeyRecord, KeyStore, hash_key, hashes_equal};
 
 /// Headers a client may carry its key in, in the order LiteLLM checks them.
 const KEY_HEADERS: &[&str] = &["x-litellm-api-key", "api-key", "x-api-key"];
-/// Headers naming the end customer when the body has no `user`.
-const END_USER_HEADERS: &[&str] = &["x-litellm-end-user-id", "x-litellm-customer-id"];
 
 /// An authenticated caller.
 #[derive(Debug, Clone)]
@@ -126,18 +124,6 @@ pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
         .filter(|k| !k.is_empty())
 }
 
-/// The end customer named by header, used when the body has no `user`.
-pub fn end_user_from_headers(headers: &HeaderMap) -> Option<String> {
-    END_USER_HEADERS.iter().find_map(|name| {
-        headers
-            .get(*name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-            .map(str::to_owned)
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,14 +142,5 @@ mod tests {
             assert_eq!(presented_key(&h), Some("sk-abc"), "{name}");
         }
         assert_eq!(presented_key(&HeaderMap::new()), None);
-    }
-
-    #[test]
-    fn end_user_header_fallbacks() {
-        let mut h = HeaderMap::new();
-        h.insert("x-litellm-customer-id", HeaderValue::from_static("c2"));
-        assert_eq!(end_user_from_headers(&h).as_deref(), Some("c2"));
-        h.insert("x-litellm-end-user-id", HeaderValue::from_static("c1"));
-        assert_eq!(end_user_from_headers(&h).as_deref(), Some("c1"));
     }
 }

@@ -14,8 +14,10 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::AppState;
+use super::end_user;
 use super::error::ProxyError;
 use super::keys::{KeyHash, KeyRecord, NewKey, hash_key, parse_duration};
+use super::limits;
 use super::request::read_json_object;
 
 /// LiteLLM `/key/generate` fields tally knows but does not enforce.
@@ -187,10 +189,17 @@ fn parse_generate(body: Map<String, Value>) -> Result<NewKey, ProxyError> {
                 format!("`{field}` must be a string"),
             )),
         };
+        let optional_id = |value: Value| {
+            let id = optional_string(value)?;
+            if let Some(id) = &id {
+                limits::require_id(&field, id)?;
+            }
+            Ok::<_, ProxyError>(id)
+        };
         match field.as_str() {
-            "key_alias" => new.key_alias = optional_string(value)?,
-            "user_id" => new.user_id = optional_string(value)?,
-            "team_id" => new.team_id = optional_string(value)?,
+            "key_alias" => new.key_alias = optional_id(value)?,
+            "user_id" => new.user_id = optional_id(value)?,
+            "team_id" => new.team_id = optional_id(value)?,
             "models" => {
                 new.models = match value {
                     Value::Null => Vec::new(),
@@ -210,7 +219,8 @@ fn parse_generate(body: Map<String, Value>) -> Result<NewKey, ProxyError> {
                             "`models` must be a list of model names",
                         ));
                     }
-                }
+                };
+                limits::require_models(&new.models)?;
             }
             "metadata" => {
                 new.metadata = match value {
@@ -222,7 +232,9 @@ fn parse_generate(body: Map<String, Value>) -> Result<NewKey, ProxyError> {
                             "`metadata` must be a JSON object",
                         ));
                     }
-                }
+                };
+                limits::require_metadata(&new.metadata)?;
+                end_user::validate_guard(&new.metadata)?;
             }
             "duration" => {
                 if let Some(text) = optional_string(value)? {
@@ -234,6 +246,15 @@ fn parse_generate(body: Map<String, Value>) -> Result<NewKey, ProxyError> {
                             ),
                         )
                     })?;
+                    // "0s" would mint a key that is already expired.
+                    if duration <= chrono::Duration::zero() {
+                        return Err(ProxyError::bad_param(
+                            "duration",
+                            format!(
+                                "`duration` {text:?} is not positive: the key would be expired when created; write e.g. \"30s\", \"7d\", or leave it out for a key that does not expire"
+                            ),
+                        ));
+                    }
                     new.expires = Some(Utc::now() + duration);
                 }
             }

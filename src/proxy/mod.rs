@@ -6,6 +6,8 @@
 //! - [`pricing`]: per-token prices (built-in table, price file, per-deployment overrides).
 //! - [`keys`]: virtual keys in SQLite (`keys.db`), hashed, with an in-memory cache.
 //! - [`auth`]: which key a request carries and who that makes the caller.
+//! - [`end_user`]: the end-user id a call bills, and a key's guard on which it may bill.
+//! - [`limits`]: bounds on every client-controlled field, so every record stays billable.
 //! - [`request`]: reading a JSON body with the size limit and content-type check.
 //! - [`json_body`]: a relayed body's members located and substituted without a `Value` tree.
 //! - [`routes`]: the router: health, models, and wiring of the handlers below.
@@ -22,10 +24,12 @@
 
 pub mod auth;
 pub mod config;
+pub mod end_user;
 pub mod error;
 pub mod json_body;
 pub mod key_api;
 pub mod keys;
+pub mod limits;
 pub mod mock;
 pub mod observe;
 pub mod pricing;

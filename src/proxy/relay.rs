@@ -22,9 +22,11 @@ use uuid::Uuid;
 
 use super::AppState;
 use super::Route;
-use super::auth::{self, Caller};
+use super::auth::Caller;
+use super::end_user;
 use super::error::ProxyError;
 use super::json_body::Kind;
+use super::limits;
 use super::mock;
 use super::observe;
 use super::request::read_json_body;
@@ -170,7 +172,8 @@ impl Call {
             call_type: self.call_type.as_str().to_owned(),
             model: self.route.deployment.model_name.clone(),
             upstream_model: Some(
-                upstream_model.unwrap_or_else(|| self.route.deployment.upstream_model.clone()),
+                limits::bounded_upstream_model(upstream_model)
+                    .unwrap_or_else(|| self.route.deployment.upstream_model.clone()),
             ),
             input_tokens: usage.prompt_tokens,
             output_tokens: usage.completion_tokens,
@@ -306,11 +309,11 @@ async fn handle(
             param: Some("model"),
         });
     }
-    let end_user_id = match body.get("user") {
-        Some(Value::String(u)) if !u.is_empty() => Some(u),
-        Some(Value::Null) | None => auth::end_user_from_headers(&headers),
-        Some(_) => return Err(ProxyError::bad_param("user", "`user` must be a string")),
-    };
+    let end_user_id = end_user::of_request(body.get("user"), &headers)?;
+    if let Some(key) = caller.key() {
+        limits::require_billable_key(key)?;
+        end_user::check_guard(key, end_user_id.as_deref())?;
+    }
     let stream = call_type == CallType::Chat
         && match body.get("stream") {
             Some(Value::Bool(b)) => b,

@@ -3,6 +3,7 @@
 
 mod endpoints;
 mod fake_upstream;
+mod hostile_input;
 mod key_api;
 mod streaming;
 mod upstream_conns;
@@ -39,6 +40,18 @@ async fn closed_port() -> u16 {
 
 impl Proxy {
     pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// A proxy whose `tally_settings` has these entries besides (or instead of) the default
+    /// `max_body_bytes: 65536`.
+    pub async fn start_with(settings: &[(&str, &str)]) -> Self {
+        let mut tally_settings = std::collections::BTreeMap::from([("max_body_bytes", "65536")]);
+        tally_settings.extend(settings.iter().copied());
+        let tally_settings: String = tally_settings
+            .iter()
+            .map(|(k, v)| format!("  {k}: {v}\n"))
+            .collect();
         let upstream = FakeUpstream::start().await;
         let up = upstream.api_base();
         let down = format!("http://127.0.0.1:{}/v1", closed_port().await);
@@ -68,8 +81,7 @@ litellm_settings:
 general_settings:
   master_key: {MASTER}
 tally_settings:
-  max_body_bytes: 65536
-"#
+{tally_settings}"#
         );
         // SAFETY: every test sets the same value; nothing reads it concurrently with a change.
         unsafe { std::env::set_var("TALLY_IT_UPSTREAM_KEY", UPSTREAM_KEY) };
