@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::server::ServerLimits;
+
 /// Default upstream when a deployment names no `api_base`.
 pub const OPENAI_API_BASE: &str = "https://api.openai.com/v1";
 /// LiteLLM's default request timeout.
@@ -71,6 +73,8 @@ pub struct TallySettings {
     /// A LiteLLM `model_prices_and_context_window.json`, layered over the built-in prices.
     pub price_file: Option<PathBuf>,
     pub allow_weak_master_key: bool,
+    /// Connection limit and client timeouts (`*_timeout_secs`, `max_connections`).
+    pub server: ServerLimits,
 }
 
 impl Default for TallySettings {
@@ -82,6 +86,7 @@ impl Default for TallySettings {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             price_file: None,
             allow_weak_master_key: false,
+            server: ServerLimits::default(),
         }
     }
 }
@@ -200,6 +205,10 @@ struct RawTallySettings {
     max_body_bytes: Option<usize>,
     price_file: Option<PathBuf>,
     allow_weak_master_key: Option<bool>,
+    header_read_timeout_secs: Option<f64>,
+    body_read_timeout_secs: Option<f64>,
+    idle_timeout_secs: Option<f64>,
+    max_connections: Option<usize>,
 }
 
 /// Looks up an environment variable; injected so tests need not touch the process environment.
@@ -394,6 +403,15 @@ impl ProxyConfig {
             max_body_bytes: t.max_body_bytes.unwrap_or(defaults.max_body_bytes),
             price_file: t.price_file,
             allow_weak_master_key: t.allow_weak_master_key.unwrap_or(false),
+            server: server_limits(
+                source,
+                [
+                    t.header_read_timeout_secs,
+                    t.body_read_timeout_secs,
+                    t.idle_timeout_secs,
+                ],
+                t.max_connections,
+            )?,
         };
 
         Ok(Self {
@@ -427,6 +445,31 @@ impl ProxyConfig {
         if let Some(v) = env("TALLY_ALLOW_WEAK_MASTER_KEY") {
             s.allow_weak_master_key = parse_bool("TALLY_ALLOW_WEAK_MASTER_KEY", &v)?;
         }
+        for (i, (var, _)) in TIMEOUT_SETTINGS.iter().enumerate() {
+            if let Some(v) = env(var) {
+                let secs = v
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+                    .and_then(positive_secs)
+                    .ok_or_else(|| ConfigError::Env {
+                        var: (*var).to_owned(),
+                        message: format!(
+                            "{v:?} is not a positive number of seconds; write e.g. 30 or 0.5"
+                        ),
+                    })?;
+                *s.server.timeout_mut(i) = secs;
+            }
+        }
+        if let Some(v) = env("TALLY_MAX_CONNECTIONS") {
+            s.server.max_connections = parse_env("TALLY_MAX_CONNECTIONS", &v)?;
+            if s.server.max_connections == 0 {
+                return Err(ConfigError::Env {
+                    var: "TALLY_MAX_CONNECTIONS".into(),
+                    message: "0 would refuse every connection; write at least 1".into(),
+                });
+            }
+        }
         if self.master_key.is_none() {
             self.master_key = env("LITELLM_MASTER_KEY").filter(|k| !k.is_empty());
         }
@@ -458,6 +501,50 @@ impl ProxyConfig {
     pub fn deployment(&self, model_name: &str) -> Option<&Deployment> {
         self.deployments.iter().find(|d| d.model_name == model_name)
     }
+}
+
+/// The timeout settings, in [`ServerLimits::timeout_mut`] order: variable and YAML name.
+const TIMEOUT_SETTINGS: [(&str, &str); 3] = [
+    ("TALLY_HEADER_READ_TIMEOUT_SECS", "header_read_timeout_secs"),
+    ("TALLY_BODY_READ_TIMEOUT_SECS", "body_read_timeout_secs"),
+    ("TALLY_IDLE_TIMEOUT_SECS", "idle_timeout_secs"),
+];
+
+fn positive_secs(secs: f64) -> Option<Duration> {
+    (secs.is_finite() && secs > 0.0)
+        .then(|| Duration::try_from_secs_f64(secs).ok())
+        .flatten()
+}
+
+/// `tally_settings`' timeouts (seconds, in [`TIMEOUT_SETTINGS`] order) and connection limit.
+fn server_limits(
+    file: &str,
+    timeouts: [Option<f64>; 3],
+    max_connections: Option<usize>,
+) -> Result<ServerLimits, ConfigError> {
+    let mut limits = ServerLimits::default();
+    for (i, secs) in timeouts.into_iter().enumerate() {
+        let Some(secs) = secs else { continue };
+        let name = TIMEOUT_SETTINGS[i].1;
+        *limits.timeout_mut(i) = positive_secs(secs).ok_or_else(|| ConfigError::Entry {
+            file: file.to_owned(),
+            entry: format!("tally_settings.{name}"),
+            message: format!("{secs} is not a positive number of seconds"),
+            fix: format!("write e.g. {name}: 30"),
+        })?;
+    }
+    if let Some(n) = max_connections {
+        if n == 0 {
+            return Err(ConfigError::Entry {
+                file: file.to_owned(),
+                entry: "tally_settings.max_connections".into(),
+                message: "0 would refuse every connection".into(),
+                fix: "write at least 1, e.g. max_connections: 4096".into(),
+            });
+        }
+        limits.max_connections = n;
+    }
+    Ok(limits)
 }
 
 /// A key anyone could guess: a published example, or too short to resist guessing.
@@ -569,6 +656,75 @@ mod tests {
         assert_eq!(config.settings.price_file, Some(PathBuf::from("p.json")));
         let bad = load(text, &[("TALLY_MAX_BODY_BYTES", "lots")]).unwrap_err();
         assert!(bad.to_string().contains("TALLY_MAX_BODY_BYTES"), "{bad}");
+    }
+
+    #[test]
+    fn server_limits_come_from_the_file_and_the_environment() {
+        let base = "general_settings: {master_key: sk-0123456789abcdef0123}\n";
+        let defaults = load(base, &[]).unwrap().settings.server;
+        assert_eq!(defaults, ServerLimits::default());
+        let text = format!(
+            "{base}tally_settings: {{header_read_timeout_secs: 0.5, body_read_timeout_secs: 7, idle_timeout_secs: 9, max_connections: 10}}\n"
+        );
+        let file = load(&text, &[]).unwrap().settings.server;
+        assert_eq!(file.header_read_timeout, Duration::from_millis(500));
+        assert_eq!(file.body_read_timeout, Duration::from_secs(7));
+        assert_eq!(file.idle_timeout, Duration::from_secs(9));
+        assert_eq!(file.max_connections, 10);
+        let env = load(
+            &text,
+            &[
+                ("TALLY_HEADER_READ_TIMEOUT_SECS", "1"),
+                ("TALLY_BODY_READ_TIMEOUT_SECS", "2"),
+                ("TALLY_IDLE_TIMEOUT_SECS", "3"),
+                ("TALLY_MAX_CONNECTIONS", "4"),
+            ],
+        )
+        .unwrap()
+        .settings
+        .server;
+        assert_eq!(
+            (
+                env.header_read_timeout,
+                env.body_read_timeout,
+                env.idle_timeout
+            ),
+            (
+                Duration::from_secs(1),
+                Duration::from_secs(2),
+                Duration::from_secs(3)
+            )
+        );
+        assert_eq!(env.max_connections, 4);
+        for (bad, says) in [
+            (
+                "header_read_timeout_secs: 0",
+                "tally_settings.header_read_timeout_secs: 0 is not a positive",
+            ),
+            (
+                "idle_timeout_secs: -1",
+                "tally_settings.idle_timeout_secs: -1 is not a positive",
+            ),
+            (
+                "max_connections: 0",
+                "tally_settings.max_connections: 0 would refuse",
+            ),
+        ] {
+            let err = load(&format!("{base}tally_settings: {{{bad}}}\n"), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(says), "{err}");
+        }
+        for (var, value) in [
+            ("TALLY_BODY_READ_TIMEOUT_SECS", "soon"),
+            ("TALLY_IDLE_TIMEOUT_SECS", "0"),
+            ("TALLY_MAX_CONNECTIONS", "0"),
+        ] {
+            let pairs: &'static [(&'static str, &'static str)] =
+                Box::leak(Box::new([(var, value)]));
+            let err = load(base, pairs).unwrap_err().to_string();
+            assert!(err.contains(var), "{err}");
+        }
     }
 
     #[test]

@@ -32,6 +32,11 @@ pub enum ProxyError {
         "request body is larger than the limit of {limit} bytes (tally_settings.max_body_bytes)"
     )]
     PayloadTooLarge { limit: usize },
+    /// The body did not arrive within `body_read_timeout_secs`.
+    #[error(
+        "the request body did not arrive within {seconds}s (tally_settings.body_read_timeout_secs); send the whole body promptly"
+    )]
+    BodyTimeout { seconds: f64 },
     #[error("content type must be application/json, got {0:?}")]
     UnsupportedMediaType(String),
     #[error("{0}")]
@@ -84,6 +89,7 @@ impl ProxyError {
             Self::Forbidden { .. } => StatusCode::FORBIDDEN,
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -101,6 +107,7 @@ impl ProxyError {
             Self::Forbidden { .. } => ("permission_error", "forbidden"),
             Self::BadRequest { code, .. } => ("invalid_request_error", code),
             Self::PayloadTooLarge { .. } => ("invalid_request_error", "request_too_large"),
+            Self::BodyTimeout { .. } => ("invalid_request_error", "request_timeout"),
             Self::UnsupportedMediaType(_) => ("invalid_request_error", "unsupported_media_type"),
             Self::NotFound(_) => ("not_found_error", "not_found"),
             Self::MethodNotAllowed => ("invalid_request_error", "method_not_allowed"),

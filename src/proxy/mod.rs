@@ -10,6 +10,7 @@
 //! - [`limits`]: bounds on every client-controlled field, so every record stays billable.
 //! - [`request`]: reading a JSON body with the size limit and content-type check.
 //! - [`json_body`]: a relayed body's members located and substituted without a `Value` tree.
+//! - [`server`]: accepting connections under a limit; header, body and idle timeouts.
 //! - [`routes`]: the router: health, models, and wiring of the handlers below.
 //! - [`key_api`]: `/key/generate`, `/key/info`, `/key/delete`.
 //! - [`relay`]: `/chat/completions` and `/embeddings`: resolve, forward, record.
@@ -36,6 +37,7 @@ pub mod pricing;
 pub mod relay;
 pub mod request;
 pub mod routes;
+pub mod server;
 pub mod spend_writer;
 pub mod stream;
 pub mod tokens;
@@ -46,7 +48,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -261,12 +262,6 @@ pub async fn serve(
         "tally proxy listening"
     );
     let router = app(state.clone());
-    // Small request/response pairs: Nagle's algorithm would hold each answer for an ACK.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY");
-        }
-    });
     // Bound, key store and spend log open: ready. The watchdog pings while both stay usable.
     service::notify_status(&format!("listening on {local}"));
     service::notify_ready();
@@ -275,17 +270,16 @@ pub async fn serve(
         move || state.spend().is_healthy() && state.auth().keys().is_open()
     });
     let stopping = shutdown.clone();
-    let served = axum::serve(listener, router)
-        .with_graceful_shutdown(async move {
-            stopping.cancelled().await;
-            service::notify_stopping();
-        })
-        .await;
+    let notify_stopping = tokio::spawn(async move {
+        stopping.cancelled().await;
+        service::notify_stopping();
+    });
+    server::serve(listener, router, config.settings.server, shutdown.clone()).await;
+    let _ = notify_stopping.await;
     if let Some(watchdog) = watchdog {
         let _ = watchdog.await;
     }
     state.shutdown().await;
-    served.context("the HTTP server failed")?;
     tracing::info!("tally proxy stopped; spend log flushed");
     Ok(())
 }

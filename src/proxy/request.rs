@@ -10,6 +10,7 @@ use serde_json::{Map, Value};
 use super::json_body::JsonBody;
 
 use super::error::ProxyError;
+use super::server::BodyTimeout;
 
 /// The body as a JSON object. A missing content type is accepted (some clients omit it); any
 /// other than `application/json` is refused.
@@ -65,7 +66,13 @@ async fn read_json_bytes(
     let mut len = 0usize;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| {
-            ProxyError::bad_request(format!("could not read the request body: {e}"))
+            let e = e.into_inner();
+            match e.downcast_ref::<BodyTimeout>() {
+                Some(t) => ProxyError::BodyTimeout {
+                    seconds: t.limit.as_secs_f64(),
+                },
+                None => ProxyError::bad_request(format!("could not read the request body: {e}")),
+            }
         })?;
         let Ok(data) = frame.into_data() else {
             continue; // trailers

@@ -5,6 +5,7 @@ mod endpoints;
 mod fake_upstream;
 mod hostile_input;
 mod key_api;
+mod slow_clients;
 mod streaming;
 mod upstream_conns;
 
@@ -110,8 +111,13 @@ tally_settings:
 
     async fn wait_ready(&self) {
         let url = format!("{}/health/liveliness", self.base);
+        // Its own client, keeping no connection: a test of the connection limit counts them.
+        let probe = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap();
         eventually("proxy answers", || async {
-            self.http.get(&url).send().await.is_ok().then_some(())
+            probe.get(&url).send().await.is_ok().then_some(())
         })
         .await;
     }
