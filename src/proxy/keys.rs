@@ -122,6 +122,8 @@ pub enum KeyStoreError {
         path: String,
         source: rusqlite::Error,
     },
+    #[error(transparent)]
+    WorldWritable(#[from] super::files::WorldWritable),
     #[error("key store lock poisoned by an earlier panic")]
     Poisoned,
 }
@@ -158,6 +160,7 @@ impl KeyStore {
                 path: state_dir.display().to_string(),
                 source,
             })?;
+        super::files::refuse_world_writable(state_dir)?;
         let path = state_dir.join("keys.db");
         let path_text: Arc<str> = path.display().to_string().into();
         let sql = |source| KeyStoreError::Sqlite {
@@ -165,7 +168,7 @@ impl KeyStore {
             source,
         };
         // Create the database owner-only before SQLite does (its -wal/-shm files inherit the mode).
-        std::fs::OpenOptions::new()
+        let db = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .mode(0o600)
@@ -174,6 +177,8 @@ impl KeyStore {
                 path: path.display().to_string(),
                 source,
             })?;
+        super::files::tighten(&db, &path, 0o600);
+        drop(db);
         let conn = Connection::open(&path).map_err(sql)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(sql)?;

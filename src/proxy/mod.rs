@@ -19,6 +19,7 @@
 //!   the mapping of transport failures.
 //! - [`mock`]: local answers for `mock_response` deployments.
 //! - [`tokens`]: the token estimate used when an upstream reports no usage.
+//! - [`files`]: keeping what the proxy owns on disk private (no symlinked log, no open state dir).
 //! - [`spend_writer`]: the spend log: one line per append under a lock, rotation.
 //! - [`error`]: the OpenAI-shaped error every handler answers with.
 //! - [`observe`]: Prometheus metrics of relayed requests, and `/metrics`.
@@ -27,6 +28,7 @@ pub mod auth;
 pub mod config;
 pub mod end_user;
 pub mod error;
+pub mod files;
 pub mod json_body;
 pub mod key_api;
 pub mod keys;

@@ -57,6 +57,12 @@ pub enum SpendLogError {
         "cannot open spend log {path}: {source}; check the directory exists and is writable (tally_settings.spend_log / TALLY_SPEND_LOG)"
     )]
     Open { path: String, source: io::Error },
+    #[error(
+        "spend log {path} is a symbolic link; tally does not follow it (the records would go \
+         wherever it points, with that file's owner and mode): set tally_settings.spend_log / \
+         TALLY_SPEND_LOG to the real file's path, or replace the link with a regular file"
+    )]
+    Symlink { path: String },
     #[error("cannot write spend log {path}: {source}")]
     Write { path: String, source: io::Error },
     #[error("the spend log writer has stopped")]
@@ -207,10 +213,15 @@ struct LiveFile {
 
 impl LiveFile {
     fn open(path: PathBuf, max_bytes: u64) -> Result<Self, SpendLogError> {
-        let file = open_append(&path).map_err(|source| SpendLogError::Open {
-            path: path.display().to_string(),
-            source,
+        let file = open_append(&path).map_err(|source| {
+            let path = path.display().to_string();
+            if super::files::is_symlink_refusal(&source) {
+                SpendLogError::Symlink { path }
+            } else {
+                SpendLogError::Open { path, source }
+            }
         })?;
+        super::files::tighten(&file, &path, FILE_MODE);
         let size = file.metadata().map(|m| m.len()).unwrap_or(0);
         let mut live = Self {
             path,
@@ -310,11 +321,13 @@ impl LiveFile {
     }
 }
 
+/// Opens the live file, never through a symbolic link (`O_NOFOLLOW`: a link is refused).
 fn open_append(path: &Path) -> io::Result<File> {
     OpenOptions::new()
         .create(true)
         .append(true)
         .mode(FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
 }
 

@@ -5,6 +5,7 @@ mod endpoints;
 mod fake_upstream;
 mod hostile_input;
 mod key_api;
+mod owned_files;
 mod slow_clients;
 mod streaming;
 mod upstream_conns;
