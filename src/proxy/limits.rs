@@ -22,9 +22,6 @@ pub const MAX_ID_CHARS: usize = 256;
 pub const MAX_METADATA_BYTES: usize = 8 * 1024;
 /// Most entries in a key's `models`.
 pub const MAX_KEY_MODELS: usize = 256;
-/// Longest `model` an upstream may report for the spend record's `upstream_model`; a longer one
-/// is replaced by the configured upstream model name.
-pub const MAX_UPSTREAM_MODEL_CHARS: usize = MAX_ID_CHARS;
 
 /// Why an id was refused, for the caller to put in context.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,9 +123,10 @@ pub fn require_billable_key(key: &KeyRecord) -> Result<(), ProxyError> {
     Ok(())
 }
 
-/// The upstream's reported model, if it is a sane length.
+/// The upstream's reported model, if it passes the id bounds (else the caller records the
+/// configured upstream model instead).
 pub fn bounded_upstream_model(model: Option<String>) -> Option<String> {
-    model.filter(|m| m.len() <= 4 * MAX_UPSTREAM_MODEL_CHARS)
+    model.filter(|m| check_id(m).is_ok())
 }
 
 #[cfg(test)]
@@ -142,6 +140,7 @@ mod tests {
         assert_eq!(check_id(&"a".repeat(MAX_ID_CHARS)), Ok(()));
         // 256 four-byte characters: 1 KiB, still 256 characters.
         assert_eq!(check_id(&"😀".repeat(MAX_ID_CHARS)), Ok(()));
+        assert_eq!(bounded_upstream_model(Some("x\u{1b}".into())), None);
         assert_eq!(
             check_id(&"a".repeat(MAX_ID_CHARS + 1)),
             Err(IdProblem::TooLong {
@@ -186,7 +185,7 @@ mod tests {
                 call_type: "chat_completion".into(),
                 // From the operator's config, not the client; a long name for good measure.
                 model: "m".repeat(MAX_ID_CHARS),
-                upstream_model: widest(filler).map(|m| m.chars().take(MAX_ID_CHARS).collect()),
+                upstream_model: bounded_upstream_model(widest(filler)),
                 input_tokens: crate::spend::MAX_TOKENS,
                 output_tokens: crate::spend::MAX_TOKENS,
                 total_tokens: Some(crate::spend::MAX_TOKENS),
@@ -208,7 +207,9 @@ mod tests {
                 check_id(value.as_deref().unwrap_or_default())
                     .unwrap_or_else(|e| panic!("{field} {e}"));
             }
+            assert!(record.upstream_model.is_some());
             let line = record.to_line();
+            eprintln!("widest record with {filler:?}: {} bytes", line.len());
             let shipper_limit = shipper_default_line_limit();
             assert!(
                 line.len() * 64 < shipper_limit,
