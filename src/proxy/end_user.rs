@@ -2,8 +2,8 @@
 //! `x-litellm-end-user-id` / `x-litellm-customer-id` header), checked against its bounds and
 //! against the key's end-user guard.
 //!
-//! By default, as in LiteLLM, any key may name any end user, so with `LAGO_API_CHARGE_BY=end_user_id`
-//! any key holder can bill any customer's subscription. A key's `metadata` can restrict that:
+//! By default, as in LiteLLM, any key may name any end user, so with
+//! `LAGO_API_CHARGE_BY=end_user_id` any key holder can bill any customer's subscription. A key's `metadata` can restrict that:
 //! - `allowed_end_user_ids`: a list of the end-user ids its calls may bill;
 //! - `end_user_id_prefix`: a prefix every end-user id its calls bill must start with.
 //!
