@@ -13,10 +13,15 @@ use serde::Serialize;
 pub const EXIT_NEEDS_ATTENTION: u8 = 3;
 
 /// Writes `value` as pretty JSON and a newline to stdout.
+///
+/// Rendered first, then written: an error while writing stays the `io::Error` it is (a closed
+/// pipe is `BrokenPipe`, which `main` treats as success), where serde_json would have wrapped it
+/// into an error of its own kind.
 pub fn print_json<T: Serialize>(value: &T) -> io::Result<()> {
+    let mut text = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
+    text.push(b'\n');
     let mut out = io::stdout().lock();
-    serde_json::to_writer_pretty(&mut out, value).map_err(io::Error::other)?;
-    writeln!(out)?;
+    out.write_all(&text)?;
     out.flush()
 }
 

@@ -17,7 +17,7 @@ mod server;
 mod store;
 mod validate;
 
-use std::io;
+use std::io::{self, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -242,7 +242,8 @@ pub async fn run(args: LagoEmulatorArgs, shutdown: CancellationToken) -> anyhow:
         store = ?args.store,
         "lago emulator listening; control endpoints under /_emulator/"
     );
-    println!("{}", handle.base_url());
+    // For a script reading the URL; one that stops reading must not end the emulator.
+    let _ = writeln!(io::stdout(), "{}", handle.base_url());
     shutdown.cancelled().await;
     handle.shutdown().await;
     Ok(())

@@ -58,10 +58,13 @@ fn source_of(path: &Path, offset: u64) -> Source {
     }
 }
 
-/// Turns the tailer's lines into ingest items.
+/// Turns the tailer's lines into ingest items. Empty (whitespace-only) lines have nothing to
+/// bill or show and are skipped: their file position is committed with the chunk all the same,
+/// and a file of newlines does not grow the outbox by a rejected row per line.
 pub fn chunk_items(lines: &[RawLine], spec: &EventSpec, max_line_bytes: usize) -> Vec<IngestItem> {
     lines
         .iter()
+        .filter(|l| !matches!(&l.content, LineContent::Complete(b) if b.iter().all(u8::is_ascii_whitespace)))
         .map(|l| {
             let source = source_of(&l.path, l.offset);
             match &l.content {

@@ -342,7 +342,12 @@ pub fn redact_url_text(raw: &str) -> String {
         Some(i) => raw.split_at(i + 3),
         None => ("", raw),
     };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    // Without `://` nothing says where the host starts: anything before an `@` may be a secret.
+    let authority_end = if scheme.is_empty() {
+        rest.len()
+    } else {
+        rest.find(['/', '?', '#']).unwrap_or(rest.len())
+    };
     match rest[..authority_end].rfind('@') {
         Some(at) => format!("{scheme}<redacted>{}", &rest[at..]),
         None => raw.to_owned(),
