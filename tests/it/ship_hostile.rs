@@ -329,4 +329,24 @@ async fn a_body_limit_splits_batches_and_kills_only_the_event_too_large_alone() 
         reason.contains("413") && reason.contains("too large"),
         "{reason}"
     );
+    // What the operator sees.
+    let queue = |args: &[&str]| {
+        let out = std::process::Command::new(crate::support::tally_bin())
+            .args(["queue", "--state-dir"])
+            .arg(&s.state_dir)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let list = queue(&["list", "--state", "dead", "--output-format", "json"]);
+    assert!(
+        list.contains("cap-too-big") && list.contains("413"),
+        "{list}"
+    );
+    let show = queue(&["show", "cap-too-big"]);
+    assert!(show.contains("state           dead"), "{show}");
+    assert!(show.contains("Payload Too Large"), "{show}");
 }
