@@ -228,3 +228,30 @@ fn log_notice(notice: &TailNotice) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression (issue 12): every empty line of the spend log became a rejected row.
+    #[test]
+    fn blank_lines_are_skipped_not_rejected() {
+        let path: Arc<Path> = Arc::from(Path::new("spend.jsonl"));
+        let line = |offset, bytes: &[u8]| RawLine {
+            path: path.clone(),
+            offset,
+            content: LineContent::Complete(bytes.to_vec()),
+        };
+        let lines = [line(0, b""), line(1, b"  \r"), line(4, b"not json")];
+        let spec = EventSpec {
+            code: "c".into(),
+            charge_by: Default::default(),
+        };
+        let items = chunk_items(&lines, &spec, 1024);
+        assert_eq!(items.len(), 1);
+        assert!(
+            matches!(&items[0], IngestItem::Rejected { source, .. } if source.offset == 4),
+            "{items:?}"
+        );
+    }
+}
