@@ -198,3 +198,27 @@ async fn a_closed_stdout_ends_quietly_with_exit_0() {
         );
     }
 }
+
+/// Regression (issue 12): a state directory writable by every user was used silently. The
+/// command refuses it, and its one error line (which quotes the path) reaches the terminal with
+/// the path's control characters escaped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_world_writable_state_directory_is_refused_with_an_escaped_error() {
+    use std::os::unix::fs::PermissionsExt;
+    let b = Bench::new().await;
+    let state = b.path("state\u{1b}[2J");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let log = fixture("escape_sequences.jsonl");
+    let run = b
+        .run(&["replay", "--state-dir", state.to_str().unwrap(), &log])
+        .await;
+    run.assert_code(1);
+    assert!(
+        run.stderr.contains("writable by every user") && run.stderr.contains("chmod o-w"),
+        "{}",
+        run.stderr
+    );
+    assert_no_terminal_controls("the error line", &run.stderr);
+    assert!(!state.join("shipper.db").exists());
+}
