@@ -142,6 +142,11 @@ pub struct ShipTuning {
     #[arg(long, env = "TALLY_MAX_LINE_BYTES", default_value_t = 1024 * 1024)]
     pub max_line_bytes: usize,
 
+    /// Largest Lago request body in bytes: a batch is cut to fit (an event larger than this is
+    /// sent alone). Below the 1 MiB body limit of nginx's default; a 413 splits a batch further.
+    #[arg(long, env = "TALLY_BATCH_MAX_BYTES", default_value_t = crate::ship::settings::DEFAULT_BATCH_MAX_BYTES)]
+    pub batch_max_bytes: usize,
+
     /// Keep acked transaction ids this many days (0 = forever) so replays never bill twice.
     #[arg(long, env = "TALLY_ACKED_RETENTION_DAYS", default_value_t = 0)]
     pub acked_retention_days: u64,

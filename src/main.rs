@@ -38,7 +38,9 @@ fn main() -> ExitCode {
             }) {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("tally: error: {err:#}");
+            // Errors can quote input (a file's line, Lago's answer): escaped like all record text.
+            let text = tally::commands::output::printable(&format!("{err:#}"));
+            eprintln!("tally: error: {text}");
             ExitCode::FAILURE
         }
     }

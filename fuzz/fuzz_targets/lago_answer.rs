@@ -2,7 +2,8 @@
 //! input: never panics, and its decisions keep their invariants.
 //!
 //! Input layout: 2 bytes status (big-endian, mod 1000; below 100 is skipped), 1 byte header count (mod 4), then per
-//! header 1 byte name choice and 1 byte value length and the value, then the body.
+//! header 1 byte name choice and 1 byte value length and the value, 1 byte events sent, then the
+//! body.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -13,7 +14,7 @@ use tally::ship::lago::{Answer, classify};
 const NAMES: [&str; 4] = [
     "retry-after",
     "x-ratelimit-reset",
-    "content-type",
+    "location",
     "x-other",
 ];
 
@@ -40,8 +41,26 @@ fuzz_target!(|data: &[u8]| {
         }
         rest = &tail[len..];
     }
-    match classify(status, &headers, rest) {
-        Answer::Accepted => assert!(status.is_success()),
+    // One byte says how many events the batch had.
+    let Some((&sent, rest)) = rest.split_first() else {
+        return;
+    };
+    match classify(status, &headers, rest, usize::from(sent)) {
+        // Only a 200 with Lago's envelope acks (issue 12: a redirect or any 2xx body did).
+        Answer::Accepted => assert_eq!(code, 200),
+        Answer::NotAnAck { status, body } => {
+            assert!((200..300).contains(&status));
+            assert!(body.len() <= 2000 + '…'.len_utf8());
+        }
+        Answer::Redirected { status, location, .. } => {
+            assert!((300..400).contains(&status));
+            // Printable: no control character of a hostile Location reaches a log or terminal.
+            assert!(location.is_none_or(|l| !l.chars().any(char::is_control)));
+        }
+        Answer::TooLarge { body } => {
+            assert_eq!(code, 413);
+            assert!(body.len() <= 2000 + '…'.len_utf8());
+        }
         Answer::RateLimited { wait } => {
             assert_eq!(code, 429);
             // A broken header must never park the shipper for more than an hour.

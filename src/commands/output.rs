@@ -13,10 +13,15 @@ use serde::Serialize;
 pub const EXIT_NEEDS_ATTENTION: u8 = 3;
 
 /// Writes `value` as pretty JSON and a newline to stdout.
+///
+/// Rendered first, then written: an error while writing stays the `io::Error` it is (a closed
+/// pipe is `BrokenPipe`, which `main` treats as success), where serde_json would have wrapped it
+/// into an error of its own kind.
 pub fn print_json<T: Serialize>(value: &T) -> io::Result<()> {
+    let mut text = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
+    text.push(b'\n');
     let mut out = io::stdout().lock();
-    serde_json::to_writer_pretty(&mut out, value).map_err(io::Error::other)?;
-    writeln!(out)?;
+    out.write_all(&text)?;
     out.flush()
 }
 
@@ -66,13 +71,34 @@ pub fn age(secs: u64) -> String {
     }
 }
 
+/// Text from a spend log, a record or a peer, made safe for a terminal: control characters
+/// (ESC, CR, BEL, C1 codes…) and the invisible direction overrides that can disguise text are
+/// written as escapes (`\u{1b}`, `\n`), so nothing tally prints can move the cursor, recolour
+/// the screen or set a window title. Everything tally prints of record text goes through this.
+pub fn printable(text: &str) -> String {
+    if !text.chars().any(needs_escape) {
+        return text.to_owned();
+    }
+    let mut s = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if needs_escape(c) {
+            s.extend(c.escape_default());
+        } else {
+            s.push(c);
+        }
+    }
+    s
+}
+
+fn needs_escape(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
 /// Up to `max` leading bytes of a line, lossily decoded, for showing a rejected line safely.
 pub fn first_bytes(bytes: &[u8], max: usize) -> String {
     let cut = &bytes[..bytes.len().min(max)];
-    let mut s: String = String::from_utf8_lossy(cut)
-        .chars()
-        .map(|c| if c.is_control() { '·' } else { c })
-        .collect();
+    let mut s = printable(&String::from_utf8_lossy(cut));
     if bytes.len() > max {
         s.push('…');
     }
@@ -97,9 +123,21 @@ mod tests {
 
     #[test]
     fn first_bytes_is_bounded_and_printable() {
-        assert_eq!(first_bytes(b"{\"a\":\n1}", 100), "{\"a\":·1}");
+        assert_eq!(first_bytes(b"{\"a\":\n1}", 100), "{\"a\":\\n1}");
         assert_eq!(first_bytes(b"abcdef", 3), "abc…");
         assert_eq!(first_bytes(b"\xff\xfeok", 10), "\u{fffd}\u{fffd}ok");
+    }
+
+    #[test]
+    fn printable_escapes_terminal_controls_only() {
+        assert_eq!(printable("cust-1 é ✓"), "cust-1 é ✓");
+        assert_eq!(
+            printable("a\u{1b}]0;pwned\u{7}b"),
+            "a\\u{1b}]0;pwned\\u{7}b"
+        );
+        assert_eq!(printable("x\r\ny\u{9b}"), "x\\r\\ny\\u{9b}");
+        assert_eq!(printable("\u{202e}gnp.exe"), "\\u{202e}gnp.exe");
+        assert!(!printable("\u{1b}[2J").contains('\u{1b}'));
     }
 
     #[test]

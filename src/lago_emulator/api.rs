@@ -45,6 +45,24 @@ pub(crate) fn routes(app: Arc<Emulator>) -> Router {
 async fn gate(State(app): State<Arc<Emulator>>, req: Request, next: Next) -> Response {
     let counters = &app.counters;
     bump(&counters.requests, 1);
+    let limit = app.body_limit.load(std::sync::atomic::Ordering::Relaxed);
+    let req = if limit == 0 {
+        req
+    } else {
+        let (parts, body) = req.into_parts();
+        // Read one byte past the limit at most, like a proxy that stops at its cap.
+        match axum::body::to_bytes(body, limit + 1).await {
+            Ok(bytes) if bytes.len() <= limit => {
+                Request::from_parts(parts, axum::body::Body::from(bytes))
+            }
+            _ => {
+                bump(&counters.faults_served, 1);
+                let response = too_large();
+                counters.status(response.status().as_u16());
+                return response;
+            }
+        }
+    };
     let response = match app.faults.next() {
         None => next.run(req).await,
         Some(action) => {
@@ -345,6 +363,18 @@ fn server_error(status: u16) -> Response {
         &json!({"status": status.as_u16(),
                 "error": status.canonical_reason().unwrap_or("Server Error")}),
     )
+}
+
+/// What nginx answers above `client_max_body_size`: 413 with an HTML page, not Lago's JSON.
+fn too_large() -> Response {
+    (
+        StatusCode::PAYLOAD_TOO_LARGE,
+        [(header::CONTENT_TYPE, HeaderValue::from_static("text/html"))],
+        "<html>\r\n<head><title>413 Request Entity Too Large</title></head>\r\n<body>\r\n\
+         <center><h1>413 Request Entity Too Large</h1></center>\r\n<hr><center>nginx</center>\r\n\
+         </body>\r\n</html>\r\n",
+    )
+        .into_response()
 }
 
 fn rate_limited(reset_secs: u64, retry_after: bool) -> Response {

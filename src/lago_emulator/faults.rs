@@ -1,6 +1,8 @@
 //! Faults a test can queue: server errors, rate limiting, slow answers, dropped connections,
 //! and refusing connections for a while. Queued faults are served in order, one per Lago API
-//! request, each for its `count` requests; then the emulator answers normally again.
+//! request, each for its `count` requests; then the emulator answers normally again. A body
+//! limit (a proxy's `client_max_body_size` in front of Lago) is a setting instead: it holds for
+//! every request until it is lifted.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -42,6 +44,10 @@ pub enum Fault {
         #[serde(rename = "duration_ms", with = "millis")]
         duration: Duration,
     },
+    /// From now on, answer 413 (as nginx does, with its HTML body) to every Lago API request whose
+    /// body is longer than `max_bytes`, storing nothing; `null` lifts the limit. Not queued: it
+    /// takes effect at once and is not cleared by clearing the queue (a reset clears it).
+    BodyLimit { max_bytes: Option<usize> },
 }
 
 /// What the request gate should do with one request.
@@ -80,7 +86,7 @@ impl FaultQueue {
             Fault::Delay { duration, count } => (Action::Delay(duration), count),
             Fault::ResetConnection { count } => (Action::Reset, count),
             Fault::DropResponse { count } => (Action::DropResponse, count),
-            Fault::RefuseConnections { .. } => return,
+            Fault::RefuseConnections { .. } | Fault::BodyLimit { .. } => return,
         };
         if count == 0 {
             return;
@@ -166,6 +172,13 @@ mod tests {
 
     #[test]
     fn json_form_is_tagged_by_kind() {
+        let f: Fault = serde_json::from_str(r#"{"kind":"body_limit","max_bytes":1024}"#).unwrap();
+        assert_eq!(
+            f,
+            Fault::BodyLimit {
+                max_bytes: Some(1024)
+            }
+        );
         let f: Fault =
             serde_json::from_str(r#"{"kind":"delay","duration_ms":250,"count":3}"#).unwrap();
         assert_eq!(

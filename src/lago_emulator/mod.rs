@@ -17,7 +17,7 @@ mod server;
 mod store;
 mod validate;
 
-use std::io;
+use std::io::{self, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -65,6 +65,8 @@ pub(crate) struct Emulator {
     batch_max_length: usize,
     store: Mutex<store::Store>,
     faults: faults::FaultQueue,
+    /// [`Fault::BodyLimit`]: request bodies longer than this are answered 413 (0: no limit).
+    body_limit: std::sync::atomic::AtomicUsize,
     counters: counters::AtomicCounters,
     net: server::Net,
     /// `lago_id`s are a random per-emulator base plus a counter: unique, and no system call
@@ -86,6 +88,11 @@ impl Emulator {
                 self.net
                     .spawn(server::resume_after(Arc::clone(self), duration));
             }
+            Fault::BodyLimit { max_bytes } => {
+                // 0 is "no limit": a limit of 0 bytes is taken as 1 (every body is longer).
+                let limit = max_bytes.map_or(0, |n| n.max(1));
+                self.body_limit.store(limit, Ordering::Relaxed);
+            }
             other => self.faults.push(&other),
         }
     }
@@ -103,6 +110,7 @@ impl Emulator {
         self.store().clear();
         self.counters.reset();
         self.faults.clear();
+        self.body_limit.store(0, Ordering::Relaxed);
     }
 }
 
@@ -131,6 +139,7 @@ pub async fn spawn(config: EmulatorConfig, addr: SocketAddr) -> io::Result<Emula
         batch_max_length: config.batch_max_length,
         store: Mutex::new(store::Store::new(config.store)),
         faults: faults::FaultQueue::default(),
+        body_limit: std::sync::atomic::AtomicUsize::new(0),
         counters: counters::AtomicCounters::default(),
         net,
         lago_id_base: uuid::Uuid::now_v7().as_u128(),
@@ -233,7 +242,8 @@ pub async fn run(args: LagoEmulatorArgs, shutdown: CancellationToken) -> anyhow:
         store = ?args.store,
         "lago emulator listening; control endpoints under /_emulator/"
     );
-    println!("{}", handle.base_url());
+    // For a script reading the URL; one that stops reading must not end the emulator.
+    let _ = writeln!(io::stdout(), "{}", handle.base_url());
     shutdown.cancelled().await;
     handle.shutdown().await;
     Ok(())

@@ -68,6 +68,11 @@ pub enum LagoOutcome {
     Timeout,
     /// No connection (refused, DNS, TLS, reset).
     Network,
+    /// 3xx: a redirect, never followed (it is not an ack).
+    Redirected,
+    /// An answer that is not Lago's: a 200 without the `{"events": [...]}` envelope, or an
+    /// answer longer than the shipper reads.
+    InvalidAnswer,
 }
 
 impl LagoOutcome {
@@ -81,6 +86,8 @@ impl LagoOutcome {
             Self::ServerError => "server_error",
             Self::Timeout => "timeout",
             Self::Network => "network",
+            Self::Redirected => "redirected",
+            Self::InvalidAnswer => "invalid_answer",
         }
     }
 
@@ -88,6 +95,7 @@ impl LagoOutcome {
     pub fn from_status(status: u16) -> Self {
         match status {
             200..=299 => Self::Accepted,
+            300..=399 => Self::Redirected,
             401 | 403 => Self::Unauthorized,
             422 => Self::Rejected,
             429 => Self::RateLimited,

@@ -4,6 +4,12 @@
 //! The request body is assembled from the event bytes stored in the outbox, without parsing
 //! them again. The API key goes only into a header marked sensitive; reqwest's errors carry the
 //! URL at most, never headers, so no error or log line can contain the key.
+//!
+//! Only Lago's own success acks a batch: a 200 whose body is the `{"events": [...]}` envelope
+//! with one entry per event sent. Redirects are never followed (a 302 followed as a GET with no
+//! body answers 200 while nothing reached Lago; a 307 would send the events to another origin),
+//! and an answer is read up to a limit, so a misbehaving server cannot make the shipper hold
+//! hundreds of megabytes.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -15,12 +21,36 @@ use crate::ship::settings::{LagoSettings, Tuning};
 
 /// Longest part of a Lago answer kept in an error or a dead event's reason.
 const MAX_BODY_IN_REASON: usize = 2000;
+/// The least of Lago's answer that is read (see [`answer_limit`]).
+pub const MIN_ANSWER_LIMIT: usize = 1024 * 1024;
+
+/// How much of an answer is read before it is an error: Lago's 200 echoes every event (a little
+/// longer than the request), so twice the batch byte cap, and never less than 1 MiB.
+pub fn answer_limit(batch_max_bytes: usize) -> usize {
+    batch_max_bytes
+        .saturating_mul(2)
+        .saturating_add(64 * 1024)
+        .max(MIN_ANSWER_LIMIT)
+}
 
 /// What Lago said about a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Answer {
-    /// 200: every event stored.
+    /// 200 with Lago's envelope, one entry per event sent: every event stored.
     Accepted,
+    /// A 2xx that is not Lago's answer to this batch (another status, another body, another
+    /// number of events): not an ack; the events stay pending and are sent again.
+    NotAnAck { status: u16, body: String },
+    /// 3xx: never followed (it is not an ack, and following it would send the events elsewhere
+    /// or drop their body). `location` is where it pointed (credentials removed); `to_https` when
+    /// an `http://` URL was redirected to `https://`, the usual cause.
+    Redirected {
+        status: u16,
+        location: Option<String>,
+        to_https: bool,
+    },
+    /// 413: the body is too large for Lago or a proxy in front of it; nothing was stored.
+    TooLarge { body: String },
     /// 422 with errors keyed by event index: nothing was stored; the listed indexes were refused
     /// (or are duplicates), the others are fine and must be resent.
     PerIndex(BTreeMap<usize, IndexError>),
@@ -54,6 +84,12 @@ pub enum SendError {
     Connect(String),
     #[error("Lago request failed: {0}")]
     Other(String),
+    /// The answer was longer than the shipper reads; whatever it said is not trusted.
+    #[error(
+        "Lago's answer (HTTP {status}) is longer than {limit} bytes; it is not read further and \
+         the events stay pending (is LAGO_API_BASE really Lago?)"
+    )]
+    AnswerTooLong { status: u16, limit: usize },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +105,7 @@ pub struct LagoClient {
     batch_url: String,
     auth: HeaderValue,
     timeout: Duration,
+    answer_limit: usize,
 }
 
 impl LagoClient {
@@ -85,6 +122,8 @@ impl LagoClient {
             .pool_max_idle_per_host(tuning.batches_in_flight.max(1) * 2)
             .tcp_nodelay(true)
             .user_agent(concat!("tally/", env!("CARGO_PKG_VERSION")))
+            // A redirect is an answer to judge, never to follow (see the module doc).
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| ClientError::Build(e.to_string()))?;
         Ok(Self {
@@ -92,6 +131,7 @@ impl LagoClient {
             batch_url: lago.batch_url(),
             auth,
             timeout: tuning.request_timeout,
+            answer_limit: answer_limit(tuning.batch_max_bytes),
         })
     }
 
@@ -100,8 +140,9 @@ impl LagoClient {
         &self,
         events: impl IntoIterator<Item = &'a [u8]>,
     ) -> Result<Answer, SendError> {
-        let body = batch_body(events);
-        let response = self
+        let mut sent = 0;
+        let body = batch_body(events.into_iter().inspect(|_| sent += 1));
+        let mut response = self
             .http
             .post(&self.batch_url)
             .header(AUTHORIZATION, self.auth.clone())
@@ -112,11 +153,44 @@ impl LagoClient {
             .map_err(|e| self.transport_error(e))?;
         let status = response.status();
         let headers = response.headers().clone();
-        let body = response
-            .bytes()
+        let too_long = SendError::AnswerTooLong {
+            status: status.as_u16(),
+            limit: self.answer_limit,
+        };
+        if response
+            .content_length()
+            .is_some_and(|n| n > self.answer_limit as u64)
+        {
+            return Err(too_long);
+        }
+        // Streamed, stopping at the limit: a length header may be absent or wrong.
+        let mut body = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
             .await
-            .map_err(|e| self.transport_error(e))?;
-        Ok(classify(status, &headers, &body))
+            .map_err(|e| self.transport_error(e))?
+        {
+            if body.len() + chunk.len() > self.answer_limit {
+                return Err(too_long);
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let answer = classify(status, &headers, &body, sent);
+        Ok(match answer {
+            Answer::Redirected { status, .. } => {
+                let location = location_of(Some(&self.batch_url), &headers);
+                let to_https = self.batch_url.starts_with("http://")
+                    && location
+                        .as_deref()
+                        .is_some_and(|l| l.starts_with("https://"));
+                Answer::Redirected {
+                    status,
+                    location,
+                    to_https,
+                }
+            }
+            other => other,
+        })
     }
 
     fn transport_error(&self, e: reqwest::Error) -> SendError {
@@ -160,11 +234,67 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// Turns Lago's answer into what to do. Pure, so every case is unit-tested.
-pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Answer {
+/// Where a redirect points: the `Location` header (resolved against `request_url` when given),
+/// with any user name or password removed and control characters escaped, cut to a sane length.
+pub fn location_of(request_url: Option<&str>, headers: &HeaderMap) -> Option<String> {
+    let raw = headers.get(reqwest::header::LOCATION)?;
+    let raw = String::from_utf8_lossy(raw.as_bytes());
+    let resolved = match request_url {
+        Some(base) => reqwest::Url::parse(base).and_then(|base| base.join(raw.trim())),
+        None => reqwest::Url::parse(raw.trim()),
+    };
+    let text = match resolved {
+        Ok(url) => crate::ship::settings::redact_url(&url),
+        Err(_) => raw.into_owned(),
+    };
+    Some(body_text(
+        crate::commands::output::printable(&text).as_bytes(),
+    ))
+}
+
+/// What the shipper records for a redirect: where it pointed and what to do.
+pub fn redirect_note(status: u16, location: Option<&str>, to_https: bool) -> String {
+    let mut note = format!(
+        "Lago answered {status}, a redirect to {}; tally does not follow redirects (a redirect \
+         is not an acknowledgement), so the events stay pending",
+        location.unwrap_or("(no Location header)")
+    );
+    if to_https {
+        note.push_str(
+            ". An http:// LAGO_API_BASE redirected to https:// is the likely cause: set \
+             LAGO_API_BASE to the https:// URL",
+        );
+    } else {
+        note.push_str(". Set LAGO_API_BASE to the URL that answers without redirecting");
+    }
+    note
+}
+
+/// Whether `body` is Lago's success envelope for a batch of `sent` events.
+fn is_envelope(body: &[u8], sent: usize) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Envelope {
+        events: Vec<serde::de::IgnoredAny>,
+    }
+    serde_json::from_slice::<Envelope>(body).is_ok_and(|e| e.events.len() == sent)
+}
+
+/// Turns Lago's answer to a batch of `sent` events into what to do. Pure, so every case is
+/// unit-tested. A redirect's `to_https` is left false here (the client knows the request URL).
+pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8], sent: usize) -> Answer {
     let text = || body_text(body);
     match status.as_u16() {
-        200..=299 => Answer::Accepted,
+        200 if is_envelope(body, sent) => Answer::Accepted,
+        code @ 200..=299 => Answer::NotAnAck {
+            status: code,
+            body: text(),
+        },
+        code @ 300..=399 => Answer::Redirected {
+            status: code,
+            location: location_of(None, headers),
+            to_https: false,
+        },
+        413 => Answer::TooLarge { body: text() },
         400 => Answer::BadRequest { body: text() },
         401 | 403 => Answer::Unauthorized {
             status: status.as_u16(),
@@ -273,12 +403,21 @@ mod tests {
             StatusCode::from_u16(status).unwrap(),
             &HeaderMap::new(),
             body.as_bytes(),
+            0,
         )
     }
 
     #[test]
     fn classifies_every_status_class() {
         assert_eq!(answer(200, r#"{"events":[]}"#), Answer::Accepted);
+        assert!(matches!(
+            answer(307, ""),
+            Answer::Redirected {
+                status: 307,
+                location: None,
+                ..
+            }
+        ));
         assert!(matches!(answer(400, "{}"), Answer::BadRequest { .. }));
         assert!(matches!(
             answer(401, r#"{"status":401,"error":"Unauthorized"}"#),
@@ -297,6 +436,74 @@ mod tests {
             Answer::Transient { status: 404, .. }
         ));
         assert_eq!(answer(429, ""), Answer::RateLimited { wait: None });
+    }
+
+    /// Regression (issue 12): any 2xx acked the batch, whatever its body.
+    #[test]
+    fn only_lagos_envelope_for_the_batch_is_an_ack() {
+        let at = |status: u16, body: &str, sent| {
+            classify(
+                StatusCode::from_u16(status).unwrap(),
+                &HeaderMap::new(),
+                body.as_bytes(),
+                sent,
+            )
+        };
+        let two = r#"{"events":[{"transaction_id":"a"},{"transaction_id":"b"}]}"#;
+        assert_eq!(at(200, two, 2), Answer::Accepted);
+        for (status, body, sent) in [
+            (200, "<html>welcome</html>", 2),
+            (200, "", 2),
+            (200, r#"{"event":{}}"#, 1),
+            (200, r#"{"events":{}}"#, 1),
+            (200, two, 3),
+            (201, two, 2),
+            (204, "", 0),
+        ] {
+            assert!(
+                matches!(at(status, body, sent), Answer::NotAnAck { status: s, .. } if s == status),
+                "{status} {body:?} {sent}"
+            );
+        }
+    }
+
+    #[test]
+    fn redirects_and_413_are_their_own_answers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "location",
+            HeaderValue::from_static("https://me:pw@lago.example.com/api/v1/events/batch"),
+        );
+        let a = classify(StatusCode::FOUND, &h, b"", 1);
+        let Answer::Redirected {
+            status, location, ..
+        } = a
+        else {
+            panic!("{a:?}")
+        };
+        assert_eq!(status, 302);
+        let location = location.unwrap();
+        assert!(!location.contains("pw"), "{location}");
+        assert!(location.contains("lago.example.com/api/v1/events/batch"));
+        h.insert("location", HeaderValue::from_static("/elsewhere"));
+        assert_eq!(
+            location_of(Some("http://127.0.0.1:9/api/v1/events/batch"), &h).as_deref(),
+            Some("http://127.0.0.1:9/elsewhere")
+        );
+        let note = redirect_note(307, Some("https://x/"), true);
+        assert!(
+            note.contains("307") && note.contains("https://x/"),
+            "{note}"
+        );
+        assert!(note.contains("LAGO_API_BASE to the https:// URL"), "{note}");
+        assert!(matches!(answer(413, "too big"), Answer::TooLarge { body } if body == "too big"));
+    }
+
+    #[test]
+    fn the_answer_limit_follows_the_batch_cap() {
+        assert_eq!(answer_limit(100 * 1024), MIN_ANSWER_LIMIT);
+        assert_eq!(answer_limit(512 * 1024), (1024 + 64) * 1024);
+        assert_eq!(answer_limit(4 << 20), (8 << 20) + 64 * 1024);
     }
 
     #[test]

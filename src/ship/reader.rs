@@ -58,10 +58,13 @@ fn source_of(path: &Path, offset: u64) -> Source {
     }
 }
 
-/// Turns the tailer's lines into ingest items.
+/// Turns the tailer's lines into ingest items. Empty (whitespace-only) lines have nothing to
+/// bill or show and are skipped: their file position is committed with the chunk all the same,
+/// and a file of newlines does not grow the outbox by a rejected row per line.
 pub fn chunk_items(lines: &[RawLine], spec: &EventSpec, max_line_bytes: usize) -> Vec<IngestItem> {
     lines
         .iter()
+        .filter(|l| !matches!(&l.content, LineContent::Complete(b) if b.iter().all(u8::is_ascii_whitespace)))
         .map(|l| {
             let source = source_of(&l.path, l.offset);
             match &l.content {
@@ -223,5 +226,32 @@ fn log_notice(notice: &TailNotice) {
         TailNotice::Deleted { path } => {
             tracing::warn!(path = %path.display(), "spend log deleted while open")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression (issue 12): every empty line of the spend log became a rejected row.
+    #[test]
+    fn blank_lines_are_skipped_not_rejected() {
+        let path: Arc<Path> = Arc::from(Path::new("spend.jsonl"));
+        let line = |offset, bytes: &[u8]| RawLine {
+            path: path.clone(),
+            offset,
+            content: LineContent::Complete(bytes.to_vec()),
+        };
+        let lines = [line(0, b""), line(1, b"  \r"), line(4, b"not json")];
+        let spec = EventSpec {
+            code: "c".into(),
+            charge_by: Default::default(),
+        };
+        let items = chunk_items(&lines, &spec, 1024);
+        assert_eq!(items.len(), 1);
+        assert!(
+            matches!(&items[0], IngestItem::Rejected { source, .. } if source.offset == 4),
+            "{items:?}"
+        );
     }
 }

@@ -8,6 +8,12 @@
 //! - 200 → acked. 422 per index → `value_already_exist` acked, other reasons dead with Lago's
 //!   words, the rest resent at once (a 422 batch stored nothing). 422 about the whole batch →
 //!   split in halves until the culprit stands alone (then dead with the body). 400 → dead.
+//! - A claimed batch is cut to `TALLY_BATCH_MAX_BYTES` before it is sent. 413 (a body limit of
+//!   Lago or of a proxy in front of it) → split in halves and resent at once (nothing was stored);
+//!   an event refused alone is dead with the reason.
+//! - A redirect, a 2xx that is not Lago's `{"events": [...]}` envelope for the batch, or an answer
+//!   longer than the shipper reads → not an ack: the events stay pending and are retried with
+//!   backoff, the reason kept as the last Lago error (`tally queue stats`).
 //! - 401/403 → nothing is dead-lettered: the batch keeps probing (capped backoff), no new batches
 //!   are claimed, an error is logged at most once a minute and kept as the last Lago error.
 //! - 429 → wait `Retry-After` / `X-RateLimit-Reset`. 5xx, other statuses, timeouts, resets,
@@ -33,7 +39,7 @@ use tokio_util::task::TaskTracker;
 use crate::logging::Repeated;
 use crate::metrics::ship::{LagoOutcome, ShipMetrics};
 use crate::ship::lago::SendError;
-use crate::ship::lago::{Answer, IndexError, LagoClient};
+use crate::ship::lago::{Answer, IndexError, LagoClient, redirect_note};
 use crate::ship::outbox::{
     ClaimCursor, ClaimedEvent, Outbox, OutboxError, SenderLock, SharedOutbox,
 };
@@ -120,6 +126,11 @@ impl SendTotals {
         let Some(m) = &self.metrics else { return };
         let outcome = match answer {
             Ok(Answer::Accepted) => LagoOutcome::Accepted,
+            Ok(Answer::NotAnAck { .. }) | Err(SendError::AnswerTooLong { .. }) => {
+                LagoOutcome::InvalidAnswer
+            }
+            Ok(Answer::Redirected { .. }) => LagoOutcome::Redirected,
+            Ok(Answer::TooLarge { .. }) => LagoOutcome::ClientError,
             Ok(Answer::PerIndex(_) | Answer::Unprocessable { .. }) => LagoOutcome::Rejected,
             Ok(Answer::BadRequest { .. }) => LagoOutcome::ClientError,
             Ok(Answer::Unauthorized { .. }) => LagoOutcome::Unauthorized,
@@ -129,8 +140,15 @@ impl SendTotals {
             Err(_) => LagoOutcome::Network,
         };
         m.record_lago_request(outcome, took);
-        // Any answer from Lago itself says whether it takes the key; a transport failure does not.
-        if !matches!(outcome, LagoOutcome::Timeout | LagoOutcome::Network) {
+        // Any answer from Lago itself says whether it takes the key; a transport failure, a
+        // redirect or an answer that is not Lago's does not.
+        if !matches!(
+            outcome,
+            LagoOutcome::Timeout
+                | LagoOutcome::Network
+                | LagoOutcome::Redirected
+                | LagoOutcome::InvalidAnswer
+        ) {
             m.set_lago_unauthorized(outcome == LagoOutcome::Unauthorized);
         }
     }
@@ -560,8 +578,10 @@ async fn run_acker(
 /// Delivers one claimed batch: sends it until every event is acked, dead or (on shutdown)
 /// released.
 async fn deliver(ctx: &Arc<Ctx>, batch: Vec<ClaimedEvent>) {
-    // Sub-batches still to send; a batch-level 422 splits one into two.
-    let mut work: Vec<Vec<ClaimedEvent>> = vec![batch];
+    // Sub-batches still to send, the next one last: the claim cut to the byte cap; a
+    // batch-level 422 or a 413 splits one into two.
+    let mut work: Vec<Vec<ClaimedEvent>> = split_by_bytes(batch, ctx.tuning.batch_max_bytes);
+    work.reverse();
     let mut backoff = ctx.backoff();
     let mut attempted = false;
     while let Some(events) = work.pop() {
@@ -619,6 +639,52 @@ async fn deliver(ctx: &Arc<Ctx>, batch: Vec<ClaimedEvent>) {
                 work.push(second);
                 work.push(events);
                 Ok(())
+            }
+            Ok(Answer::TooLarge { body }) if events.len() > 1 => {
+                // A body limit in front of Lago (or Lago's own): nothing was stored, halve it.
+                let size = body_size(&events);
+                tracing::warn!(
+                    events = events.len(),
+                    bytes = size,
+                    body,
+                    "Lago (or a proxy in front of it) refuses a {size}-byte batch as too large \
+                     (HTTP 413); splitting it (lower TALLY_BATCH_MAX_BYTES to avoid this)"
+                );
+                let mut events = events;
+                let second = events.split_off(events.len() / 2);
+                work.push(second);
+                work.push(events);
+                Ok(())
+            }
+            Ok(Answer::TooLarge { body }) => {
+                let size = body_size(&events);
+                let reason = format!(
+                    "too large to send: alone, its request is {size} bytes and Lago (or a proxy \
+                     in front of it) answered 413 Payload Too Large: {body}. Raise that body \
+                     limit (nginx: client_max_body_size), then `tally queue retry`"
+                );
+                dead(ctx, &events, &reason).await
+            }
+            Ok(Answer::Redirected {
+                status,
+                location,
+                to_https,
+            }) => {
+                let note = redirect_note(status, location.as_deref(), to_https);
+                let wait = backoff.next().unwrap_or(ctx.tuning.retry_cap);
+                tracing::error!(status, location, ?wait, "{note}");
+                retry_later(ctx, events, &mut work, &note, true, wait).await
+            }
+            Ok(Answer::NotAnAck { status, body }) => {
+                let note = format!(
+                    "Lago answered {status} without its {{\"events\": [...]}} acknowledgement of \
+                     the {} event(s) sent, so they stay pending (is LAGO_API_BASE really Lago?): \
+                     {body}",
+                    events.len()
+                );
+                let wait = backoff.next().unwrap_or(ctx.tuning.retry_cap);
+                tracing::error!(status, ?wait, "{note}");
+                retry_later(ctx, events, &mut work, &note, true, wait).await
             }
             Ok(Answer::PerIndex(map)) => {
                 ctx.auth.succeed();
@@ -798,10 +864,82 @@ async fn release(ctx: &Arc<Ctx>, events: &[ClaimedEvent], more: &[Vec<ClaimedEve
     .await;
 }
 
+/// Bytes of the request body `events` make (`{"events":[…]}`).
+fn body_size(events: &[ClaimedEvent]) -> usize {
+    let commas = events.len().saturating_sub(1);
+    b"{\"events\":[]}".len() + commas + events.iter().map(|e| e.event.len()).sum::<usize>()
+}
+
+/// Cuts a claimed batch, in order, into batches whose body fits in `max_bytes`. An event too
+/// large to fit with any other goes alone (Lago, or a 413, decides about it).
+fn split_by_bytes(batch: Vec<ClaimedEvent>, max_bytes: usize) -> Vec<Vec<ClaimedEvent>> {
+    let empty = b"{\"events\":[]}".len();
+    let mut out = Vec::new();
+    let mut current: Vec<ClaimedEvent> = Vec::new();
+    let mut size = empty;
+    for e in batch {
+        let added = e.event.len() + usize::from(!current.is_empty());
+        if !current.is_empty() && size + added > max_bytes {
+            out.push(std::mem::take(&mut current));
+            size = empty;
+        }
+        size += e.event.len() + usize::from(!current.is_empty());
+        current.push(e);
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
 fn ids(events: &[ClaimedEvent]) -> Vec<String> {
     events.iter().map(|e| e.transaction_id.clone()).collect()
 }
 
 fn refs(ids: &[String]) -> Vec<&str> {
     ids.iter().map(String::as_str).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(id: &str, len: usize) -> ClaimedEvent {
+        ClaimedEvent {
+            rowid: 0,
+            transaction_id: id.to_owned(),
+            event: vec![b'x'; len],
+        }
+    }
+
+    fn sizes(batches: &[Vec<ClaimedEvent>]) -> Vec<usize> {
+        batches.iter().map(|b| body_size(b)).collect()
+    }
+
+    #[test]
+    fn batches_are_cut_to_the_byte_cap_in_order() {
+        let batch: Vec<_> = (0..10).map(|i| event(&i.to_string(), 100)).collect();
+        let cut = split_by_bytes(batch, 350);
+        // 13 + 3 × 100 + 2 commas = 315; a fourth would make 416.
+        assert_eq!(sizes(&cut), vec![315, 315, 315, 113]);
+        let order: Vec<_> = cut
+            .iter()
+            .flatten()
+            .map(|e| e.transaction_id.clone())
+            .collect();
+        assert_eq!(order, (0..10).map(|i| i.to_string()).collect::<Vec<_>>());
+        assert!(cut.iter().all(|b| body_size(b) <= 350));
+    }
+
+    #[test]
+    fn an_event_larger_than_the_cap_goes_alone() {
+        let batch = vec![event("a", 10), event("big", 1000), event("b", 10)];
+        let cut = split_by_bytes(batch, 100);
+        let ids: Vec<Vec<&str>> = cut
+            .iter()
+            .map(|b| b.iter().map(|e| e.transaction_id.as_str()).collect())
+            .collect();
+        assert_eq!(ids, vec![vec!["a"], vec!["big"], vec!["b"]]);
+        assert!(split_by_bytes(Vec::new(), 100).is_empty());
+    }
 }

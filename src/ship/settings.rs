@@ -17,6 +17,9 @@ use crate::ship::resolve::{ChargeBy, ChargeByError};
 
 /// Lago's own cap on events per batch request (`LAGO_EVENTS_BATCH_MAX_LENGTH`, default 100).
 pub const MAX_BATCH_SIZE: usize = 100;
+/// Default byte cap of a batch request: well under the 1 MiB body limit of nginx's default
+/// (`client_max_body_size`), which fronts many Lago installs.
+pub const DEFAULT_BATCH_MAX_BYTES: usize = 512 * 1024;
 
 /// The Lago API key. Its value is reachable only through [`ApiKey::expose`]; `Debug` and `Display`
 /// print a placeholder, so the key cannot leak through a log line, an error or a `{:?}` of the
@@ -87,6 +90,8 @@ pub struct Tuning {
     pub poll_interval: Duration,
     /// Longest accepted spend-log line.
     pub max_line_bytes: usize,
+    /// Largest request body a batch is built to (an event larger than this goes alone).
+    pub batch_max_bytes: usize,
     /// How long acked transaction ids are kept; `None` = forever (the default).
     pub acked_retention: Option<Duration>,
 }
@@ -103,6 +108,7 @@ impl Default for Tuning {
             drain_deadline: Duration::from_secs(10),
             poll_interval: Duration::from_millis(1000),
             max_line_bytes: 1024 * 1024,
+            batch_max_bytes: DEFAULT_BATCH_MAX_BYTES,
             acked_retention: None,
         }
     }
@@ -287,6 +293,13 @@ pub fn tuning_from_args(t: &ShipTuning) -> Result<Tuning, SettingsError> {
             "accepted: 1024 to 67108864 bytes".into(),
         ));
     }
+    if !(1024..=64 * 1024 * 1024).contains(&t.batch_max_bytes) {
+        return Err(invalid(
+            "TALLY_BATCH_MAX_BYTES",
+            &t.batch_max_bytes.to_string(),
+            "accepted: 1024 to 67108864 bytes".into(),
+        ));
+    }
     if t.acked_retention_days > 36_500 {
         return Err(invalid(
             "TALLY_ACKED_RETENTION_DAYS",
@@ -303,6 +316,7 @@ pub fn tuning_from_args(t: &ShipTuning) -> Result<Tuning, SettingsError> {
         drain_deadline: Duration::from_secs(t.drain_deadline_secs),
         poll_interval: Duration::from_millis(t.poll_interval_ms),
         max_line_bytes: t.max_line_bytes,
+        batch_max_bytes: t.batch_max_bytes,
         acked_retention: (t.acked_retention_days > 0)
             .then(|| Duration::from_secs(t.acked_retention_days * 86_400)),
     })
@@ -316,8 +330,34 @@ fn invalid(var: &'static str, value: &str, reason: String) -> SettingsError {
     }
 }
 
+/// A URL as it may be shown: any user name and password replaced by `<redacted>`.
+pub fn redact_url(url: &Url) -> String {
+    redact_url_text(url.as_str())
+}
+
+/// Like [`redact_url`], for text that may not even parse as a URL (a bad `LAGO_API_BASE` is
+/// echoed in its error): whatever stands before the last `@` of the authority is a credential.
+pub fn redact_url_text(raw: &str) -> String {
+    let (scheme, rest) = match raw.find("://") {
+        Some(i) => raw.split_at(i + 3),
+        None => ("", raw),
+    };
+    // Without `://` nothing says where the host starts: anything before an `@` may be a secret.
+    let authority_end = if scheme.is_empty() {
+        rest.len()
+    } else {
+        rest.find(['/', '?', '#']).unwrap_or(rest.len())
+    };
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}<redacted>{}", &rest[at..]),
+        None => raw.to_owned(),
+    }
+}
+
 fn parse_api_base(raw: &str) -> Result<Url, SettingsError> {
-    let bad = |reason: String| invalid("LAGO_API_BASE", raw, reason);
+    // The value is echoed in every error below: never with the password it may carry.
+    let shown = redact_url_text(raw.trim());
+    let bad = |reason: String| invalid("LAGO_API_BASE", &shown, reason);
     let url = Url::parse(raw.trim()).map_err(|e| {
         bad(format!(
             "{e}; expected an http(s) URL such as https://api.getlago.com"
@@ -472,6 +512,11 @@ mod tests {
                 "empty",
             ),
             (&["--retry-cap-secs", "0"], "TALLY_RETRY_CAP_SECS", "1 to"),
+            (
+                &["--batch-max-bytes", "100"],
+                "TALLY_BATCH_MAX_BYTES",
+                "1024 to",
+            ),
         ];
         for (extra, var, accepted) in cases {
             let err = ShipSettings::from_args(&args(extra))
@@ -496,6 +541,45 @@ mod tests {
         a.lago.lago_api_base = None;
         let err = ShipSettings::from_args(&a).unwrap_err().to_string();
         assert!(err.starts_with("LAGO_API_BASE is not set"), "{err}");
+    }
+
+    /// Regression (issue 12): a `LAGO_API_BASE` with a password was echoed in the start-up
+    /// error that refused it.
+    #[test]
+    fn a_password_in_lago_api_base_is_never_echoed() {
+        for base in [
+            "https://user:hunter2-pass@lago.example.com",
+            "https://hunter2-pass@lago.example.com/x",
+            "https://user:hunter2-pass@lago.example.com/api/v1",
+            "htps//user:hunter2-pass@lago example.com",
+        ] {
+            let err = ShipSettings::from_args(&args(&["--lago-api-base", base]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("LAGO_API_BASE"), "{err}");
+            assert!(!err.contains("hunter2"), "{base}: {err}");
+        }
+        let err = ShipSettings::from_args(&args(&[
+            "--lago-api-base",
+            "https://user:hunter2-pass@lago.example.com",
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("<redacted>@lago.example.com"), "{err}");
+        assert!(err.contains("credentials in the URL"), "{err}");
+        assert_eq!(
+            redact_url_text("http://a.b/c@d"),
+            "http://a.b/c@d",
+            "an @ after the host is not a credential"
+        );
+    }
+
+    #[test]
+    fn batch_max_bytes_defaults_under_nginx_limit() {
+        let s = ShipSettings::from_args(&args(&[])).unwrap();
+        assert_eq!(s.tuning.batch_max_bytes, 512 * 1024);
+        let s = ShipSettings::from_args(&args(&["--batch-max-bytes", "4096"])).unwrap();
+        assert_eq!(s.tuning.batch_max_bytes, 4096);
     }
 
     #[test]

@@ -81,7 +81,8 @@ pub fn trouble(e: &SenderError, os_errno: i32) -> Option<Trouble> {
         SenderError::Outbox(
             OutboxError::CreateDir { source, .. } | OutboxError::Lock { source, .. },
         ) => source.raw_os_error().is_some_and(is_storage_errno),
-        SenderError::Outbox(OutboxError::NewerSchema { .. }) | SenderError::Task(_) => false,
+        SenderError::Outbox(OutboxError::NewerSchema { .. } | OutboxError::UnsafeDir { .. })
+        | SenderError::Task(_) => false,
     };
     if !storage {
         return None;
@@ -105,7 +106,7 @@ pub fn is_full_or_failing(e: &OutboxError) -> bool {
         OutboxError::CreateDir { source, .. } | OutboxError::Lock { source, .. } => {
             source.raw_os_error().is_some_and(is_storage_errno)
         }
-        OutboxError::NewerSchema { .. } => false,
+        OutboxError::NewerSchema { .. } | OutboxError::UnsafeDir { .. } => false,
     }
 }
 

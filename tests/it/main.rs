@@ -12,6 +12,7 @@ mod reliability_support;
 mod security;
 mod service;
 mod ship_e2e;
+mod ship_hostile;
 mod ship_ingest;
 mod ship_model;
 mod ship_sender;

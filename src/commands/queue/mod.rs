@@ -160,14 +160,19 @@ fn list(
 
 fn show(state_dir: &Path, id: &str, format: OutputFormat) -> anyhow::Result<ExitCode> {
     let ob = open_reading(state_dir)?;
-    let Some(detail) = ob.show(id)? else {
+    // Every id `list` prints can be shown: a rejected line's too.
+    let view = match ob.show_rejected(id)? {
+        Some(line) => Some(ShowView::rejected(line)),
+        None => ob.show(id)?.map(ShowView::new),
+    };
+    let Some(view) = view else {
         anyhow::bail!(
-            "transaction_id {id:?} is not in the outbox {}: it was never read (check the id, or \
+            "transaction_id {} is not in the outbox {}: it was never read (check the id, or \
              `tally queue list`), or its acked id was forgotten after TALLY_ACKED_RETENTION_DAYS",
+            output::printable(&format!("{id:?}")),
             db_path(state_dir).display()
         );
     };
-    let view = ShowView::new(detail);
     print(format, &view, ShowView::to_text)?;
     Ok(ExitCode::SUCCESS)
 }

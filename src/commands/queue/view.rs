@@ -8,8 +8,8 @@ use chrono::DateTime;
 use serde::Serialize;
 
 use crate::cli::QueueState;
-use crate::commands::output::{self, age, first_bytes};
-use crate::ship::outbox::{ItemDetail, ItemSummary, State, Stats};
+use crate::commands::output::{self, age, first_bytes, printable};
+use crate::ship::outbox::{ItemDetail, ItemSummary, RejectedDetail, State, Stats};
 
 /// RFC 3339 UTC with milliseconds, from milliseconds since the epoch.
 pub fn time(ms: i64) -> String {
@@ -110,7 +110,7 @@ impl StatsView {
         );
         match &self.last_lago_error {
             Some(e) => {
-                let _ = write!(s, "; last Lago error ({}): {}", e.at, e.message);
+                let _ = write!(s, "; last Lago error ({}): {}", e.at, printable(&e.message));
             }
             None => s.push_str("; no Lago error recorded: is `tally ship` running?"),
         }
@@ -145,7 +145,7 @@ impl StatsView {
         }
         match &self.last_lago_error {
             Some(e) => {
-                let _ = writeln!(s, "Last Lago error ({}): {}", e.at, e.message);
+                let _ = writeln!(s, "Last Lago error ({}): {}", e.at, printable(&e.message));
             }
             None => s.push_str("No Lago error recorded.\n"),
         }
@@ -154,9 +154,9 @@ impl StatsView {
             for f in &self.files {
                 let opt = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
                 let path = if f.finished {
-                    format!("{} (finished)", f.path)
+                    format!("{} (finished)", printable(&f.path))
                 } else {
-                    f.path.clone()
+                    printable(&f.path)
                 };
                 t.add_row(vec![
                     path,
@@ -251,16 +251,16 @@ impl ListView {
         let mut t = output::table(&["id", "state", "attempts", "where", "reason"], &[2]);
         for i in &self.items {
             let place = match (&i.file, i.offset) {
-                (Some(f), Some(o)) => format!("{f}:{o}"),
-                (Some(f), None) => f.clone(),
+                (Some(f), Some(o)) => format!("{}:{o}", printable(f)),
+                (Some(f), None) => printable(f),
                 _ => "-".to_owned(),
             };
-            let mut reason = i.reason.clone().unwrap_or_default();
+            let mut reason = printable(i.reason.as_deref().unwrap_or_default());
             if let Some(head) = &i.first_bytes {
                 let _ = write!(reason, "\nline: {}", first_bytes(head.as_bytes(), 80));
             }
             t.add_row(vec![
-                i.id.clone(),
+                printable(&i.id),
                 i.state.clone(),
                 i.attempts.to_string(),
                 place,
@@ -278,6 +278,7 @@ impl ListView {
 /// `tally queue show`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ShowView {
+    /// The transaction_id, or `rejected:<n>` for a rejected line (the id `list` prints).
     pub transaction_id: String,
     pub state: String,
     pub external_subscription_id: Option<String>,
@@ -296,6 +297,8 @@ pub struct ShowView {
     pub record: Option<serde_json::Value>,
     /// The Lago event exactly as it is sent.
     pub lago_event: Option<serde_json::Value>,
+    /// For a rejected line: its first bytes, as kept.
+    pub line: Option<String>,
 }
 
 fn json_or_text(s: Option<String>) -> Option<serde_json::Value> {
@@ -318,24 +321,52 @@ impl ShowView {
             customer_ids: json_or_text(d.customer_ids),
             record: json_or_text(d.record),
             lago_event: json_or_text(d.event),
+            line: None,
         }
     }
 
+    /// A rejected line (`rejected:<n>`): where it was, why, and its first bytes.
+    pub fn rejected(d: RejectedDetail) -> Self {
+        let (state, reason) = match d.dropped_reason {
+            Some(dropped) => ("dropped", format!("{} (dropped: {dropped})", d.reason)),
+            None => ("rejected", d.reason),
+        };
+        Self {
+            transaction_id: d.id,
+            state: state.to_owned(),
+            external_subscription_id: None,
+            reason: Some(reason),
+            attempts: 0,
+            file: Some(d.source_file),
+            offset: Some(d.source_offset),
+            created_at: time(d.created_ms),
+            updated_at: time(d.created_ms),
+            leased_until: None,
+            customer_ids: None,
+            record: None,
+            lago_event: None,
+            line: Some(d.head),
+        }
+    }
+
+    /// Every piece of record text goes through [`printable`]: ids and reasons come from the
+    /// spend log (a client's `user`), and the JSON escapes of serde leave C1 controls and
+    /// direction overrides as they are.
     pub fn to_text(&self) -> String {
         let mut s = String::new();
-        let _ = writeln!(s, "transaction_id  {}", self.transaction_id);
+        let _ = writeln!(s, "transaction_id  {}", printable(&self.transaction_id));
         let _ = writeln!(s, "state           {}", self.state);
         if let Some(c) = &self.external_subscription_id {
-            let _ = writeln!(s, "customer        {c}");
+            let _ = writeln!(s, "customer        {}", printable(c));
         }
         let _ = writeln!(s, "attempts        {}", self.attempts);
         let _ = writeln!(
             s,
             "last error      {}",
-            self.reason.as_deref().unwrap_or("none")
+            printable(self.reason.as_deref().unwrap_or("none"))
         );
         if let (Some(f), Some(o)) = (&self.file, self.offset) {
-            let _ = writeln!(s, "read from       {f}:{o}");
+            let _ = writeln!(s, "read from       {}:{o}", printable(f));
         }
         let _ = writeln!(s, "recorded        {}", self.created_at);
         let _ = writeln!(s, "updated         {}", self.updated_at);
@@ -343,12 +374,19 @@ impl ShowView {
             let _ = writeln!(s, "being sent      (lease until {l})");
         }
         if let Some(ids) = &self.customer_ids {
-            let _ = writeln!(s, "customer ids    {ids}");
+            let _ = writeln!(s, "customer ids    {}", printable(&ids.to_string()));
+        }
+        if let Some(line) = &self.line {
+            let _ = writeln!(s, "line            {}", first_bytes(line.as_bytes(), 400));
         }
         for (title, v) in [("record", &self.record), ("Lago event", &self.lago_event)] {
             if let Some(v) = v {
                 let pretty = serde_json::to_string_pretty(v).unwrap_or_default();
-                let _ = writeln!(s, "{title}:\n{pretty}");
+                // Line by line: the pretty-printing's own newlines stay.
+                let _ = writeln!(s, "{title}:");
+                for l in pretty.lines() {
+                    let _ = writeln!(s, "{}", printable(l));
+                }
             }
         }
         if self.state == "acked" {
@@ -422,7 +460,7 @@ fn outcome_lines(items: &[ItemOutcome]) -> String {
     const SHOWN: usize = 50;
     let mut s = String::new();
     for i in items.iter().take(SHOWN) {
-        let _ = writeln!(s, "  {}: {}", i.id, i.detail);
+        let _ = writeln!(s, "  {}: {}", printable(&i.id), printable(&i.detail));
     }
     if items.len() > SHOWN {
         let _ = writeln!(
@@ -470,10 +508,10 @@ pub struct DropView {
 impl DropView {
     pub fn to_text(&self) -> String {
         let mut s = format!(
-            "Dropped {} of {} item(s): never billed, reason recorded ({:?}).\n",
+            "Dropped {} of {} item(s): never billed, reason recorded ({}).\n",
             self.dropped,
             self.dropped + self.not_dropped,
-            self.reason
+            printable(&format!("{:?}", self.reason))
         );
         s.push_str(&outcome_lines(&self.items));
         s

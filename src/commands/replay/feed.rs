@@ -99,6 +99,7 @@ pub fn feed(
     while let Some(item) = reader.next_item()? {
         match item {
             Decoded::OutsideWindow => summary.outside_window += 1,
+            Decoded::Blank => summary.blank_lines += 1,
             Decoded::Incomplete { source, reason } => {
                 summary.reject(&source.path, source.offset, reason);
             }

@@ -22,6 +22,13 @@ pub enum InputError {
     BadPattern { pattern: String, reason: String },
     #[error("{pattern:?} matches no file; check the path (quote globs so the shell leaves them)")]
     NoMatch { pattern: String },
+    #[error(
+        "{} is a directory; replay takes files: name them, or give a quoted glob such as \
+         '{}/spend.jsonl*' (a directory is not read whole: it may hold files that are not spend logs)",
+        crate::commands::output::printable(&path.display().to_string()),
+        crate::commands::output::printable(path.display().to_string().trim_end_matches('/'))
+    )]
+    IsDirectory { path: PathBuf },
     #[error("cannot read {path}: {source}")]
     Io {
         path: PathBuf,
@@ -38,6 +45,11 @@ pub fn expand(patterns: &[String]) -> Result<Vec<PathBuf>, InputError> {
     for pattern in patterns {
         let direct = Path::new(pattern);
         let mut matched = Vec::new();
+        if direct.is_dir() {
+            return Err(InputError::IsDirectory {
+                path: direct.to_path_buf(),
+            });
+        }
         if direct.is_file() {
             matched.push(direct.to_path_buf());
         } else {
@@ -311,6 +323,12 @@ mod tests {
             .collect();
         assert_eq!(names, vec!["spend.jsonl.1", "spend.jsonl.2"]);
 
+        // Regression (issue 12): a directory said "matches no file".
+        let err = expand(&[dir.path().display().to_string()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is a directory"), "{err}");
+        assert!(err.contains("spend.jsonl*"), "{err}");
         let missing = format!("{}/nothing-*.jsonl", dir.path().display());
         let err = expand(&[missing]).unwrap_err().to_string();
         assert!(err.contains("matches no file"), "{err}");

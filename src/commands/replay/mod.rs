@@ -162,10 +162,10 @@ fn render(out: &ReplayOutput) -> String {
             for u in &d.undelivered {
                 s.push_str(&format!(
                     "  {} ({}, {} attempt(s)): {}\n",
-                    u.transaction_id,
+                    output::printable(&u.transaction_id),
                     u.state,
                     u.attempts,
-                    u.reason.as_deref().unwrap_or("no answer from Lago yet")
+                    output::printable(u.reason.as_deref().unwrap_or("no answer from Lago yet"))
                 ));
             }
             s.push_str(

@@ -30,6 +30,14 @@ pub enum Decoded {
     Incomplete { source: RawLine, reason: String },
     /// A valid record outside `--since` / `--until`.
     OutsideWindow,
+    /// An empty line (or only whitespace): nothing to bill, counted and not stored (a `.gz` of
+    /// a gigabyte of newlines must not grow the outbox by a row per line).
+    Blank,
+}
+
+/// A line with nothing in it but whitespace.
+pub fn is_blank(content: &LineContent) -> bool {
+    matches!(content, LineContent::Complete(b) if b.iter().all(u8::is_ascii_whitespace))
 }
 
 /// Decodes one line in the given format. The reasons are the shipper's own words, so a line
@@ -140,6 +148,9 @@ impl ReplayReader {
     }
 
     fn classify(&self, source: RawLine) -> Decoded {
+        if is_blank(&source.content) {
+            return Decoded::Blank;
+        }
         match decode(self.format, &source.content, self.max_line_bytes) {
             Ok(record) if self.window.contains(&record.end_time) => Decoded::Record {
                 source,
@@ -165,7 +176,7 @@ mod tests {
             .to_string()
         };
         let text = format!(
-            "{}\nnot json\n{}\n",
+            "{}\nnot json\n\n  \r\n{}\n",
             rec("a", "2026-11-01T10:00:00.000Z"),
             rec("b", "2026-10-01T10:00:00.000Z")
         );
@@ -184,6 +195,7 @@ mod tests {
                     reason.contains("invalid record")
                 ),
                 Decoded::OutsideWindow => "outside".into(),
+                Decoded::Blank => "blank".into(),
                 Decoded::Incomplete { .. } => "incomplete".into(),
             });
         }
@@ -193,10 +205,12 @@ mod tests {
             vec![
                 "rec a @0".to_owned(),
                 format!("rej @{second} true"),
+                "blank".to_owned(),
+                "blank".to_owned(),
                 "outside".to_owned()
             ]
         );
-        assert_eq!(r.lines_read, 3);
+        assert_eq!(r.lines_read, 5);
     }
 
     #[test]
@@ -225,6 +239,7 @@ mod tests {
                 }
                 Decoded::Rejected { .. } => "rejected",
                 Decoded::OutsideWindow => "outside",
+                Decoded::Blank => "blank",
             });
         }
         assert_eq!(kinds, ["record", "incomplete", "record"]);

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::commands::output::{self, usd};
+use crate::commands::output::{self, printable, usd};
 use crate::spend::SpendRecord;
 
 /// How many rejections the summary shows in full; the rest are only counted.
@@ -39,7 +39,8 @@ impl CustomerTotals {
         );
         for c in customers {
             t.add_row(vec![
-                c.customer.clone(),
+                // A customer id is whatever a client sent as `user`.
+                printable(&c.customer),
                 c.events.to_string(),
                 c.input_tokens.to_string(),
                 c.output_tokens.to_string(),
@@ -104,6 +105,8 @@ pub struct ReplaySummary {
     pub not_billable: u64,
     /// Records outside `--since` / `--until`.
     pub outside_window: u64,
+    /// Empty (or whitespace-only) lines: nothing to bill, counted and not stored.
+    pub blank_lines: u64,
     pub first_rejections: Vec<Rejection>,
     pub customers: Vec<CustomerTotals>,
 }
@@ -137,7 +140,7 @@ impl ReplaySummary {
         let _ = writeln!(
             s,
             "{} lines read from {} file(s): {} new, {} already billed, {} held (no customer id), \
-             {} rejected, {} not billable (status), {} outside the time window.",
+             {} rejected, {} not billable (status), {} outside the time window, {} blank.",
             self.lines_read,
             self.files.len(),
             self.new_events,
@@ -145,7 +148,8 @@ impl ReplaySummary {
             self.held,
             self.rejected,
             self.not_billable,
-            self.outside_window
+            self.outside_window,
+            self.blank_lines
         );
         if self.held > 0 {
             let _ = writeln!(
@@ -156,7 +160,13 @@ impl ReplaySummary {
         if !self.first_rejections.is_empty() {
             let _ = writeln!(s, "First rejected lines:");
             for r in &self.first_rejections {
-                let _ = writeln!(s, "  {}:{}: {}", r.path, r.offset, r.reason);
+                let _ = writeln!(
+                    s,
+                    "  {}:{}: {}",
+                    printable(&r.path),
+                    r.offset,
+                    printable(&r.reason)
+                );
             }
             if self.rejected > self.first_rejections.len() as u64 {
                 let _ = writeln!(
@@ -232,6 +242,7 @@ mod tests {
             "held",
             "not_billable",
             "outside_window",
+            "blank_lines",
             "first_rejections",
             "customers",
         ] {

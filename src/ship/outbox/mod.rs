@@ -36,7 +36,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 pub use lock::{SenderLock, sender_running};
-pub use queue::{Depth, ItemDetail, ItemSummary, LagoErrorNote, ListFilter, RetryReport, Stats};
+pub use queue::{
+    Depth, ItemDetail, ItemSummary, LagoErrorNote, ListFilter, REJECTED_PREFIX, RejectedDetail,
+    RetryReport, Stats,
+};
 pub use schema::MIGRATIONS;
 
 use crate::ship::resolve::{Disposition, PreparedRecord};
@@ -131,6 +134,14 @@ pub enum OutboxError {
         #[source]
         source: std::io::Error,
     },
+    /// Refused rather than used: anyone could replace `shipper.db` (what was billed, what is
+    /// pending) or plant a symlink where tally writes.
+    #[error(
+        "the state directory {path} is writable by every user (mode {mode:o}): another user could \
+         replace shipper.db and with it what is billed; run `chmod o-w {path}` (tally creates it \
+         0750) or set TALLY_STATE_DIR to a directory only tally's user can write"
+    )]
+    UnsafeDir { path: PathBuf, mode: u32 },
     #[error("outbox database error: {0}")]
     Db(#[from] rusqlite::Error),
 }
@@ -241,8 +252,48 @@ fn set_wal(conn: &Connection) -> rusqlite::Result<()> {
     }
 }
 
+/// A pre-existing state directory that every user may write to (`chmod 777`, or `/tmp` itself)
+/// is refused (docs/operations.md, "Files and permissions"). Sticky or not: the sticky bit
+/// stops others deleting tally's files, not planting theirs before tally creates them.
+fn check_state_dir(state_dir: &Path) -> Result<(), OutboxError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(state_dir)
+        .map_err(|source| OutboxError::CreateDir {
+            path: state_dir.to_owned(),
+            source,
+        })?
+        .permissions()
+        .mode();
+    if mode & 0o002 != 0 {
+        return Err(OutboxError::UnsafeDir {
+            path: state_dir.to_owned(),
+            mode: mode & 0o7777,
+        });
+    }
+    Ok(())
+}
+
+/// `shipper.db` and its `-wal` / `-shm` are owner-only: a file left readable by an older tally
+/// or a restore is tightened when opened for writing. A file tally does not own (or cannot
+/// change) is left as it is; SQLite then says whether it can be used.
+fn tighten(db: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = db.as_os_str().to_owned();
+        name.push(suffix);
+        let path = PathBuf::from(name);
+        if let Ok(meta) = std::fs::symlink_metadata(&path)
+            && meta.is_file()
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+        }
+    }
+}
+
 impl Outbox {
-    /// Opens (creating if needed) `shipper.db` in `state_dir`.
+    /// Opens (creating if needed) `shipper.db` in `state_dir`. A state directory writable by
+    /// every user is refused ([`OutboxError::UnsafeDir`]).
     pub fn open_in(state_dir: &Path) -> Result<Self, OutboxError> {
         use std::os::unix::fs::DirBuilderExt;
         // The outbox holds usage per customer: nothing for other users (the group may read,
@@ -255,6 +306,7 @@ impl Outbox {
                 path: state_dir.to_owned(),
                 source,
             })?;
+        check_state_dir(state_dir)?;
         Self::open(&state_dir.join(DB_FILE))
     }
 
@@ -274,6 +326,7 @@ impl Outbox {
                 .mode(0o600)
                 .open(path);
         }
+        tighten(path);
         let mut conn = Connection::open(path).map_err(open_err)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
         // WAL: readers (tally queue) never block the writer; NORMAL: see the module doc.

@@ -109,6 +109,23 @@ pub struct ItemDetail {
     pub leased_until_ms: Option<i64>,
 }
 
+/// Everything known about one rejected line (`tally queue show rejected:<n>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RejectedDetail {
+    /// `rejected:<n>`, as `list` shows it.
+    pub id: String,
+    pub reason: String,
+    /// The line's first bytes (lossy UTF-8), as kept.
+    pub head: String,
+    /// Set for a conflicting duplicate.
+    pub transaction_id: Option<String>,
+    pub source_file: String,
+    pub source_offset: u64,
+    pub created_ms: i64,
+    /// Why it was dropped, once `tally queue drop` removed it.
+    pub dropped_reason: Option<String>,
+}
+
 /// What `retry` did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct RetryReport {
@@ -312,6 +329,36 @@ impl Outbox {
                     updated_ms: r.get(9)?,
                     leased_until_ms: None,
                     customer_ids: r.get(10)?,
+                })
+            })
+            .optional()?)
+    }
+
+    /// Everything about one rejected line, by the `rejected:<n>` id `list` prints; `None` when
+    /// there is no such line (or `id` is not of that form).
+    pub fn show_rejected(&self, id: &str) -> Result<Option<RejectedDetail>, OutboxError> {
+        let Some(n) = id
+            .strip_prefix(REJECTED_PREFIX)
+            .and_then(|n| n.parse::<i64>().ok())
+        else {
+            return Ok(None);
+        };
+        let mut stmt = self.conn().prepare_cached(
+            "SELECT reason, head, transaction_id, source_file, source_offset, created_ms,
+                 dropped_reason
+             FROM rejected WHERE id = ?1",
+        )?;
+        Ok(stmt
+            .query_row([n], |r| {
+                Ok(RejectedDetail {
+                    id: format!("{REJECTED_PREFIX}{n}"),
+                    reason: r.get(0)?,
+                    head: r.get(1)?,
+                    transaction_id: r.get(2)?,
+                    source_file: r.get(3)?,
+                    source_offset: r.get::<_, i64>(4)?.max(0) as u64,
+                    created_ms: r.get(5)?,
+                    dropped_reason: r.get(6)?,
                 })
             })
             .optional()?)

@@ -423,3 +423,33 @@ fn a_reader_during_creation_sees_nothing_or_the_whole_schema() {
         Ok(())
     });
 }
+
+/// Regression (issue 12): a pre-existing state directory writable by every user was used
+/// silently; a shipper.db left readable by others stayed so.
+#[test]
+fn a_world_writable_state_directory_is_refused_and_the_outbox_is_tightened() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let set = |p: &std::path::Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    for m in [0o777, 0o1777, 0o702] {
+        set(&state, m);
+        let Err(err) = Outbox::open_in(&state) else {
+            panic!("a {m:o} state directory was used")
+        };
+        let err = err.to_string();
+        assert!(err.contains("writable by every user"), "{m:o}: {err}");
+        assert!(err.contains("chmod o-w"), "{err}");
+        assert!(!state.join(DB_FILE).exists(), "nothing is created in it");
+    }
+    set(&state, 0o750);
+    drop(Outbox::open_in(&state).unwrap());
+    let db = state.join(DB_FILE);
+    set(&db, 0o644);
+    drop(Outbox::open_in(&state).unwrap());
+    let mode = std::fs::metadata(&db).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+}

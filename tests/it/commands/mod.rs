@@ -2,6 +2,7 @@
 //! `tally` binary, real SQLite files, and the Lago emulator on a loopback port.
 
 mod demo;
+mod hostile;
 mod queue;
 mod replay;
 
