@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::pricing::{ParamPrices, PriceKeys};
+
 /// Default upstream when a deployment names no `api_base`.
 pub const OPENAI_API_BASE: &str = "https://api.openai.com/v1";
 /// LiteLLM's default request timeout.
@@ -56,6 +58,9 @@ pub struct Deployment {
     pub timeout: Duration,
     pub input_cost_per_token: Option<f64>,
     pub output_cost_per_token: Option<f64>,
+    /// Every LiteLLM price name set in `litellm_params` (the two above included), laid over the
+    /// listed model's prices.
+    pub prices: PriceKeys,
     /// Answer locally with this text instead of calling the upstream.
     pub mock_response: Option<String>,
 }
@@ -176,6 +181,9 @@ struct RawParams {
     input_cost_per_token: Option<f64>,
     output_cost_per_token: Option<f64>,
     mock_response: Option<String>,
+    /// The other LiteLLM price names (`cache_read_input_token_cost`, tiers, ...).
+    #[serde(flatten)]
+    prices: ParamPrices,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -351,6 +359,22 @@ impl ProxyConfig {
                     ));
                 }
             }
+            let mut prices = params.prices.prices;
+            if let Some((key, reason)) = params.prices.invalid.into_iter().next() {
+                return Err(entry_error(
+                    format!("{entry}.litellm_params.{key}"),
+                    reason,
+                    "write the USD price of one token, e.g. 0.0000025",
+                ));
+            }
+            for (key, cost) in [
+                ("input_cost_per_token", params.input_cost_per_token),
+                ("output_cost_per_token", params.output_cost_per_token),
+            ] {
+                if let Some(c) = cost {
+                    let _ = prices.insert(key, c);
+                }
+            }
             deployments.push(Deployment {
                 model_name,
                 upstream_model,
@@ -359,6 +383,7 @@ impl ProxyConfig {
                 timeout: Duration::from_secs_f64(timeout),
                 input_cost_per_token: params.input_cost_per_token,
                 output_cost_per_token: params.output_cost_per_token,
+                prices,
                 mock_response: params.mock_response,
             });
         }

@@ -15,6 +15,7 @@
 //! - [`upstream`]: calls to upstreams over kept-alive connections the calling task drives, and
 //!   the mapping of transport failures.
 //! - [`mock`]: local answers for `mock_response` deployments.
+//! - [`usage`]: the upstream's token usage, every provider's shape, read into one form.
 //! - [`tokens`]: the token estimate used when an upstream reports no usage.
 //! - [`spend_writer`]: the spend log: one line per append under a lock, rotation.
 //! - [`error`]: the OpenAI-shaped error every handler answers with.
@@ -36,6 +37,7 @@ pub mod spend_writer;
 pub mod stream;
 pub mod tokens;
 pub mod upstream;
+pub mod usage;
 
 use std::collections::HashMap;
 use std::sync::Arc;
