@@ -115,11 +115,13 @@ pub async fn run_reader(
     type Parsed = tokio::task::JoinHandle<(Vec<IngestItem>, Vec<crate::ship::tail::FilePosition>)>;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Parsed>(1);
     let stop = shutdown.clone();
+    let spec_for_log = spec.clone();
     let committer = tokio::spawn(async move {
         let mut totals = IngestReport::default();
         while let Some(parsed) = rx.recv().await {
             let (items, positions) = parsed.await.map_err(|e| SenderError::Task(e.to_string()))?;
             let lines = items.len() as u64;
+            let unpriced = count_unpriced(&items);
             let committed =
                 with_outbox_waiting(&outbox, &storage, &stop, move |ob: &mut Outbox| {
                     ob.ingest(&items, &positions)
@@ -135,6 +137,15 @@ pub async fn run_reader(
                 m.record_lines_rejected("invalid", report.rejected);
                 m.record_lines_rejected("conflict", report.conflicts);
                 m.record_held(report.held);
+                m.record_unpriced(unpriced);
+            }
+            if unpriced > 0 && spec_for_log.precise_amount.is_some() {
+                tracing::warn!(
+                    unpriced,
+                    "billable records without a response_cost: their events carry no \
+                     precise_total_amount_cents, so a dynamic charge bills them 0; price the model \
+                     (litellm_params or tally_settings.price_file)"
+                );
             }
             totals.add(&report);
             signal.added(report.pending as usize);
@@ -190,6 +201,14 @@ pub async fn run_reader(
         .map_err(|e| SenderError::Task(e.to_string()))??;
     read_result?;
     Ok(totals)
+}
+
+/// Records read that are billable but unpriced.
+fn count_unpriced(items: &[IngestItem]) -> u64 {
+    items
+        .iter()
+        .filter(|i| matches!(i, IngestItem::Record { prepared, .. } if prepared.unpriced))
+        .count() as u64
 }
 
 fn log_report(report: &IngestReport) {
