@@ -1,6 +1,7 @@
 //! Integration tests: one binary, one submodule per area. Every server binds port 0.
 
 mod bad_input;
+mod billing_classes;
 mod commands;
 mod lago_emulator;
 mod pricing_oracle;
