@@ -651,6 +651,40 @@ mod tests {
     }
 
     #[test]
+    fn litellm_params_price_names_are_kept_and_bad_values_named() {
+        let config = load(
+            &format!(
+                "general_settings: {{master_key: {STRONG}}}\nmodel_list:\n  - model_name: a\n    litellm_params: {{model: openai/x, input_cost_per_token: 0.000001, cache_read_input_token_cost: \"1e-7\", input_cost_per_token_above_200k_tokens: 0.000002, output_cost_per_reasoning_token: 0.00001, rpm: 100}}"
+            ),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            config.deployments[0].prices.names(),
+            [
+                "cache_read_input_token_cost",
+                "input_cost_per_token",
+                "input_cost_per_token_above_200k_tokens",
+                "output_cost_per_reasoning_token"
+            ]
+        );
+        for bad in ["-0.1", "\"cheap\"", "[1]"] {
+            let err = load(
+                &format!(
+                    "general_settings: {{master_key: {STRONG}}}\nmodel_list:\n  - model_name: a\n    litellm_params: {{model: openai/x, cache_creation_input_token_cost: {bad}}}"
+                ),
+                &[],
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.contains("litellm_params.cache_creation_input_token_cost"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
     fn unknown_tally_setting_is_refused() {
         let err = load("tally_settings: {spend_logg: x}", &[])
             .unwrap_err()
