@@ -4,6 +4,7 @@
 //! |---|---|
 //! | `tally_ship_lines_read_total` | |
 //! | `tally_ship_lines_rejected_total` | `reason` |
+//! | `tally_ship_unpriced_records_total` (billable records without a `response_cost`) | |
 //! | `tally_ship_events_total` | `outcome` (`acked`, `held`, `dead`) |
 //! | `tally_ship_queue_events` | `state` (`pending`, `held`, `dead`, `rejected`) |
 //! | `tally_ship_oldest_pending_age_seconds` | |
