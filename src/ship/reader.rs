@@ -244,3 +244,37 @@ fn log_notice(notice: &TailNotice) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ship::resolve::{ChargeBy, EventSpec};
+
+    #[test]
+    fn billable_records_without_a_cost_are_counted_as_unpriced() {
+        let spec = EventSpec {
+            code: "c".into(),
+            charge_by: ChargeBy::default(),
+            precise_amount: None,
+        };
+        let source = || Source {
+            file: "f".into(),
+            offset: 0,
+        };
+        let line = |cost: &str, status: &str| {
+            format!(
+                r#"{{"schema":1,"transaction_id":"t-{cost}-{status}","end_time":"2026-11-27T10:00:00.250Z","model":"m","input_tokens":1,"output_tokens":1,"response_cost":{cost},"end_user_id":"c","status":"{status}"}}"#
+            )
+        };
+        let items: Vec<IngestItem> = [
+            line("null", "success"),
+            line("0.5", "success"),
+            line("null", "failure"),
+            "not a record".to_owned(),
+        ]
+        .iter()
+        .map(|l| line_to_item(source(), l.as_bytes(), &spec))
+        .collect();
+        assert_eq!(count_unpriced(&items), 1);
+    }
+}
