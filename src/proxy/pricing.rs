@@ -411,6 +411,13 @@ impl PriceTable {
             .or_else(|| self.lookup(&d.model_name));
         let keys = match listed {
             Some(l) => l.layered(&d.prices),
+            // A deployment that prices only some classes of an unlisted model: the prompt price
+            // it leaves out is 0 (free), as before, rather than the model being unpriced.
+            None if !d.prices.is_empty() && d.prices.get(INPUT).is_none() => {
+                let mut keys = d.prices.clone();
+                keys.keys.insert(INPUT.into(), 0.0);
+                keys
+            }
             None => d.prices.clone(),
         };
         Price::from_keys(&keys)
@@ -474,6 +481,10 @@ mod tests {
         d.prices.insert(OUTPUT, 0.000002).unwrap();
         assert_eq!(table.price_for(&d).unwrap().cost(&usage(10, 10)), 0.00003);
         assert_eq!(table.price_for(&deployment("x", "my-local-llama")), None);
+        // Only the output priced on an unlisted model: the prompt is free, the output billed.
+        let mut d = deployment("x", "my-local-llama");
+        d.prices.insert(OUTPUT, 0.000002).unwrap();
+        assert_eq!(table.price_for(&d).unwrap().cost(&usage(10, 10)), 0.00002);
         // Looked up by model_name when the upstream name is not listed.
         assert!(
             table
