@@ -43,6 +43,7 @@ fn ingest_direct(file: &str, state_dir: &str) -> anyhow::Result<()> {
     let spec = EventSpec {
         code: "llm_usage".into(),
         charge_by: Default::default(),
+        precise_amount: None,
     };
     let mut outbox = Outbox::open_in(std::path::Path::new(state_dir))?;
     let reader = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(file)?);
@@ -84,6 +85,7 @@ pub fn parse_only(file: &str) -> anyhow::Result<()> {
     let spec = EventSpec {
         code: "llm_usage".into(),
         charge_by: Default::default(),
+        precise_amount: None,
     };
     let reader = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(file)?);
     let start = Instant::now();
@@ -144,6 +146,7 @@ fn ingest(file: &str, state_dir: &str) -> anyhow::Result<()> {
         let spec = Arc::new(EventSpec {
             code: "llm_usage".into(),
             charge_by: Default::default(),
+            precise_amount: None,
         });
         let stop = CancellationToken::new();
         let start = Instant::now();

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test tally has, on a fresh machine: installs what the tests need first.
 #   - a Python venv (.venv) with the official `openai` SDK, `langchain-openai` and pytest,
-#     for the client tests;
+#     for the client tests, and the pinned `litellm` (tests/pricing/requirements.txt), the oracle
+#     the pricing test compares tally's costs with (TALLY_PYTHON points the Rust tests at it);
 #   - Debian's systemd, for `systemd-analyze verify/security` on the units.
 # Then: format check, clippy (warnings are errors), the Rust test suite, the client tests.
 set -euo pipefail
@@ -16,7 +17,8 @@ step "Python venv for the client tests"
 if [[ ! -x .venv/bin/python ]]; then
   python3 -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -r tests/clients/requirements.txt
+.venv/bin/python -m pip install --quiet --disable-pip-version-check \
+  -r tests/clients/requirements.txt -r tests/pricing/requirements.txt
 
 step "Debian packages the tests use"
 need_apt=()

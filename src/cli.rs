@@ -105,6 +105,28 @@ pub struct LagoArgs {
     /// such as `team_id,user_id` (the first non-empty id wins).
     #[arg(long, env = "LAGO_API_CHARGE_BY", default_value = "end_user_id")]
     pub lago_api_charge_by: String,
+
+    /// Send `precise_total_amount_cents` (cost × 100 × TALLY_COST_MARKUP, exact decimal) with
+    /// every priced event, for a Lago charge with the `dynamic` model.
+    #[arg(
+        long,
+        env = "TALLY_PRECISE_AMOUNT",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        default_value_t = false,
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub precise_amount: bool,
+
+    /// What every cost is multiplied by in `precise_total_amount_cents` (a plain decimal ≥ 0;
+    /// 1 = the provider's price, 1.2 = 20% on top).
+    #[arg(
+        long,
+        env = "TALLY_COST_MARKUP",
+        default_value = "1",
+        allow_hyphen_values = true
+    )]
+    pub cost_markup: String,
 }
 
 /// Shipper tuning; defaults suit a real Lago.
@@ -291,6 +313,25 @@ pub enum QueueAction {
         /// Code of the Lago billable metric the rebuilt events carry.
         #[arg(long, env = "LAGO_API_EVENT_CODE")]
         lago_api_event_code: Option<String>,
+        /// As for `tally ship`: events rebuilt from held records carry
+        /// `precise_total_amount_cents` (stored events keep theirs as they are).
+        #[arg(
+            long,
+            env = "TALLY_PRECISE_AMOUNT",
+            value_parser = clap::builder::BoolishValueParser::new(),
+            default_value_t = false,
+            num_args = 0..=1,
+            default_missing_value = "true"
+        )]
+        precise_amount: bool,
+        /// As for `tally ship`.
+        #[arg(
+            long,
+            env = "TALLY_COST_MARKUP",
+            default_value = "1",
+            allow_hyphen_values = true
+        )]
+        cost_markup: String,
     },
     /// Remove events without billing them; recorded with the reason. Exits 1 if any ID could
     /// not be dropped (unknown, or already acked).

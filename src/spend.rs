@@ -39,6 +39,16 @@ pub struct SpendRecord {
     pub output_tokens: u64,
     #[serde(default)]
     pub total_tokens: Option<u64>,
+    /// Of `input_tokens`, those read from the provider's prompt cache (0 when none; missing in
+    /// records written before the field existed, read as 0).
+    #[serde(default)]
+    pub cache_read_input_tokens: u64,
+    /// Of `input_tokens`, those written to the provider's prompt cache.
+    #[serde(default)]
+    pub cache_creation_input_tokens: u64,
+    /// Of `output_tokens`, those spent on reasoning.
+    #[serde(default)]
+    pub reasoning_tokens: u64,
     #[serde(default)]
     pub usage_estimated: bool,
     #[serde(default)]
@@ -157,6 +167,15 @@ impl SpendRecord {
             ("input_tokens", Some(self.input_tokens)),
             ("output_tokens", Some(self.output_tokens)),
             ("total_tokens", self.total_tokens),
+            (
+                "cache_read_input_tokens",
+                Some(self.cache_read_input_tokens),
+            ),
+            (
+                "cache_creation_input_tokens",
+                Some(self.cache_creation_input_tokens),
+            ),
+            ("reasoning_tokens", Some(self.reasoning_tokens)),
         ] {
             if let Some(v) = value
                 && v > MAX_TOKENS
@@ -241,6 +260,12 @@ impl SpendRecord {
         w.uint(self.output_tokens);
         w.raw(",\"total_tokens\":");
         w.opt_uint(self.total_tokens);
+        w.raw(",\"cache_read_input_tokens\":");
+        w.uint(self.cache_read_input_tokens);
+        w.raw(",\"cache_creation_input_tokens\":");
+        w.uint(self.cache_creation_input_tokens);
+        w.raw(",\"reasoning_tokens\":");
+        w.uint(self.reasoning_tokens);
         w.raw(",\"usage_estimated\":");
         w.bool(self.usage_estimated);
         w.raw(",\"response_cost\":");
@@ -392,6 +417,9 @@ mod tests {
             input_tokens: 7,
             output_tokens: 15,
             total_tokens: Some(22),
+            cache_read_input_tokens: 0,
+            cache_creation_input_tokens: 0,
+            reasoning_tokens: 0,
             usage_estimated: false,
             response_cost: Some(0.0001675),
             end_user_id: Some("customer-1".into()),
@@ -471,6 +499,9 @@ mod tests {
                 input_tokens: uints[pick(uints.len())],
                 output_tokens: uints[pick(uints.len())],
                 total_tokens: (pick(2) == 0).then(|| uints[pick(uints.len())]),
+                cache_read_input_tokens: uints[pick(uints.len())],
+                cache_creation_input_tokens: uints[pick(uints.len())],
+                reasoning_tokens: uints[pick(uints.len())],
                 usage_estimated: pick(2) == 0,
                 response_cost: (pick(3) != 0).then(|| floats[pick(floats.len())]),
                 end_user_id: opt(pick(strings.len()), pick(2) == 0),
@@ -571,6 +602,27 @@ mod tests {
             SpendRecord::parse_line(b"{\"schema\":1,\xff}"),
             Err(RecordError::NotUtf8 { valid_up_to: 12 })
         ));
+    }
+
+    #[test]
+    fn records_without_the_token_classes_read_them_as_zero() {
+        let line = br#"{"schema":1,"transaction_id":"t","end_time":"2026-11-27T10:00:00.250Z","model":"m","input_tokens":7,"output_tokens":15,"status":"success"}"#;
+        let r = SpendRecord::parse_line(line).unwrap();
+        assert_eq!(
+            (
+                r.cache_read_input_tokens,
+                r.cache_creation_input_tokens,
+                r.reasoning_tokens
+            ),
+            (0, 0, 0)
+        );
+        let err = parse(&with(
+            "reasoning_tokens",
+            serde_json::json!(5_000_000_000u64),
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("reasoning_tokens"), "{err}");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! |---|---|
 //! | `tally_ship_lines_read_total` | |
 //! | `tally_ship_lines_rejected_total` | `reason` |
+//! | `tally_ship_unpriced_records_total` (billable records without a `response_cost`) | |
 //! | `tally_ship_events_total` | `outcome` (`acked`, `held`, `dead`) |
 //! | `tally_ship_queue_events` | `state` (`pending`, `held`, `dead`, `rejected`) |
 //! | `tally_ship_oldest_pending_age_seconds` | |
@@ -119,6 +120,7 @@ pub struct QueueDepth {
 pub struct ShipMetrics {
     lines_read: Counter,
     lines_rejected: Family<ReasonLabels, Counter>,
+    unpriced: Counter,
     events: Family<OutcomeLabels, Counter>,
     queue: Family<StateLabels, Gauge>,
     oldest_pending_age: Gauge<f64, AtomicU64>,
@@ -134,6 +136,7 @@ impl ShipMetrics {
         let metrics = Self {
             lines_read: Counter::default(),
             lines_rejected: Family::default(),
+            unpriced: Counter::default(),
             events: Family::default(),
             queue: Family::default(),
             oldest_pending_age: Gauge::default(),
@@ -152,6 +155,11 @@ impl ShipMetrics {
             "tally_ship_lines_rejected",
             "Spend-log lines that are not a valid record, kept as rejected",
             metrics.lines_rejected.clone(),
+        );
+        registry.register(
+            "tally_ship_unpriced_records",
+            "Billable spend records read without a response_cost (their events carry no precise_total_amount_cents)",
+            metrics.unpriced.clone(),
         );
         registry.register(
             "tally_ship_events",
@@ -202,6 +210,11 @@ impl ShipMetrics {
     /// Counts `n` spend-log lines read.
     pub fn record_lines_read(&self, n: u64) {
         self.lines_read.inc_by(n);
+    }
+
+    /// Counts `n` billable records read without a price.
+    pub fn record_unpriced(&self, n: u64) {
+        self.unpriced.inc_by(n);
     }
 
     /// Counts `n` rejected lines. `reason` is a fixed name from the code (`tally ship` uses

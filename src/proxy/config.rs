@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::pricing::{ParamPrices, PriceKeys};
 use super::server::ServerLimits;
 
 /// Default upstream when a deployment names no `api_base`.
@@ -58,6 +59,9 @@ pub struct Deployment {
     pub timeout: Duration,
     pub input_cost_per_token: Option<f64>,
     pub output_cost_per_token: Option<f64>,
+    /// Every LiteLLM price name set in `litellm_params` (the two above included), laid over the
+    /// listed model's prices.
+    pub prices: PriceKeys,
     /// Answer locally with this text instead of calling the upstream.
     pub mock_response: Option<String>,
 }
@@ -181,6 +185,9 @@ struct RawParams {
     input_cost_per_token: Option<f64>,
     output_cost_per_token: Option<f64>,
     mock_response: Option<String>,
+    /// The other LiteLLM price names (`cache_read_input_token_cost`, tiers, ...).
+    #[serde(flatten)]
+    prices: ParamPrices,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -360,6 +367,22 @@ impl ProxyConfig {
                     ));
                 }
             }
+            let mut prices = params.prices.prices;
+            if let Some((key, reason)) = params.prices.invalid.into_iter().next() {
+                return Err(entry_error(
+                    format!("{entry}.litellm_params.{key}"),
+                    reason,
+                    "write the USD price of one token, e.g. 0.0000025",
+                ));
+            }
+            for (key, cost) in [
+                ("input_cost_per_token", params.input_cost_per_token),
+                ("output_cost_per_token", params.output_cost_per_token),
+            ] {
+                if let Some(c) = cost {
+                    let _ = prices.insert(key, c);
+                }
+            }
             deployments.push(Deployment {
                 model_name,
                 upstream_model,
@@ -368,6 +391,7 @@ impl ProxyConfig {
                 timeout: Duration::from_secs_f64(timeout),
                 input_cost_per_token: params.input_cost_per_token,
                 output_cost_per_token: params.output_cost_per_token,
+                prices,
                 mock_response: params.mock_response,
             });
         }
@@ -779,6 +803,40 @@ mod tests {
         let text = err.to_string();
         assert!(matches!(err, ConfigError::Yaml { .. }), "{text}");
         assert!(text.contains("test.yaml: invalid YAML at line"), "{text}");
+    }
+
+    #[test]
+    fn litellm_params_price_names_are_kept_and_bad_values_named() {
+        let config = load(
+            &format!(
+                "general_settings: {{master_key: {STRONG}}}\nmodel_list:\n  - model_name: a\n    litellm_params: {{model: openai/x, input_cost_per_token: 0.000001, cache_read_input_token_cost: \"1e-7\", input_cost_per_token_above_200k_tokens: 0.000002, output_cost_per_reasoning_token: 0.00001, rpm: 100}}"
+            ),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            config.deployments[0].prices.names(),
+            [
+                "cache_read_input_token_cost",
+                "input_cost_per_token",
+                "input_cost_per_token_above_200k_tokens",
+                "output_cost_per_reasoning_token"
+            ]
+        );
+        for bad in ["-0.1", "\"cheap\"", "[1]"] {
+            let err = load(
+                &format!(
+                    "general_settings: {{master_key: {STRONG}}}\nmodel_list:\n  - model_name: a\n    litellm_params: {{model: openai/x, cache_creation_input_token_cost: {bad}}}"
+                ),
+                &[],
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.contains("litellm_params.cache_creation_input_token_cost"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

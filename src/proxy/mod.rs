@@ -18,6 +18,7 @@
 //! - [`upstream`]: calls to upstreams over kept-alive connections the calling task drives, and
 //!   the mapping of transport failures.
 //! - [`mock`]: local answers for `mock_response` deployments.
+//! - [`usage`]: the upstream's token usage, every provider's shape, read into one form.
 //! - [`tokens`]: the token estimate used when an upstream reports no usage.
 //! - [`files`]: keeping what the proxy owns on disk private (no symlinked log, no open state dir).
 //! - [`spend_writer`]: the spend log: one line per append under a lock, rotation.
@@ -44,6 +45,7 @@ pub mod spend_writer;
 pub mod stream;
 pub mod tokens;
 pub mod upstream;
+pub mod usage;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -182,11 +182,12 @@ impl Call {
                     .total_tokens
                     .unwrap_or(usage.prompt_tokens + usage.completion_tokens),
             ),
+            cache_read_input_tokens: usage.cache_read_tokens,
+            cache_creation_input_tokens: usage.cache_creation_tokens,
+            reasoning_tokens: usage.reasoning_tokens,
             usage_estimated: estimated,
             response_cost: if billable {
-                self.route
-                    .price
-                    .map(|p| p.cost(usage.prompt_tokens, usage.completion_tokens))
+                self.route.price.as_ref().map(|p| p.cost(&usage))
             } else {
                 None
             },

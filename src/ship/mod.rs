@@ -5,6 +5,7 @@
 //!   code; the Lago key is redacted everywhere.
 //! - [`tail`]: follows the live spend log across rotation and truncation, yielding lines and
 //!   file positions.
+//! - [`amount`]: `precise_total_amount_cents` (cost × 100 × markup) in exact decimal.
 //! - [`resolve`]: a record → who is charged (`LAGO_API_CHARGE_BY`) and the exact Lago event bytes.
 //! - [`outbox`]: `shipper.db` (SQLite, WAL, migrated schema): records, their delivery state,
 //!   rejected lines, file positions; plus what `tally queue` reads and does.
@@ -17,6 +18,7 @@
 //!
 //! [`run`] is the command; [`run_with`] runs the same shipper from code (the demo, tests).
 
+pub mod amount;
 pub mod lago;
 pub mod outbox;
 pub mod reader;
@@ -79,6 +81,7 @@ pub fn event_spec(settings: &ShipSettings) -> EventSpec {
     EventSpec {
         code: settings.lago.event_code.clone(),
         charge_by: settings.lago.charge_by.clone(),
+        precise_amount: settings.lago.precise_amount,
     }
 }
 

@@ -118,11 +118,13 @@ pub async fn run_reader(
     type Parsed = tokio::task::JoinHandle<(Vec<IngestItem>, Vec<crate::ship::tail::FilePosition>)>;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Parsed>(1);
     let stop = shutdown.clone();
+    let spec_for_log = spec.clone();
     let committer = tokio::spawn(async move {
         let mut totals = IngestReport::default();
         while let Some(parsed) = rx.recv().await {
             let (items, positions) = parsed.await.map_err(|e| SenderError::Task(e.to_string()))?;
             let lines = items.len() as u64;
+            let unpriced = count_unpriced(&items);
             let committed =
                 with_outbox_waiting(&outbox, &storage, &stop, move |ob: &mut Outbox| {
                     ob.ingest(&items, &positions)
@@ -138,6 +140,15 @@ pub async fn run_reader(
                 m.record_lines_rejected("invalid", report.rejected);
                 m.record_lines_rejected("conflict", report.conflicts);
                 m.record_held(report.held);
+                m.record_unpriced(unpriced);
+            }
+            if unpriced > 0 && spec_for_log.precise_amount.is_some() {
+                tracing::warn!(
+                    unpriced,
+                    "billable records without a response_cost: their events carry no \
+                     precise_total_amount_cents, so a dynamic charge bills them 0; price the model \
+                     (litellm_params or tally_settings.price_file)"
+                );
             }
             totals.add(&report);
             signal.added(report.pending as usize);
@@ -195,6 +206,14 @@ pub async fn run_reader(
     Ok(totals)
 }
 
+/// Records read that are billable but unpriced.
+fn count_unpriced(items: &[IngestItem]) -> u64 {
+    items
+        .iter()
+        .filter(|i| matches!(i, IngestItem::Record { prepared, .. } if prepared.unpriced))
+        .count() as u64
+}
+
 fn log_report(report: &IngestReport) {
     if report.rejected > 0 || report.conflicts > 0 {
         tracing::warn!(
@@ -232,6 +251,35 @@ fn log_notice(notice: &TailNotice) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ship::resolve::{ChargeBy, EventSpec};
+
+    #[test]
+    fn billable_records_without_a_cost_are_counted_as_unpriced() {
+        let spec = EventSpec {
+            code: "c".into(),
+            charge_by: ChargeBy::default(),
+            precise_amount: None,
+        };
+        let source = || Source {
+            file: "f".into(),
+            offset: 0,
+        };
+        let line = |cost: &str, status: &str| {
+            format!(
+                r#"{{"schema":1,"transaction_id":"t-{cost}-{status}","end_time":"2026-11-27T10:00:00.250Z","model":"m","input_tokens":1,"output_tokens":1,"response_cost":{cost},"end_user_id":"c","status":"{status}"}}"#
+            )
+        };
+        let items: Vec<IngestItem> = [
+            line("null", "success"),
+            line("0.5", "success"),
+            line("null", "failure"),
+            "not a record".to_owned(),
+        ]
+        .iter()
+        .map(|l| line_to_item(source(), l.as_bytes(), &spec))
+        .collect();
+        assert_eq!(count_unpriced(&items), 1);
+    }
 
     /// Regression (issue 12): every empty line of the spend log became a rejected row.
     #[test]
@@ -246,6 +294,7 @@ mod tests {
         let spec = EventSpec {
             code: "c".into(),
             charge_by: Default::default(),
+            precise_amount: None,
         };
         let items = chunk_items(&lines, &spec, 1024);
         assert_eq!(items.len(), 1);

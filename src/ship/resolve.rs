@@ -12,6 +12,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::ship::amount::{Markup, precise_total_amount_cents};
 use crate::spend::SpendRecord;
 
 /// One id field of the spend record that can name the Lago customer's subscription.
@@ -151,11 +152,13 @@ impl CustomerIds {
     }
 }
 
-/// What the outbox needs to build events: the metric code and who is charged.
+/// What the outbox needs to build events: the metric code, who is charged, and whether (with
+/// which markup) events carry `precise_total_amount_cents` (`TALLY_PRECISE_AMOUNT`).
 #[derive(Debug, Clone)]
 pub struct EventSpec {
     pub code: String,
     pub charge_by: ChargeBy,
+    pub precise_amount: Option<Markup>,
 }
 
 /// What becomes of one record.
@@ -187,6 +190,9 @@ pub struct PreparedRecord {
     /// The canonical record JSON, kept for held records only.
     pub record_json: Option<Vec<u8>>,
     pub disposition: Disposition,
+    /// Billable but without a `response_cost`: its event carries no precise amount (counted by
+    /// the reader, `tally_ship_unpriced_records`).
+    pub unpriced: bool,
 }
 
 /// Prepares a record read from a spend-log `line` (without its newline); the hash is of the
@@ -213,6 +219,7 @@ fn build(record: &SpendRecord, content_hash: i64, spec: &EventSpec) -> PreparedR
         customer_ids: CustomerIds::of(record),
         record_json,
         disposition,
+        unpriced: record.is_billable() && record.response_cost.is_none(),
     }
 }
 
@@ -226,7 +233,7 @@ pub fn disposition(record: &SpendRecord, spec: &EventSpec) -> Disposition {
     match spec.charge_by.resolve(record) {
         Ok(id) => Disposition::Pending {
             external_subscription_id: id.to_owned(),
-            event: event_bytes(record, &spec.code, id),
+            event: event_bytes_with(record, &spec.code, id, spec.precise_amount),
         },
         Err(reason) => Disposition::Held { reason },
     }
@@ -248,6 +255,7 @@ pub fn re_resolve_event(event: &[u8], ids: &CustomerIds, spec: &EventSpec) -> Op
                     external_subscription_id: id,
                     code: &spec.code,
                     timestamp: stored.timestamp.clone(),
+                    precise_total_amount_cents: stored.precise_total_amount_cents.clone(),
                     properties: stored.properties.borrowed(),
                 };
                 Disposition::Pending {
@@ -287,6 +295,8 @@ pub fn content_hash(bytes: &[u8]) -> i64 {
 struct StoredEvent {
     transaction_id: String,
     timestamp: String,
+    #[serde(default)]
+    precise_total_amount_cents: Option<String>,
     properties: OwnedProperties,
 }
 
@@ -300,6 +310,13 @@ struct OwnedProperties {
     total_tokens: u64,
     prompt_tokens: u64,
     completion_tokens: u64,
+    /// Absent from events stored before the token classes were sent: re-resolved without them.
+    #[serde(default)]
+    cache_read_input_tokens: Option<u64>,
+    #[serde(default)]
+    cache_creation_input_tokens: Option<u64>,
+    #[serde(default)]
+    reasoning_tokens: Option<u64>,
 }
 
 impl OwnedProperties {
@@ -312,6 +329,9 @@ impl OwnedProperties {
             total_tokens: self.total_tokens,
             prompt_tokens: self.prompt_tokens,
             completion_tokens: self.completion_tokens,
+            cache_read_input_tokens: self.cache_read_input_tokens,
+            cache_creation_input_tokens: self.cache_creation_input_tokens,
+            reasoning_tokens: self.reasoning_tokens,
         }
     }
 }
@@ -322,6 +342,8 @@ struct LagoEvent<'a> {
     external_subscription_id: &'a str,
     code: &'a str,
     timestamp: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    precise_total_amount_cents: Option<String>,
     properties: Properties<'a>,
 }
 
@@ -335,15 +357,37 @@ struct Properties<'a> {
     total_tokens: u64,
     prompt_tokens: u64,
     completion_tokens: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cache_read_input_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cache_creation_input_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reasoning_tokens: Option<u64>,
 }
 
 /// The Lago event for a record, as JSON bytes (design.md, "Mapping a record to a Lago event").
 pub fn event_bytes(record: &SpendRecord, code: &str, external_subscription_id: &str) -> Vec<u8> {
+    event_bytes_with(record, code, external_subscription_id, None)
+}
+
+/// Same, with `precise_total_amount_cents` (cost × 100 × markup) when `precise_amount` is set
+/// and the record is priced; an unpriced record's event carries no amount.
+pub fn event_bytes_with(
+    record: &SpendRecord,
+    code: &str,
+    external_subscription_id: &str,
+    precise_amount: Option<Markup>,
+) -> Vec<u8> {
     let event = LagoEvent {
         transaction_id: &record.transaction_id,
         external_subscription_id,
         code,
         timestamp: lago_timestamp(record.end_time.timestamp_millis()),
+        precise_total_amount_cents: precise_amount.and_then(|markup| {
+            record
+                .response_cost
+                .and_then(|cost| precise_total_amount_cents(cost, markup))
+        }),
         properties: Properties {
             model: &record.model,
             response_cost: record.response_cost,
@@ -352,6 +396,9 @@ pub fn event_bytes(record: &SpendRecord, code: &str, external_subscription_id: &
             total_tokens: record.total_tokens(),
             prompt_tokens: record.input_tokens,
             completion_tokens: record.output_tokens,
+            cache_read_input_tokens: Some(record.cache_read_input_tokens),
+            cache_creation_input_tokens: Some(record.cache_creation_input_tokens),
+            reasoning_tokens: Some(record.reasoning_tokens),
         },
     };
     // Only strings, integers and finite floats (validated at parse): cannot fail.
@@ -380,6 +427,7 @@ mod tests {
         EventSpec {
             code: "llm_usage".into(),
             charge_by: charge_by.parse().unwrap(),
+            precise_amount: None,
         }
     }
 
@@ -396,7 +444,7 @@ mod tests {
         assert_eq!(external_subscription_id, "cust-1");
         assert_eq!(
             String::from_utf8(event).unwrap(),
-            r#"{"transaction_id":"tx-1","external_subscription_id":"cust-1","code":"llm_usage","timestamp":"1795773600.250","properties":{"model":"gpt-4o","response_cost":0.0001675,"input_tokens":7,"output_tokens":15,"total_tokens":22,"prompt_tokens":7,"completion_tokens":15}}"#
+            r#"{"transaction_id":"tx-1","external_subscription_id":"cust-1","code":"llm_usage","timestamp":"1795773600.250","properties":{"model":"gpt-4o","response_cost":0.0001675,"input_tokens":7,"output_tokens":15,"total_tokens":22,"prompt_tokens":7,"completion_tokens":15,"cache_read_input_tokens":0,"cache_creation_input_tokens":0,"reasoning_tokens":0}}"#
         );
     }
 
@@ -411,6 +459,41 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&a).unwrap();
         assert!(v["properties"].get("response_cost").is_none());
         assert_eq!(v["properties"]["total_tokens"], 22);
+    }
+
+    #[test]
+    fn token_classes_and_the_precise_amount_are_sent() {
+        let mut r = record();
+        r.input_tokens = 12_050;
+        r.cache_read_input_tokens = 10_000;
+        r.cache_creation_input_tokens = 2_000;
+        r.reasoning_tokens = 40;
+        r.response_cost = Some(0.015525);
+        let mut s = spec("end_user_id");
+        s.precise_amount = Some("1.2".parse().unwrap());
+        let Disposition::Pending { event, .. } = prepare(&r, &s).disposition else {
+            panic!("expected pending")
+        };
+        let v: serde_json::Value = serde_json::from_slice(&event).unwrap();
+        assert_eq!(v["precise_total_amount_cents"], "1.863");
+        assert_eq!(v["properties"]["cache_read_input_tokens"], 10_000);
+        assert_eq!(v["properties"]["cache_creation_input_tokens"], 2_000);
+        assert_eq!(v["properties"]["reasoning_tokens"], 40);
+        // Same record, same spec: the same bytes; and a re-resolve keeps the amount.
+        let Disposition::Pending { event: again, .. } = prepare(&r, &s).disposition else {
+            panic!()
+        };
+        assert_eq!(event, again);
+        assert_eq!(
+            re_resolve_event(&event, &CustomerIds::of(&r), &s),
+            Some(prepare(&r, &s).disposition)
+        );
+        // Off by default; an unpriced record carries no amount even when it is on.
+        let off = event_bytes(&r, "c", "s");
+        assert!(!String::from_utf8_lossy(&off).contains("precise_total_amount_cents"));
+        r.response_cost = None;
+        let unpriced = event_bytes_with(&r, "c", "s", s.precise_amount);
+        assert!(!String::from_utf8_lossy(&unpriced).contains("precise_total_amount_cents"));
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::time::Duration;
 use reqwest::Url;
 
 use crate::cli::{LagoArgs, ShipArgs, ShipTuning};
+use crate::ship::amount::Markup;
 use crate::ship::resolve::{ChargeBy, ChargeByError};
 
 /// Lago's own cap on events per batch request (`LAGO_EVENTS_BATCH_MAX_LENGTH`, default 100).
@@ -59,6 +60,8 @@ pub struct LagoSettings {
     /// The billable metric code every event carries.
     pub event_code: String,
     pub charge_by: ChargeBy,
+    /// `TALLY_PRECISE_AMOUNT` on: events carry `precise_total_amount_cents` with this markup.
+    pub precise_amount: Option<Markup>,
 }
 
 impl LagoSettings {
@@ -161,6 +164,7 @@ impl ShipSettings {
                 api_key: check_api_key(api_key.expose())?,
                 event_code: check_event_code(event_code)?,
                 charge_by: ChargeBy::default(),
+                precise_amount: None,
             },
             tuning: Tuning::default(),
             metrics_addr: None,
@@ -232,7 +236,20 @@ pub fn lago_from_args(args: &LagoArgs) -> Result<LagoSettings, SettingsError> {
         api_key: check_api_key(key)?,
         event_code: check_event_code(code)?,
         charge_by,
+        precise_amount: precise_amount_from_args(args)?,
     })
+}
+
+/// `TALLY_PRECISE_AMOUNT` and `TALLY_COST_MARKUP` (the markup is checked even while the amount
+/// is off, so a typo shows at start-up, not when it is switched on).
+pub fn precise_amount_from_args(args: &LagoArgs) -> Result<Option<Markup>, SettingsError> {
+    let markup: Markup =
+        args.cost_markup
+            .parse()
+            .map_err(|e: crate::ship::amount::MarkupError| {
+                invalid("TALLY_COST_MARKUP", &args.cost_markup, e.to_string())
+            })?;
+    Ok(args.precise_amount.then_some(markup))
 }
 
 /// Validates the tuning flags.
@@ -580,6 +597,35 @@ mod tests {
         assert_eq!(s.tuning.batch_max_bytes, 512 * 1024);
         let s = ShipSettings::from_args(&args(&["--batch-max-bytes", "4096"])).unwrap();
         assert_eq!(s.tuning.batch_max_bytes, 4096);
+    }
+
+    #[test]
+    fn precise_amount_is_off_by_default_and_the_markup_is_checked() {
+        let s = ShipSettings::from_args(&args(&[])).unwrap();
+        assert_eq!(s.lago.precise_amount, None);
+        let s = ShipSettings::from_args(&args(&[
+            "--precise-amount",
+            "true",
+            "--cost-markup",
+            "1.25",
+        ]))
+        .unwrap();
+        assert_eq!(
+            s.lago.precise_amount.map(|m| m.to_string()),
+            Some("1.25".into())
+        );
+        let s = ShipSettings::from_args(&args(&["--precise-amount", "true"])).unwrap();
+        assert_eq!(s.lago.precise_amount, Some(Markup::default()));
+        for bad in ["-0.5", "inf", "NaN", "1e3", "abc"] {
+            let err = ShipSettings::from_args(&args(&["--cost-markup", bad]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("TALLY_COST_MARKUP="), "{bad}: {err}");
+        }
+        let err = ShipSettings::from_args(&args(&["--cost-markup", "-2"]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("below 0"), "{err}");
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! Integration tests: one binary, one submodule per area. Every server binds port 0.
 
 mod bad_input;
+mod billing_classes;
 mod commands;
 mod lago_emulator;
+mod pricing_oracle;
 mod proxy;
 mod reliability_crash;
 mod reliability_disk;

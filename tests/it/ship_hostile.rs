@@ -103,6 +103,7 @@ fn ingest(s: &ShipSettings, records: &[SpendRecord]) -> Outbox {
     let spec = EventSpec {
         code: "llm_usage".into(),
         charge_by: Default::default(),
+        precise_amount: None,
     };
     let mut ob = Outbox::open_in(&s.state_dir).unwrap();
     let items: Vec<_> = records

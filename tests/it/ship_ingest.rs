@@ -36,6 +36,7 @@ fn spec(charge_by: &str) -> EventSpec {
     EventSpec {
         code: "llm_usage".into(),
         charge_by: charge_by.parse().unwrap(),
+        precise_amount: None,
     }
 }
 

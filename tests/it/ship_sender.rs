@@ -36,6 +36,7 @@ fn spec() -> EventSpec {
     EventSpec {
         code: "llm_usage".into(),
         charge_by: Default::default(),
+        precise_amount: None,
     }
 }
 

@@ -13,6 +13,7 @@ use anyhow::Context;
 
 use crate::cli::{OutputFormat, QueueAction, QueueArgs, QueueState, RetryState};
 use crate::commands::output::{self, EXIT_NEEDS_ATTENTION};
+use crate::ship::amount::Markup;
 use crate::ship::outbox::{ListFilter, Outbox, State, now_ms};
 use crate::ship::resolve::{ChargeBy, EventSpec};
 
@@ -41,14 +42,22 @@ fn run_blocking(
             ids,
             charge_by,
             lago_api_event_code,
-        } => retry(
-            state_dir,
-            state,
-            &ids,
-            &charge_by,
-            lago_api_event_code.as_deref(),
-            format,
-        ),
+            precise_amount,
+            cost_markup,
+        } => {
+            let markup: Markup = cost_markup.parse().map_err(|e| {
+                anyhow::anyhow!("TALLY_COST_MARKUP={cost_markup:?} is not valid: {e}")
+            })?;
+            retry(
+                state_dir,
+                state,
+                &ids,
+                &charge_by,
+                lago_api_event_code.as_deref(),
+                precise_amount.then_some(markup),
+                format,
+            )
+        }
         QueueAction::Drop { ids, reason } => drop_items(state_dir, &ids, &reason, format),
     }
 }
@@ -183,6 +192,7 @@ fn retry(
     ids: &[String],
     charge_by: &str,
     code: Option<&str>,
+    precise_amount: Option<Markup>,
     format: OutputFormat,
 ) -> anyhow::Result<ExitCode> {
     let charge_by: ChargeBy = charge_by
@@ -196,6 +206,7 @@ fn retry(
     let spec = EventSpec {
         code: code.to_owned(),
         charge_by: charge_by.clone(),
+        precise_amount,
     };
     let state = state.map(|s| match s {
         RetryState::Held => State::Held,

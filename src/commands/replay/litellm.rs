@@ -8,7 +8,9 @@
 //! - `model_group` (the name the client asked for) → `model`, `model` → `upstream_model`;
 //!   `model` alone when there is no `model_group`;
 //! - `prompt_tokens` / `completion_tokens` / `total_tokens` → `input_tokens` / `output_tokens` /
-//!   `total_tokens`; `spend` → `response_cost`;
+//!   `total_tokens`; `spend` → `response_cost`; the token classes (`cache_read_input_tokens`,
+//!   `cache_creation_input_tokens`, `reasoning_tokens`) from `metadata.usage_object`, LiteLLM's
+//!   copy of the provider's usage, read by the proxy's own usage parser (0 when absent);
 //! - `end_user` → `end_user_id`; `user` → `user_id`; `team_id` → `team_id`; when those are empty,
 //!   `metadata.user_api_key_user_id` / `user_api_key_team_id`; `metadata.user_api_key_alias` →
 //!   `key_alias` (`metadata` may be an object or a JSON string holding one);
@@ -17,8 +19,10 @@
 //! - `status` → `status`: `success` when LiteLLM says success or nothing.
 
 use chrono::{DateTime, NaiveDateTime, Utc};
+use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use crate::proxy::usage::Usage;
 use crate::spend::{RecordError, SCHEMA_VERSION, SpendRecord};
 
 /// Why a LiteLLM row could not be turned into a record.
@@ -81,6 +85,12 @@ pub fn to_record(row: &Map<String, Value>) -> Result<SpendRecord, LitellmError> 
     let input_tokens = tokens(row, "prompt_tokens")?.unwrap_or(0);
     let output_tokens = tokens(row, "completion_tokens")?.unwrap_or(0);
     let total_tokens = tokens(row, "total_tokens")?;
+    // Best effort: a usage object that does not read as usage leaves the classes at 0.
+    let classes: Usage = metadata
+        .as_ref()
+        .and_then(|m| m.get("usage_object"))
+        .and_then(|u| Usage::deserialize(u).ok())
+        .unwrap_or_default();
     let response_cost = match row.get("spend") {
         None | Some(Value::Null) => None,
         Some(v) => Some(number(v).ok_or_else(|| field("spend", format!("{v} is not a number")))?),
@@ -103,6 +113,9 @@ pub fn to_record(row: &Map<String, Value>) -> Result<SpendRecord, LitellmError> 
         input_tokens,
         output_tokens,
         total_tokens,
+        cache_read_input_tokens: classes.cache_read_tokens,
+        cache_creation_input_tokens: classes.cache_creation_tokens,
+        reasoning_tokens: classes.reasoning_tokens,
         usage_estimated: false,
         response_cost,
         end_user_id: non_empty_str(row.get("end_user")),
@@ -284,6 +297,26 @@ mod tests {
         assert_eq!(r.user_id.as_deref(), Some("u-9"));
         assert_eq!(r.team_id.as_deref(), Some("t-9"));
         assert_eq!(r.key_alias.as_deref(), Some("k"));
+    }
+
+    #[test]
+    fn reads_the_token_classes_from_the_usage_object() {
+        let mut v = base();
+        v["metadata"] = json!({"usage_object": {
+            "prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30,
+            "prompt_tokens_details": {"cached_tokens": 6},
+            "completion_tokens_details": {"reasoning_tokens": 12},
+            "cache_creation_input_tokens": 3}});
+        let r = row(v).unwrap();
+        assert_eq!(
+            (
+                r.cache_read_input_tokens,
+                r.cache_creation_input_tokens,
+                r.reasoning_tokens
+            ),
+            (6, 3, 12)
+        );
+        assert_eq!(row(base()).unwrap().cache_read_input_tokens, 0);
     }
 
     #[test]

@@ -34,7 +34,7 @@ use crate::commands::output::{self, EXIT_NEEDS_ATTENTION};
 use crate::ship::ShipSettings;
 use crate::ship::outbox::Outbox;
 use crate::ship::resolve::{ChargeBy, EventSpec};
-use crate::ship::settings::{lago_from_args, tuning_from_args};
+use crate::ship::settings::{lago_from_args, precise_amount_from_args, tuning_from_args};
 
 use deliver::DeliveryReport;
 use feed::{FeedOptions, Target};
@@ -65,6 +65,7 @@ pub async fn run(args: ReplayArgs, shutdown: CancellationToken) -> anyhow::Resul
             args.lago.lago_api_charge_by
         )
     })?;
+    let precise_amount = precise_amount_from_args(&args.lago).context("invalid setting")?;
     let ship_settings = if args.ship {
         let lago = lago_from_args(&args.lago).context("--ship needs the Lago settings")?;
         Some(ShipSettings {
@@ -90,7 +91,11 @@ pub async fn run(args: ReplayArgs, shutdown: CancellationToken) -> anyhow::Resul
         format: args.format,
         window,
         max_line_bytes: tuning.max_line_bytes,
-        spec: EventSpec { code, charge_by },
+        spec: EventSpec {
+            code,
+            charge_by,
+            precise_amount,
+        },
         keep_new_ids: args.ship,
     };
 

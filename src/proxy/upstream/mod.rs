@@ -16,7 +16,6 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Body as _, Incoming};
 use hyper_util::client::legacy::connect::HttpConnector;
 use rustls_platform_verifier::BuilderVerifierExt;
-use serde::Deserialize;
 use tokio::time::Instant;
 
 use self::conn::{Conn, Connector, Driven, IdleConns, SendError, UpstreamRequest};
@@ -26,26 +25,7 @@ use super::error::ProxyError;
 /// How long establishing a connection (TCP and TLS) to an upstream may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Token usage as OpenAI reports it (`usage` of a response or of the last stream chunk).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-pub struct Usage {
-    #[serde(default)]
-    pub prompt_tokens: u64,
-    #[serde(default)]
-    pub completion_tokens: u64,
-    #[serde(default)]
-    pub total_tokens: Option<u64>,
-}
-
-impl Usage {
-    pub fn new(prompt_tokens: u64, completion_tokens: u64) -> Self {
-        Self {
-            prompt_tokens,
-            completion_tokens,
-            total_tokens: Some(prompt_tokens + completion_tokens),
-        }
-    }
-}
+pub use super::usage::Usage;
 
 /// What every upstream call shares: how to open a connection (TCP, and rustls with the
 /// platform's trust store for `https` upstreams). The kept-alive connections live with their

@@ -108,6 +108,7 @@ mod tests {
         let spec = EventSpec {
             code: "llm".into(),
             charge_by: Default::default(),
+            precise_amount: None,
         };
         let prepared = prepare(&record, &spec);
         let hash = prepared.content_hash;

@@ -18,6 +18,7 @@ fn spec() -> EventSpec {
     EventSpec {
         code: "llm".into(),
         charge_by: Default::default(),
+        precise_amount: None,
     }
 }
 
@@ -284,6 +285,7 @@ fn dead_retry_and_drop() {
     let by_team = EventSpec {
         code: "llm".into(),
         charge_by: "team_id,end_user_id".parse().unwrap(),
+        precise_amount: None,
     };
     let rep = ob.retry(&[], None, &by_team).unwrap();
     assert_eq!(rep.requeued.len(), 2);
