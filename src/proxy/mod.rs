@@ -10,6 +10,8 @@
 //! - [`json_body`]: a relayed body's members located and substituted without a `Value` tree.
 //! - [`routes`]: the router: health, models, and wiring of the handlers below.
 //! - [`key_api`]: `/key/generate`, `/key/info`, `/key/delete`.
+//! - [`provider`]: what `model: <provider>/<model>` means: URL, auth header, defaults.
+//! - [`router`]: model groups, simple-shuffle, retries, cooldown, fallbacks, wildcards.
 //! - [`relay`]: `/chat/completions` and `/embeddings`: resolve, forward, record.
 //! - [`stream`]: relaying server-sent events while picking out the usage.
 //! - [`upstream`]: calls to upstreams over kept-alive connections the calling task drives, and
@@ -29,15 +31,16 @@ pub mod keys;
 pub mod mock;
 pub mod observe;
 pub mod pricing;
+pub mod provider;
 pub mod relay;
 pub mod request;
+pub mod router;
 pub mod routes;
 pub mod spend_writer;
 pub mod stream;
 pub mod tokens;
 pub mod upstream;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -56,6 +59,8 @@ pub use routes::app;
 use auth::Authenticator;
 use keys::KeyStore;
 use pricing::{Price, PriceTable};
+use provider::CallKind;
+use router::{Group, Groups, RouterSettings};
 use spend_writer::SpendWriter;
 use upstream::{Endpoint, UpstreamClient};
 
@@ -69,6 +74,37 @@ pub struct Route {
     pub price: Option<Price>,
     pub chat: Endpoint,
     pub embeddings: Endpoint,
+    /// Recent failures, for cooldown (only read in groups of several).
+    pub health: router::Health,
+    /// The model is a wildcard (`openai/*`): the upstream model and price are worked out per call.
+    pub wildcard: bool,
+}
+
+impl Route {
+    fn new(d: &Deployment, prices: &PriceTable) -> Self {
+        Self {
+            deployment: d.clone(),
+            price: price_of(d, prices),
+            chat: Endpoint::new(d, CallKind::Chat),
+            embeddings: Endpoint::new(d, CallKind::Embeddings),
+            health: router::Health::default(),
+            wildcard: d.upstream_model.contains('*'),
+        }
+    }
+}
+
+/// A deployment's price. An Azure deployment's name is the operator's own: it is priced as its
+/// `model_info.base_model` (or only by its own per-token prices when it has none).
+pub fn price_of(d: &Deployment, prices: &PriceTable) -> Option<Price> {
+    if d.provider != "azure" {
+        return prices.price_for(d);
+    }
+    let base = d.base_model.clone().unwrap_or_default();
+    prices.price_for(&Deployment {
+        model_name: base.clone(),
+        upstream_model: base,
+        ..d.clone()
+    })
 }
 
 /// Shared state of the proxy; cheap to clone.
@@ -78,7 +114,10 @@ pub struct AppState {
 }
 
 struct Shared {
-    routes: HashMap<String, Arc<Route>>,
+    groups: Groups,
+    router: RouterSettings,
+    /// For wildcard deployments, priced per call by the model the request named.
+    prices: PriceTable,
     /// Model names in config order, for `/models` and error messages.
     model_names: Vec<String>,
     auth: Authenticator,
@@ -114,23 +153,44 @@ impl AppState {
             &config.settings.spend_log,
             config.settings.spend_log_max_bytes,
         )?;
-        let mut routes = HashMap::new();
+        let mut groups: Vec<(String, Vec<Arc<Route>>)> = Vec::new();
         let mut unpriced = Vec::new();
+        let mut azure_unpriced = Vec::new();
         for d in &config.deployments {
-            let price = prices.price_for(d);
-            if price.is_none() {
-                unpriced.push(d.model_name.as_str());
+            let route = Arc::new(Route::new(d, &prices));
+            if route.price.is_none() && !route.wildcard {
+                if d.provider == "azure" && d.base_model.is_none() {
+                    azure_unpriced.push(d.model_name.as_str());
+                } else {
+                    unpriced.push(d.model_name.as_str());
+                }
             }
-            routes.insert(
-                d.model_name.clone(),
-                Arc::new(Route {
-                    deployment: d.clone(),
-                    price,
-                    chat: Endpoint::new(d, "/chat/completions"),
-                    embeddings: Endpoint::new(d, "/embeddings"),
-                }),
+            match groups.iter_mut().find(|(name, _)| *name == d.model_name) {
+                Some((_, routes)) => routes.push(route),
+                None => groups.push((d.model_name.clone(), vec![route])),
+            }
+        }
+        if !azure_unpriced.is_empty() {
+            tracing::warn!(
+                models = ?azure_unpriced,
+                "Azure deployments without model_info.base_model are unpriced (a deployment's name \
+                 says nothing about the model it runs): their spend records carry response_cost \
+                 null; set model_info.base_model, e.g. base_model: azure/gpt-4o"
             );
         }
+        if let Some(strategy) = &config.router.unsupported_strategy {
+            tracing::warn!(
+                strategy,
+                "router_settings.routing_strategy {strategy:?} is not supported; tally routes \
+                 with simple-shuffle (random, weighted by weight / rpm / tpm)"
+            );
+        }
+        let groups = Groups::new(
+            groups
+                .into_iter()
+                .map(|(name, routes)| Arc::new(Group::new(name, routes)))
+                .collect(),
+        );
         if !unpriced.is_empty() {
             tracing::warn!(
                 models = ?unpriced,
@@ -147,18 +207,14 @@ impl AppState {
         }
         let mut registry = Registry::default();
         crate::metrics::register_build_info(&mut registry);
-        let metrics = ProxyMetrics::register(
-            &mut registry,
-            config.deployments.iter().map(|d| d.model_name.clone()),
-        );
+        let model_names = config.model_names();
+        let metrics = ProxyMetrics::register(&mut registry, model_names.iter().cloned());
         Ok(Self {
             inner: Arc::new(Shared {
-                routes,
-                model_names: config
-                    .deployments
-                    .iter()
-                    .map(|d| d.model_name.clone())
-                    .collect(),
+                groups,
+                router: config.router.clone(),
+                prices,
+                model_names,
                 auth: Authenticator::new(config.master_key.as_deref(), keys),
                 spend,
                 upstream: UpstreamClient::new()?,
@@ -170,8 +226,22 @@ impl AppState {
         })
     }
 
-    pub fn route(&self, model_name: &str) -> Option<&Arc<Route>> {
-        self.inner.routes.get(model_name)
+    /// The group serving a requested model name (exact, else by wildcard).
+    pub fn resolve<'a>(&'a self, model: &'a str) -> Option<router::Target<'a>> {
+        self.inner.groups.resolve(model)
+    }
+
+    /// The group named `name` exactly (fallback targets).
+    pub fn group(&self, name: &str) -> Option<&Arc<Group>> {
+        self.inner.groups.get(name)
+    }
+
+    pub fn router(&self) -> &RouterSettings {
+        &self.inner.router
+    }
+
+    pub fn prices(&self) -> &PriceTable {
+        &self.inner.prices
     }
 
     pub fn model_names(&self) -> &[String] {

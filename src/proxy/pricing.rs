@@ -155,6 +155,7 @@ mod tests {
             input_cost_per_token: None,
             output_cost_per_token: None,
             mock_response: None,
+            ..Deployment::default()
         }
     }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::http::{HeaderValue, Uri, header};
+use axum::http::{HeaderName, HeaderValue, Uri, header};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body as _, Incoming};
@@ -22,6 +22,7 @@ use tokio::time::Instant;
 use self::conn::{Conn, Connector, Driven, IdleConns, SendError, UpstreamRequest};
 use super::config::Deployment;
 use super::error::ProxyError;
+use super::provider::{self, CallKind};
 
 /// How long establishing a connection (TCP and TLS) to an upstream may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -70,7 +71,8 @@ pub struct Endpoint {
     /// Where and what to send (`Err` with the reason when `url` is not a usable http(s) URL;
     /// the call then fails as unreachable, naming it).
     target: Result<Target, String>,
-    pub auth: Option<HeaderValue>,
+    /// The auth header the provider sends (`Authorization`, or Azure's `api-key`).
+    pub auth: Option<(HeaderName, HeaderValue)>,
     pub timeout: Duration,
     idle: Arc<IdleConns>,
 }
@@ -118,13 +120,13 @@ impl Target {
 }
 
 impl Endpoint {
-    pub fn new(d: &Deployment, path: &str) -> Self {
-        let auth = d.api_key.as_ref().and_then(|k| {
-            let mut v = HeaderValue::from_str(&format!("Bearer {k}")).ok()?;
-            v.set_sensitive(true);
-            Some(v)
-        });
-        let url = format!("{}{path}", d.api_base);
+    /// The endpoint of `call` on deployment `d`: URL and auth header as its provider has them.
+    pub fn new(d: &Deployment, call: CallKind) -> Self {
+        let provider = provider::of(d);
+        let auth = provider
+            .auth(d)
+            .and_then(|(name, value)| Some((name, provider::header_value(&value)?)));
+        let url = provider.url(d, call);
         Self {
             target: Target::parse(&url),
             url,
@@ -144,8 +146,8 @@ impl Endpoint {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if let Some(auth) = &self.auth {
-            headers.insert(header::AUTHORIZATION, auth.clone());
+        if let Some((name, value)) = &self.auth {
+            headers.insert(name.clone(), value.clone());
         }
         request
     }
