@@ -100,8 +100,10 @@ pub fn price_of(d: &Deployment, prices: &PriceTable) -> Option<Price> {
         return prices.price_for(d);
     }
     let base = d.base_model.clone().unwrap_or_default();
+    // `azure/gpt-4o` as LiteLLM's docs write it; a price table may list it as `gpt-4o` only.
+    let bare = base.strip_prefix("azure/").unwrap_or(&base).to_owned();
     prices.price_for(&Deployment {
-        model_name: base.clone(),
+        model_name: bare,
         upstream_model: base,
         ..d.clone()
     })

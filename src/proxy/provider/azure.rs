@@ -65,14 +65,14 @@ impl Provider for Azure {
                 fix: "write e.g. api_version: \"2024-10-21\"".into(),
             });
         }
-        let api_key = p
-            .api_key
-            .or_else(|| first_env(&["AZURE_OPENAI_API_KEY", "AZURE_API_KEY"], env));
-        let azure_ad_token = match api_key {
-            Some(_) => None,
-            None => p
-                .azure_ad_token
-                .or_else(|| first_env(&["AZURE_AD_TOKEN"], env)),
+        // What the entry says wins over the environment; a key over a token.
+        let (api_key, azure_ad_token) = match (p.api_key, p.azure_ad_token) {
+            (Some(key), _) => (Some(key), None),
+            (None, Some(token)) => (None, Some(token)),
+            (None, None) => match first_env(&["AZURE_OPENAI_API_KEY", "AZURE_API_KEY"], env) {
+                Some(key) => (Some(key), None),
+                None => (None, first_env(&["AZURE_AD_TOKEN"], env)),
+            },
         };
         if api_key.is_none() && azure_ad_token.is_none() && !p.mock {
             return Err(ParamError {

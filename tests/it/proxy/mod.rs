@@ -4,6 +4,7 @@
 mod endpoints;
 mod fake_upstream;
 mod key_api;
+mod routing;
 mod streaming;
 mod upstream_conns;
 
