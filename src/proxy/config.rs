@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::provider::{self, Params};
-use super::router::RouterSettings;
+use super::router::{Alias, RouterSettings};
 
 /// Default upstream when a deployment names no `api_base`.
 pub const OPENAI_API_BASE: &str = "https://api.openai.com/v1";
@@ -208,7 +208,23 @@ struct RawRouterSettings {
     fallbacks: Option<RawFallbacks>,
     context_window_fallbacks: Option<RawFallbacks>,
     default_fallbacks: Option<Vec<String>>,
+    content_policy_fallbacks: Option<RawFallbacks>,
     routing_strategy: Option<String>,
+    timeout: Option<f64>,
+    #[serde(default)]
+    model_group_alias: HashMap<String, RawAlias>,
+}
+
+/// `model_group_alias` values: a group name, or `{model: <group>, hidden: true}`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawAlias {
+    Name(String),
+    Full {
+        model: String,
+        #[serde(default)]
+        hidden: bool,
+    },
 }
 
 #[derive(Debug, Deserialize)]
@@ -238,6 +254,9 @@ struct RawLitellmSettings {
     cooldown_time: Option<f64>,
     fallbacks: Option<RawFallbacks>,
     context_window_fallbacks: Option<RawFallbacks>,
+    content_policy_fallbacks: Option<RawFallbacks>,
+    default_fallbacks: Option<Vec<String>>,
+    request_timeout: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -316,6 +335,11 @@ impl ProxyConfig {
             fix: fix.to_owned(),
         };
 
+        // LiteLLM's default for deployments without their own `timeout`.
+        let default_timeout = raw
+            .router_settings
+            .timeout
+            .or(raw.litellm_settings.request_timeout);
         let mut deployments = Vec::with_capacity(raw.model_list.len());
         let mut seen = HashSet::new();
         for (i, m) in raw.model_list.into_iter().enumerate() {
@@ -395,7 +419,10 @@ impl ProxyConfig {
                     "write a relative weight, e.g. weight: 9 beside another deployment's weight: 1",
                 ));
             }
-            let timeout = params.timeout.unwrap_or(DEFAULT_TIMEOUT_SECS);
+            let timeout = params
+                .timeout
+                .or(default_timeout)
+                .unwrap_or(DEFAULT_TIMEOUT_SECS);
             if !(timeout.is_finite() && timeout > 0.0) {
                 return Err(entry_error(
                     format!("{entry}.litellm_params.timeout"),
@@ -604,7 +631,7 @@ fn router_settings(
         "router_settings.fallbacks",
         r.fallbacks.or(l.fallbacks.take()),
     )?;
-    if let Some(default) = r.default_fallbacks {
+    if let Some(default) = r.default_fallbacks.or(l.default_fallbacks.take()) {
         let star = fallbacks(
             "router_settings.default_fallbacks",
             Some(vec![HashMap::from([("*".to_owned(), default)])]),
@@ -627,6 +654,36 @@ fn router_settings(
             r.context_window_fallbacks
                 .or(l.context_window_fallbacks.take()),
         )?,
+        content_policy_fallbacks: fallbacks(
+            "router_settings.content_policy_fallbacks",
+            r.content_policy_fallbacks
+                .or(l.content_policy_fallbacks.take()),
+        )?,
+        aliases: {
+            let mut aliases = Vec::new();
+            for (alias, target) in r.model_group_alias {
+                let (group, hidden) = match target {
+                    RawAlias::Name(g) => (g, false),
+                    RawAlias::Full { model, hidden } => (model, hidden),
+                };
+                if !models.contains(&group) {
+                    return Err(error(
+                        "router_settings.model_group_alias",
+                        format!(
+                            "{alias:?} points to {group:?}, which is not a model_name of model_list"
+                        ),
+                        "alias an existing group, e.g. {\"gpt-4\": \"gpt-4o\"}",
+                    ));
+                }
+                aliases.push(Alias {
+                    alias,
+                    group,
+                    hidden,
+                });
+            }
+            aliases.sort_by(|a, b| a.alias.cmp(&b.alias));
+            aliases
+        },
         unsupported_strategy: r.routing_strategy.filter(|s| s != "simple-shuffle"),
     })
 }
@@ -851,6 +908,13 @@ litellm_settings: {{num_retries: 9, context_window_fallbacks: [{{fast: [gpt-4o]}
             r.unsupported_strategy.as_deref(),
             Some("usage-based-routing-v2")
         );
+        let timeouts = load(
+            &format!("general_settings: {{master_key: {STRONG}}}\nmodel_list:\n  - model_name: a\n    litellm_params: {{model: openai/a, api_key: k}}\n  - model_name: b\n    litellm_params: {{model: openai/b, api_key: k, timeout: 5}}\nlitellm_settings: {{request_timeout: 10}}\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(timeouts.deployments[0].timeout, Duration::from_secs(10));
+        assert_eq!(timeouts.deployments[1].timeout, Duration::from_secs(5));
         let defaults = load(&format!("general_settings: {{master_key: {STRONG}}}"), &[]).unwrap();
         assert_eq!(defaults.router, RouterSettings::default());
         assert_eq!(defaults.router.num_retries, 2);

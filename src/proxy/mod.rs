@@ -192,6 +192,7 @@ impl AppState {
                 .into_iter()
                 .map(|(name, routes)| Arc::new(Group::new(name, routes)))
                 .collect(),
+            &config.router.aliases,
         );
         if !unpriced.is_empty() {
             tracing::warn!(
@@ -209,7 +210,15 @@ impl AppState {
         }
         let mut registry = Registry::default();
         crate::metrics::register_build_info(&mut registry);
-        let model_names = config.model_names();
+        let mut model_names = config.model_names();
+        model_names.extend(
+            config
+                .router
+                .aliases
+                .iter()
+                .filter(|a| !a.hidden)
+                .map(|a| a.alias.clone()),
+        );
         let metrics = ProxyMetrics::register(&mut registry, model_names.iter().cloned());
         Ok(Self {
             inner: Arc::new(Shared {

@@ -29,6 +29,7 @@ use super::json_body::Kind;
 use super::mock;
 use super::observe;
 use super::pricing::Price;
+use super::provider::{self, CallKind};
 use super::request::read_json_body;
 use super::router::{self, Failure, Group};
 use super::stream::{self, StreamOutcome};
@@ -149,8 +150,8 @@ struct Call {
     model: String,
     /// The deployment that answers (after retries and fallbacks, the one that did).
     route: std::sync::Arc<Route>,
-    /// A wildcard deployment's upstream model for this call, and its price.
-    wildcard: Option<(String, Option<Price>)>,
+    /// A wildcard deployment's upstream model for this call, its price and endpoint.
+    wildcard: Option<Wildcard>,
     call_type: CallType,
     transaction_id: Uuid,
     start_time: DateTime<Utc>,
@@ -227,14 +228,14 @@ impl Call {
     /// The model sent upstream.
     fn upstream_model(&self) -> &str {
         match &self.wildcard {
-            Some((model, _)) => model,
+            Some(w) => &w.upstream_model,
             None => &self.route.deployment.upstream_model,
         }
     }
 
     fn price(&self) -> Option<Price> {
         match &self.wildcard {
-            Some((_, price)) => *price,
+            Some(w) => w.price,
             None => self.route.price,
         }
     }
@@ -264,6 +265,12 @@ impl Call {
     }
 
     fn endpoint(&self) -> &Endpoint {
+        if let Some(Wildcard {
+            endpoint: Some(e), ..
+        }) = &self.wildcard
+        {
+            return e;
+        }
         match self.call_type {
             CallType::Chat => &self.route.chat,
             CallType::Embedding => &self.route.embeddings,
@@ -369,7 +376,7 @@ async fn handle(
 
     let first = group.pick(0, rand::random::<f64>);
     let route = group.routes[first].clone();
-    let wildcard = wildcard_of(&state, &route, matched.as_deref(), &model);
+    let wildcard = wildcard_of(&state, &route, matched.as_deref(), &model, call_type);
     let mut call = Call {
         state,
         model,
@@ -446,22 +453,39 @@ fn wildcard_of(
     route: &Route,
     matched: Option<&str>,
     requested: &str,
-) -> Option<(String, Option<Price>)> {
+    call_type: CallType,
+) -> Option<Wildcard> {
     if !route.wildcard {
         return None;
     }
     let upstream = router::upstream_model(&route.deployment.upstream_model, matched).into_owned();
-    let price = super::price_of(
-        &super::Deployment {
-            model_name: requested.to_owned(),
-            upstream_model: upstream.clone(),
-            base_model: route.deployment.base_model.clone(),
-            ..super::Deployment::default()
-        },
-        state.prices(),
-    )
-    .or(route.price);
-    Some((upstream, price))
+    let deployment = super::Deployment {
+        model_name: requested.to_owned(),
+        upstream_model: upstream.clone(),
+        // A wildcard Azure deployment is named by the client, as LiteLLM prices it.
+        base_model: (route.deployment.base_model.clone()).or_else(|| Some(upstream.clone())),
+        ..route.deployment.clone()
+    };
+    let price = super::price_of(&deployment, state.prices());
+    // Azure names the deployment in the URL's path: the endpoint differs per model.
+    let (kind, endpoint) = match call_type {
+        CallType::Chat => (CallKind::Chat, &route.chat),
+        CallType::Embedding => (CallKind::Embeddings, &route.embeddings),
+    };
+    let url = provider::of(&deployment).url(&deployment, kind);
+    Some(Wildcard {
+        upstream_model: upstream,
+        price,
+        endpoint: (url != endpoint.url).then(|| endpoint.with_url(url)),
+    })
+}
+
+/// What a wildcard deployment resolves to for one call.
+struct Wildcard {
+    upstream_model: String,
+    price: Option<Price>,
+    /// When the provider's URL names the model (Azure).
+    endpoint: Option<Endpoint>,
 }
 
 /// The client's body, to be sent with each attempt's own `model`.
@@ -522,7 +546,13 @@ async fn send(
                 tried |= 1 << i;
             }
             let route = group.routes[i].clone();
-            call.wildcard = wildcard_of(&state, &route, matched.as_deref(), &call.model);
+            call.wildcard = wildcard_of(
+                &state,
+                &route,
+                matched.as_deref(),
+                &call.model,
+                call.call_type,
+            );
             call.route = route;
             if call.route.deployment.mock_response.is_some() {
                 return Ok(Answer::Mock);
@@ -553,6 +583,7 @@ async fn send(
             let names = match failure {
                 Failure::Retryable { .. } | Failure::Other => settings.fallbacks_of(&group.name),
                 Failure::ContextWindow => settings.context_window_fallbacks_of(&group.name),
+                Failure::ContentPolicy => settings.content_policy_fallbacks_of(&group.name),
                 Failure::Client => &[],
             };
             names

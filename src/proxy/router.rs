@@ -35,6 +35,10 @@ pub struct RouterSettings {
     pub fallbacks: HashMap<String, Vec<String>>,
     /// Tried instead when the upstream says the prompt is longer than its context window.
     pub context_window_fallbacks: HashMap<String, Vec<String>>,
+    /// Tried instead when the upstream refuses the content (e.g. Azure's `content_filter`).
+    pub content_policy_fallbacks: HashMap<String, Vec<String>>,
+    /// `model_group_alias`: other names for groups, sorted by alias.
+    pub aliases: Vec<Alias>,
     /// A `routing_strategy` other than `simple-shuffle` (warned at start-up; shuffle is used).
     pub unsupported_strategy: Option<String>,
 }
@@ -47,6 +51,8 @@ impl Default for RouterSettings {
             cooldown: DEFAULT_COOLDOWN,
             fallbacks: HashMap::new(),
             context_window_fallbacks: HashMap::new(),
+            content_policy_fallbacks: HashMap::new(),
+            aliases: Vec::new(),
             unsupported_strategy: None,
         }
     }
@@ -60,6 +66,19 @@ impl RouterSettings {
     pub fn context_window_fallbacks_of(&self, group: &str) -> &[String] {
         lookup(&self.context_window_fallbacks, group)
     }
+
+    pub fn content_policy_fallbacks_of(&self, group: &str) -> &[String] {
+        lookup(&self.content_policy_fallbacks, group)
+    }
+}
+
+/// Another name for a group (`router_settings.model_group_alias`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Alias {
+    pub alias: String,
+    pub group: String,
+    /// Left out of `/models`.
+    pub hidden: bool,
 }
 
 fn lookup<'a>(map: &'a HashMap<String, Vec<String>>, group: &str) -> &'a [String] {
@@ -221,6 +240,9 @@ pub enum Failure {
     Retryable { rate_limited: bool },
     /// The prompt does not fit the model's context: `context_window_fallbacks`, if any.
     ContextWindow,
+    /// The upstream refused the content (Azure's `content_filter`): passed on as it is, unless
+    /// `content_policy_fallbacks` name another group.
+    ContentPolicy,
     /// Not worth retrying here (e.g. 401, 404), but another group may answer: `fallbacks`.
     Other,
     /// The request itself is at fault (400, 422, a content-filter refusal): answered as it is.
@@ -236,6 +258,13 @@ const CONTEXT_WINDOW_MARKERS: &[&str] = &[
     "prompt is too long",
     "input is too long",
     "too many tokens",
+];
+
+/// How upstreams word a content refusal (Azure's error code, OpenAI's and LiteLLM's wordings).
+const CONTENT_POLICY_MARKERS: &[&str] = &[
+    "content_filter",
+    "content_policy_violation",
+    "content management policy",
 ];
 
 pub fn classify(error: &ProxyError) -> Failure {
@@ -260,6 +289,8 @@ pub fn classify(error: &ProxyError) -> Failure {
                 let text = String::from_utf8_lossy(body).to_ascii_lowercase();
                 if CONTEXT_WINDOW_MARKERS.iter().any(|m| text.contains(m)) {
                     Failure::ContextWindow
+                } else if CONTENT_POLICY_MARKERS.iter().any(|m| text.contains(m)) {
+                    Failure::ContentPolicy
                 } else {
                     Failure::Client
                 }
@@ -287,7 +318,7 @@ pub struct Groups {
 }
 
 impl Groups {
-    pub fn new(groups: Vec<Arc<Group>>) -> Self {
+    pub fn new(groups: Vec<Arc<Group>>, aliases: &[Alias]) -> Self {
         let mut exact = HashMap::new();
         let mut wildcards = Vec::new();
         for g in groups {
@@ -295,6 +326,11 @@ impl Groups {
                 wildcards.push((prefix.to_owned(), g.clone()));
             }
             exact.insert(g.name.clone(), g);
+        }
+        for a in aliases {
+            if let Some(g) = exact.get(&a.group).cloned() {
+                exact.entry(a.alias.clone()).or_insert(g);
+            }
         }
         wildcards.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
         Self { exact, wildcards }
@@ -403,7 +439,7 @@ mod tests {
         );
         assert_eq!(
             classify(&up(400, r#"{"error":{"code":"content_filter"}}"#)),
-            Failure::Client
+            Failure::ContentPolicy
         );
         assert_eq!(classify(&up(401, "")), Failure::Other);
         let down = ProxyError::UpstreamUnreachable {

@@ -136,6 +136,18 @@ impl Endpoint {
         }
     }
 
+    /// The same endpoint at another URL of the same origin (a wildcard Azure deployment's
+    /// per-model path): its auth and timeout, sharing its kept-alive connections.
+    pub fn with_url(&self, url: String) -> Self {
+        Self {
+            target: Target::parse(&url),
+            url,
+            auth: self.auth.clone(),
+            timeout: self.timeout,
+            idle: self.idle.clone(),
+        }
+    }
+
     fn request(&self, target: &Target, body: Bytes) -> UpstreamRequest {
         let mut request = hyper::Request::new(Full::new(body));
         *request.method_mut() = hyper::Method::POST;

@@ -635,3 +635,63 @@ async fn wildcards_route_any_model_name() {
     assert_eq!(records[1].model, "my-local-model");
     assert_eq!(records[1].response_cost, None);
 }
+
+#[tokio::test]
+async fn azure_wildcard_fallback_alias_and_content_policy_fallback() {
+    const REFUSAL: &str =
+        r#"{"error":{"message":"filtered","code":"content_filter","status":400}}"#;
+    let azure = Recorder::start("azure", Answer::Ok).await;
+    let down = format!("http://127.0.0.1:{}/v1", closed_port().await);
+    let strict = Recorder::start("strict", Answer::Status(400, REFUSAL)).await;
+    // As in LiteLLM's "Setting Fallbacks for Wildcard Models", plus an alias and a content
+    // policy fallback.
+    let yaml = format!(
+        r#"model_list:
+  - model_name: "gpt-4o"
+    litellm_params: {{model: "openai/gpt-4o", api_base: "{down}"}}
+  - model_name: "azure/*"
+    litellm_params: {{model: "azure/*", api_key: os.environ/AZURE_API_KEY, api_base: os.environ/AZURE_API_BASE}}
+  - model_name: strict
+    litellm_params: {{model: openai/strict, api_base: "{}"}}
+litellm_settings:
+  num_retries: 0
+  fallbacks: [{{"gpt-4o": ["azure/gpt-4o"]}}]
+  content_policy_fallbacks: [{{"strict": ["azure/gpt-4o-mini"]}}]
+router_settings:
+  model_group_alias: {{"gpt-4": "gpt-4o"}}
+"#,
+        strict.base()
+    );
+    let origin = azure.origin();
+    let proxy = Proxy::start(
+        &yaml,
+        &[("AZURE_API_KEY", "az"), ("AZURE_API_BASE", origin.as_str())],
+    )
+    .await;
+    for model in ["gpt-4o", "gpt-4"] {
+        let (status, body) = proxy.chat(model).await;
+        assert_eq!(status, 200, "{model}: {body}");
+        let seen = azure.seen().pop().unwrap();
+        assert_eq!(seen.path, "/openai/deployments/gpt-4o/chat/completions");
+        assert_eq!(seen.header("api-key"), Some("az"));
+        assert_eq!(seen.body["model"], "gpt-4o");
+    }
+    let (status, _) = proxy.chat("strict").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        azure.seen().pop().unwrap().path,
+        "/openai/deployments/gpt-4o-mini/chat/completions"
+    );
+    assert_eq!(strict.count(), 1);
+    let records = proxy.wait_records(3).await;
+    assert_eq!(
+        records.iter().map(|r| r.model.as_str()).collect::<Vec<_>>(),
+        ["gpt-4o", "gpt-4", "strict"]
+    );
+    assert!(records.iter().all(|r| r.status == "success"));
+    assert_eq!(
+        records[0].response_cost,
+        Some(0.0001675),
+        "priced as gpt-4o"
+    );
+}
