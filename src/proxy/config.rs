@@ -115,6 +115,9 @@ pub struct ProxyConfig {
     pub settings: TallySettings,
     /// Callbacks in `litellm_settings.callbacks` that tally does not implement (warned at start).
     pub unsupported_callbacks: Vec<String>,
+    /// `litellm_params` tally does not apply, per entry: `model_list[i] (name): a, b` (warned at
+    /// start).
+    pub unapplied_params: Vec<String>,
 }
 
 impl std::fmt::Debug for ProxyConfig {
@@ -241,6 +244,10 @@ struct RawParams {
     weight: Option<f64>,
     rpm: Option<u64>,
     tpm: Option<u64>,
+    /// Everything else LiteLLM accepts here (`temperature`, `extra_headers`, ...): not applied by
+    /// tally, and named in a start-up warning.
+    #[serde(flatten)]
+    other: std::collections::BTreeMap<String, serde::de::IgnoredAny>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -342,6 +349,7 @@ impl ProxyConfig {
             .or(raw.litellm_settings.request_timeout);
         let mut deployments = Vec::with_capacity(raw.model_list.len());
         let mut seen = HashSet::new();
+        let mut unapplied_params = Vec::new();
         for (i, m) in raw.model_list.into_iter().enumerate() {
             let Some(model_name) = m.model_name.filter(|n| !n.trim().is_empty()) else {
                 return Err(entry_error(
@@ -359,6 +367,10 @@ impl ProxyConfig {
                 ));
             };
             seen.insert(model_name.clone());
+            if !params.other.is_empty() {
+                let names: Vec<&str> = params.other.keys().map(String::as_str).collect();
+                unapplied_params.push(format!("{entry}: {}", names.join(", ")));
+            }
             let resolve = |field: &str,
                            value: Option<String>|
              -> Result<Option<String>, ConfigError> {
@@ -510,6 +522,7 @@ impl ProxyConfig {
             master_key,
             settings,
             unsupported_callbacks,
+            unapplied_params,
         })
     }
 
@@ -895,6 +908,20 @@ litellm_settings: {{num_retries: 9, context_window_fallbacks: [{{fast: [gpt-4o]}
         assert_eq!(d[1].api_base, OPENAI_API_BASE);
         assert_eq!(d[2].api_base, "https://api.groq.com/openai/v1");
         assert_eq!(d[2].api_key.as_deref(), Some("gq"));
+        assert!(
+            config.unapplied_params.is_empty(),
+            "{:?}",
+            config.unapplied_params
+        );
+        let extra = load(
+            &format!("general_settings: {{master_key: {STRONG}}}\nmodel_list:\n  - model_name: a\n    litellm_params: {{model: openai/a, api_key: k, temperature: 0.2, seed: 12}}\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            extra.unapplied_params,
+            ["model_list[0] (model_name \"a\"): seed, temperature"]
+        );
         assert_eq!(config.model_names(), vec!["gpt-4o", "fast"]);
         let r = &config.router;
         assert_eq!(

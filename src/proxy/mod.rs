@@ -201,6 +201,12 @@ impl AppState {
                  set input_cost_per_token/output_cost_per_token or tally_settings.price_file"
             );
         }
+        for entry in &config.unapplied_params {
+            tracing::warn!(
+                "{entry}: these litellm_params are not applied by tally (it forwards the client's \
+                 request as sent, with the deployment's model, key and URL)"
+            );
+        }
         for callback in &config.unsupported_callbacks {
             tracing::warn!(
                 callback,

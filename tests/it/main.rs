@@ -3,6 +3,7 @@
 mod bad_input;
 mod commands;
 mod lago_emulator;
+mod litellm_configs;
 mod proxy;
 mod reliability_crash;
 mod reliability_disk;
