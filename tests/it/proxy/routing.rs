@@ -695,3 +695,86 @@ router_settings:
         "priced as gpt-4o"
     );
 }
+
+/// The `tally` binary reads a provider's key from its own environment, as LiteLLM does; without
+/// it (and without `api_key`), it refuses to start and names both.
+#[tokio::test]
+async fn the_binary_takes_the_key_from_the_providers_variable() {
+    let up = Recorder::start("up", Answer::Ok).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "model_list:\n  - model_name: fast\n    litellm_params:\n      model: groq/llama-3.1-8b-instant\n      api_base: {}\ngeneral_settings:\n  master_key: {MASTER}\n",
+            up.base()
+        ),
+    )
+    .unwrap();
+    let stderr_path = dir.path().join("stderr.log");
+    let mut child = std::process::Command::new(crate::support::tally_bin())
+        .args(["proxy", "--host", "127.0.0.1", "--port", "0", "--config"])
+        .arg(&config)
+        .current_dir(dir.path())
+        .env("GROQ_API_KEY", "gsk-from-the-environment")
+        .env("TALLY_LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .env_remove("LITELLM_MASTER_KEY")
+        .env_remove("TALLY_SPEND_LOG")
+        .env_remove("TALLY_STATE_DIR")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    let base = eventually("the proxy to listen", || async {
+        let text = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+        text.lines().find_map(|l| {
+            let v: Value = serde_json::from_str(l).ok()?;
+            let address = v["address"].as_str()?;
+            (v["message"] == "tally proxy listening").then(|| format!("http://{address}"))
+        })
+    })
+    .await;
+    let r = reqwest::Client::new()
+        .post(format!("{base}/chat/completions"))
+        .bearer_auth(MASTER)
+        .json(&chat("fast"))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(status, 200);
+    let seen = up.seen().pop().unwrap();
+    assert_eq!(
+        seen.header("authorization"),
+        Some("Bearer gsk-from-the-environment")
+    );
+    assert_eq!(seen.body["model"], "llama-3.1-8b-instant");
+    let log = std::fs::read_to_string(&stderr_path).unwrap();
+    assert!(
+        !log.contains("gsk-from-the-environment"),
+        "the key is never logged"
+    );
+
+    // No api_base either: LiteLLM's Groq endpoint would be called, and it needs a key.
+    std::fs::write(
+        &config,
+        format!("model_list:\n  - model_name: fast\n    litellm_params: {{model: groq/llama-3.1-8b-instant}}\ngeneral_settings:\n  master_key: {MASTER}\n"),
+    )
+    .unwrap();
+    let out = std::process::Command::new(crate::support::tally_bin())
+        .args(["proxy", "--port", "0", "--config"])
+        .arg(&config)
+        .current_dir(dir.path())
+        .env_remove("GROQ_API_KEY")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("litellm_params.api_key") && stderr.contains("GROQ_API_KEY"),
+        "{stderr}"
+    );
+}
