@@ -161,10 +161,13 @@ impl AppState {
         for d in &config.deployments {
             let route = Arc::new(Route::new(d, &prices));
             if route.price.is_none() && !route.wildcard {
-                if d.provider == "azure" && d.base_model.is_none() {
-                    azure_unpriced.push(d.model_name.as_str());
+                let list = if d.provider == "azure" && d.base_model.is_none() {
+                    &mut azure_unpriced
                 } else {
-                    unpriced.push(d.model_name.as_str());
+                    &mut unpriced
+                };
+                if !list.contains(&d.model_name.as_str()) {
+                    list.push(d.model_name.as_str());
                 }
             }
             match groups.iter_mut().find(|(name, _)| *name == d.model_name) {
