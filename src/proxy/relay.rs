@@ -518,8 +518,8 @@ enum Answer {
 
 /// Sends the call to deployment `first` of `group`; on a retryable failure to another deployment
 /// of the group (up to `num_retries` more attempts), and once the group is exhausted to its
-/// `fallbacks` (or, when the prompt is too long, its `context_window_fallbacks`), each with
-/// retries of its own. Every attempt ends before any byte reaches the client, so nothing is sent
+/// `fallbacks` (or, when the prompt is too long or its content refused, its
+/// `context_window_fallbacks` / `content_policy_fallbacks`), each with retries of its own. Every attempt ends before any byte reaches the client, so nothing is sent
 /// twice to the client; on success `call` names the deployment that answered. Failed attempts
 /// are counted in the metrics; the last failure is returned.
 async fn send(
