@@ -150,8 +150,9 @@ struct Call {
     model: String,
     /// The deployment that answers (after retries and fallbacks, the one that did).
     route: std::sync::Arc<Route>,
-    /// A wildcard deployment's upstream model for this call, its price and endpoint.
-    wildcard: Option<Wildcard>,
+    /// A wildcard deployment's upstream model for this call, its price and endpoint (boxed: the
+    /// call's future is moved to the heap whole, and every byte of it costs on each request).
+    wildcard: Option<Box<Wildcard>>,
     call_type: CallType,
     transaction_id: Uuid,
     start_time: DateTime<Utc>,
@@ -265,10 +266,7 @@ impl Call {
     }
 
     fn endpoint(&self) -> &Endpoint {
-        if let Some(Wildcard {
-            endpoint: Some(e), ..
-        }) = &self.wildcard
-        {
+        if let Some(e) = self.wildcard.as_ref().and_then(|w| w.endpoint.as_ref()) {
             return e;
         }
         match self.call_type {
@@ -353,6 +351,8 @@ async fn handle(
         Some(Value::Null) | None => auth::end_user_from_headers(&headers),
         Some(_) => return Err(ProxyError::bad_param("user", "`user` must be a string")),
     };
+    // Not needed past here: not kept in the call's future across the upstream's answer.
+    drop(headers);
     let stream = call_type == CallType::Chat
         && match body.get("stream") {
             Some(Value::Bool(b)) => b,
@@ -409,7 +409,7 @@ async fn handle(
         body: &body,
         stream_options: options.as_deref(),
     };
-    let response = match send(&mut call, group, first, matched, payload).await {
+    let response = match send(&mut call, group, first, matched, &payload).await {
         Ok(Answer::Upstream(r)) => r,
         Ok(Answer::Mock) => return mock_answer(call, &body.to_map(), client_wants_usage).await,
         Err(e) => return Err(call.fail_counted(e).await),
@@ -454,7 +454,7 @@ fn wildcard_of(
     matched: Option<&str>,
     requested: &str,
     call_type: CallType,
-) -> Option<Wildcard> {
+) -> Option<Box<Wildcard>> {
     if !route.wildcard {
         return None;
     }
@@ -473,11 +473,11 @@ fn wildcard_of(
         CallType::Embedding => (CallKind::Embeddings, &route.embeddings),
     };
     let url = provider::of(&deployment).url(&deployment, kind);
-    Some(Wildcard {
+    Some(Box::new(Wildcard {
         upstream_model: upstream,
         price,
         endpoint: (url != endpoint.url).then(|| endpoint.with_url(url)),
-    })
+    }))
 }
 
 /// What a wildcard deployment resolves to for one call.
@@ -527,7 +527,7 @@ async fn send(
     mut group: Arc<Group>,
     first: usize,
     mut matched: Option<String>,
-    payload: Payload<'_>,
+    payload: &Payload<'_>,
 ) -> Result<Answer, ProxyError> {
     let state = call.state.clone();
     let settings = state.router();
@@ -536,8 +536,10 @@ async fn send(
     let mut pending: Option<Vec<(Arc<Group>, Option<String>)>> = None;
     loop {
         let mut tried = 0u64;
-        let mut last = None;
-        for _ in 0..=settings.num_retries {
+        let mut attempts_left = settings.num_retries;
+        // Kept only once the group is given up on: an error held across the next attempt's await
+        // would enlarge every call's future (see `Call::wildcard`).
+        let (error, failure) = loop {
             let i = match next.take() {
                 Some(i) => i,
                 None => group.pick(tried, rand::random::<f64>),
@@ -569,15 +571,11 @@ async fn send(
             call.count_failure(&error);
             let failure = router::classify(&error);
             group.failed(i, settings, failure);
-            if !matches!(failure, Failure::Retryable { .. }) {
-                last = Some((error, failure));
-                break;
+            if attempts_left == 0 || !matches!(failure, Failure::Retryable { .. }) {
+                break (error, failure);
             }
+            attempts_left -= 1;
             tracing::debug!(model = %call.model, deployment = i, error = %error, "attempt failed; retrying");
-            last = Some((error, failure));
-        }
-        let Some((error, failure)) = last else {
-            return Err(ProxyError::Internal("no attempt was made".into()));
         };
         let queue = pending.get_or_insert_with(|| {
             let names = match failure {

@@ -324,7 +324,9 @@ impl UpstreamClient {
                 Err(SendError::Failed(e)) => return Err(innermost(&e)),
             }
         }
-        let mut conn = Conn::open(&self.connector, &target.origin)
+        // Boxed: a new connection is rare (they are kept alive), and its handshake's state would
+        // otherwise enlarge every call's future, which is moved whole onto the heap per request.
+        let mut conn = Box::pin(Conn::open(&self.connector, &target.origin))
             .await
             .map_err(|e| innermost(&*e))?;
         match conn.send(request).await {
