@@ -166,12 +166,17 @@ impl Group {
     }
 
     /// Records a failed attempt against deployment `i`. A group of one is never cooled down:
-    /// there would be nothing left to call.
+    /// there would be nothing left to call. Answers the request itself caused (a bad request,
+    /// a prompt too long, refused content) say nothing about the deployment and are not counted
+    /// (as in LiteLLM): otherwise any client could cool a deployment down for everyone.
     pub fn failed(&self, i: usize, settings: &RouterSettings, failure: Failure) {
-        if self.routes.len() > 1 {
-            let rate_limited = matches!(failure, Failure::Retryable { rate_limited: true });
-            self.routes[i].health.failed(settings, rate_limited);
-        }
+        let rate_limited = match failure {
+            _ if self.routes.len() < 2 => return,
+            Failure::Retryable { rate_limited } => rate_limited,
+            Failure::Other => false,
+            Failure::ContextWindow | Failure::ContentPolicy | Failure::Client => return,
+        };
+        self.routes[i].health.failed(settings, rate_limited);
     }
 }
 
@@ -459,6 +464,72 @@ mod tests {
         assert_eq!(upstream_model("*", Some("gpt-4o")), "gpt-4o");
         assert_eq!(upstream_model("gpt-4o", Some("x")), "gpt-4o");
         assert_eq!(upstream_model("*", None), "*");
+    }
+
+    fn group_of(n: usize) -> Group {
+        let prices = crate::proxy::pricing::PriceTable::default();
+        let routes = (0..n)
+            .map(|i| {
+                Arc::new(crate::proxy::Route::new(
+                    &crate::proxy::Deployment {
+                        model_name: "g".into(),
+                        upstream_model: format!("m{i}"),
+                        api_base: "http://127.0.0.1:9/v1".into(),
+                        ..crate::proxy::Deployment::default()
+                    },
+                    &prices,
+                ))
+            })
+            .collect();
+        Group::new("g".into(), routes)
+    }
+
+    #[test]
+    fn only_the_deployments_own_failures_cool_it_down() {
+        let settings = RouterSettings {
+            allowed_fails: 0,
+            cooldown: Duration::from_secs(60),
+            ..RouterSettings::default()
+        };
+        let g = group_of(2);
+        for client_fault in [
+            Failure::Client,
+            Failure::ContextWindow,
+            Failure::ContentPolicy,
+        ] {
+            g.failed(0, &settings, client_fault);
+        }
+        assert!(!g.routes[0].health.cooled(now_ms()), "the client's fault");
+        assert_eq!(g.pick(0, || 0.1), 0, "a draw that lands on it picks it");
+        g.failed(
+            0,
+            &settings,
+            Failure::Retryable {
+                rate_limited: false,
+            },
+        );
+        assert!(g.routes[0].health.cooled(now_ms()));
+        assert_eq!(
+            g.pick(0, || 0.1),
+            1,
+            "cooling down: skipped whatever the draw"
+        );
+        assert_eq!(
+            g.pick(0b10, || 0.9),
+            1,
+            "tried already, but not cooling down"
+        );
+        g.failed(1, &settings, Failure::Other);
+        assert_eq!(
+            g.pick(0, || 0.1),
+            0,
+            "every one cooling down: any, by the draw"
+        );
+        assert_eq!(g.pick(0, || 0.9), 1);
+        // A group of one is never cooled down.
+        let lone = group_of(1);
+        lone.failed(0, &settings, Failure::Retryable { rate_limited: true });
+        assert!(!lone.routes[0].health.cooled(now_ms()));
     }
 
     #[test]
