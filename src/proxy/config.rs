@@ -5,13 +5,15 @@
 //! (applied by the caller with [`ProxyConfig::with_spend_log`] / [`ProxyConfig::with_state_dir`]).
 //! Every error names the file, the entry and what to change.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use super::pricing::{ParamPrices, PriceKeys};
+use super::provider::{self, Params};
+use super::router::{Alias, RouterSettings};
 use super::server::ServerLimits;
 
 /// Default upstream when a deployment names no `api_base`.
@@ -47,15 +49,29 @@ pub const MASTER_KEY_FIX: &str = "set a long random master key, e.g. export LITE
      trial only, set tally_settings.allow_weak_master_key: true (TALLY_ALLOW_WEAK_MASTER_KEY=1)";
 
 /// One `model_list[]` entry, resolved: what the proxy calls when a client asks for `model_name`.
-#[derive(Debug, Clone, PartialEq)]
+/// Several entries may share a `model_name`: they form a group ([`super::router`]).
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Deployment {
     /// The name clients use (`model` in their request).
     pub model_name: String,
-    /// The provider's model name (after `openai/`), substituted into the upstream request.
+    /// The provider prefix of `model:` (`openai` for a bare name), see [`super::provider`].
+    pub provider: String,
+    /// The provider's model name (after `<provider>/`), substituted into the upstream request;
+    /// for Azure, the deployment name.
     pub upstream_model: String,
     /// Base URL without a trailing slash, e.g. `https://api.openai.com/v1`.
     pub api_base: String,
     pub api_key: Option<String>,
+    /// Azure's `api-version` query parameter.
+    pub api_version: Option<String>,
+    /// Azure: an Entra ID token sent as `Authorization: Bearer` when there is no `api_key`.
+    pub azure_ad_token: Option<String>,
+    /// `model_info.base_model`: the model an Azure deployment runs, for its price.
+    pub base_model: Option<String>,
+    /// `simple-shuffle` weights within the group: `weight`, else `rpm`, else `tpm`.
+    pub weight: Option<f64>,
+    pub rpm: Option<u64>,
+    pub tpm: Option<u64>,
     pub timeout: Duration,
     pub input_cost_per_token: Option<f64>,
     pub output_cost_per_token: Option<f64>,
@@ -101,10 +117,15 @@ pub struct ProxyConfig {
     /// Where the config came from (a path or a label), for messages.
     pub source: String,
     pub deployments: Vec<Deployment>,
+    /// Retries, cooldown and fallbacks between groups.
+    pub router: RouterSettings,
     pub master_key: Option<String>,
     pub settings: TallySettings,
     /// Callbacks in `litellm_settings.callbacks` that tally does not implement (warned at start).
     pub unsupported_callbacks: Vec<String>,
+    /// `litellm_params` tally does not apply, per entry: `model_list[i] (name): a, b` (warned at
+    /// start).
+    pub unapplied_params: Vec<String>,
 }
 
 impl std::fmt::Debug for ProxyConfig {
@@ -167,6 +188,8 @@ struct RawConfig {
     #[serde(default)]
     general_settings: RawGeneralSettings,
     #[serde(default)]
+    router_settings: RawRouterSettings,
+    #[serde(default)]
     tally_settings: RawTallySettings,
 }
 
@@ -174,6 +197,45 @@ struct RawConfig {
 struct RawModel {
     model_name: Option<String>,
     litellm_params: Option<RawParams>,
+    #[serde(default)]
+    model_info: RawModelInfo,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawModelInfo {
+    base_model: Option<String>,
+}
+
+/// `[{"gpt-4o": ["gpt-4o-mini"]}]`, LiteLLM's shape of a fallback list.
+type RawFallbacks = Vec<HashMap<String, Vec<String>>>;
+
+/// The router's settings tally implements; the many others LiteLLM has (Redis, budgets) are
+/// accepted and ignored.
+#[derive(Debug, Default, Deserialize)]
+struct RawRouterSettings {
+    num_retries: Option<u32>,
+    allowed_fails: Option<u32>,
+    cooldown_time: Option<f64>,
+    fallbacks: Option<RawFallbacks>,
+    context_window_fallbacks: Option<RawFallbacks>,
+    default_fallbacks: Option<Vec<String>>,
+    content_policy_fallbacks: Option<RawFallbacks>,
+    routing_strategy: Option<String>,
+    timeout: Option<f64>,
+    #[serde(default)]
+    model_group_alias: HashMap<String, RawAlias>,
+}
+
+/// `model_group_alias` values: a group name, or `{model: <group>, hidden: true}`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawAlias {
+    Name(String),
+    Full {
+        model: String,
+        #[serde(default)]
+        hidden: bool,
+    },
 }
 
 #[derive(Debug, Deserialize)]
@@ -188,6 +250,15 @@ struct RawParams {
     /// The other LiteLLM price names (`cache_read_input_token_cost`, tiers, ...).
     #[serde(flatten)]
     prices: ParamPrices,
+    api_version: Option<String>,
+    azure_ad_token: Option<String>,
+    weight: Option<f64>,
+    rpm: Option<u64>,
+    tpm: Option<u64>,
+    /// Everything else LiteLLM accepts here (`temperature`, `extra_headers`, ...): not applied by
+    /// tally, and named in a start-up warning.
+    #[serde(flatten)]
+    other: std::collections::BTreeMap<String, serde::de::IgnoredAny>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -196,6 +267,14 @@ struct RawLitellmSettings {
     callbacks: Vec<String>,
     #[serde(default)]
     success_callback: Vec<String>,
+    num_retries: Option<u32>,
+    allowed_fails: Option<u32>,
+    cooldown_time: Option<f64>,
+    fallbacks: Option<RawFallbacks>,
+    context_window_fallbacks: Option<RawFallbacks>,
+    content_policy_fallbacks: Option<RawFallbacks>,
+    default_fallbacks: Option<Vec<String>>,
+    request_timeout: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -265,7 +344,7 @@ impl ProxyConfig {
     }
 
     fn parse(text: &str, source: &str, env: EnvLookup) -> Result<Self, ConfigError> {
-        let raw: RawConfig = if text.trim().is_empty() {
+        let mut raw: RawConfig = if text.trim().is_empty() {
             RawConfig::default()
         } else {
             serde_saphyr::from_str(text).map_err(|e| yaml_error(source, &e))?
@@ -278,8 +357,14 @@ impl ProxyConfig {
             fix: fix.to_owned(),
         };
 
+        // LiteLLM's default for deployments without their own `timeout`.
+        let default_timeout = raw
+            .router_settings
+            .timeout
+            .or(raw.litellm_settings.request_timeout);
         let mut deployments = Vec::with_capacity(raw.model_list.len());
         let mut seen = HashSet::new();
+        let mut unapplied_params = Vec::new();
         for (i, m) in raw.model_list.into_iter().enumerate() {
             let Some(model_name) = m.model_name.filter(|n| !n.trim().is_empty()) else {
                 return Err(entry_error(
@@ -296,12 +381,16 @@ impl ProxyConfig {
                     "add litellm_params with at least `model: openai/<model>`",
                 ));
             };
-            if !seen.insert(model_name.clone()) {
-                return Err(entry_error(
-                    entry,
-                    "duplicates an earlier model_name".into(),
-                    "give each entry a unique model_name (tally does not load-balance between deployments)",
-                ));
+            seen.insert(model_name.clone());
+            let names: Vec<&str> = params
+                .other
+                .keys()
+                .map(String::as_str)
+                // Price names are read by the flattened `prices` beside this map.
+                .filter(|k| !super::pricing::is_price_key(k))
+                .collect();
+            if !names.is_empty() {
+                unapplied_params.push(format!("{entry}: {}", names.join(", ")));
             }
             let resolve = |field: &str,
                            value: Option<String>|
@@ -318,34 +407,55 @@ impl ProxyConfig {
                     })
             };
             let model = resolve("model", params.model)?.unwrap_or_default();
-            let upstream_model = match model.split_once('/') {
-                Some(("openai", name)) if !name.is_empty() => name.to_owned(),
-                Some((provider, _)) => {
-                    return Err(entry_error(
-                        format!("{entry}.litellm_params.model"),
-                        format!("unknown provider {provider:?} in {model:?}"),
-                        "tally calls OpenAI-compatible APIs only: write `model: openai/<model>` and set `api_base` to the provider's OpenAI-compatible endpoint",
-                    ));
-                }
-                None => {
-                    return Err(entry_error(
-                        format!("{entry}.litellm_params.model"),
-                        format!("{model:?} names no provider"),
-                        "write `model: openai/<model>` (with `api_base` for a non-OpenAI endpoint)",
-                    ));
-                }
-            };
-            let api_base =
-                resolve("api_base", params.api_base)?.unwrap_or_else(|| OPENAI_API_BASE.to_owned());
-            let api_base = api_base.trim_end_matches('/').to_owned();
-            if !(api_base.starts_with("http://") || api_base.starts_with("https://")) {
+            let (provider, provider_model) = provider::split_model(&model).map_err(|prefix| {
+                entry_error(
+                    format!("{entry}.litellm_params.model"),
+                    format!("unknown provider {prefix:?} in {model:?}"),
+                    &format!(
+                        "tally supports these providers: {}; for another OpenAI-compatible API write `model: openai/<model>` with its `api_base`",
+                        provider::supported_names()
+                    ),
+                )
+            })?;
+            if provider_model.is_empty() {
                 return Err(entry_error(
-                    format!("{entry}.litellm_params.api_base"),
-                    format!("{api_base:?} is not an http(s) URL"),
-                    "write the endpoint's base URL, e.g. https://api.openai.com/v1",
+                    format!("{entry}.litellm_params.model"),
+                    format!("{model:?} names no model after the provider"),
+                    "write `model: <provider>/<model>`, e.g. openai/gpt-4o",
                 ));
             }
-            let timeout = params.timeout.unwrap_or(DEFAULT_TIMEOUT_SECS);
+            let resolved = provider
+                .resolve(
+                    Params {
+                        model: provider_model.to_owned(),
+                        api_base: resolve("api_base", params.api_base)?,
+                        api_key: resolve("api_key", params.api_key)?,
+                        api_version: resolve("api_version", params.api_version)?,
+                        azure_ad_token: resolve("azure_ad_token", params.azure_ad_token)?,
+                        mock: params.mock_response.is_some(),
+                    },
+                    env,
+                )
+                .map_err(|e| {
+                    entry_error(
+                        format!("{entry}.litellm_params.{}", e.field),
+                        e.message,
+                        &e.fix,
+                    )
+                })?;
+            if let Some(w) = params.weight
+                && !(w.is_finite() && w >= 0.0)
+            {
+                return Err(entry_error(
+                    format!("{entry}.litellm_params.weight"),
+                    format!("{w} is not a non-negative weight"),
+                    "write a relative weight, e.g. weight: 9 beside another deployment's weight: 1",
+                ));
+            }
+            let timeout = params
+                .timeout
+                .or(default_timeout)
+                .unwrap_or(DEFAULT_TIMEOUT_SECS);
             if !(timeout.is_finite() && timeout > 0.0) {
                 return Err(entry_error(
                     format!("{entry}.litellm_params.timeout"),
@@ -385,9 +495,16 @@ impl ProxyConfig {
             }
             deployments.push(Deployment {
                 model_name,
-                upstream_model,
-                api_base,
-                api_key: resolve("api_key", params.api_key)?,
+                provider: provider.name().to_owned(),
+                upstream_model: resolved.upstream_model,
+                api_base: resolved.api_base,
+                api_key: resolved.api_key,
+                api_version: resolved.api_version,
+                azure_ad_token: resolved.azure_ad_token,
+                base_model: m.model_info.base_model,
+                weight: params.weight,
+                rpm: params.rpm,
+                tpm: params.tpm,
                 timeout: Duration::from_secs_f64(timeout),
                 input_cost_per_token: params.input_cost_per_token,
                 output_cost_per_token: params.output_cost_per_token,
@@ -407,6 +524,13 @@ impl ProxyConfig {
                     "general_settings.master_key refers to os.environ/{var}, which is not set"
                 ),
             })?;
+
+        let router = router_settings(
+            raw.router_settings,
+            &mut raw.litellm_settings,
+            &seen,
+            source,
+        )?;
 
         let mut callbacks = raw.litellm_settings.callbacks;
         callbacks.extend(raw.litellm_settings.success_callback);
@@ -441,9 +565,11 @@ impl ProxyConfig {
         Ok(Self {
             source: source.to_owned(),
             deployments,
+            router,
             master_key,
             settings,
             unsupported_callbacks,
+            unapplied_params,
         })
     }
 
@@ -521,10 +647,130 @@ impl ProxyConfig {
         }
     }
 
-    /// The deployment clients reach as `model_name`.
+    /// The (first) deployment clients reach as `model_name`.
     pub fn deployment(&self, model_name: &str) -> Option<&Deployment> {
         self.deployments.iter().find(|d| d.model_name == model_name)
     }
+
+    /// The distinct model names, in config order.
+    pub fn model_names(&self) -> Vec<String> {
+        let mut seen = HashSet::new();
+        self.deployments
+            .iter()
+            .filter(|d| seen.insert(d.model_name.as_str()))
+            .map(|d| d.model_name.clone())
+            .collect()
+    }
+}
+
+/// `router_settings`, falling back to their `litellm_settings` equivalents, checked against the
+/// model names the config serves.
+fn router_settings(
+    r: RawRouterSettings,
+    l: &mut RawLitellmSettings,
+    models: &HashSet<String>,
+    source: &str,
+) -> Result<RouterSettings, ConfigError> {
+    let defaults = RouterSettings::default();
+    let error = |entry: &str, message: String, fix: &str| ConfigError::Entry {
+        file: source.to_owned(),
+        entry: entry.to_owned(),
+        message,
+        fix: fix.to_owned(),
+    };
+    let cooldown = match r.cooldown_time.or(l.cooldown_time) {
+        None => defaults.cooldown,
+        Some(s) if s.is_finite() && s >= 0.0 => Duration::from_secs_f64(s),
+        Some(s) => {
+            return Err(error(
+                "router_settings.cooldown_time",
+                format!("{s} is not a number of seconds"),
+                "write e.g. cooldown_time: 30",
+            ));
+        }
+    };
+    let fallbacks = |field: &str, raw: Option<RawFallbacks>| {
+        let mut map = HashMap::new();
+        for entry in raw.into_iter().flatten() {
+            for (from, to) in entry {
+                for name in std::iter::once(&from).chain(&to) {
+                    let served = models.contains(name)
+                        || models.iter().any(|m| {
+                            m.strip_suffix('*')
+                                .is_some_and(|prefix| name.starts_with(prefix))
+                        });
+                    if name != "*" && !served {
+                        return Err(error(
+                            field,
+                            format!("{name:?} is not a model_name of model_list"),
+                            "name groups the config serves, e.g. [{\"gpt-4o\": [\"gpt-4o-mini\"]}]",
+                        ));
+                    }
+                }
+                map.insert(from, to);
+            }
+        }
+        Ok(map)
+    };
+    let mut fallback_map = fallbacks(
+        "router_settings.fallbacks",
+        r.fallbacks.or(l.fallbacks.take()),
+    )?;
+    if let Some(default) = r.default_fallbacks.or(l.default_fallbacks.take()) {
+        let star = fallbacks(
+            "router_settings.default_fallbacks",
+            Some(vec![HashMap::from([("*".to_owned(), default)])]),
+        )?;
+        fallback_map.extend(star);
+    }
+    Ok(RouterSettings {
+        num_retries: r
+            .num_retries
+            .or(l.num_retries)
+            .unwrap_or(defaults.num_retries),
+        allowed_fails: r
+            .allowed_fails
+            .or(l.allowed_fails)
+            .unwrap_or(defaults.allowed_fails),
+        cooldown,
+        fallbacks: fallback_map,
+        context_window_fallbacks: fallbacks(
+            "router_settings.context_window_fallbacks",
+            r.context_window_fallbacks
+                .or(l.context_window_fallbacks.take()),
+        )?,
+        content_policy_fallbacks: fallbacks(
+            "router_settings.content_policy_fallbacks",
+            r.content_policy_fallbacks
+                .or(l.content_policy_fallbacks.take()),
+        )?,
+        aliases: {
+            let mut aliases = Vec::new();
+            for (alias, target) in r.model_group_alias {
+                let (group, hidden) = match target {
+                    RawAlias::Name(g) => (g, false),
+                    RawAlias::Full { model, hidden } => (model, hidden),
+                };
+                if !models.contains(&group) {
+                    return Err(error(
+                        "router_settings.model_group_alias",
+                        format!(
+                            "{alias:?} points to {group:?}, which is not a model_name of model_list"
+                        ),
+                        "alias an existing group, e.g. {\"gpt-4\": \"gpt-4o\"}",
+                    ));
+                }
+                aliases.push(Alias {
+                    alias,
+                    group,
+                    hidden,
+                });
+            }
+            aliases.sort_by(|a, b| a.alias.cmp(&b.alias));
+            aliases
+        },
+        unsupported_strategy: r.routing_strategy.filter(|s| s != "simple-shuffle"),
+    })
 }
 
 /// The timeout settings, in [`ServerLimits::timeout_mut`] order: variable and YAML name.
@@ -777,16 +1023,24 @@ mod tests {
     fn bad_entries_name_the_file_the_entry_and_the_fix() {
         let cases = [
             (
-                "model_list:\n  - model_name: a\n    litellm_params: {model: openai/a}\n  - model_name: b\n    litellm_params: {model: openai/b}\n  - model_name: x\n    litellm_params: {model: anthropic/claude}\n",
-                "model_list[2] (model_name \"x\").litellm_params.model: unknown provider \"anthropic\"",
-            ),
-            (
-                "model_list:\n  - model_name: a\n    litellm_params: {model: openai/a}\n  - model_name: a\n    litellm_params: {model: openai/b}\n",
-                "model_list[1] (model_name \"a\"): duplicates an earlier model_name",
+                "model_list:\n  - model_name: a\n    litellm_params: {model: openai/a, api_key: k}\n  - model_name: b\n    litellm_params: {model: groq/b, api_key: k}\n  - model_name: x\n    litellm_params: {model: anthropic/claude}\n",
+                "model_list[2] (model_name \"x\").litellm_params.model: unknown provider \"anthropic\" in \"anthropic/claude\"; tally supports these providers: openai, groq,",
             ),
             (
                 "model_list:\n  - model_name: a\n    litellm_params: {model: openai/a, api_key: os.environ/NOPE_NOT_SET}\n",
                 "model_list[0] (model_name \"a\").litellm_params.api_key: environment variable NOPE_NOT_SET",
+            ),
+            (
+                "model_list:\n  - model_name: a\n    litellm_params: {model: gpt-4o}\n",
+                "model_list[0] (model_name \"a\").litellm_params.api_key: no key for openai: litellm_params.api_key is not given and OPENAI_API_KEY is not set; export OPENAI_API_KEY=...",
+            ),
+            (
+                "model_list:\n  - model_name: a\n    litellm_params: {model: azure/my-dep, api_key: k}\n",
+                "model_list[0] (model_name \"a\").litellm_params.api_base: an Azure deployment needs",
+            ),
+            (
+                "model_list:\n  - model_name: a\n    litellm_params: {model: openai/a, api_key: k}\nrouter_settings: {fallbacks: [{a: [b]}]}\n",
+                "router_settings.fallbacks: \"b\" is not a model_name of model_list",
             ),
         ];
         for (text, expected) in cases {
@@ -795,6 +1049,87 @@ mod tests {
             assert!(err.starts_with("test.yaml: "), "{err}");
             assert!(err.contains(expected), "{err}\n  expected: {expected}");
         }
+    }
+
+    #[test]
+    fn providers_read_keys_from_the_environment_and_groups_load() {
+        let text = format!(
+            "general_settings: {{master_key: {STRONG}}}
+model_list:
+  - model_name: gpt-4o
+    litellm_params: {{model: azure/prod-gpt4o, api_base: https://res.openai.azure.com, api_version: \"2024-10-21\", weight: 9}}
+    model_info: {{base_model: azure/gpt-4o}}
+  - model_name: gpt-4o
+    litellm_params: {{model: gpt-4o, weight: 1}}
+  - model_name: fast
+    litellm_params: {{model: groq/llama-3.1-8b-instant}}
+router_settings: {{num_retries: 4, allowed_fails: 1, cooldown_time: 30, fallbacks: [{{gpt-4o: [fast]}}], routing_strategy: usage-based-routing-v2}}
+litellm_settings: {{num_retries: 9, context_window_fallbacks: [{{fast: [gpt-4o]}}]}}
+"
+        );
+        let config = load(
+            &text,
+            &[
+                ("AZURE_API_KEY", "az"),
+                ("OPENAI_API_KEY", "oa"),
+                ("GROQ_API_KEY", "gq"),
+            ],
+        )
+        .unwrap();
+        let d = &config.deployments;
+        assert_eq!(d.len(), 3);
+        assert_eq!(
+            (d[0].provider.as_str(), d[0].upstream_model.as_str()),
+            ("azure", "prod-gpt4o")
+        );
+        assert_eq!(d[0].api_key.as_deref(), Some("az"));
+        assert_eq!(d[0].api_version.as_deref(), Some("2024-10-21"));
+        assert_eq!(d[0].base_model.as_deref(), Some("azure/gpt-4o"));
+        assert_eq!(d[0].weight, Some(9.0));
+        assert_eq!(
+            (d[1].provider.as_str(), d[1].api_key.as_deref()),
+            ("openai", Some("oa"))
+        );
+        assert_eq!(d[1].api_base, OPENAI_API_BASE);
+        assert_eq!(d[2].api_base, "https://api.groq.com/openai/v1");
+        assert_eq!(d[2].api_key.as_deref(), Some("gq"));
+        assert!(
+            config.unapplied_params.is_empty(),
+            "{:?}",
+            config.unapplied_params
+        );
+        let extra = load(
+            &format!("general_settings: {{master_key: {STRONG}}}\nmodel_list:\n  - model_name: a\n    litellm_params: {{model: openai/a, api_key: k, temperature: 0.2, seed: 12}}\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            extra.unapplied_params,
+            ["model_list[0] (model_name \"a\"): seed, temperature"]
+        );
+        assert_eq!(config.model_names(), vec!["gpt-4o", "fast"]);
+        let r = &config.router;
+        assert_eq!(
+            r.num_retries, 4,
+            "router_settings wins over litellm_settings"
+        );
+        assert_eq!((r.allowed_fails, r.cooldown), (1, Duration::from_secs(30)));
+        assert_eq!(r.fallbacks_of("gpt-4o"), ["fast".to_owned()]);
+        assert_eq!(r.context_window_fallbacks_of("fast"), ["gpt-4o".to_owned()]);
+        assert_eq!(
+            r.unsupported_strategy.as_deref(),
+            Some("usage-based-routing-v2")
+        );
+        let timeouts = load(
+            &format!("general_settings: {{master_key: {STRONG}}}\nmodel_list:\n  - model_name: a\n    litellm_params: {{model: openai/a, api_key: k}}\n  - model_name: b\n    litellm_params: {{model: openai/b, api_key: k, timeout: 5}}\nlitellm_settings: {{request_timeout: 10}}\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(timeouts.deployments[0].timeout, Duration::from_secs(10));
+        assert_eq!(timeouts.deployments[1].timeout, Duration::from_secs(5));
+        let defaults = load(&format!("general_settings: {{master_key: {STRONG}}}"), &[]).unwrap();
+        assert_eq!(defaults.router, RouterSettings::default());
+        assert_eq!(defaults.router.num_retries, 2);
     }
 
     #[test]

@@ -13,6 +13,8 @@
 //! - [`server`]: accepting connections under a limit; header, body and idle timeouts.
 //! - [`routes`]: the router: health, models, and wiring of the handlers below.
 //! - [`key_api`]: `/key/generate`, `/key/info`, `/key/delete`.
+//! - [`provider`]: what `model: <provider>/<model>` means: URL, auth header, defaults.
+//! - [`router`]: model groups, simple-shuffle, retries, cooldown, fallbacks, wildcards.
 //! - [`relay`]: `/chat/completions` and `/embeddings`: resolve, forward, record.
 //! - [`stream`]: relaying server-sent events while picking out the usage.
 //! - [`upstream`]: calls to upstreams over kept-alive connections the calling task drives, and
@@ -37,8 +39,10 @@ pub mod limits;
 pub mod mock;
 pub mod observe;
 pub mod pricing;
+pub mod provider;
 pub mod relay;
 pub mod request;
+pub mod router;
 pub mod routes;
 pub mod server;
 pub mod spend_writer;
@@ -47,7 +51,6 @@ pub mod tokens;
 pub mod upstream;
 pub mod usage;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -65,6 +68,8 @@ pub use routes::app;
 use auth::Authenticator;
 use keys::KeyStore;
 use pricing::{Price, PriceTable};
+use provider::CallKind;
+use router::{Group, Groups, RouterSettings};
 use spend_writer::SpendWriter;
 use upstream::{Endpoint, UpstreamClient};
 
@@ -78,6 +83,39 @@ pub struct Route {
     pub price: Option<Price>,
     pub chat: Endpoint,
     pub embeddings: Endpoint,
+    /// Recent failures, for cooldown (only read in groups of several).
+    pub health: router::Health,
+    /// The model is a wildcard (`openai/*`): the upstream model and price are worked out per call.
+    pub wildcard: bool,
+}
+
+impl Route {
+    fn new(d: &Deployment, prices: &PriceTable) -> Self {
+        Self {
+            deployment: d.clone(),
+            price: price_of(d, prices),
+            chat: Endpoint::new(d, CallKind::Chat),
+            embeddings: Endpoint::new(d, CallKind::Embeddings),
+            health: router::Health::default(),
+            wildcard: d.upstream_model.contains('*'),
+        }
+    }
+}
+
+/// A deployment's price. An Azure deployment's name is the operator's own: it is priced as its
+/// `model_info.base_model` (or only by its own per-token prices when it has none).
+pub fn price_of(d: &Deployment, prices: &PriceTable) -> Option<Price> {
+    if d.provider != "azure" {
+        return prices.price_for(d);
+    }
+    let base = d.base_model.clone().unwrap_or_default();
+    // `azure/gpt-4o` as LiteLLM's docs write it; a price table may list it as `gpt-4o` only.
+    let bare = base.strip_prefix("azure/").unwrap_or(&base).to_owned();
+    prices.price_for(&Deployment {
+        model_name: bare,
+        upstream_model: base,
+        ..d.clone()
+    })
 }
 
 /// Shared state of the proxy; cheap to clone.
@@ -87,7 +125,10 @@ pub struct AppState {
 }
 
 struct Shared {
-    routes: HashMap<String, Arc<Route>>,
+    groups: Groups,
+    router: RouterSettings,
+    /// For wildcard deployments, priced per call by the model the request named.
+    prices: PriceTable,
     /// Model names in config order, for `/models` and error messages.
     model_names: Vec<String>,
     auth: Authenticator,
@@ -123,28 +164,59 @@ impl AppState {
             &config.settings.spend_log,
             config.settings.spend_log_max_bytes,
         )?;
-        let mut routes = HashMap::new();
+        let mut groups: Vec<(String, Vec<Arc<Route>>)> = Vec::new();
         let mut unpriced = Vec::new();
+        let mut azure_unpriced = Vec::new();
         for d in &config.deployments {
-            let price = prices.price_for(d);
-            if price.is_none() {
-                unpriced.push(d.model_name.as_str());
+            let route = Arc::new(Route::new(d, &prices));
+            if route.price.is_none() && !route.wildcard {
+                let list = if d.provider == "azure" && d.base_model.is_none() {
+                    &mut azure_unpriced
+                } else {
+                    &mut unpriced
+                };
+                if !list.contains(&d.model_name.as_str()) {
+                    list.push(d.model_name.as_str());
+                }
             }
-            routes.insert(
-                d.model_name.clone(),
-                Arc::new(Route {
-                    deployment: d.clone(),
-                    price,
-                    chat: Endpoint::new(d, "/chat/completions"),
-                    embeddings: Endpoint::new(d, "/embeddings"),
-                }),
+            match groups.iter_mut().find(|(name, _)| *name == d.model_name) {
+                Some((_, routes)) => routes.push(route),
+                None => groups.push((d.model_name.clone(), vec![route])),
+            }
+        }
+        if !azure_unpriced.is_empty() {
+            tracing::warn!(
+                models = ?azure_unpriced,
+                "Azure deployments without model_info.base_model are unpriced (a deployment's name \
+                 says nothing about the model it runs): their spend records carry response_cost \
+                 null; set model_info.base_model, e.g. base_model: azure/gpt-4o"
             );
         }
+        if let Some(strategy) = &config.router.unsupported_strategy {
+            tracing::warn!(
+                strategy,
+                "router_settings.routing_strategy {strategy:?} is not supported; tally routes \
+                 with simple-shuffle (random, weighted by weight / rpm / tpm)"
+            );
+        }
+        let groups = Groups::new(
+            groups
+                .into_iter()
+                .map(|(name, routes)| Arc::new(Group::new(name, routes)))
+                .collect(),
+            &config.router.aliases,
+        );
         if !unpriced.is_empty() {
             tracing::warn!(
                 models = ?unpriced,
                 "no price known for these models: their spend records carry response_cost null; \
                  set input_cost_per_token/output_cost_per_token or tally_settings.price_file"
+            );
+        }
+        for entry in &config.unapplied_params {
+            tracing::warn!(
+                "{entry}: these litellm_params are not applied by tally (it forwards the client's \
+                 request as sent, with the deployment's model, key and URL)"
             );
         }
         for callback in &config.unsupported_callbacks {
@@ -156,18 +228,22 @@ impl AppState {
         }
         let mut registry = Registry::default();
         crate::metrics::register_build_info(&mut registry);
-        let metrics = ProxyMetrics::register(
-            &mut registry,
-            config.deployments.iter().map(|d| d.model_name.clone()),
+        let mut model_names = config.model_names();
+        model_names.extend(
+            config
+                .router
+                .aliases
+                .iter()
+                .filter(|a| !a.hidden)
+                .map(|a| a.alias.clone()),
         );
+        let metrics = ProxyMetrics::register(&mut registry, model_names.iter().cloned());
         Ok(Self {
             inner: Arc::new(Shared {
-                routes,
-                model_names: config
-                    .deployments
-                    .iter()
-                    .map(|d| d.model_name.clone())
-                    .collect(),
+                groups,
+                router: config.router.clone(),
+                prices,
+                model_names,
                 auth: Authenticator::new(config.master_key.as_deref(), keys),
                 spend,
                 upstream: UpstreamClient::new()?,
@@ -179,8 +255,22 @@ impl AppState {
         })
     }
 
-    pub fn route(&self, model_name: &str) -> Option<&Arc<Route>> {
-        self.inner.routes.get(model_name)
+    /// The group serving a requested model name (exact, else by wildcard).
+    pub fn resolve<'a>(&'a self, model: &'a str) -> Option<router::Target<'a>> {
+        self.inner.groups.resolve(model)
+    }
+
+    /// The group named `name` exactly (fallback targets).
+    pub fn group(&self, name: &str) -> Option<&Arc<Group>> {
+        self.inner.groups.get(name)
+    }
+
+    pub fn router(&self) -> &RouterSettings {
+        &self.inner.router
+    }
+
+    pub fn prices(&self) -> &PriceTable {
+        &self.inner.prices
     }
 
     pub fn model_names(&self) -> &[String] {

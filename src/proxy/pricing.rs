@@ -406,8 +406,14 @@ impl PriceTable {
     /// (looked up by the provider's model name, then by the name clients use) with the
     /// deployment's own `litellm_params` prices over them.
     pub fn price_for(&self, d: &Deployment) -> Option<Price> {
-        let listed = self
-            .lookup(&d.upstream_model)
+        // LiteLLM's table keys most non-OpenAI models by `provider/model` (`groq/llama-3.3-70b-versatile`).
+        let listed = (!d.provider.is_empty())
+            .then(|| {
+                self.prices
+                    .get(&format!("{}/{}", d.provider, d.upstream_model))
+            })
+            .flatten()
+            .or_else(|| self.lookup(&d.upstream_model))
             .or_else(|| self.lookup(&d.model_name));
         let keys = match listed {
             Some(l) => l.layered(&d.prices),
@@ -444,6 +450,26 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    /// A named provider's model is found under `provider/model`, as LiteLLM keys it.
+    #[test]
+    fn a_named_providers_model_is_priced_by_its_prefixed_name() {
+        let table = PriceTable::load(None).unwrap();
+        let d = Deployment {
+            provider: "groq".into(),
+            ..deployment("chat", "qwen/qwen3.8-27b")
+        };
+        let price = table
+            .price_for(&d)
+            .expect("groq/qwen/qwen3.8-27b is in the table");
+        let listed = table.price_of("groq", "qwen/qwen3.8-27b").unwrap();
+        assert_eq!(price, listed);
+        let unprefixed = Deployment {
+            provider: "openai".into(),
+            ..deployment("chat", "qwen/qwen3.8-27b")
+        };
+        assert_eq!(table.price_for(&unprefixed), None);
+    }
+
     fn deployment(name: &str, upstream: &str) -> Deployment {
         Deployment {
             model_name: name.into(),
@@ -455,6 +481,7 @@ mod tests {
             output_cost_per_token: None,
             prices: PriceKeys::default(),
             mock_response: None,
+            ..Deployment::default()
         }
     }
 

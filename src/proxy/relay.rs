@@ -6,6 +6,7 @@
 //! returned byte for byte; only `usage` and `model` are read out of it.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -29,7 +30,10 @@ use super::json_body::Kind;
 use super::limits;
 use super::mock;
 use super::observe;
+use super::pricing::Price;
+use super::provider::{self, CallKind};
 use super::request::read_json_body;
+use super::router::{self, Failure, Group};
 use super::stream::{self, StreamOutcome};
 use super::tokens;
 use super::upstream::{Endpoint, UpstreamClient, Usage};
@@ -144,7 +148,13 @@ where
 /// One call in flight: everything its spend record needs besides the usage.
 struct Call {
     state: AppState,
+    /// The model the client asked for (recorded as `model`).
+    model: String,
+    /// The deployment that answers (after retries and fallbacks, the one that did).
     route: std::sync::Arc<Route>,
+    /// A wildcard deployment's upstream model for this call, its price and endpoint (boxed: the
+    /// call's future is moved to the heap whole, and every byte of it costs on each request).
+    wildcard: Option<Box<Wildcard>>,
     call_type: CallType,
     transaction_id: Uuid,
     start_time: DateTime<Utc>,
@@ -170,10 +180,10 @@ impl Call {
             start_time: Some(self.start_time),
             end_time: Utc::now(),
             call_type: self.call_type.as_str().to_owned(),
-            model: self.route.deployment.model_name.clone(),
+            model: self.model.clone(),
             upstream_model: Some(
                 limits::bounded_upstream_model(upstream_model)
-                    .unwrap_or_else(|| self.route.deployment.upstream_model.clone()),
+                    .unwrap_or_else(|| self.upstream_model().to_owned()),
             ),
             input_tokens: usage.prompt_tokens,
             output_tokens: usage.completion_tokens,
@@ -187,7 +197,7 @@ impl Call {
             reasoning_tokens: usage.reasoning_tokens,
             usage_estimated: estimated,
             response_cost: if billable {
-                self.route.price.as_ref().map(|p| p.cost(&usage))
+                self.price().map(|p| p.cost(&usage))
             } else {
                 None
             },
@@ -221,12 +231,38 @@ impl Call {
         })
     }
 
+    /// The model sent upstream.
+    fn upstream_model(&self) -> &str {
+        match &self.wildcard {
+            Some(w) => &w.upstream_model,
+            None => &self.route.deployment.upstream_model,
+        }
+    }
+
+    fn price(&self) -> Option<&Price> {
+        match &self.wildcard {
+            Some(w) => w.price.as_ref(),
+            None => self.route.price.as_ref(),
+        }
+    }
+
+    /// Counts a failed attempt in the metrics.
+    fn count_failure(&self, error: &ProxyError) {
+        if let Some(kind) = observe::upstream_error_kind(error) {
+            self.state
+                .metrics()
+                .record_upstream_error(&self.model, kind);
+        }
+    }
+
     /// Logs an upstream failure (never billed) and passes the error on.
     async fn fail(&self, error: ProxyError) -> ProxyError {
-        if let Some(kind) = observe::upstream_error_kind(&error) {
-            let model = &self.route.deployment.model_name;
-            self.state.metrics().record_upstream_error(model, kind);
-        }
+        self.count_failure(&error);
+        self.fail_counted(error).await
+    }
+
+    /// [`Call::fail`] for a failure already counted.
+    async fn fail_counted(&self, error: ProxyError) -> ProxyError {
         let record = self.record(Usage::default(), false, "failure", None);
         if let Err(e) = self.state.spend().append(&record).await {
             tracing::warn!(error = %e, "failure record not written");
@@ -235,6 +271,9 @@ impl Call {
     }
 
     fn endpoint(&self) -> &Endpoint {
+        if let Some(e) = self.wildcard.as_ref().and_then(|w| w.endpoint.as_ref()) {
+            return e;
+        }
         match self.call_type {
             CallType::Chat => &self.route.chat,
             CallType::Embedding => &self.route.embeddings,
@@ -288,7 +327,7 @@ async fn handle(
         }
     };
     observe::tag(&model, caller.key());
-    let Some(route) = state.route(&model).cloned() else {
+    let Some(target) = state.resolve(&model) else {
         return Err(ProxyError::BadRequest {
             message: format!(
                 "model {model:?} is not served by this proxy; available models: {}",
@@ -298,6 +337,8 @@ async fn handle(
             code: "model_not_found",
         });
     };
+    let group = target.group.clone();
+    let matched = target.matched.map(str::to_owned);
     if let Some(key) = caller.key()
         && !key.allows_model(&model)
     {
@@ -315,6 +356,8 @@ async fn handle(
         limits::require_billable_key(key)?;
         end_user::check_guard(key, end_user_id.as_deref())?;
     }
+    // Not needed past here: not kept in the call's future across the upstream's answer.
+    drop(headers);
     let stream = call_type == CallType::Chat
         && match body.get("stream") {
             Some(Value::Bool(b)) => b,
@@ -336,9 +379,14 @@ async fn handle(
         return Err(ProxyError::bad_param("input", "`input` is required"));
     }
 
-    let call = Call {
+    let first = group.pick(0, rand::random::<f64>);
+    let route = group.routes[first].clone();
+    let wildcard = wildcard_of(&state, &route, matched.as_deref(), &model, call_type);
+    let mut call = Call {
         state,
+        model,
         route,
+        wildcard,
         call_type,
         transaction_id: transaction_id(&start_time),
         start_time,
@@ -354,14 +402,22 @@ async fn handle(
     }
 
     // Only `model` (and, for streams, `stream_options`) change; the rest goes as the client sent it.
-    let upstream_model = serde_json::to_vec(&call.route.deployment.upstream_model)
-        .map_err(|e| ProxyError::Internal(format!("encoding the upstream model: {e}")))?;
-    let payload = if stream {
-        let options = serde_json::to_vec(&include_usage(stream_options))
-            .map_err(|e| ProxyError::Internal(format!("encoding stream_options: {e}")))?;
-        body.with_members(&[("model", &upstream_model), ("stream_options", &options)])
+    let options = if stream {
+        Some(
+            serde_json::to_vec(&include_usage(stream_options))
+                .map_err(|e| ProxyError::Internal(format!("encoding stream_options: {e}")))?,
+        )
     } else {
-        body.with_members(&[("model", &upstream_model)])
+        None
+    };
+    let payload = Payload {
+        body: &body,
+        stream_options: options.as_deref(),
+    };
+    let response = match send(&mut call, group, first, matched, &payload).await {
+        Ok(Answer::Upstream(r)) => r,
+        Ok(Answer::Mock) => return mock_answer(call, &body.to_map(), client_wants_usage).await,
+        Err(e) => return Err(call.fail_counted(e).await),
     };
     // Estimated only if the upstream reports no usage.
     let prompt = PromptEstimate {
@@ -369,17 +425,7 @@ async fn handle(
         call_type,
     };
     drop(body);
-
-    let model_name = call.route.deployment.model_name.clone();
-    let response = match call
-        .state
-        .upstream()
-        .post_json(call.endpoint(), &model_name, payload)
-        .await
-    {
-        Ok(r) => r,
-        Err(e) => return Err(call.fail(e).await),
-    };
+    let model_name = call.model.clone();
 
     if stream {
         let source = response.into_stream();
@@ -403,6 +449,163 @@ async fn handle(
     );
     call.headers(&mut response, record.response_cost);
     Ok(response)
+}
+
+/// A wildcard deployment's upstream model for a request, with its price (looked up per call:
+/// the model is only known now). `None` for every other deployment.
+fn wildcard_of(
+    state: &AppState,
+    route: &Route,
+    matched: Option<&str>,
+    requested: &str,
+    call_type: CallType,
+) -> Option<Box<Wildcard>> {
+    if !route.wildcard {
+        return None;
+    }
+    let upstream = router::upstream_model(&route.deployment.upstream_model, matched).into_owned();
+    let deployment = super::Deployment {
+        model_name: requested.to_owned(),
+        upstream_model: upstream.clone(),
+        // A wildcard Azure deployment is named by the client, as LiteLLM prices it.
+        base_model: (route.deployment.base_model.clone()).or_else(|| Some(upstream.clone())),
+        ..route.deployment.clone()
+    };
+    let price = super::price_of(&deployment, state.prices());
+    // Azure names the deployment in the URL's path: the endpoint differs per model.
+    let (kind, endpoint) = match call_type {
+        CallType::Chat => (CallKind::Chat, &route.chat),
+        CallType::Embedding => (CallKind::Embeddings, &route.embeddings),
+    };
+    let url = provider::of(&deployment).url(&deployment, kind);
+    Some(Box::new(Wildcard {
+        upstream_model: upstream,
+        price,
+        endpoint: (url != endpoint.url).then(|| endpoint.with_url(url)),
+    }))
+}
+
+/// What a wildcard deployment resolves to for one call.
+struct Wildcard {
+    upstream_model: String,
+    price: Option<Price>,
+    /// When the provider's URL names the model (Azure).
+    endpoint: Option<Endpoint>,
+}
+
+/// The client's body, to be sent with each attempt's own `model`.
+#[derive(Clone, Copy)]
+struct Payload<'a> {
+    body: &'a super::json_body::JsonBody,
+    /// For streams, `stream_options` with `include_usage` on.
+    stream_options: Option<&'a [u8]>,
+}
+
+impl Payload<'_> {
+    fn for_model(&self, model: &str) -> Result<Vec<u8>, ProxyError> {
+        let model = serde_json::to_vec(model)
+            .map_err(|e| ProxyError::Internal(format!("encoding the upstream model: {e}")))?;
+        Ok(match self.stream_options {
+            Some(options) => self
+                .body
+                .with_members(&[("model", &model), ("stream_options", options)]),
+            None => self.body.with_members(&[("model", &model)]),
+        })
+    }
+}
+
+/// Who answered a call.
+enum Answer {
+    Upstream(super::upstream::UpstreamResponse),
+    /// A mock deployment was chosen (by a retry or a fallback): answered locally.
+    Mock,
+}
+
+/// Sends the call to deployment `first` of `group`; on a retryable failure to another deployment
+/// of the group (up to `num_retries` more attempts), and once the group is exhausted to its
+/// `fallbacks` (or, when the prompt is too long or its content refused, its
+/// `context_window_fallbacks` / `content_policy_fallbacks`), each with retries of its own. Every attempt ends before any byte reaches the client, so nothing is sent
+/// twice to the client; on success `call` names the deployment that answered. Failed attempts
+/// are counted in the metrics; the last failure is returned.
+async fn send(
+    call: &mut Call,
+    mut group: Arc<Group>,
+    first: usize,
+    mut matched: Option<String>,
+    payload: &Payload<'_>,
+) -> Result<Answer, ProxyError> {
+    let state = call.state.clone();
+    let settings = state.router();
+    let mut next = Some(first);
+    // Fallback groups still to try, last first; filled once, when the first group is exhausted.
+    let mut pending: Option<Vec<(Arc<Group>, Option<String>)>> = None;
+    loop {
+        let mut tried = 0u64;
+        let mut attempts_left = settings.num_retries;
+        // Kept only once the group is given up on: an error held across the next attempt's await
+        // would enlarge every call's future (see `Call::wildcard`).
+        let (error, failure) = loop {
+            let i = match next.take() {
+                Some(i) => i,
+                None => group.pick(tried, rand::random::<f64>),
+            };
+            if i < 64 {
+                tried |= 1 << i;
+            }
+            let route = group.routes[i].clone();
+            call.wildcard = wildcard_of(
+                &state,
+                &route,
+                matched.as_deref(),
+                &call.model,
+                call.call_type,
+            );
+            call.route = route;
+            if call.route.deployment.mock_response.is_some() {
+                return Ok(Answer::Mock);
+            }
+            let body = payload.for_model(call.upstream_model())?;
+            let error = match state
+                .upstream()
+                .post_json(call.endpoint(), &call.model, body)
+                .await
+            {
+                Ok(response) => return Ok(Answer::Upstream(response)),
+                Err(e) => e,
+            };
+            call.count_failure(&error);
+            let failure = router::classify(&error);
+            group.failed(i, settings, failure);
+            if attempts_left == 0 || !matches!(failure, Failure::Retryable { .. }) {
+                break (error, failure);
+            }
+            attempts_left -= 1;
+            tracing::debug!(model = %call.model, deployment = i, error = %error, "attempt failed; retrying");
+        };
+        let queue = pending.get_or_insert_with(|| {
+            let names = match failure {
+                Failure::Retryable { .. } | Failure::Other => settings.fallbacks_of(&group.name),
+                Failure::ContextWindow => settings.context_window_fallbacks_of(&group.name),
+                Failure::ContentPolicy => settings.content_policy_fallbacks_of(&group.name),
+                Failure::Client => &[],
+            };
+            names
+                .iter()
+                .rev()
+                .filter(|n| **n != group.name)
+                .filter_map(|n| {
+                    let t = state.resolve(n)?;
+                    Some((t.group.clone(), t.matched.map(str::to_owned)))
+                })
+                .collect()
+        });
+        let Some((fallback, fallback_matched)) = queue.pop() else {
+            return Err(error);
+        };
+        tracing::info!(model = %call.model, from = %group.name, to = %fallback.name, error = %error, "falling back");
+        group = fallback;
+        matched = fallback_matched;
+    }
 }
 
 /// `stream_options.include_usage` as the client sent it.
@@ -550,7 +753,7 @@ where
             let status = if outcome.upstream_error.is_some() { "failure" } else { "success" };
             if let Some(reason) = &outcome.upstream_error {
                 call.state.metrics().record_upstream_error(
-                    &call.route.deployment.model_name,
+                    &call.model,
                     UpstreamErrorKind::InvalidResponse,
                 );
                 tracing::warn!(transaction_id = %call.transaction_id, reason, "upstream stream broke off; not billed");

@@ -4,6 +4,7 @@ mod bad_input;
 mod billing_classes;
 mod commands;
 mod lago_emulator;
+mod litellm_configs;
 mod pricing_oracle;
 mod proxy;
 mod reliability_crash;

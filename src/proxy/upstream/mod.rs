@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::http::{HeaderValue, Uri, header};
+use axum::http::{HeaderName, HeaderValue, Uri, header};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body as _, Incoming};
@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use self::conn::{Conn, Connector, Driven, IdleConns, SendError, UpstreamRequest};
 use super::config::Deployment;
 use super::error::ProxyError;
+use super::provider::{self, CallKind};
 
 /// How long establishing a connection (TCP and TLS) to an upstream may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -50,7 +51,8 @@ pub struct Endpoint {
     /// Where and what to send (`Err` with the reason when `url` is not a usable http(s) URL;
     /// the call then fails as unreachable, naming it).
     target: Result<Target, String>,
-    pub auth: Option<HeaderValue>,
+    /// The auth header the provider sends (`Authorization`, or Azure's `api-key`).
+    pub auth: Option<(HeaderName, HeaderValue)>,
     pub timeout: Duration,
     idle: Arc<IdleConns>,
 }
@@ -98,19 +100,31 @@ impl Target {
 }
 
 impl Endpoint {
-    pub fn new(d: &Deployment, path: &str) -> Self {
-        let auth = d.api_key.as_ref().and_then(|k| {
-            let mut v = HeaderValue::from_str(&format!("Bearer {k}")).ok()?;
-            v.set_sensitive(true);
-            Some(v)
-        });
-        let url = format!("{}{path}", d.api_base);
+    /// The endpoint of `call` on deployment `d`: URL and auth header as its provider has them.
+    pub fn new(d: &Deployment, call: CallKind) -> Self {
+        let provider = provider::of(d);
+        let auth = provider
+            .auth(d)
+            .and_then(|(name, value)| Some((name, provider::header_value(&value)?)));
+        let url = provider.url(d, call);
         Self {
             target: Target::parse(&url),
             url,
             auth,
             timeout: d.timeout,
             idle: Arc::default(),
+        }
+    }
+
+    /// The same endpoint at another URL of the same origin (a wildcard Azure deployment's
+    /// per-model path): its auth and timeout, sharing its kept-alive connections.
+    pub fn with_url(&self, url: String) -> Self {
+        Self {
+            target: Target::parse(&url),
+            url,
+            auth: self.auth.clone(),
+            timeout: self.timeout,
+            idle: self.idle.clone(),
         }
     }
 
@@ -124,8 +138,8 @@ impl Endpoint {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if let Some(auth) = &self.auth {
-            headers.insert(header::AUTHORIZATION, auth.clone());
+        if let Some((name, value)) = &self.auth {
+            headers.insert(name.clone(), value.clone());
         }
         request
     }
@@ -290,7 +304,9 @@ impl UpstreamClient {
                 Err(SendError::Failed(e)) => return Err(innermost(&e)),
             }
         }
-        let mut conn = Conn::open(&self.connector, &target.origin)
+        // Boxed: a new connection is rare (they are kept alive), and its handshake's state would
+        // otherwise enlarge every call's future, which is moved whole onto the heap per request.
+        let mut conn = Box::pin(Conn::open(&self.connector, &target.origin))
             .await
             .map_err(|e| innermost(&*e))?;
         match conn.send(request).await {

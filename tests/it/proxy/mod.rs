@@ -6,6 +6,7 @@ mod fake_upstream;
 mod hostile_input;
 mod key_api;
 mod owned_files;
+mod routing;
 mod slow_clients;
 mod streaming;
 mod upstream_conns;
