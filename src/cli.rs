@@ -248,6 +248,8 @@ pub enum QueueState {
     Dropped,
     /// A status other than success: recorded, never billed.
     NotBillable,
+    /// Acked, then reported by Lago's `events.errors` webhook as not billable.
+    LagoError,
 }
 
 /// What `tally queue retry --state` accepts.
