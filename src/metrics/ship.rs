@@ -12,6 +12,8 @@
 //! | `tally_ship_retries_total` | |
 //! | `tally_ship_lago_unauthorized` | |
 //! | `tally_ship_storage_blocked` | |
+//! | `tally_ship_lago_error_events_total` | `category` (Lago's `events.errors` category) |
+//! | `tally_ship_unknown_subscriptions` | |
 //!
 //! Alert on: `tally_ship_oldest_pending_age_seconds` (events not reaching Lago),
 //! `tally_ship_queue_events{state="dead"} > 0`, `tally_ship_lago_unauthorized == 1`,
@@ -127,6 +129,13 @@ pub struct ShipMetrics {
     retries: Counter,
     lago_unauthorized: Gauge,
     storage_blocked: Gauge,
+    lago_errors: Family<CategoryLabels, Counter>,
+    unknown_subscriptions: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CategoryLabels {
+    category: &'static str,
 }
 
 impl ShipMetrics {
@@ -142,7 +151,19 @@ impl ShipMetrics {
             retries: Counter::default(),
             lago_unauthorized: Gauge::default(),
             storage_blocked: Gauge::default(),
+            lago_errors: Family::default(),
+            unknown_subscriptions: Gauge::default(),
         };
+        registry.register(
+            "tally_ship_lago_error_events",
+            "Acked events Lago reported in an events.errors webhook (stored, not billed), by category",
+            metrics.lago_errors.clone(),
+        );
+        registry.register(
+            "tally_ship_unknown_subscriptions",
+            "external_subscription_ids the shipper sends events for that Lago does not know (never billed)",
+            metrics.unknown_subscriptions.clone(),
+        );
         registry.register(
             "tally_ship_lines_read",
             "Spend-log lines read (and committed to the outbox)",
@@ -271,6 +292,20 @@ impl ShipMetrics {
     /// Whether sending is stopped because Lago refused the API key.
     pub fn set_lago_unauthorized(&self, unauthorized: bool) {
         self.lago_unauthorized.set(i64::from(unauthorized));
+    }
+
+    /// Counts `n` events moved to lago-error. `category` is one of the fixed names in
+    /// `ship::webhook::CATEGORIES`, never text from the webhook.
+    pub fn record_lago_errors(&self, category: &'static str, n: u64) {
+        self.lago_errors
+            .get_or_create(&CategoryLabels { category })
+            .inc_by(n);
+    }
+
+    /// How many external_subscription_ids Lago does not know, as last checked.
+    pub fn set_unknown_subscriptions(&self, n: u64) {
+        self.unknown_subscriptions
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// Whether the shipper waits for its state directory to become writable again.

@@ -25,6 +25,7 @@ pub mod sender;
 pub mod settings;
 pub mod storage;
 pub mod tail;
+pub mod webhook;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -127,6 +128,15 @@ pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> an
         None => None,
     };
     let outbox = outbox.shared();
+    let webhooks = match &settings.webhook {
+        Some(w) => Some(
+            webhook::serve(w.clone(), outbox.clone(), Some(metrics.clone()), shutdown.child_token())
+                .await?,
+        ),
+        None => None,
+    };
+    let webhook_addr = webhooks.as_ref().map(|(addr, _)| *addr);
+    let served_webhooks = webhooks.map(|(_, fut)| tokio::spawn(fut));
     // A full or read-only state directory is waited out by the reader and the sender alike.
     let storage = Arc::new(StorageGate::new(db_path.clone(), Some(metrics.clone())));
     let signal = Arc::new(WorkSignal::default());
@@ -139,6 +149,7 @@ pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> an
         lago = %settings.lago.api_base,
         charge_by = %settings.lago.charge_by,
         metrics = ?metrics_addr,
+        webhooks = ?webhook_addr,
         "tally ship started"
     );
     // The outbox is open and the spend log followed: ready. The watchdog's pings come from a
@@ -236,6 +247,13 @@ pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> an
     let _ = gauges.await;
     if let Some(w) = watchdog {
         let _ = w.await;
+    }
+    if let Some(served) = served_webhooks {
+        match served.await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "the webhook listener failed"),
+            Err(e) => tracing::warn!(error = %e, "the webhook listener task failed"),
+            Ok(Ok(())) => {}
+        }
     }
     if let Some(served) = served_metrics {
         match served.await {
