@@ -386,7 +386,11 @@ pub struct LagoEmulatorArgs {
 
     /// The external_subscription_ids Lago knows (comma-separated or repeated); when none is
     /// given every id is taken as a subscription.
-    #[arg(long = "subscription", env = "LAGO_EMULATOR_SUBSCRIPTIONS", value_delimiter = ',')]
+    #[arg(
+        long = "subscription",
+        env = "LAGO_EMULATOR_SUBSCRIPTIONS",
+        value_delimiter = ','
+    )]
     pub known_subscriptions: Vec<String>,
 
     /// A billable metric, `CODE` or `CODE:AGGREGATION_PROPERTY` (repeatable): stored events

@@ -37,7 +37,10 @@ pub(crate) fn routes(app: Arc<Emulator>) -> Router {
         .route("/api/v1/events", post(create_one))
         .route("/api/v1/events/batch", post(create_batch))
         .route("/api/v1/events/{transaction_id}", get(find_one))
-        .route("/api/v1/subscriptions/{external_id}", get(find_subscription))
+        .route(
+            "/api/v1/subscriptions/{external_id}",
+            get(find_subscription),
+        )
         .route_layer(middleware::from_fn_with_state(app.clone(), gate))
         .with_state(app)
 }

@@ -62,8 +62,9 @@ pub(crate) fn check(metrics: &[Metric], events: &[&ParsedEvent]) -> Value {
                 field_name: Some(field),
                 ..
             }) => {
-                let has = serde_json::from_str::<serde_json::Map<String, Value>>(&e.properties_json)
-                    .is_ok_and(|p| p.get(field).is_some_and(|v| !v.is_null()));
+                let has =
+                    serde_json::from_str::<serde_json::Map<String, Value>>(&e.properties_json)
+                        .is_ok_and(|p| p.get(field).is_some_and(|v| !v.is_null()));
                 if !has {
                     missing_property.push(e.transaction_id.to_string());
                 }
@@ -115,13 +116,18 @@ pub(crate) async fn deliver(config: WebhookConfig, body: Vec<u8>) {
             .header("x-lago-unique-key", &unique_key)
             .body(body.clone());
         if let Some(key) = &config.hmac_key {
-            req = req
-                .header("x-lago-signature-algorithm", "hmac")
-                .header("x-lago-signature", crate::ship::webhook::hmac_signature(key.as_bytes(), &body));
+            req = req.header("x-lago-signature-algorithm", "hmac").header(
+                "x-lago-signature",
+                crate::ship::webhook::hmac_signature(key.as_bytes(), &body),
+            );
         }
         match req.send().await {
             Ok(r) if r.status().is_success() => return,
-            Ok(r) => tracing::warn!(status = r.status().as_u16(), attempt, "lago emulator: webhook refused"),
+            Ok(r) => tracing::warn!(
+                status = r.status().as_u16(),
+                attempt,
+                "lago emulator: webhook refused"
+            ),
             Err(e) => tracing::warn!(error = %e, attempt, "lago emulator: webhook not delivered"),
         }
         tokio::time::sleep(Duration::from_millis(200 << attempt)).await;

@@ -130,8 +130,13 @@ pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> an
     let outbox = outbox.shared();
     let webhooks = match &settings.webhook {
         Some(w) => Some(
-            webhook::serve(w.clone(), outbox.clone(), Some(metrics.clone()), shutdown.child_token())
-                .await?,
+            webhook::serve(
+                w.clone(),
+                outbox.clone(),
+                Some(metrics.clone()),
+                shutdown.child_token(),
+            )
+            .await?,
         ),
         None => None,
     };

@@ -88,7 +88,11 @@ pub fn hmac_valid(key: &[u8], body: &[u8], signature: &str) -> bool {
 }
 
 /// Why a webhook was refused (logged; the answer is 401 either way).
-fn signature_problem(settings: &WebhookSettings, headers: &HeaderMap, body: &[u8]) -> Option<String> {
+fn signature_problem(
+    settings: &WebhookSettings,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Option<String> {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let algorithm = header("x-lago-signature-algorithm").unwrap_or("jwt");
     let Some(signature) = header("x-lago-signature") else {
@@ -96,9 +100,9 @@ fn signature_problem(settings: &WebhookSettings, headers: &HeaderMap, body: &[u8
     };
     match algorithm {
         "hmac" => match &settings.hmac_key {
-            None => Some(
-                "an hmac-signed webhook arrived but LAGO_WEBHOOK_HMAC_KEY is not set".into(),
-            ),
+            None => {
+                Some("an hmac-signed webhook arrived but LAGO_WEBHOOK_HMAC_KEY is not set".into())
+            }
             Some(key) if hmac_valid(key.expose().as_bytes(), body, signature) => None,
             Some(_) => Some(
                 "X-Lago-Signature does not match the body (is LAGO_WEBHOOK_HMAC_KEY Lago's HMAC \
@@ -212,7 +216,11 @@ async fn receive(State(rx): State<Arc<Receiver>>, headers: HeaderMap, body: Byte
     }
     let Ok(payload) = serde_json::from_slice::<Value>(&body) else {
         tracing::warn!("a signed Lago webhook is not JSON; ignored");
-        return (StatusCode::BAD_REQUEST, Json(json!({"error": "body is not JSON"}))).into_response();
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "body is not JSON"})),
+        )
+            .into_response();
     };
     let kind = payload
         .get("webhook_type")
@@ -227,7 +235,14 @@ async fn receive(State(rx): State<Arc<Receiver>>, headers: HeaderMap, body: Byte
     }
     let errors = payload
         .get("events_errors")
-        .or_else(|| payload.get(payload.get("object_type").and_then(Value::as_str).unwrap_or("")))
+        .or_else(|| {
+            payload.get(
+                payload
+                    .get("object_type")
+                    .and_then(Value::as_str)
+                    .unwrap_or(""),
+            )
+        })
         .cloned()
         .unwrap_or(Value::Null);
     match apply_event_errors(&rx, &errors).await {
@@ -240,7 +255,11 @@ async fn receive(State(rx): State<Arc<Receiver>>, headers: HeaderMap, body: Byte
         Err(e) => {
             // Lago retries a non-2xx: the outbox may be writable again by then.
             tracing::error!(error = %e, "cannot record Lago's events.errors in the outbox; Lago will retry");
-            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": "outbox unavailable"}))).into_response()
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"error": "outbox unavailable"})),
+            )
+                .into_response()
         }
     }
 }
@@ -249,12 +268,20 @@ fn ok(outcome: &str) -> Response {
     (StatusCode::OK, Json(json!({"outcome": outcome}))).into_response()
 }
 
-async fn apply_event_errors(rx: &Receiver, errors: &Value) -> Result<(), crate::ship::sender::SenderError> {
+async fn apply_event_errors(
+    rx: &Receiver,
+    errors: &Value,
+) -> Result<(), crate::ship::sender::SenderError> {
     for category in CATEGORIES {
         let ids: Vec<String> = errors
             .get(category)
             .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_owned)
+                    .collect()
+            })
             .unwrap_or_default();
         if ids.is_empty() {
             continue;

@@ -49,8 +49,9 @@ pub struct LagoReader {
 
 impl LagoReader {
     pub fn new(base: &reqwest::Url, api_key: &str, rate: f64) -> Result<Self, ReadError> {
-        let mut auth = HeaderValue::from_str(&format!("Bearer {api_key}"))
-            .map_err(|_| ReadError::Build("LAGO_API_KEY cannot be used in an HTTP header".into()))?;
+        let mut auth = HeaderValue::from_str(&format!("Bearer {api_key}")).map_err(|_| {
+            ReadError::Build("LAGO_API_KEY cannot be used in an HTTP header".into())
+        })?;
         auth.set_sensitive(true);
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))

@@ -83,7 +83,12 @@ impl AuditReport {
             let _ = writeln!(s, "  missing: {}", printable(id));
         }
         for d in self.different_events.iter().take(50) {
-            let _ = writeln!(s, "  different: {}: {}", printable(&d.transaction_id), printable(&d.detail));
+            let _ = writeln!(
+                s,
+                "  different: {}: {}",
+                printable(&d.transaction_id),
+                printable(&d.detail)
+            );
         }
         for (id, n) in &self.unknown_subscriptions {
             let _ = writeln!(
@@ -100,7 +105,12 @@ impl AuditReport {
             );
         }
         for d in &self.not_fixable {
-            let _ = writeln!(s, "  not fixable: {}: {}", printable(&d.transaction_id), printable(&d.detail));
+            let _ = writeln!(
+                s,
+                "  not fixable: {}: {}",
+                printable(&d.transaction_id),
+                printable(&d.detail)
+            );
         }
         if self.missing > 0 && self.requeued.is_empty() && self.not_fixable.is_empty() {
             s.push_str("Run `tally audit --fix` to send the missing events again.\n");
@@ -120,11 +130,9 @@ pub async fn run(args: AuditArgs, shutdown: CancellationToken) -> anyhow::Result
             args.rate
         );
     }
-    let base = args
-        .lago
-        .lago_api_base
-        .as_deref()
-        .context("LAGO_API_BASE is not set; set it to the Lago API's base URL, e.g. https://api.getlago.com")?;
+    let base = args.lago.lago_api_base.as_deref().context(
+        "LAGO_API_BASE is not set; set it to the Lago API's base URL, e.g. https://api.getlago.com",
+    )?;
     let base = reqwest::Url::parse(base.trim())
         .ok()
         .filter(|u| matches!(u.scheme(), "http" | "https"))
@@ -152,11 +160,15 @@ pub async fn run(args: AuditArgs, shutdown: CancellationToken) -> anyhow::Result
         until_ms: window.until.map(|t| t.timestamp_millis()),
         sample: args.sample,
     };
-    let outbox = Outbox::open_in(&state_dir).context("cannot open the outbox")?.shared();
+    let outbox = Outbox::open_in(&state_dir)
+        .context("cannot open the outbox")?
+        .shared();
     let mut reader = LagoReader::new(&base, key.trim(), args.rate)?;
     let report = audit(&outbox, &mut reader, &scope, args.fix, &shutdown).await?;
     let Some(mut report) = report else {
-        eprintln!("tally: audit interrupted; run `tally audit` again with the same options to resume");
+        eprintln!(
+            "tally: audit interrupted; run `tally audit` again with the same options to resume"
+        );
         return Ok(ExitCode::from(EXIT_NEEDS_ATTENTION));
     };
     report.rate_limited = reader.rate_limited;
@@ -200,8 +212,10 @@ pub async fn audit(
         indicatif::ProgressDrawTarget::stderr(),
     );
     bar.set_style(
-        indicatif::ProgressStyle::with_template("auditing {bar:30} {pos}/{len} events, {per_sec}, eta {eta}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(
+            "auditing {bar:30} {pos}/{len} events, {per_sec}, eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar.set_position(progress.done);
     loop {
@@ -303,7 +317,10 @@ fn compare(item: &AuditItem, lago: &Value) -> Option<String> {
     if let Some(code) = &item.code
         && text("code") != Some(code.as_str())
     {
-        diffs.push(format!("code: sent {code:?}, Lago has {:?}", text("code").unwrap_or("")));
+        diffs.push(format!(
+            "code: sent {code:?}, Lago has {:?}",
+            text("code").unwrap_or("")
+        ));
     }
     if let Some(sub) = &item.subscription_id
         && text("external_subscription_id") != Some(sub.as_str())
@@ -377,9 +394,18 @@ mod tests {
         let other = json!({"code": "other", "external_subscription_id": "cust2",
                            "timestamp": "2026-11-27T06:00:00.000Z"});
         let d = compare(&item(), &other).unwrap();
-        assert!(d.contains("code: sent \"llm_usage\"") && d.contains("cust2") && d.contains("timestamp"), "{d}");
+        assert!(
+            d.contains("code: sent \"llm_usage\"")
+                && d.contains("cust2")
+                && d.contains("timestamp"),
+            "{d}"
+        );
         // Rows acked before schema v5 kept no code or timestamp: only the subscription is compared.
-        let old = AuditItem { code: None, timestamp: None, ..item() };
+        let old = AuditItem {
+            code: None,
+            timestamp: None,
+            ..item()
+        };
         assert_eq!(compare(&old, &other).unwrap().matches(';').count(), 0);
     }
 }

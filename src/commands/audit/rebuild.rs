@@ -16,7 +16,10 @@ use crate::spend::SpendRecord;
 const MAX_LINE: u64 = 1024 * 1024;
 
 /// The rebuilt event, or why it cannot be rebuilt (`Ok(Err(why))`).
-pub fn missing_event(ob: &Outbox, transaction_id: &str) -> Result<Result<Vec<u8>, String>, OutboxError> {
+pub fn missing_event(
+    ob: &Outbox,
+    transaction_id: &str,
+) -> Result<Result<Vec<u8>, String>, OutboxError> {
     let Some(origin) = ob.acked_origin(transaction_id)? else {
         return Ok(Err("no longer acked in the outbox".into()));
     };
@@ -48,8 +51,16 @@ pub fn missing_event(ob: &Outbox, transaction_id: &str) -> Result<Result<Vec<u8>
     }
     let record = match SpendRecord::parse_line(line) {
         Ok(r) if r.transaction_id == transaction_id => r,
-        Ok(_) => return Ok(Err(format!("the line at {file}:{offset} has another transaction_id"))),
-        Err(e) => return Ok(Err(format!("the line at {file}:{offset} does not parse: {e}"))),
+        Ok(_) => {
+            return Ok(Err(format!(
+                "the line at {file}:{offset} has another transaction_id"
+            )));
+        }
+        Err(e) => {
+            return Ok(Err(format!(
+                "the line at {file}:{offset} does not parse: {e}"
+            )));
+        }
     };
     Ok(Ok(event_bytes(&record, &code, &sub)))
 }

@@ -10,8 +10,11 @@ use super::{Outbox, OutboxError, State, now_ms};
 /// What [`Outbox::mark_lago_error`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct LagoErrorMarks {
-    /// Moved to lago-error (or already there with this reason).
+    /// Moved to lago-error now.
     pub marked: Vec<String>,
+    /// Known but left as they are: already lago-error (a repeated report), or in a state that
+    /// is not Lago's to settle (dropped, dead, ...).
+    pub unchanged: Vec<String>,
     /// Not in the outbox: ids Lago named that tally never sent (another sender, or pruned).
     pub unknown: Vec<String>,
 }
@@ -58,7 +61,11 @@ impl Outbox {
     }
 
     /// Remembers what Lago said about one external_subscription_id.
-    pub fn set_subscription_known(&mut self, external_id: &str, known: bool) -> Result<(), OutboxError> {
+    pub fn set_subscription_known(
+        &mut self,
+        external_id: &str,
+        known: bool,
+    ) -> Result<(), OutboxError> {
         self.conn()
             .prepare_cached(
                 "INSERT INTO subscriptions (external_id, known, checked_ms) VALUES (?1, ?2, ?3)
@@ -72,8 +79,12 @@ impl Outbox {
     /// Lago reported these events in an `events.errors` webhook under `category`
     /// (`invalid_code`, ...): acked (or still pending: the webhook may beat the ack's commit)
     /// rows move to lago-error with the category as reason. Other states are left alone (a
-    /// dropped or dead event is not Lago's to settle) but count as marked: the id is known.
-    pub fn mark_lago_error(&mut self, ids: &[&str], category: &str) -> Result<LagoErrorMarks, OutboxError> {
+    /// dropped or dead event is not Lago's to settle; a lago-error one was reported before).
+    pub fn mark_lago_error(
+        &mut self,
+        ids: &[&str],
+        category: &str,
+    ) -> Result<LagoErrorMarks, OutboxError> {
         let now = now_ms();
         let mut marks = LagoErrorMarks::default();
         let tx = self
@@ -83,13 +94,15 @@ impl Outbox {
             let mut update = tx.prepare_cached(
                 "UPDATE events SET state = 6, reason = ?2, updated_ms = ?3,
                      event = NULL, record = NULL, customer_ids = NULL
-                 WHERE transaction_id = ?1 AND state IN (0, 3, 6)",
+                 WHERE transaction_id = ?1 AND state IN (0, 3)",
             )?;
             let mut exists = tx.prepare_cached("SELECT 1 FROM events WHERE transaction_id = ?1")?;
             for id in ids {
                 let n = update.execute(params![id, category, now])?;
-                if n == 1 || exists.query_row([id], |_| Ok(())).optional()?.is_some() {
+                if n == 1 {
                     marks.marked.push((*id).to_owned());
+                } else if exists.query_row([id], |_| Ok(())).optional()?.is_some() {
+                    marks.unchanged.push((*id).to_owned());
                 } else {
                     marks.unknown.push((*id).to_owned());
                 }
@@ -103,7 +116,11 @@ impl Outbox {
     pub fn unfinished_audit(&self) -> Result<Option<AuditScope>, OutboxError> {
         let scope: Option<String> = self
             .conn()
-            .query_row("SELECT value FROM meta WHERE key = 'audit_scope'", [], |r| r.get(0))
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'audit_scope'",
+                [],
+                |r| r.get(0),
+            )
             .optional()?;
         Ok(scope.and_then(|s| serde_json::from_str(&s).ok()))
     }
@@ -115,7 +132,11 @@ impl Outbox {
             .conn_mut()
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute("DELETE FROM audit_items", [])?;
-        let order = if scope.sample.is_some() { "random()" } else { "created_ms, rowid" };
+        let order = if scope.sample.is_some() {
+            "random()"
+        } else {
+            "created_ms, rowid"
+        };
         let sql = format!(
             "INSERT INTO audit_items (transaction_id, subscription_id, lago_code, lago_timestamp)
              SELECT transaction_id, subscription_id, lago_code, lago_timestamp FROM events
@@ -141,11 +162,11 @@ impl Outbox {
     }
 
     pub fn audit_progress(&self) -> Result<AuditProgress, OutboxError> {
-        let (total, done): (i64, i64) = self.conn().query_row(
-            "SELECT count(*), count(result) FROM audit_items",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
+        let (total, done): (i64, i64) =
+            self.conn()
+                .query_row("SELECT count(*), count(result) FROM audit_items", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?;
         Ok(AuditProgress {
             total: total as u64,
             done: done as u64,
@@ -173,13 +194,16 @@ impl Outbox {
     }
 
     /// Records what Lago said about checked events: `(seq, result, detail)`.
-    pub fn audit_record(&mut self, results: &[(i64, &str, Option<&str>)]) -> Result<(), OutboxError> {
+    pub fn audit_record(
+        &mut self,
+        results: &[(i64, &str, Option<&str>)],
+    ) -> Result<(), OutboxError> {
         let tx = self
             .conn_mut()
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
-            let mut stmt =
-                tx.prepare_cached("UPDATE audit_items SET result = ?2, detail = ?3 WHERE seq = ?1")?;
+            let mut stmt = tx
+                .prepare_cached("UPDATE audit_items SET result = ?2, detail = ?3 WHERE seq = ?1")?;
             for (seq, result, detail) in results {
                 stmt.execute(params![seq, result, detail])?;
             }
@@ -241,7 +265,10 @@ impl Outbox {
 
     /// `--fix`: acked events Lago does not have go back to pending with their rebuilt event
     /// bytes, so the shipper sends them again. Only rows still acked; returns those requeued.
-    pub fn requeue_acked(&mut self, events: &[(&str, Vec<u8>)]) -> Result<Vec<String>, OutboxError> {
+    pub fn requeue_acked(
+        &mut self,
+        events: &[(&str, Vec<u8>)],
+    ) -> Result<Vec<String>, OutboxError> {
         let now = now_ms();
         let mut done = Vec::new();
         let tx = self

@@ -613,16 +613,20 @@ impl Outbox {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
-            let mut by_rowid = tx.prepare_cached(
-                concat!("UPDATE events SET state = 3, record = NULL, event = NULL, customer_ids = NULL,
-                     reason = NULL, updated_ms = ?3, ", keep_for_audit!(), "
-                 WHERE rowid = ?1 AND transaction_id = ?2 AND state NOT IN (3, 6)"),
-            )?;
-            let mut by_id = tx.prepare_cached(
-                concat!("UPDATE events SET state = 3, record = NULL, event = NULL, customer_ids = NULL,
-                     reason = NULL, updated_ms = ?2, ", keep_for_audit!(), "
-                 WHERE transaction_id = ?1 AND state NOT IN (3, 6)"),
-            )?;
+            let mut by_rowid = tx.prepare_cached(concat!(
+                "UPDATE events SET state = 3, record = NULL, event = NULL, customer_ids = NULL,
+                     reason = NULL, updated_ms = ?3, ",
+                keep_for_audit!(),
+                "
+                 WHERE rowid = ?1 AND transaction_id = ?2 AND state NOT IN (3, 6)"
+            ))?;
+            let mut by_id = tx.prepare_cached(concat!(
+                "UPDATE events SET state = 3, record = NULL, event = NULL, customer_ids = NULL,
+                     reason = NULL, updated_ms = ?2, ",
+                keep_for_audit!(),
+                "
+                 WHERE transaction_id = ?1 AND state NOT IN (3, 6)"
+            ))?;
             for (rowid, id) in events {
                 if by_rowid.execute(params![rowid, id, now])? == 0 {
                     by_id.execute(params![id, now])?;

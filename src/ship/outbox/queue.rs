@@ -208,8 +208,15 @@ impl Outbox {
                 ])
             },
         )?;
-        let [pending, held, dead, acked, not_billable, dropped, lago_error] =
-            counts.map(|n| n as u64);
+        let [
+            pending,
+            held,
+            dead,
+            acked,
+            not_billable,
+            dropped,
+            lago_error,
+        ] = counts.map(|n| n as u64);
         stats.lago_error = lago_error;
         stats.unknown_subscriptions = self.unknown_subscriptions()?;
         stats.pending = pending;

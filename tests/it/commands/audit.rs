@@ -1,0 +1,295 @@
+//! `tally audit`, Lago's `events.errors` webhooks and unknown subscriptions, end to end: the real
+//! binary, a real outbox, and the Lago emulator (issue 17).
+
+use std::collections::HashSet;
+
+use serde_json::Value;
+use tally::lago_emulator::{EmulatorConfig, Metric, WebhookConfig};
+use tally::ship::webhook::hmac_signature;
+
+use super::Who::EndUser;
+use super::{Bench, GENEROUS, line, u, write};
+use crate::commands::replay::stop;
+use crate::support::poll_until;
+
+const HMAC_KEY: &str = "whsec-test-key";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn lines(ids: &[(&str, &str)]) -> Vec<String> {
+    ids.iter()
+        .enumerate()
+        .map(|(i, (id, who))| {
+            line(
+                id,
+                &format!("2026-11-27T10:00:0{i}.250Z"),
+                EndUser(who),
+                7,
+                15,
+                0.0002,
+            )
+        })
+        .collect()
+}
+
+fn ids(v: &Value, key: &str) -> Vec<String> {
+    let mut ids: Vec<String> = v[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("{key} missing in {v}"))
+        .iter()
+        .map(|i| i.as_str().unwrap().to_owned())
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_finds_what_lago_lost_fixes_it_and_then_passes() {
+    let b = Bench::new().await;
+    write(
+        &b.path("spend.jsonl"),
+        &lines(&[
+            ("a-1", "c-1"),
+            ("a-2", "c-1"),
+            ("a-3", "c-2"),
+            ("a/4?x#y", "c-2"),
+        ]),
+    );
+    let mut ship = b
+        .command(&["ship", "--poll-interval-ms", "50", "--linger-ms", "5"])
+        .spawn()
+        .unwrap();
+    poll_until("tally ship delivers the log", GENEROUS, || async {
+        b.lago.event_count() == 4
+    })
+    .await;
+    poll_until("every event acked", GENEROUS, || async {
+        u(&b.json(&["queue", "stats"]).await, "acked") == 4
+    })
+    .await;
+
+    // All there: exit 0. An id with `/`, `?` and `#` is looked up URL-encoded.
+    let run = b.run(&["audit", "--output-format", "json"]).await;
+    run.assert_code(0);
+    let v = run.json();
+    assert_eq!(
+        (u(&v, "checked"), u(&v, "missing"), u(&v, "different")),
+        (4, 0, 0),
+        "{v}"
+    );
+
+    // Lago loses two events.
+    assert_eq!(b.lago.forget(&["a-2", "a/4?x#y"]), 2);
+    let run = b.run(&["audit", "--output-format", "json"]).await;
+    run.assert_code(3);
+    let v = run.json();
+    assert_eq!((u(&v, "checked"), u(&v, "missing")), (4, 2), "{v}");
+    assert_eq!(ids(&v, "missing_ids"), ["a-2", "a/4?x#y"]);
+    assert!(
+        v["requeued"].as_array().unwrap().is_empty(),
+        "no --fix, nothing requeued: {v}"
+    );
+
+    // --fix requeues exactly the missing ones; the running shipper sends them again.
+    let run = b.run(&["audit", "--fix", "--output-format", "json"]).await;
+    run.assert_code(3);
+    let v = run.json();
+    assert_eq!(ids(&v, "requeued"), ["a-2", "a/4?x#y"], "{v}");
+    poll_until(
+        "the shipper resends the requeued events",
+        GENEROUS,
+        || async { b.lago.event_count() == 4 },
+    )
+    .await;
+    poll_until("the resent events are acked", GENEROUS, || async {
+        let s = b.json(&["queue", "stats"]).await;
+        u(&s, "acked") == 4 && u(&s, "pending") == 0
+    })
+    .await;
+    // Sent again as they were: same code, subscription and timestamp.
+    let resent = b
+        .lago
+        .events()
+        .into_iter()
+        .find(|e| e.transaction_id == "a-2")
+        .unwrap();
+    assert_eq!(resent.external_subscription_id.as_deref(), Some("c-1"));
+    assert_eq!(resent.code, super::EVENT_CODE);
+    assert_eq!(resent.properties["total_tokens"], 22);
+
+    let run = b.run(&["audit"]).await;
+    run.assert_code(0);
+    assert!(run.stdout.contains("All is well"), "{}", run.stdout);
+    stop(&mut ship).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_reports_subscriptions_lago_does_not_know() {
+    let b = Bench::with_lago(EmulatorConfig {
+        known_subscriptions: Some(HashSet::from(["c-1".to_owned()])),
+        ..EmulatorConfig::default()
+    })
+    .await;
+    let log = b.path("old.jsonl");
+    write(
+        &log,
+        &lines(&[("s-1", "c-1"), ("s-2", "ghost"), ("s-3", "ghost")]),
+    );
+    b.run(&["replay", log.to_str().unwrap(), "--ship"])
+        .await
+        .assert_code(0);
+    let run = b.run(&["audit", "--output-format", "json"]).await;
+    run.assert_code(3);
+    let v = run.json();
+    assert_eq!((u(&v, "checked"), u(&v, "missing")), (3, 0), "{v}");
+    assert_eq!(
+        v["unknown_subscriptions"],
+        serde_json::json!({"ghost": 2}),
+        "{v}"
+    );
+
+    // `tally queue stats` shows it too.
+    let stats = b.json(&["queue", "stats"]).await;
+    assert_eq!(
+        stats["unknown_subscriptions"],
+        serde_json::json!(["ghost"]),
+        "{stats}"
+    );
+    let text = b.run(&["queue", "stats"]).await;
+    assert!(
+        text.stdout.contains("Unknown subscriptions"),
+        "{}",
+        text.stdout
+    );
+
+    // --sample checks at most that many.
+    let run = b
+        .run(&["audit", "--sample", "1", "--output-format", "json"])
+        .await;
+    assert_eq!(u(&run.json(), "checked"), 1);
+}
+
+/// Posts `body` to the shipper's webhook endpoint with `headers`; returns the status.
+async fn post(url: &str, body: &[u8], headers: &[(&str, String)]) -> u16 {
+    let mut req = reqwest::Client::new().post(url).body(body.to_vec());
+    for (k, v) in headers {
+        req = req.header(*k, v);
+    }
+    req.send().await.unwrap().status().as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_errors_webhooks_move_events_to_lago_error() {
+    let webhook_port = free_port();
+    let metrics_port = free_port();
+    let url = format!("http://127.0.0.1:{webhook_port}/lago/webhooks");
+    // Lago's only metric is another code: every event is `invalid_code`.
+    let b = Bench::with_lago(EmulatorConfig {
+        metrics: vec!["llm_tokens:total_tokens".parse::<Metric>().unwrap()],
+        webhook: Some(WebhookConfig {
+            url: url.clone(),
+            hmac_key: Some(HMAC_KEY.into()),
+        }),
+        ..EmulatorConfig::default()
+    })
+    .await;
+    let webhook_addr = format!("127.0.0.1:{webhook_port}");
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let mut cmd = b.command(&[
+        "ship",
+        "--poll-interval-ms",
+        "50",
+        "--linger-ms",
+        "5",
+        "--webhook-addr",
+        &webhook_addr,
+        "--metrics-addr",
+        &metrics_addr,
+    ]);
+    cmd.env("LAGO_WEBHOOK_HMAC_KEY", HMAC_KEY);
+    // The webhook listener must be up before the first event is sent: start with an empty log.
+    write(&b.path("spend.jsonl"), &[]);
+    let mut ship = cmd.spawn().unwrap();
+    poll_until("the webhook listener is up", GENEROUS, || async {
+        reqwest::Client::new().post(&url).send().await.is_ok()
+    })
+    .await;
+
+    // Signatures: none, wrong, right; too large; unused type; duplicate.
+    let unused = br#"{"webhook_type":"invoice.created","object_type":"invoice","invoice":{}}"#;
+    let good = |body: &[u8]| {
+        vec![
+            ("x-lago-signature-algorithm", "hmac".to_owned()),
+            (
+                "x-lago-signature",
+                hmac_signature(HMAC_KEY.as_bytes(), body),
+            ),
+            ("x-lago-unique-key", format!("k-{}", body.len())),
+        ]
+    };
+    assert_eq!(post(&url, unused, &[]).await, 401, "unsigned");
+    assert_eq!(
+        post(
+            &url,
+            unused,
+            &[
+                ("x-lago-signature-algorithm", "hmac".to_owned()),
+                ("x-lago-signature", hmac_signature(b"another key", unused)),
+            ]
+        )
+        .await,
+        401,
+        "wrongly signed"
+    );
+    assert_eq!(
+        post(&url, unused, &good(unused)).await,
+        200,
+        "unused type, signed"
+    );
+    let huge = vec![b' '; 2 * 1024 * 1024];
+    assert_eq!(post(&url, &huge, &good(&huge)).await, 413);
+
+    // Events reach Lago; the emulator reports them in a signed events.errors webhook.
+    let mut log = lines(&[("w-1", "c-1"), ("w-2", "c-2")]);
+    log.push(String::new());
+    write(&b.path("spend.jsonl"), &log);
+    poll_until(
+        "Lago's events.errors moves both events to lago-error",
+        GENEROUS,
+        || async { u(&b.json(&["queue", "stats"]).await, "lago_error") == 2 },
+    )
+    .await;
+    let list = b.json(&["queue", "list", "--state", "lago-error"]).await;
+    let items = list["items"].as_array().unwrap_or_else(|| panic!("{list}"));
+    assert_eq!(items.len(), 2, "{list}");
+    for item in items {
+        assert_eq!(item["reason"], "invalid_code", "{item}");
+        assert_eq!(item["state"], "lago_error", "{item}");
+    }
+    let text = b.run(&["queue", "stats"]).await;
+    assert!(text.stdout.contains("lago error"), "{}", text.stdout);
+
+    // A repeated delivery (same unique key) and ids tally never sent change nothing.
+    let body = br#"{"webhook_type":"events.errors","object_type":"events_errors","events_errors":{"invalid_code":["w-1","never-sent"],"missing_aggregation_property":[],"invalid_filter_values":[]}}"#;
+    assert_eq!(post(&url, body, &good(body)).await, 200);
+    assert_eq!(post(&url, body, &good(body)).await, 200);
+
+    let metrics = reqwest::get(format!("http://{metrics_addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"tally_ship_lago_error_events_total{category="invalid_code"} 2"#),
+        "{metrics}"
+    );
+    assert_eq!(u(&b.json(&["queue", "stats"]).await, "lago_error"), 2);
+    stop(&mut ship).await;
+}
