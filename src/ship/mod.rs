@@ -12,18 +12,24 @@
 //! - [`lago`]: the HTTP client for `POST /api/v1/events/batch` and the classification of answers.
 //! - [`sender`]: claims batches from the outbox, keeps several in flight, acks / dead-letters /
 //!   retries according to Lago's answer.
+//! - [`lago_read`]: paced, 429-aware `GET`s of Lago events and subscriptions.
+//! - [`subscriptions`]: looks up each new external_subscription_id in Lago; unknown ones are
+//!   warned about, counted and shown by `tally queue stats` (their events are never billed).
+//! - [`webhook`]: `--webhook-addr`, Lago's signed webhooks; `events.errors` → state lago-error.
 //! - [`storage`]: waits out a full or read-only state directory (retry, reopen, say why) so the
 //!   shipper resumes in the same process once the disk is fixed.
 //!
 //! [`run`] is the command; [`run_with`] runs the same shipper from code (the demo, tests).
 
 pub mod lago;
+pub mod lago_read;
 pub mod outbox;
 pub mod reader;
 pub mod resolve;
 pub mod sender;
 pub mod settings;
 pub mod storage;
+pub mod subscriptions;
 pub mod tail;
 pub mod webhook;
 
@@ -178,6 +184,22 @@ pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> an
         metrics.clone(),
         stop.clone(),
     ));
+    let subscription_checks = match lago_read::LagoReader::new(
+        &settings.lago.api_base,
+        settings.lago.api_key.expose(),
+        subscriptions::RATE,
+    ) {
+        Ok(reader) => Some(tokio::spawn(subscriptions::run_checker(
+            outbox.clone(),
+            reader,
+            Some(metrics.clone()),
+            stop.clone(),
+        ))),
+        Err(e) => {
+            tracing::warn!(error = %e, "subscriptions are not checked");
+            None
+        }
+    };
     let stopping = tokio::spawn({
         let stop = stop.clone();
         async move {
@@ -249,6 +271,9 @@ pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> an
         let _ = p.await;
     }
     let _ = stopping.await;
+    if let Some(checks) = subscription_checks {
+        let _ = checks.await;
+    }
     let _ = gauges.await;
     if let Some(w) = watchdog {
         let _ = w.await;

@@ -9,10 +9,10 @@
 //! rebuilt from their spend-log line, for the shipper to send again; it never touches events
 //! Lago has.
 //!
-//! - [`client`]: the paced, 429-aware reads from Lago.
+//! - [`crate::ship::lago_read`]: the paced, 429-aware reads from Lago (shared with the shipper's
+//!   subscription checks).
 //! - [`rebuild`]: a missing event's Lago bytes, from the spend-log line it came from.
 
-pub mod client;
 pub mod rebuild;
 
 use std::collections::BTreeMap;
@@ -26,8 +26,8 @@ use tokio_util::sync::CancellationToken;
 use crate::cli::{AuditArgs, OutputFormat};
 use crate::commands::output::{self, EXIT_NEEDS_ATTENTION, printable};
 use crate::commands::replay::window::TimeWindow;
+use crate::ship::lago_read::{LagoReader, Lookup};
 use crate::ship::outbox::{AuditItem, AuditScope, Outbox};
-use client::{LagoReader, Lookup};
 
 /// Events checked per outbox commit of results.
 const PAGE: usize = 50;

@@ -293,3 +293,86 @@ async fn events_errors_webhooks_move_events_to_lago_error() {
     assert_eq!(u(&b.json(&["queue", "stats"]).await, "lago_error"), 2);
     stop(&mut ship).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipper_warns_once_about_a_subscription_lago_does_not_know_and_keeps_sending() {
+    let metrics_port = free_port();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let b = Bench::with_lago(EmulatorConfig {
+        known_subscriptions: Some(HashSet::from(["c-1".to_owned()])),
+        ..EmulatorConfig::default()
+    })
+    .await;
+    write(
+        &b.path("spend.jsonl"),
+        &lines(&[("u-1", "c-1"), ("u-2", "ghost"), ("u-3", "ghost")]),
+    );
+    let ship = b
+        .command(&[
+            "ship",
+            "--poll-interval-ms",
+            "50",
+            "--linger-ms",
+            "5",
+            "--metrics-addr",
+            &metrics_addr,
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    poll_until(
+        "queue stats names the unknown subscription",
+        GENEROUS,
+        || async {
+            let run = b.run(&["queue", "stats", "--output-format", "json"]).await;
+            run.code == Some(0)
+                && run.json()["unknown_subscriptions"] == serde_json::json!(["ghost"])
+        },
+    )
+    .await;
+    // Still sent: the subscription may be created later.
+    poll_until("every event delivered", GENEROUS, || async {
+        b.lago.event_count() == 3
+    })
+    .await;
+    let metrics = reqwest::get(format!("http://{metrics_addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tally_ship_unknown_subscriptions 1"),
+        "{metrics}"
+    );
+    // More events for the same subscription: no second warning.
+    let mut more = lines(&[("u-1", "c-1"), ("u-2", "ghost"), ("u-3", "ghost")]);
+    more.extend(
+        lines(&[("u-4", "ghost")])
+            .into_iter()
+            .map(|l| l.replace("10:00:00", "10:00:09")),
+    );
+    write(&b.path("spend.jsonl"), &more);
+    poll_until("the next event delivered", GENEROUS, || async {
+        b.lago.event_count() == 4
+    })
+    .await;
+    // Two scan periods pass with the new row in the outbox.
+    tokio::time::sleep(tally::ship::subscriptions::SCAN_EVERY * 2).await;
+    let pid = ship.id().unwrap() as libc::pid_t;
+    // SAFETY: signalling a child we started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let out = tokio::time::timeout(GENEROUS, ship.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr
+            .matches("Lago does not know this subscription")
+            .count(),
+        1,
+        "{stderr}"
+    );
+    assert!(stderr.contains("ghost"), "{stderr}");
+}

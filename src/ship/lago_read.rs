@@ -1,4 +1,4 @@
-//! The audit's reads from Lago: `GET /api/v1/events/{transaction_id}` and
+//! Reads from Lago for `tally audit` and the shipper's subscription checks: `GET /api/v1/events/{transaction_id}` and
 //! `GET /api/v1/subscriptions/{external_id}`, paced to a request rate and waiting out 429s the
 //! way the sender does (`Retry-After`, else `X-RateLimit-Reset`, else 1 s·2ⁿ capped at 20 s).
 
@@ -30,7 +30,9 @@ pub enum Lookup {
 pub enum ReadError {
     #[error("Lago refused the API key (HTTP {status}): {body}; check LAGO_API_KEY")]
     Unauthorized { status: u16, body: String },
-    #[error("Lago kept failing on {what}: {last}; run `tally audit` again to resume")]
+    #[error(
+        "Lago kept failing on {what}: {last}; the check is tried again later (`tally audit` resumes where it stopped)"
+    )]
     GaveUp { what: String, last: String },
     #[error("cannot build the HTTP client: {0}")]
     Build(String),
