@@ -376,3 +376,67 @@ async fn the_shipper_warns_once_about_a_subscription_lago_does_not_know_and_keep
     );
     assert!(stderr.contains("ghost"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_waits_out_429_and_resumes_where_it_was_interrupted() {
+    let b = Bench::new().await;
+    let log = b.path("old.jsonl");
+    write(
+        &log,
+        &lines(&[
+            ("r-1", "c-1"),
+            ("r-2", "c-1"),
+            ("r-3", "c-1"),
+            ("r-4", "c-1"),
+        ]),
+    );
+    b.run(&["replay", log.to_str().unwrap(), "--ship"])
+        .await
+        .assert_code(0);
+
+    // Lago Cloud's 429: waited out (X-RateLimit-Reset), then the same lookup again.
+    b.lago.inject(tally::lago_emulator::Fault::RateLimit {
+        count: 2,
+        reset_secs: 1,
+        retry_after: false,
+    });
+    let run = b.run(&["audit", "--output-format", "json"]).await;
+    run.assert_code(0);
+    let v = run.json();
+    assert_eq!((u(&v, "checked"), u(&v, "rate_limited")), (4, 2), "{v}");
+
+    // Interrupted after a lookup or two (1 request/s), it resumes instead of starting over.
+    let gets = || b.lago.counters().get_requests;
+    let before = gets();
+    let child = b
+        .command(&["audit", "--rate", "1", "--output-format", "json"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    poll_until("the audit has looked up two events", GENEROUS, || async {
+        gets() >= before + 2
+    })
+    .await;
+    // SAFETY: signalling a child we started.
+    unsafe { libc::kill(child.id().unwrap() as libc::pid_t, libc::SIGINT) };
+    let out = child.wait_with_output().await.unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("interrupted"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = b
+        .run(&["audit", "--rate", "50", "--output-format", "json"])
+        .await;
+    run.assert_code(0);
+    let v = run.json();
+    assert_eq!(v["resumed"], true, "{v}");
+    assert_eq!(u(&v, "checked"), 4, "{v}");
+    // At most the one lookup in flight at the interruption is made twice.
+    assert!(
+        gets() - before <= 5,
+        "{} lookups for 4 events",
+        gets() - before
+    );
+}
