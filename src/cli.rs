@@ -402,7 +402,8 @@ pub struct LagoEmulatorArgs {
     #[arg(long, env = "LAGO_EMULATOR_WEBHOOK_URL")]
     pub webhook_url: Option<String>,
 
-    /// HMAC key that signs the webhooks (X-Lago-Signature); unsigned without it.
+    /// HMAC key that signs the webhooks (X-Lago-Signature); without it they are signed `jwt`
+    /// (RS256, the public key at GET /api/v1/webhooks/public_key).
     #[arg(long, env = "LAGO_WEBHOOK_HMAC_KEY", hide_env_values = true)]
     pub webhook_hmac_key: Option<String>,
 }

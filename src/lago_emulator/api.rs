@@ -41,6 +41,7 @@ pub(crate) fn routes(app: Arc<Emulator>) -> Router {
             "/api/v1/subscriptions/{external_id}",
             get(find_subscription),
         )
+        .route("/api/v1/webhooks/public_key", get(webhook_public_key))
         .route_layer(middleware::from_fn_with_state(app.clone(), gate))
         .with_state(app)
 }
@@ -300,6 +301,26 @@ async fn find_subscription(
             "trial_ended_at": null,
         }}),
     )
+}
+
+/// `GET /api/v1/webhooks/public_key`: Base64 of the PEM of the key that verifies `jwt`
+/// webhook signatures, as plain text (Lago's `Base64.encode64(RsaPublicKey.to_s)`).
+async fn webhook_public_key(State(app): State<Arc<Emulator>>, headers: HeaderMap) -> Response {
+    if let Err(denied) = authorize(&app, &headers, false) {
+        return denied.into_response();
+    }
+    match app.jwt() {
+        Some(signer) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            )],
+            super::webhooks::public_key_body(&signer.public_pem),
+        )
+            .into_response(),
+        None => server_error(500),
+    }
 }
 
 /// Any other path: Rails' routing error, as JSON.

@@ -89,9 +89,17 @@ pub(crate) struct Emulator {
     known_subscriptions: Option<std::collections::HashSet<String>>,
     metrics: Vec<Metric>,
     webhook: Option<WebhookConfig>,
+    /// The `jwt` signing key pair, made on first use (RSA generation takes a moment).
+    jwt: std::sync::OnceLock<Option<Arc<webhooks::JwtSigner>>>,
 }
 
 impl Emulator {
+    fn jwt(&self) -> Option<Arc<webhooks::JwtSigner>> {
+        self.jwt
+            .get_or_init(|| webhooks::JwtSigner::generate().map(Arc::new))
+            .clone()
+    }
+
     fn store(&self) -> MutexGuard<'_, store::Store> {
         // The store is only mutated in whole-request steps; a panic cannot leave half a batch.
         self.store.lock().unwrap_or_else(PoisonError::into_inner)
@@ -137,8 +145,16 @@ impl Emulator {
         if errors.is_null() {
             return;
         }
-        self.net
-            .spawn(webhooks::deliver(webhook.clone(), webhooks::body(errors)));
+        let jwt = (webhook.hmac_key.is_none() && webhook.jwt)
+            .then(|| self.jwt())
+            .flatten();
+        let issuer = format!("http://{}", self.net.addr());
+        self.net.spawn(webhooks::deliver(
+            webhook.clone(),
+            webhooks::body(errors),
+            jwt,
+            issuer,
+        ));
     }
 
     fn reset(&self) {
@@ -182,6 +198,7 @@ pub async fn spawn(config: EmulatorConfig, addr: SocketAddr) -> io::Result<Emula
         known_subscriptions: config.known_subscriptions,
         metrics: config.metrics,
         webhook: config.webhook,
+        jwt: std::sync::OnceLock::new(),
     });
     server::start_accepting(&app);
     Ok(EmulatorHandle { app })
@@ -282,6 +299,7 @@ pub async fn run(args: LagoEmulatorArgs, shutdown: CancellationToken) -> anyhow:
         metrics: args.metrics,
         webhook: args.webhook_url.map(|url| WebhookConfig {
             url,
+            jwt: args.webhook_hmac_key.is_none(),
             hmac_key: args.webhook_hmac_key,
         }),
     };

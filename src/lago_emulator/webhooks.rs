@@ -43,8 +43,73 @@ impl std::str::FromStr for Metric {
 #[derive(Debug, Clone)]
 pub struct WebhookConfig {
     pub url: String,
-    /// Lago's HMAC signature token; `None` sends unsigned webhooks (to test refusal).
+    /// Lago's HMAC signature token: signs with `hmac`.
     pub hmac_key: Option<String>,
+    /// Without an HMAC key: sign with `jwt` (RS256, the emulator's own key pair, whose public
+    /// half `GET /api/v1/webhooks/public_key` serves). Neither: unsigned (to test refusal).
+    pub jwt: bool,
+}
+
+/// The emulator's RSA key pair for `jwt` webhook signatures, made once per emulator.
+pub(crate) struct JwtSigner {
+    encoding: jsonwebtoken::EncodingKey,
+    /// `-----BEGIN PUBLIC KEY-----` (SPKI) PEM, as Lago's `RsaPublicKey.to_s`.
+    pub public_pem: String,
+}
+
+impl JwtSigner {
+    pub fn generate() -> Option<Self> {
+        use aws_lc_rs::encoding::{AsDer, Pkcs8V1Der, PublicKeyX509Der};
+        use aws_lc_rs::signature::KeyPair as _;
+        let pair = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).ok()?;
+        let private: Pkcs8V1Der<'_> = pair.as_der().ok()?;
+        let public: PublicKeyX509Der<'_> = pair.public_key().as_der().ok()?;
+        let encoding = jsonwebtoken::EncodingKey::from_rsa_pem(
+            pem("PRIVATE KEY", private.as_ref()).as_bytes(),
+        )
+        .ok()?;
+        Some(Self {
+            encoding,
+            public_pem: pem("PUBLIC KEY", public.as_ref()),
+        })
+    }
+
+    /// Lago's JWT: `{"data": <the body as text>, "iss": <Lago's URL>}`, RS256.
+    fn sign(&self, body: &[u8], issuer: &str) -> Option<String> {
+        let claims = json!({"data": String::from_utf8_lossy(body), "iss": issuer});
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
+            &claims,
+            &self.encoding,
+        )
+        .ok()
+    }
+}
+
+/// PEM text of `der` under `label`, 64 characters a line.
+fn pem(label: &str, der: &[u8]) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(chunk));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+/// The body of `GET /api/v1/webhooks/public_key`: Base64 of the PEM, in lines of 60 characters
+/// as Ruby's `Base64.encode64` writes it.
+pub(crate) fn public_key_body(public_pem: &str) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(public_pem.as_bytes());
+    let mut out = String::new();
+    for chunk in b64.as_bytes().chunks(60) {
+        out.push_str(&String::from_utf8_lossy(chunk));
+        out.push('\n');
+    }
+    out
 }
 
 /// The transaction_ids of `events` Lago would report, by category (empty when all is fine or
@@ -96,7 +161,12 @@ pub(crate) fn body(errors: Value) -> Vec<u8> {
 }
 
 /// Posts one webhook, retrying a few times on failure as Lago does (it retries non-2xx).
-pub(crate) async fn deliver(config: WebhookConfig, body: Vec<u8>) {
+pub(crate) async fn deliver(
+    config: WebhookConfig,
+    body: Vec<u8>,
+    jwt: Option<std::sync::Arc<JwtSigner>>,
+    issuer: String,
+) {
     let client = match reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .redirect(reqwest::redirect::Policy::none())
@@ -120,6 +190,10 @@ pub(crate) async fn deliver(config: WebhookConfig, body: Vec<u8>) {
                 "x-lago-signature",
                 crate::ship::webhook::hmac_signature(key.as_bytes(), &body),
             );
+        } else if let Some(token) = jwt.as_ref().and_then(|j| j.sign(&body, &issuer)) {
+            req = req
+                .header("x-lago-signature-algorithm", "jwt")
+                .header("x-lago-signature", token);
         }
         match req.send().await {
             Ok(r) if r.status().is_success() => return,

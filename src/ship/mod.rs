@@ -138,6 +138,10 @@ pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> an
         Some(w) => Some(
             webhook::serve(
                 w.clone(),
+                Some(webhook::PublicKeySource {
+                    api_base: settings.lago.api_base.clone(),
+                    api_key: settings.lago.api_key.clone(),
+                }),
                 outbox.clone(),
                 Some(metrics.clone()),
                 shutdown.child_token(),

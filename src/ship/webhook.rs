@@ -1,10 +1,13 @@
 //! `tally ship --webhook-addr`: receives Lago's webhooks on `POST /lago/webhooks` and acts on
 //! `events.errors`, Lago's report of stored events it cannot bill (issue 17).
 //!
-//! - Signatures are checked before anything is read: `X-Lago-Signature-Algorithm: hmac` with
+//! - Signatures are checked before anything is read. `X-Lago-Signature-Algorithm: hmac`:
 //!   `X-Lago-Signature` = Base64(HMAC-SHA256(raw body, LAGO_WEBHOOK_HMAC_KEY)), compared in
-//!   constant time. A missing or wrong signature, an algorithm tally cannot check (`jwt` is not
-//!   supported yet), or no key configured: 401, so Lago retries and its webhook log shows it.
+//!   constant time. `jwt` (Lago's default): an RS256 JWT whose `data` claim is the body, checked
+//!   with Lago's public key from `GET /api/v1/webhooks/public_key` (Base64 of a PEM), fetched
+//!   with the API key on first use and cached. A missing or wrong signature, an unknown
+//!   algorithm, no HMAC key, or no public key to be had: 401, so Lago retries and its webhook
+//!   log shows it.
 //! - A body over 1 MiB: 413. A repeated `X-Lago-Unique-Key` (Lago retries until it gets a 2xx):
 //!   200, not acted on twice (remembered in memory, the last [`SEEN_KEYS`] keys).
 //! - Webhook types tally does not use: 200 and ignored (a non-2xx would make Lago retry them).
@@ -87,12 +90,86 @@ pub fn hmac_valid(key: &[u8], body: &[u8], signature: &str) -> bool {
     mac.verify_slice(&given).is_ok()
 }
 
+/// Where Lago's webhook public key is fetched from (`jwt` signatures).
+#[derive(Debug, Clone)]
+pub struct PublicKeySource {
+    pub api_base: reqwest::Url,
+    pub api_key: ApiKey,
+}
+
+impl PublicKeySource {
+    async fn fetch(&self) -> Result<jsonwebtoken::DecodingKey, String> {
+        let url = format!(
+            "{}/api/v1/webhooks/public_key",
+            self.api_base.as_str().trim_end_matches('/')
+        );
+        let mut auth =
+            reqwest::header::HeaderValue::from_str(&format!("Bearer {}", self.api_key.expose()))
+                .map_err(|_| "LAGO_API_KEY cannot be used in an HTTP header".to_owned())?;
+        auth.set_sensitive(true);
+        let response = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(30))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| e.to_string())?
+            .get(&url)
+            .header(reqwest::header::AUTHORIZATION, auth)
+            .send()
+            .await
+            .map_err(|e| format!("GET /api/v1/webhooks/public_key failed: {e}"))?;
+        let status = response.status();
+        let body = response.bytes().await.map_err(|e| e.to_string())?;
+        if !status.is_success() || body.len() > 64 * 1024 {
+            return Err(format!(
+                "GET /api/v1/webhooks/public_key answered HTTP {}: {}",
+                status.as_u16(),
+                crate::ship::lago::body_text(&body)
+            ));
+        }
+        // Base64 of the PEM, in lines (Ruby's `Base64.encode64`).
+        let compact: Vec<u8> = body
+            .iter()
+            .copied()
+            .filter(|b| !b.is_ascii_whitespace())
+            .collect();
+        let pem = base64::engine::general_purpose::STANDARD
+            .decode(&compact)
+            .map_err(|e| format!("Lago's webhook public key is not Base64: {e}"))?;
+        jsonwebtoken::DecodingKey::from_rsa_pem(&pem)
+            .map_err(|e| format!("Lago's webhook public key is not an RSA public key PEM: {e}"))
+    }
+}
+
+/// Checks a `jwt` signature: RS256 with Lago's key, and the `data` claim is this body.
+fn jwt_valid(key: &jsonwebtoken::DecodingKey, token: &str, body: &[u8]) -> Result<(), String> {
+    #[derive(serde::Deserialize)]
+    struct Claims {
+        data: String,
+    }
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
+    // Lago's webhook JWTs carry no expiry; the body they sign is what is checked.
+    validation.required_spec_claims.clear();
+    validation.validate_exp = false;
+    let claims = jsonwebtoken::decode::<Claims>(token.trim(), key, &validation)
+        .map_err(|e| format!("X-Lago-Signature is not a valid JWT from Lago: {e}"))?
+        .claims;
+    // Lago signs `payload.to_json` and posts the same text; compared as JSON too, in case a
+    // proxy re-encoded the body.
+    let same = claims.data.as_bytes() == body
+        || matches!(
+            (serde_json::from_str::<Value>(&claims.data), serde_json::from_slice::<Value>(body)),
+            (Ok(a), Ok(b)) if a == b
+        );
+    if same {
+        Ok(())
+    } else {
+        Err("the JWT in X-Lago-Signature signs another body".into())
+    }
+}
+
 /// Why a webhook was refused (logged; the answer is 401 either way).
-fn signature_problem(
-    settings: &WebhookSettings,
-    headers: &HeaderMap,
-    body: &[u8],
-) -> Option<String> {
+async fn signature_problem(rx: &Receiver, headers: &HeaderMap, body: &[u8]) -> Option<String> {
+    let settings = &rx.settings;
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let algorithm = header("x-lago-signature-algorithm").unwrap_or("jwt");
     let Some(signature) = header("x-lago-signature") else {
@@ -110,8 +187,15 @@ fn signature_problem(
                     .into(),
             ),
         },
+        "jwt" => {
+            let key = match rx.public_key().await {
+                Ok(key) => key,
+                Err(e) => return Some(format!("cannot check a jwt signature: {e}")),
+            };
+            jwt_valid(&key, signature, body).err()
+        }
         other => Some(format!(
-            "signature algorithm {:?} is not supported; choose HMAC for this webhook endpoint in Lago",
+            "signature algorithm {:?} is unknown (Lago uses hmac or jwt)",
             crate::commands::output::printable(other)
         )),
     }
@@ -120,12 +204,29 @@ fn signature_problem(
 /// The receiver's shared state.
 struct Receiver {
     settings: WebhookSettings,
+    public_key_source: Option<PublicKeySource>,
+    /// Fetched once; a failed fetch is tried again with the next webhook.
+    public_key: tokio::sync::Mutex<Option<Arc<jsonwebtoken::DecodingKey>>>,
     outbox: SharedOutbox,
     metrics: Option<ShipMetrics>,
     seen: Mutex<(HashSet<String>, VecDeque<String>)>,
 }
 
 impl Receiver {
+    async fn public_key(&self) -> Result<Arc<jsonwebtoken::DecodingKey>, String> {
+        let mut cached = self.public_key.lock().await;
+        if let Some(key) = cached.as_ref() {
+            return Ok(key.clone());
+        }
+        let source = self
+            .public_key_source
+            .as_ref()
+            .ok_or_else(|| "no Lago API to fetch the webhook public key from".to_owned())?;
+        let key = Arc::new(source.fetch().await?);
+        *cached = Some(key.clone());
+        Ok(key)
+    }
+
     fn seen_before(&self, key: &str) -> bool {
         self.seen
             .lock()
@@ -150,11 +251,14 @@ impl Receiver {
 /// The receiver's routes, for [`serve`] and tests.
 pub fn router(
     settings: WebhookSettings,
+    public_key_source: Option<PublicKeySource>,
     outbox: SharedOutbox,
     metrics: Option<ShipMetrics>,
 ) -> Router {
     let receiver = Arc::new(Receiver {
         settings,
+        public_key_source,
+        public_key: tokio::sync::Mutex::new(None),
         outbox,
         metrics,
         seen: Mutex::new((HashSet::new(), VecDeque::new())),
@@ -168,6 +272,7 @@ pub fn router(
 /// Binds `settings.addr`; returns the bound address and the serving future (ends on `stop`).
 pub async fn serve(
     settings: WebhookSettings,
+    public_key_source: Option<PublicKeySource>,
     outbox: SharedOutbox,
     metrics: Option<ShipMetrics>,
     stop: CancellationToken,
@@ -185,7 +290,7 @@ pub async fn serve(
     let bound = listener
         .local_addr()
         .map_err(|source| WebhookError::Bind { addr, source })?;
-    let app = router(settings, outbox, metrics);
+    let app = router(settings, public_key_source, outbox, metrics);
     let fut = async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move { stop.cancelled().await })
@@ -196,7 +301,7 @@ pub async fn serve(
 }
 
 async fn receive(State(rx): State<Arc<Receiver>>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Some(problem) = signature_problem(&rx.settings, &headers, &body) {
+    if let Some(problem) = signature_problem(&rx, &headers, &body).await {
         tracing::warn!(problem = %problem, "refused a Lago webhook (401)");
         return (
             StatusCode::UNAUTHORIZED,

@@ -195,6 +195,7 @@ async fn events_errors_webhooks_move_events_to_lago_error() {
         webhook: Some(WebhookConfig {
             url: url.clone(),
             hmac_key: Some(HMAC_KEY.into()),
+            jwt: false,
         }),
         ..EmulatorConfig::default()
     })
@@ -439,4 +440,81 @@ async fn audit_waits_out_429_and_resumes_where_it_was_interrupted() {
         "{} lookups for 4 events",
         gets() - before
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_signed_webhooks_are_checked_with_lagos_public_key() {
+    let webhook_port = free_port();
+    let url = format!("http://127.0.0.1:{webhook_port}/lago/webhooks");
+    // No HMAC key: the emulator signs `jwt`, as Lago does by default; the events lack the
+    // metric's aggregation property.
+    let b = Bench::with_lago(EmulatorConfig {
+        metrics: vec!["llm_usage:cached_tokens".parse::<Metric>().unwrap()],
+        webhook: Some(WebhookConfig {
+            url: url.clone(),
+            hmac_key: None,
+            jwt: true,
+        }),
+        ..EmulatorConfig::default()
+    })
+    .await;
+    let webhook_addr = format!("127.0.0.1:{webhook_port}");
+    write(&b.path("spend.jsonl"), &[]);
+    let mut ship = b
+        .command(&[
+            "ship",
+            "--poll-interval-ms",
+            "50",
+            "--linger-ms",
+            "5",
+            "--webhook-addr",
+            &webhook_addr,
+        ])
+        .env_remove("LAGO_WEBHOOK_HMAC_KEY")
+        .spawn()
+        .unwrap();
+    poll_until("the webhook listener is up", GENEROUS, || async {
+        reqwest::Client::new().post(&url).send().await.is_ok()
+    })
+    .await;
+    let body = br#"{"webhook_type":"events.errors","object_type":"events_errors","events_errors":{"invalid_code":["j-1"]}}"#;
+    let jwt = |token: &str| {
+        vec![
+            ("x-lago-signature-algorithm", "jwt".to_owned()),
+            ("x-lago-signature", token.to_owned()),
+        ]
+    };
+    // Not a JWT, and a JWT signed with a shared secret instead of Lago's RSA key.
+    assert_eq!(post(&url, body, &jwt("not.a.jwt")).await, 401);
+    let hs256 = "eyJhbGciOiJIUzI1NiJ9.eyJkYXRhIjoie30ifQ.c2lnbmF0dXJl";
+    assert_eq!(post(&url, body, &jwt(hs256)).await, 401);
+    // An hmac-signed one while no HMAC key is configured.
+    assert_eq!(
+        post(
+            &url,
+            body,
+            &[
+                ("x-lago-signature-algorithm", "hmac".to_owned()),
+                ("x-lago-signature", hmac_signature(b"k", body)),
+            ]
+        )
+        .await,
+        401
+    );
+
+    write(
+        &b.path("spend.jsonl"),
+        &lines(&[("j-1", "c-1"), ("j-2", "c-1")]),
+    );
+    poll_until(
+        "the jwt-signed events.errors is accepted",
+        GENEROUS,
+        || async { u(&b.json(&["queue", "stats"]).await, "lago_error") == 2 },
+    )
+    .await;
+    let list = b.json(&["queue", "list", "--state", "lago-error"]).await;
+    for item in list["items"].as_array().unwrap() {
+        assert_eq!(item["reason"], "missing_aggregation_property", "{item}");
+    }
+    stop(&mut ship).await;
 }
