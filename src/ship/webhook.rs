@@ -417,3 +417,19 @@ async fn apply_event_errors(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hmac_signatures_match_only_their_key_and_body() {
+        // RFC 4231 test case 2 (digest 5bdcc146…3843), Base64 as Python's hmac module gives it.
+        let sig = hmac_signature(b"Jefe", b"what do ya want for nothing?");
+        assert_eq!(sig, "W9zBRr9gdU5qBCQmCJV1x1oAPwidJzmDnexYuWTsOEM=");
+        assert!(hmac_valid(b"Jefe", b"what do ya want for nothing?", &sig));
+        assert!(!hmac_valid(b"Jeff", b"what do ya want for nothing?", &sig));
+        assert!(!hmac_valid(b"Jefe", b"what do ya want for nothing!", &sig));
+        assert!(!hmac_valid(b"Jefe", b"x", "not base64 !"));
+    }
+}

@@ -389,10 +389,10 @@ mod tests {
     #[test]
     fn compare_names_each_difference() {
         let same = json!({"code": "llm_usage", "external_subscription_id": "cust",
-                          "timestamp": "2026-11-27T06:00:00.250Z"});
+                          "timestamp": "2026-11-27T10:00:00.250Z"});
         assert_eq!(compare(&item(), &same), None);
         let other = json!({"code": "other", "external_subscription_id": "cust2",
-                           "timestamp": "2026-11-27T06:00:00.000Z"});
+                           "timestamp": "2026-11-27T10:00:00.000Z"});
         let d = compare(&item(), &other).unwrap();
         assert!(
             d.contains("code: sent \"llm_usage\"")
