@@ -518,3 +518,51 @@ async fn jwt_signed_webhooks_are_checked_with_lagos_public_key() {
     }
     stop(&mut ship).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_refuses_bad_options_with_what_to_do() {
+    let b = Bench::new().await;
+    let run = b.run(&["audit"]).await;
+    run.assert_code(1);
+    assert!(run.stderr.contains("no outbox at"), "{}", run.stderr);
+    let log = b.path("old.jsonl");
+    write(&log, &lines(&[("b-1", "c-1")]));
+    b.run(&["replay", log.to_str().unwrap(), "--ship"])
+        .await
+        .assert_code(0);
+    let run = b.run(&["audit", "--rate", "0"]).await;
+    run.assert_code(1);
+    assert!(
+        run.stderr.contains("--rate 0 is not a request rate"),
+        "{}",
+        run.stderr
+    );
+    let run = b.run(&["audit", "--since", "yesterday-ish"]).await;
+    run.assert_code(1);
+    assert!(run.stderr.contains("--since"), "{}", run.stderr);
+    let run = b
+        .command(&["audit"])
+        .env_remove("LAGO_API_KEY")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(run.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("LAGO_API_KEY is not set"));
+    // A wrong key is Lago's 401, said plainly, and the key is not echoed.
+    let run = b
+        .command(&["audit"])
+        .env("LAGO_API_KEY", "wrong-key-123")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(run.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("refused the API key"), "{stderr}");
+    assert!(!stderr.contains("wrong-key-123"), "{stderr}");
+    // A window with nothing in it checks nothing and is fine.
+    let run = b
+        .run(&["audit", "--until", "2000-01-01", "--output-format", "json"])
+        .await;
+    run.assert_code(0);
+    assert_eq!(u(&run.json(), "checked"), 0);
+}
