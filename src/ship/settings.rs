@@ -198,7 +198,12 @@ impl ShipSettings {
                 .webhook_addr
                 .map(|addr| crate::ship::webhook::WebhookSettings {
                     addr,
-                    hmac_key: args.lago_webhook_hmac_key.clone().map(ApiKey::new),
+                    // An empty key would let anyone sign: as good as none (hmac refused).
+                    hmac_key: args
+                        .lago_webhook_hmac_key
+                        .clone()
+                        .filter(|k| !k.trim().is_empty())
+                        .map(ApiKey::new),
                 }),
         })
     }
