@@ -349,6 +349,9 @@ mod tests {
         metrics.record_retry();
         metrics.set_lago_unauthorized(true);
         metrics.set_storage_blocked(true);
+        metrics.record_lago_errors("invalid_code", 2);
+        metrics.record_lago_errors("invalid_code", 1);
+        metrics.set_unknown_subscriptions(4);
 
         for format in [Format::OpenMetrics, Format::PrometheusText] {
             let m = parse(&exposition.encode(format).unwrap());
@@ -372,6 +375,14 @@ mod tests {
             assert_eq!(queue("rejected"), 3.0);
             assert_eq!(get(&m, "tally_ship_oldest_pending_age_seconds"), 90.5);
             assert_eq!(get(&m, "tally_ship_storage_blocked"), 1.0);
+            assert_eq!(
+                get(
+                    &m,
+                    r#"tally_ship_lago_error_events_total{category="invalid_code"}"#
+                ),
+                3.0
+            );
+            assert_eq!(get(&m, "tally_ship_unknown_subscriptions"), 4.0);
             let lago = |o: &str| {
                 get(
                     &m,

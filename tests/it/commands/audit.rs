@@ -175,6 +175,46 @@ async fn audit_reports_subscriptions_lago_does_not_know() {
     assert_eq!(u(&run.json(), "checked"), 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_reports_an_event_lago_holds_in_another_form_and_does_not_fix_it() {
+    let b = Bench::new().await;
+    // Another sender used the same transaction_id first (Postgres keeps one per subscription,
+    // and the lookup returns the first).
+    let foreign = serde_json::json!({"event": {"transaction_id": "d-1", "code": "other_metric",
+        "external_subscription_id": "someone-else", "timestamp": 1_700_000_000, "properties": {}}});
+    let status = reqwest::Client::new()
+        .post(format!("{}/api/v1/events", b.lago.base_url()))
+        .bearer_auth(EmulatorConfig::default().api_key)
+        .json(&foreign)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
+    let log = b.path("old.jsonl");
+    write(&log, &lines(&[("d-1", "c-1"), ("d-2", "c-1")]));
+    b.run(&["replay", log.to_str().unwrap(), "--ship"])
+        .await
+        .assert_code(0);
+    let run = b.run(&["audit", "--fix", "--output-format", "json"]).await;
+    run.assert_code(3);
+    let v = run.json();
+    assert_eq!(
+        (u(&v, "checked"), u(&v, "missing"), u(&v, "different")),
+        (2, 0, 1),
+        "{v}"
+    );
+    let d = &v["different_events"][0];
+    assert_eq!(d["transaction_id"], "d-1");
+    let detail = d["detail"].as_str().unwrap();
+    for part in ["code: sent \"llm_usage\"", "someone-else", "timestamp"] {
+        assert!(detail.contains(part), "{part} in {detail}");
+    }
+    // --fix never touches an event Lago has.
+    assert!(v["requeued"].as_array().unwrap().is_empty(), "{v}");
+    assert_eq!(u(&b.json(&["queue", "stats"]).await, "pending"), 0);
+}
+
 /// Posts `body` to the shipper's webhook endpoint with `headers`; returns the status.
 async fn post(url: &str, body: &[u8], headers: &[(&str, String)]) -> u16 {
     let mut req = reqwest::Client::new().post(url).body(body.to_vec());
