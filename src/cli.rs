@@ -51,6 +51,35 @@ pub enum Command {
     Demo(DemoArgs),
     /// Run a local Lago events API that answers like the real server.
     LagoEmulator(LagoEmulatorArgs),
+    /// Check acked events against Lago: present, same code, subscription and timestamp; and
+    /// every subscription known. Exits 3 when something is missing, different or unbillable.
+    Audit(AuditArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AuditArgs {
+    /// Only events recorded at or after this time (RFC 3339, or YYYY-MM-DD in UTC).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only events recorded before this time (RFC 3339, or YYYY-MM-DD in UTC).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Check this many events picked at random instead of all.
+    #[arg(long)]
+    pub sample: Option<u64>,
+    /// Requests per second to Lago (well under Lago Cloud's limits); 429s are waited out.
+    #[arg(long, default_value_t = 10.0)]
+    pub rate: f64,
+    /// Put events Lago does not have back to pending, so `tally ship` sends them again.
+    #[arg(long)]
+    pub fix: bool,
+    /// `json` for scripts: stable field names.
+    #[arg(long, value_enum, default_value_t)]
+    pub output_format: OutputFormat,
+    #[command(flatten)]
+    pub shared: SharedArgs,
+    #[command(flatten)]
+    pub lago: LagoArgs,
 }
 
 /// Where the spend log and local state live; both services must agree on these.
@@ -186,6 +215,14 @@ pub struct ShipArgs {
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464).
     #[arg(long, env = "TALLY_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+
+    /// Receive Lago's webhooks (events.errors) on this address, at POST /lago/webhooks.
+    #[arg(long, env = "TALLY_WEBHOOK_ADDR")]
+    pub webhook_addr: Option<SocketAddr>,
+
+    /// Lago's HMAC signature token (Developers > Webhooks) that signs its webhooks (never printed).
+    #[arg(long, env = "LAGO_WEBHOOK_HMAC_KEY", hide_env_values = true)]
+    pub lago_webhook_hmac_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
@@ -270,6 +307,8 @@ pub enum QueueState {
     Dropped,
     /// A status other than success: recorded, never billed.
     NotBillable,
+    /// Acked, then reported by Lago's `events.errors` webhook as not billable.
+    LagoError,
 }
 
 /// What `tally queue retry --state` accepts.
@@ -385,6 +424,29 @@ pub struct LagoEmulatorArgs {
     /// Most events a batch may carry (Lago's `LAGO_EVENTS_BATCH_MAX_LENGTH`).
     #[arg(long, env = "LAGO_EVENTS_BATCH_MAX_LENGTH", default_value_t = 100)]
     pub batch_max_length: usize,
+
+    /// The external_subscription_ids Lago knows (comma-separated or repeated); when none is
+    /// given every id is taken as a subscription.
+    #[arg(
+        long = "subscription",
+        env = "LAGO_EMULATOR_SUBSCRIPTIONS",
+        value_delimiter = ','
+    )]
+    pub known_subscriptions: Vec<String>,
+
+    /// A billable metric, `CODE` or `CODE:AGGREGATION_PROPERTY` (repeatable): stored events
+    /// that match none are reported in `events.errors` webhooks.
+    #[arg(long = "metric", env = "LAGO_EMULATOR_METRICS", value_delimiter = ',')]
+    pub metrics: Vec<crate::lago_emulator::Metric>,
+
+    /// Where to send `events.errors` webhooks (e.g. http://127.0.0.1:8088/lago/webhooks).
+    #[arg(long, env = "LAGO_EMULATOR_WEBHOOK_URL")]
+    pub webhook_url: Option<String>,
+
+    /// HMAC key that signs the webhooks (X-Lago-Signature); without it they are signed `jwt`
+    /// (RS256, the public key at GET /api/v1/webhooks/public_key).
+    #[arg(long, env = "LAGO_WEBHOOK_HMAC_KEY", hide_env_values = true)]
+    pub webhook_hmac_key: Option<String>,
 }
 
 #[cfg(test)]

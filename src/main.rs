@@ -3,7 +3,8 @@
 //! Exit codes: 0 success, 1 failure (printed as one chained line), 2 bad usage (clap), and
 //! whatever a command documents beyond that: 3 when a command worked but found something that
 //! needs attention (`tally queue stats --max-age` with an older pending event, `tally replay
-//! --ship` with events Lago has not acknowledged, an interrupted replay).
+//! --ship` with events Lago has not acknowledged, an interrupted replay, `tally audit` finding
+//! events Lago lacks, holds differently or cannot bill).
 
 use std::process::ExitCode;
 
@@ -58,6 +59,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Replay(args) => tally::commands::replay::run(args, shutdown).await,
         Command::Queue(args) => tally::commands::queue::run(args).await,
         Command::Demo(args) => tally::commands::demo::run(args, shutdown).await,
+        Command::Audit(args) => tally::commands::audit::run(args, shutdown).await,
         Command::LagoEmulator(args) => tally::lago_emulator::run(args, shutdown)
             .await
             .map(|()| ExitCode::SUCCESS),

@@ -84,6 +84,8 @@ pub struct DemoReport {
     pub events_received: usize,
     pub spend_log: String,
     pub state_dir: String,
+    /// `tally audit` run at the end: Lago has every acked event as sent.
+    pub audit: crate::commands::audit::AuditReport,
 }
 
 pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
@@ -128,6 +130,8 @@ struct Services {
     proxy_url: String,
     /// Generated for this run; only in memory and in the proxy's config.
     master_key: String,
+    /// The emulator's key, for the closing audit.
+    lago_key: String,
     stop: CancellationToken,
     proxy: JoinHandle<anyhow::Result<()>>,
     shipper: JoinHandle<anyhow::Result<()>>,
@@ -178,7 +182,7 @@ async fn start(dir: &Path, shutdown: &CancellationToken) -> anyhow::Result<Servi
         &spend_log,
         &state_dir,
         &emulator.base_url(),
-        ApiKey::new(lago_key),
+        ApiKey::new(lago_key.clone()),
         EVENT_CODE,
     )
     .context("the demo's shipper settings are invalid")?;
@@ -193,6 +197,7 @@ async fn start(dir: &Path, shutdown: &CancellationToken) -> anyhow::Result<Servi
         emulator,
         proxy_url,
         master_key,
+        lago_key,
         stop,
         proxy,
         shipper,
@@ -280,6 +285,7 @@ async fn drive(services: &Services, dir: &Path) -> anyhow::Result<DemoReport> {
         .flat_map(|f| f.transaction_ids.iter().map(String::as_str))
         .collect();
     let events = wait_for_events(&services.emulator, &expected).await?;
+    let audit = audit_delivery(services, &dir.join("state"), expected.len()).await?;
     Ok(DemoReport {
         proxy_url: services.proxy_url.clone(),
         lago_url: services.emulator.base_url(),
@@ -289,7 +295,51 @@ async fn drive(services: &Services, dir: &Path) -> anyhow::Result<DemoReport> {
         events_received: events.len(),
         spend_log: dir.join("spend.jsonl").display().to_string(),
         state_dir: dir.join("state").display().to_string(),
+        audit,
     })
+}
+
+/// Once every event is acked, `tally audit` over the outbox: Lago has each as sent.
+async fn audit_delivery(
+    services: &Services,
+    state_dir: &Path,
+    expected: usize,
+) -> anyhow::Result<crate::commands::audit::AuditReport> {
+    use crate::ship::outbox::{AuditScope, Outbox};
+    let deadline = tokio::time::Instant::now() + DELIVERY_WAIT;
+    loop {
+        let acked = Outbox::open_read_only_in(state_dir)?
+            .map(|ob| ob.stats().map(|s| s.acked))
+            .transpose()?
+            .unwrap_or(0);
+        if acked as usize >= expected {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "the shipper acked {acked} of {expected} events within {} s",
+                DELIVERY_WAIT.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let outbox = Outbox::open_in(state_dir)?.shared();
+    let base = reqwest::Url::parse(&services.emulator.base_url())?;
+    let mut reader = crate::ship::lago_read::LagoReader::new(&base, &services.lago_key, 200.0)?;
+    let scope = AuditScope {
+        since_ms: None,
+        until_ms: None,
+        sample: None,
+    };
+    crate::commands::audit::audit(
+        &outbox,
+        &mut reader,
+        &scope,
+        false,
+        &CancellationToken::new(),
+    )
+    .await?
+    .context("the closing audit was interrupted")
 }
 
 struct Proxy<'a> {
@@ -470,6 +520,14 @@ fn render(r: &DemoReport) -> String {
         s,
         "Lago has all {} events, each exactly once.\n",
         r.events_received
+    );
+    let _ = writeln!(
+        s,
+        "tally audit: checked {} acked events against Lago: {} missing, {} different, {} unknown subscriptions.\n",
+        r.audit.checked,
+        r.audit.missing,
+        r.audit.different,
+        r.audit.unknown_subscriptions.len()
     );
     let _ = writeln!(s, "  spend log  {}", r.spend_log);
     let _ = writeln!(

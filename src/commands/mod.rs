@@ -3,9 +3,11 @@
 //! - [`replay`]: feeds historical spend logs (tally's or LiteLLM's) through the shipper's parsing,
 //!   dedupe and outbox.
 //! - [`queue`]: inspects and acts on the shipper's outbox.
+//! - [`audit`]: checks acked events against Lago (present, same code, subscription, timestamp).
 //! - [`demo`]: the whole pipeline in one process on loopback.
 //! - [`output`]: tables, JSON and exit codes shared by the commands.
 
+pub mod audit;
 pub mod demo;
 pub mod output;
 pub mod queue;

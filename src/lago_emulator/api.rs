@@ -37,6 +37,11 @@ pub(crate) fn routes(app: Arc<Emulator>) -> Router {
         .route("/api/v1/events", post(create_one))
         .route("/api/v1/events/batch", post(create_batch))
         .route("/api/v1/events/{transaction_id}", get(find_one))
+        .route(
+            "/api/v1/subscriptions/{external_id}",
+            get(find_subscription),
+        )
+        .route("/api/v1/webhooks/public_key", get(webhook_public_key))
         .route_layer(middleware::from_fn_with_state(app.clone(), gate))
         .with_state(app)
 }
@@ -116,9 +121,11 @@ async fn create_one(State(app): State<Arc<Emulator>>, headers: HeaderMap, body: 
     body.extend_from_slice(b"{\"event\":");
     write_event(&mut body, &lago_id, &event, &created_at);
     body.push(b'}');
+    let errors_of = [event.clone()];
     let outcome = app.store().commit(vec![(lago_id, event)], received_at);
     match outcome {
         Commit::Stored { duplicates } => {
+            app.report_event_errors(&[&errors_of[0]]);
             // A ClickHouse replacement is a duplicate, not one more stored event.
             bump(&app.counters.events_stored, 1 - duplicates as u64);
             bump(&app.counters.duplicates, duplicates as u64);
@@ -194,9 +201,16 @@ async fn create_batch(
     }
     body.extend_from_slice(b"]}");
     let count = batch.len() as u64;
+    // Copies only when the checks can run (a webhook is configured).
+    let checked: Vec<ParsedEvent> = if app.webhook.is_some() {
+        batch.iter().map(|(_, e)| e.clone()).collect()
+    } else {
+        Vec::new()
+    };
     let outcome = app.store().commit(batch, received_at);
     match outcome {
         Commit::Stored { duplicates } => {
+            app.report_event_errors(&checked.iter().collect::<Vec<_>>());
             bump(&app.counters.events_stored, count - duplicates as u64);
             bump(&app.counters.duplicates, duplicates as u64);
             json_bytes(StatusCode::OK, body)
@@ -241,6 +255,72 @@ async fn find_one(
         body.push(b'}');
     }
     json_bytes(StatusCode::OK, body)
+}
+
+/// `GET /api/v1/subscriptions/{external_id}`: a subscription object for a known id, else
+/// Lago's 404 `subscription_not_found`.
+async fn find_subscription(
+    State(app): State<Arc<Emulator>>,
+    headers: HeaderMap,
+    Path(external_id): Path<String>,
+) -> Response {
+    if let Err(denied) = authorize(&app, &headers, false) {
+        return denied.into_response();
+    }
+    let known = app
+        .known_subscriptions
+        .as_ref()
+        .is_none_or(|known| known.contains(&external_id));
+    if !known {
+        return json_value(
+            StatusCode::NOT_FOUND,
+            &json!({"status": 404, "error": "Not Found", "code": "subscription_not_found"}),
+        );
+    }
+    let now = iso_seconds(now_millis());
+    json_value(
+        StatusCode::OK,
+        &json!({"subscription": {
+            "lago_id": app.next_lago_id().to_string(),
+            "external_id": external_id,
+            "lago_customer_id": app.next_lago_id().to_string(),
+            "external_customer_id": external_id,
+            "name": null,
+            "plan_code": "emulated_plan",
+            "status": "active",
+            "billing_time": "calendar",
+            "subscription_at": now,
+            "started_at": now,
+            "ending_at": null,
+            "terminated_at": null,
+            "canceled_at": null,
+            "created_at": now,
+            "previous_plan_code": null,
+            "next_plan_code": null,
+            "downgrade_plan_date": null,
+            "trial_ended_at": null,
+        }}),
+    )
+}
+
+/// `GET /api/v1/webhooks/public_key`: Base64 of the PEM of the key that verifies `jwt`
+/// webhook signatures, as plain text (Lago's `Base64.encode64(RsaPublicKey.to_s)`).
+async fn webhook_public_key(State(app): State<Arc<Emulator>>, headers: HeaderMap) -> Response {
+    if let Err(denied) = authorize(&app, &headers, false) {
+        return denied.into_response();
+    }
+    match app.jwt() {
+        Some(signer) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            )],
+            super::webhooks::public_key_body(&signer.public_pem),
+        )
+            .into_response(),
+        None => server_error(500),
+    }
 }
 
 /// Any other path: Rails' routing error, as JSON.

@@ -25,6 +25,7 @@ pub(crate) fn routes(app: Arc<Emulator>) -> Router {
             post(add_faults).get(pending_faults).delete(clear_faults),
         )
         .route("/_emulator/reset", post(reset))
+        .route("/_emulator/forget", post(forget))
         .with_state(app)
 }
 
@@ -89,6 +90,17 @@ async fn pending_faults(State(app): State<Arc<Emulator>>) -> Response {
 async fn clear_faults(State(app): State<Arc<Emulator>>) -> StatusCode {
     app.faults.clear();
     StatusCode::NO_CONTENT
+}
+
+#[derive(Debug, Deserialize)]
+struct Forget {
+    transaction_ids: Vec<String>,
+}
+
+/// `POST /_emulator/forget {"transaction_ids": [...]}`: Lago loses these events.
+async fn forget(State(app): State<Arc<Emulator>>, Json(body): Json<Forget>) -> Response {
+    let ids: Vec<&str> = body.transaction_ids.iter().map(String::as_str).collect();
+    Json(json!({"forgotten": app.forget(&ids)})).into_response()
 }
 
 async fn reset(State(app): State<Arc<Emulator>>) -> StatusCode {

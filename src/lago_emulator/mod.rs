@@ -16,6 +16,7 @@ mod faults;
 mod server;
 mod store;
 mod validate;
+mod webhooks;
 
 use std::io::{self, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -33,6 +34,7 @@ use crate::cli::LagoEmulatorArgs;
 pub use counters::Counters;
 pub use faults::Fault;
 pub use store::{StoreKind, StoredEvent};
+pub use webhooks::{Metric, WebhookConfig};
 
 /// How the emulator behaves.
 #[derive(Debug, Clone)]
@@ -45,6 +47,14 @@ pub struct EmulatorConfig {
     pub batch_max_length: usize,
     /// Which Lago event store to imitate (duplicates rejected or silently merged).
     pub store: StoreKind,
+    /// The external_subscription_ids `GET /api/v1/subscriptions/{id}` knows; `None`: every id
+    /// is a subscription (so tests and the demo that never set any keep billing).
+    pub known_subscriptions: Option<std::collections::HashSet<String>>,
+    /// Billable metrics; stored events that match none (or lack the aggregation property) are
+    /// reported in `events.errors` webhooks. Empty: no checks.
+    pub metrics: Vec<Metric>,
+    /// Where `events.errors` webhooks go.
+    pub webhook: Option<WebhookConfig>,
 }
 
 impl Default for EmulatorConfig {
@@ -54,6 +64,9 @@ impl Default for EmulatorConfig {
             read_only_api_key: None,
             batch_max_length: 100,
             store: StoreKind::Postgres,
+            known_subscriptions: None,
+            metrics: Vec::new(),
+            webhook: None,
         }
     }
 }
@@ -73,9 +86,20 @@ pub(crate) struct Emulator {
     /// for randomness per event.
     lago_id_base: u128,
     lago_id_counter: AtomicU64,
+    known_subscriptions: Option<std::collections::HashSet<String>>,
+    metrics: Vec<Metric>,
+    webhook: Option<WebhookConfig>,
+    /// The `jwt` signing key pair, made on first use (RSA generation takes a moment).
+    jwt: std::sync::OnceLock<Option<Arc<webhooks::JwtSigner>>>,
 }
 
 impl Emulator {
+    fn jwt(&self) -> Option<Arc<webhooks::JwtSigner>> {
+        self.jwt
+            .get_or_init(|| webhooks::JwtSigner::generate().map(Arc::new))
+            .clone()
+    }
+
     fn store(&self) -> MutexGuard<'_, store::Store> {
         // The store is only mutated in whole-request steps; a panic cannot leave half a batch.
         self.store.lock().unwrap_or_else(PoisonError::into_inner)
@@ -104,6 +128,33 @@ impl Emulator {
             .lago_id_base
             .wrapping_add(u128::from(n).wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835));
         uuid::Builder::from_random_bytes(bits.to_le_bytes()).into_uuid()
+    }
+
+    fn forget(&self, transaction_ids: &[&str]) -> usize {
+        let ids: std::collections::HashSet<&str> = transaction_ids.iter().copied().collect();
+        self.store().forget(&ids)
+    }
+
+    /// Reports stored events Lago's checks would flag, in an `events.errors` webhook (sent in
+    /// the background) when a webhook URL is configured.
+    fn report_event_errors(&self, events: &[&validate::ParsedEvent]) {
+        let Some(webhook) = &self.webhook else {
+            return;
+        };
+        let errors = webhooks::check(&self.metrics, events);
+        if errors.is_null() {
+            return;
+        }
+        let jwt = (webhook.hmac_key.is_none() && webhook.jwt)
+            .then(|| self.jwt())
+            .flatten();
+        let issuer = format!("http://{}", self.net.addr());
+        self.net.spawn(webhooks::deliver(
+            webhook.clone(),
+            webhooks::body(errors),
+            jwt,
+            issuer,
+        ));
     }
 
     fn reset(&self) {
@@ -144,6 +195,10 @@ pub async fn spawn(config: EmulatorConfig, addr: SocketAddr) -> io::Result<Emula
         net,
         lago_id_base: uuid::Uuid::now_v7().as_u128(),
         lago_id_counter: AtomicU64::new(0),
+        known_subscriptions: config.known_subscriptions,
+        metrics: config.metrics,
+        webhook: config.webhook,
+        jwt: std::sync::OnceLock::new(),
     });
     server::start_accepting(&app);
     Ok(EmulatorHandle { app })
@@ -196,6 +251,12 @@ impl EmulatorHandle {
         self.app.faults.pending()
     }
 
+    /// Forgets the stored events with these transaction_ids, as if Lago had lost them (to test
+    /// `tally audit`); returns how many were stored.
+    pub fn forget(&self, transaction_ids: &[&str]) -> usize {
+        self.app.forget(transaction_ids)
+    }
+
     /// Forgets stored events, counters and queued faults.
     pub fn reset(&self) {
         self.app.reset();
@@ -233,6 +294,14 @@ pub async fn run(args: LagoEmulatorArgs, shutdown: CancellationToken) -> anyhow:
         read_only_api_key: args.read_only_api_key,
         batch_max_length: args.batch_max_length,
         store: args.store,
+        known_subscriptions: (!args.known_subscriptions.is_empty())
+            .then(|| args.known_subscriptions.iter().cloned().collect()),
+        metrics: args.metrics,
+        webhook: args.webhook_url.map(|url| WebhookConfig {
+            url,
+            jwt: args.webhook_hmac_key.is_none(),
+            hmac_key: args.webhook_hmac_key,
+        }),
     };
     let handle = spawn(config, addr).await.with_context(|| {
         format!("cannot listen on {addr}; is another process using it? choose another --port")

@@ -248,6 +248,33 @@ impl Store {
         position
     }
 
+    /// Forgets every stored event with one of these transaction_ids, as if Lago had lost them
+    /// (to test `tally audit`). Rebuilds the indexes; returns how many records went.
+    pub fn forget(&mut self, transaction_ids: &std::collections::HashSet<&str>) -> usize {
+        let before = self.records.len();
+        let kept: Vec<Record> = std::mem::take(&mut self.records)
+            .into_iter()
+            .filter(|r| !transaction_ids.contains(&*r.event.transaction_id))
+            .collect();
+        let forgotten = before - kept.len();
+        *self = Self::new(self.kind);
+        let kind = self.kind;
+        for r in kept {
+            let hash = self.unique_hash(&r.event);
+            let position = self.push(r.lago_id, r.event, r.received_at_millis);
+            let Self {
+                unique,
+                records,
+                hasher,
+                ..
+            } = self;
+            unique.insert_unique(hash, position, |&i| {
+                unique_hash_with(hasher, kind, &records[i].event)
+            });
+        }
+        forgotten
+    }
+
     /// The first event stored with this transaction_id.
     pub fn find(&self, transaction_id: &str) -> Option<&Record> {
         let hash = self.tx_hash(transaction_id);

@@ -13,6 +13,8 @@
 //! | `tally_ship_retries_total` | |
 //! | `tally_ship_lago_unauthorized` | |
 //! | `tally_ship_storage_blocked` | |
+//! | `tally_ship_lago_error_events_total` | `category` (Lago's `events.errors` category) |
+//! | `tally_ship_unknown_subscriptions` | |
 //!
 //! Alert on: `tally_ship_oldest_pending_age_seconds` (events not reaching Lago),
 //! `tally_ship_queue_events{state="dead"} > 0`, `tally_ship_lago_unauthorized == 1`,
@@ -129,6 +131,13 @@ pub struct ShipMetrics {
     retries: Counter,
     lago_unauthorized: Gauge,
     storage_blocked: Gauge,
+    lago_errors: Family<CategoryLabels, Counter>,
+    unknown_subscriptions: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CategoryLabels {
+    category: &'static str,
 }
 
 impl ShipMetrics {
@@ -145,7 +154,19 @@ impl ShipMetrics {
             retries: Counter::default(),
             lago_unauthorized: Gauge::default(),
             storage_blocked: Gauge::default(),
+            lago_errors: Family::default(),
+            unknown_subscriptions: Gauge::default(),
         };
+        registry.register(
+            "tally_ship_lago_error_events",
+            "Acked events Lago reported in an events.errors webhook (stored, not billed), by category",
+            metrics.lago_errors.clone(),
+        );
+        registry.register(
+            "tally_ship_unknown_subscriptions",
+            "external_subscription_ids the shipper sends events for that Lago does not know (never billed)",
+            metrics.unknown_subscriptions.clone(),
+        );
         registry.register(
             "tally_ship_lines_read",
             "Spend-log lines read (and committed to the outbox)",
@@ -286,6 +307,20 @@ impl ShipMetrics {
         self.lago_unauthorized.set(i64::from(unauthorized));
     }
 
+    /// Counts `n` events moved to lago-error. `category` is one of the fixed names in
+    /// `ship::webhook::CATEGORIES`, never text from the webhook.
+    pub fn record_lago_errors(&self, category: &'static str, n: u64) {
+        self.lago_errors
+            .get_or_create(&CategoryLabels { category })
+            .inc_by(n);
+    }
+
+    /// How many external_subscription_ids Lago does not know, as last checked.
+    pub fn set_unknown_subscriptions(&self, n: u64) {
+        self.unknown_subscriptions
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
     /// Whether the shipper waits for its state directory to become writable again.
     pub fn set_storage_blocked(&self, blocked: bool) {
         self.storage_blocked.set(i64::from(blocked));
@@ -327,6 +362,9 @@ mod tests {
         metrics.record_retry();
         metrics.set_lago_unauthorized(true);
         metrics.set_storage_blocked(true);
+        metrics.record_lago_errors("invalid_code", 2);
+        metrics.record_lago_errors("invalid_code", 1);
+        metrics.set_unknown_subscriptions(4);
 
         for format in [Format::OpenMetrics, Format::PrometheusText] {
             let m = parse(&exposition.encode(format).unwrap());
@@ -350,6 +388,14 @@ mod tests {
             assert_eq!(queue("rejected"), 3.0);
             assert_eq!(get(&m, "tally_ship_oldest_pending_age_seconds"), 90.5);
             assert_eq!(get(&m, "tally_ship_storage_blocked"), 1.0);
+            assert_eq!(
+                get(
+                    &m,
+                    r#"tally_ship_lago_error_events_total{category="invalid_code"}"#
+                ),
+                3.0
+            );
+            assert_eq!(get(&m, "tally_ship_unknown_subscriptions"), 4.0);
             let lago = |o: &str| {
                 get(
                     &m,

@@ -13,6 +13,10 @@
 //! - [`lago`]: the HTTP client for `POST /api/v1/events/batch` and the classification of answers.
 //! - [`sender`]: claims batches from the outbox, keeps several in flight, acks / dead-letters /
 //!   retries according to Lago's answer.
+//! - [`lago_read`]: paced, 429-aware `GET`s of Lago events and subscriptions.
+//! - [`subscriptions`]: looks up each new external_subscription_id in Lago; unknown ones are
+//!   warned about, counted and shown by `tally queue stats` (their events are never billed).
+//! - [`webhook`]: `--webhook-addr`, Lago's signed webhooks; `events.errors` → state lago-error.
 //! - [`storage`]: waits out a full or read-only state directory (retry, reopen, say why) so the
 //!   shipper resumes in the same process once the disk is fixed.
 //!
@@ -20,13 +24,16 @@
 
 pub mod amount;
 pub mod lago;
+pub mod lago_read;
 pub mod outbox;
 pub mod reader;
 pub mod resolve;
 pub mod sender;
 pub mod settings;
 pub mod storage;
+pub mod subscriptions;
 pub mod tail;
+pub mod webhook;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -130,6 +137,24 @@ pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> an
         None => None,
     };
     let outbox = outbox.shared();
+    let webhooks = match &settings.webhook {
+        Some(w) => Some(
+            webhook::serve(
+                w.clone(),
+                Some(webhook::PublicKeySource {
+                    api_base: settings.lago.api_base.clone(),
+                    api_key: settings.lago.api_key.clone(),
+                }),
+                outbox.clone(),
+                Some(metrics.clone()),
+                shutdown.child_token(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    let webhook_addr = webhooks.as_ref().map(|(addr, _)| *addr);
+    let served_webhooks = webhooks.map(|(_, fut)| tokio::spawn(fut));
     // A full or read-only state directory is waited out by the reader and the sender alike.
     let storage = Arc::new(StorageGate::new(db_path.clone(), Some(metrics.clone())));
     let signal = Arc::new(WorkSignal::default());
@@ -142,6 +167,7 @@ pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> an
         lago = %settings.lago.api_base,
         charge_by = %settings.lago.charge_by,
         metrics = ?metrics_addr,
+        webhooks = ?webhook_addr,
         "tally ship started"
     );
     // The outbox is open and the spend log followed: ready. The watchdog's pings come from a
@@ -165,6 +191,22 @@ pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> an
         metrics.clone(),
         stop.clone(),
     ));
+    let subscription_checks = match lago_read::LagoReader::new(
+        &settings.lago.api_base,
+        settings.lago.api_key.expose(),
+        subscriptions::RATE,
+    ) {
+        Ok(reader) => Some(tokio::spawn(subscriptions::run_checker(
+            outbox.clone(),
+            reader,
+            Some(metrics.clone()),
+            stop.clone(),
+        ))),
+        Err(e) => {
+            tracing::warn!(error = %e, "subscriptions are not checked");
+            None
+        }
+    };
     let stopping = tokio::spawn({
         let stop = stop.clone();
         async move {
@@ -236,9 +278,19 @@ pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> an
         let _ = p.await;
     }
     let _ = stopping.await;
+    if let Some(checks) = subscription_checks {
+        let _ = checks.await;
+    }
     let _ = gauges.await;
     if let Some(w) = watchdog {
         let _ = w.await;
+    }
+    if let Some(served) = served_webhooks {
+        match served.await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "the webhook listener failed"),
+            Err(e) => tracing::warn!(error = %e, "the webhook listener task failed"),
+            Ok(Ok(())) => {}
+        }
     }
     if let Some(served) = served_metrics {
         match served.await {

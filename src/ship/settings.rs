@@ -125,6 +125,8 @@ pub struct ShipSettings {
     pub lago: LagoSettings,
     pub tuning: Tuning,
     pub metrics_addr: Option<SocketAddr>,
+    /// `--webhook-addr`: receive Lago's webhooks there (off when `None`).
+    pub webhook: Option<crate::ship::webhook::WebhookSettings>,
 }
 
 /// A setting that cannot be used. Each variant names the environment variable (the flag has the
@@ -168,6 +170,7 @@ impl ShipSettings {
             },
             tuning: Tuning::default(),
             metrics_addr: None,
+            webhook: None,
         })
     }
 
@@ -195,6 +198,17 @@ impl ShipSettings {
             lago,
             tuning,
             metrics_addr: args.metrics_addr,
+            webhook: args
+                .webhook_addr
+                .map(|addr| crate::ship::webhook::WebhookSettings {
+                    addr,
+                    // An empty key would let anyone sign: as good as none (hmac refused).
+                    hmac_key: args
+                        .lago_webhook_hmac_key
+                        .clone()
+                        .filter(|k| !k.trim().is_empty())
+                        .map(ApiKey::new),
+                }),
         })
     }
 

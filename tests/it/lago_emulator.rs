@@ -965,6 +965,166 @@ async fn the_command_serves_until_stopped() {
     child.wait().await.unwrap();
 }
 
+#[tokio::test]
+async fn subscriptions_are_found_by_external_id_or_404_subscription_not_found() {
+    let lago = spawn_lago_emulator(EmulatorConfig {
+        api_key: KEY.to_string(),
+        known_subscriptions: Some(["sub/1".to_string()].into_iter().collect()),
+        ..EmulatorConfig::default()
+    })
+    .await;
+    let get = |id: &str| {
+        client()
+            .get(format!("{}/api/v1/subscriptions/{id}", lago.base_url()))
+            .bearer_auth(KEY)
+            .send()
+    };
+    let response = get("sub%2F1").await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["subscription"]["external_id"], "sub/1");
+    assert_eq!(body["subscription"]["status"], "active");
+    let response = get("nobody").await.unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        body,
+        json!({"status": 404, "error": "Not Found", "code": "subscription_not_found"})
+    );
+    let unauthenticated = client()
+        .get(format!("{}/api/v1/subscriptions/sub%2F1", lago.base_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unauthenticated.status(), StatusCode::UNAUTHORIZED);
+
+    // With none configured, every id is a subscription (the demo and older tests bill).
+    let open = emulator().await;
+    let response = client()
+        .get(format!("{}/api/v1/subscriptions/anyone", open.base_url()))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn forgotten_events_are_gone_and_can_be_sent_again() {
+    let lago = emulator().await;
+    let (status, _) = post(
+        &lago,
+        "events/batch",
+        json!({"events": [event("f-1", "s"), event("f-2", "s")]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let forgot: Value = client()
+        .post(format!("{}/_emulator/forget", lago.base_url()))
+        .json(&json!({"transaction_ids": ["f-1", "never"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(forgot, json!({"forgotten": 1}));
+    let (status, body) = get_event(&lago, "f-1", KEY).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["code"], "event_not_found");
+    assert_eq!(get_event(&lago, "f-2", KEY).await.0, StatusCode::OK);
+    // Not a duplicate any more: Lago takes it again.
+    let (status, _) = post(&lago, "events", json!({"event": event("f-1", "s")})).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(lago.event_count(), 2);
+}
+
+#[tokio::test]
+async fn the_command_sends_signed_events_errors_for_events_no_metric_takes() {
+    use tokio::io::AsyncBufReadExt;
+
+    // A receiver that keeps what it gets.
+    let got = std::sync::Arc::new(std::sync::Mutex::new(
+        Vec::<(Option<String>, Vec<u8>)>::new(),
+    ));
+    let keep = got.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(
+            move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                let keep = keep.clone();
+                async move {
+                    let sig = headers
+                        .get("x-lago-signature")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
+                    keep.lock().unwrap().push((sig, body.to_vec()));
+                    "ok"
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let mut child = tokio::process::Command::new(crate::support::tally_bin())
+        .args(["lago-emulator", "--port", "0", "--api-key", KEY])
+        .args(["--metric", "llm_usage:input_tokens", "--subscription", "s"])
+        .args(["--webhook-url", &hook])
+        .env("LAGO_WEBHOOK_HMAC_KEY", "hook-key")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("tally runs");
+    let stdout = child.stdout.take().unwrap();
+    let base_url = tokio::io::BufReader::new(stdout)
+        .lines()
+        .next_line()
+        .await
+        .unwrap()
+        .expect("the base URL");
+    let mut bad_code = event("e-code", "s");
+    bad_code["code"] = json!("other_metric");
+    let mut no_property = event("e-prop", "s");
+    no_property["properties"] = json!({"output_tokens": 1});
+    let response = client()
+        .post(format!("{base_url}/api/v1/events/batch"))
+        .bearer_auth(KEY)
+        .json(&json!({"events": [event("e-ok", "s"), bad_code, no_property]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    poll_until("the webhook arrives", WAIT, || async {
+        !got.lock().unwrap().is_empty()
+    })
+    .await;
+    let (signature, body) = got.lock().unwrap()[0].clone();
+    assert_eq!(
+        signature.as_deref(),
+        Some(tally::ship::webhook::hmac_signature(b"hook-key", &body).as_str())
+    );
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["webhook_type"], "events.errors");
+    assert_eq!(body["events_errors"]["invalid_code"], json!(["e-code"]));
+    assert_eq!(
+        body["events_errors"]["missing_aggregation_property"],
+        json!(["e-prop"])
+    );
+    // The configured subscription is known, another is not.
+    let unknown = client()
+        .get(format!("{base_url}/api/v1/subscriptions/t"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+}
+
 /// Not a test: how many events per second the emulator takes in batches of 100 with several
 /// requests in flight. Run with
 /// `cargo test --release --test it lago_emulator::throughput -- --ignored --nocapture`.

@@ -129,6 +129,7 @@ fn filter(state: QueueState) -> ListFilter {
         QueueState::Acked => State::Acked,
         QueueState::Dropped => State::Dropped,
         QueueState::NotBillable => State::NotBillable,
+        QueueState::LagoError => State::LagoError,
     })
 }
 

@@ -27,6 +27,7 @@ pub fn state_name(s: QueueState) -> &'static str {
         QueueState::Acked => "acked",
         QueueState::Dropped => "dropped",
         QueueState::NotBillable => "not_billable",
+        QueueState::LagoError => "lago_error",
     }
 }
 
@@ -64,6 +65,10 @@ pub struct StatsView {
     pub rejected: u64,
     pub not_billable: u64,
     pub dropped: u64,
+    /// Acked, then reported by Lago's `events.errors` webhook (stored, not billed).
+    pub lago_error: u64,
+    /// external_subscription_ids Lago does not know: their events are never billed.
+    pub unknown_subscriptions: Vec<String>,
     pub oldest_pending_age_secs: Option<u64>,
     pub last_lago_error: Option<LagoErrorView>,
     pub files: Vec<FileView>,
@@ -86,6 +91,8 @@ impl StatsView {
             rejected: stats.rejected,
             not_billable: stats.not_billable,
             dropped: stats.dropped,
+            lago_error: stats.lago_error,
+            unknown_subscriptions: stats.unknown_subscriptions.clone(),
             oldest_pending_age_secs: oldest,
             last_lago_error: stats.last_lago_error.as_ref().map(|e| LagoErrorView {
                 message: e.message.clone(),
@@ -133,6 +140,7 @@ impl StatsView {
             ("rejected lines", self.rejected),
             ("not billable", self.not_billable),
             ("dropped", self.dropped),
+            ("lago error", self.lago_error),
         ] {
             t.add_row(vec![name.to_owned(), n.to_string()]);
         }
@@ -169,6 +177,23 @@ impl StatsView {
         }
         if self.too_old {
             let _ = writeln!(s, "ATTENTION: {}", self.age_verdict());
+        }
+        if !self.unknown_subscriptions.is_empty() {
+            let ids: Vec<String> = self
+                .unknown_subscriptions
+                .iter()
+                .take(20)
+                .map(|i| printable(i))
+                .collect();
+            let _ = writeln!(
+                s,
+                "Unknown subscriptions (Lago stores their events but never bills them; create them in Lago): {} {}",
+                self.unknown_subscriptions.len(),
+                ids.join(", ")
+            );
+        }
+        if self.lago_error > 0 {
+            s.push_str("Lago reported events it cannot bill (events.errors): `tally queue list --state lago-error`; docs/operations.md says how to fix each reason in Lago.\n");
         }
         if self.held > 0 {
             s.push_str("Held events have no customer id: fix LAGO_API_CHARGE_BY, then `tally queue retry --state held`.\n");
@@ -443,6 +468,10 @@ pub fn item_outcome(id: &str, verdict: Verdict, detail: Option<ItemDetail>) -> I
                 d.reason.as_deref().unwrap_or("no reason kept")
             ),
             State::NotBillable => "not billable (its status is not success)".to_owned(),
+            State::LagoError => format!(
+                "Lago has it but reported it as not billable ({}); fix it in Lago",
+                d.reason.as_deref().unwrap_or("events.errors")
+            ),
             State::Pending => "pending: it is being delivered, nothing to retry".to_owned(),
             State::Held | State::Dead => format!("is {}", d.state.name()),
         },

@@ -106,7 +106,7 @@ fn report(state_dir: &std::path::Path, ids: &[String]) -> anyhow::Result<Deliver
             continue;
         };
         match detail.state {
-            State::Acked => {
+            State::Acked | State::LagoError => {
                 r.acked += 1;
                 continue;
             }

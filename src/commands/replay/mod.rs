@@ -74,6 +74,7 @@ pub async fn run(args: ReplayArgs, shutdown: CancellationToken) -> anyhow::Resul
             lago,
             tuning: tuning.clone(),
             metrics_addr: None,
+            webhook: None,
         })
     } else {
         None

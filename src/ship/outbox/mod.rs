@@ -23,6 +23,7 @@
 //!   those lines and at worst resends events Lago already has — absorbed as duplicates. Paying an
 //!   fsync per commit would buy nothing the idempotency key does not already give.
 
+mod lago_checks;
 mod lock;
 mod queue;
 mod readonly;
@@ -35,6 +36,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
+pub use lago_checks::{AckedOrigin, AuditItem, AuditProgress, AuditScope, LagoErrorMarks};
 pub use lock::{SenderLock, sender_running};
 pub use queue::{
     Depth, ItemDetail, ItemSummary, LagoErrorNote, ListFilter, REJECTED_PREFIX, RejectedDetail,
@@ -44,6 +46,19 @@ pub use schema::MIGRATIONS;
 
 use crate::ship::resolve::{Disposition, PreparedRecord};
 use crate::ship::tail::{FileId, FilePosition};
+
+/// What an ack keeps of the event it slims (schema v5): its `code` and `timestamp`, for
+/// `tally audit`. SQLite evaluates every `SET` expression on the row as it was, so this reads the
+/// event the same statement sets to NULL. `json_valid` keeps a malformed event from failing the ack.
+macro_rules! keep_for_audit {
+    () => {
+        "lago_code = CASE WHEN json_valid(CAST(event AS TEXT))
+             THEN json_extract(CAST(event AS TEXT), '$.code') ELSE lago_code END,
+         lago_timestamp = CASE WHEN json_valid(CAST(event AS TEXT))
+             THEN CAST(json_extract(CAST(event AS TEXT), '$.timestamp') AS TEXT)
+             ELSE lago_timestamp END"
+    };
+}
 
 /// File name of the outbox in `TALLY_STATE_DIR`.
 pub const DB_FILE: &str = "shipper.db";
@@ -70,6 +85,9 @@ pub enum State {
     NotBillable,
     /// Removed by an operator (`tally queue drop`), never billed; the reason is kept.
     Dropped,
+    /// Lago took it (acked) but reported it in an `events.errors` webhook: stored, not billed.
+    /// The reason is Lago's category (`invalid_code`, ...). Fixed in Lago, not by resending.
+    LagoError,
 }
 
 impl State {
@@ -81,6 +99,7 @@ impl State {
             State::Acked => 3,
             State::NotBillable => 4,
             State::Dropped => 5,
+            State::LagoError => 6,
         }
     }
 
@@ -92,6 +111,7 @@ impl State {
             3 => State::Acked,
             4 => State::NotBillable,
             5 => State::Dropped,
+            6 => State::LagoError,
             _ => return None,
         })
     }
@@ -104,6 +124,7 @@ impl State {
             State::Acked => "acked",
             State::NotBillable => "not_billable",
             State::Dropped => "dropped",
+            State::LagoError => "lago_error",
         }
     }
 }
@@ -592,16 +613,20 @@ impl Outbox {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
-            let mut by_rowid = tx.prepare_cached(
+            let mut by_rowid = tx.prepare_cached(concat!(
                 "UPDATE events SET state = 3, record = NULL, event = NULL, customer_ids = NULL,
-                     reason = NULL, updated_ms = ?3
-                 WHERE rowid = ?1 AND transaction_id = ?2 AND state <> 3",
-            )?;
-            let mut by_id = tx.prepare_cached(
+                     reason = NULL, updated_ms = ?3, ",
+                keep_for_audit!(),
+                "
+                 WHERE rowid = ?1 AND transaction_id = ?2 AND state NOT IN (3, 6)"
+            ))?;
+            let mut by_id = tx.prepare_cached(concat!(
                 "UPDATE events SET state = 3, record = NULL, event = NULL, customer_ids = NULL,
-                     reason = NULL, updated_ms = ?2
-                 WHERE transaction_id = ?1 AND state <> 3",
-            )?;
+                     reason = NULL, updated_ms = ?2, ",
+                keep_for_audit!(),
+                "
+                 WHERE transaction_id = ?1 AND state NOT IN (3, 6)"
+            ))?;
             for (rowid, id) in events {
                 if by_rowid.execute(params![rowid, id, now])? == 0 {
                     by_id.execute(params![id, now])?;
@@ -625,9 +650,9 @@ impl Outbox {
         let now = now_ms();
         self.for_each_id(
             ids,
-            "UPDATE events SET state = 3, record = NULL, event = NULL, customer_ids = NULL, reason = NULL,
-                 updated_ms = ?2
-             WHERE transaction_id = ?1 AND state <> 3",
+            concat!("UPDATE events SET state = 3, record = NULL, event = NULL, customer_ids = NULL, reason = NULL,
+                 updated_ms = ?2, ", keep_for_audit!(), "
+             WHERE transaction_id = ?1 AND state NOT IN (3, 6)"),
             |stmt, id| stmt.execute(params![id, now]),
         )
     }

@@ -34,6 +34,11 @@ pub struct Stats {
     pub acked: u64,
     pub not_billable: u64,
     pub dropped: u64,
+    /// Acked, then reported by Lago's `events.errors` webhook: stored by Lago, not billed.
+    pub lago_error: u64,
+    /// external_subscription_ids Lago does not know (`GET /subscriptions/{id}` answered 404),
+    /// as last checked by the shipper or `tally audit`: their events are stored, never billed.
+    pub unknown_subscriptions: Vec<String>,
     /// Rejected lines (malformed, too long, conflicting duplicates), not counting dropped ones.
     pub rejected: u64,
     /// When the oldest pending event was recorded (ms since the epoch).
@@ -184,10 +189,11 @@ impl Outbox {
         let mut stats = Stats::default();
         // One scan with a counter per state: `GROUP BY state` sorted the whole table first, a
         // sorter as large as the cache (RSS grew with the outbox) and the slowest way to count.
-        let counts: [i64; 6] = conn.query_row(
+        let counts: [i64; 7] = conn.query_row(
             "SELECT count(*) FILTER (WHERE state = 0), count(*) FILTER (WHERE state = 1),
                     count(*) FILTER (WHERE state = 2), count(*) FILTER (WHERE state = 3),
-                    count(*) FILTER (WHERE state = 4), count(*) FILTER (WHERE state = 5)
+                    count(*) FILTER (WHERE state = 4), count(*) FILTER (WHERE state = 5),
+                    count(*) FILTER (WHERE state = 6)
              FROM events",
             [],
             |r| {
@@ -198,10 +204,21 @@ impl Outbox {
                     r.get(3)?,
                     r.get(4)?,
                     r.get(5)?,
+                    r.get(6)?,
                 ])
             },
         )?;
-        let [pending, held, dead, acked, not_billable, dropped] = counts.map(|n| n as u64);
+        let [
+            pending,
+            held,
+            dead,
+            acked,
+            not_billable,
+            dropped,
+            lago_error,
+        ] = counts.map(|n| n as u64);
+        stats.lago_error = lago_error;
+        stats.unknown_subscriptions = self.unknown_subscriptions()?;
         stats.pending = pending;
         stats.held = held;
         stats.dead = dead;

@@ -7,8 +7,10 @@
 //! guessed at.
 //!
 //! States of `events.state` (see `docs/delivery.md`): 0 pending, 1 held, 2 dead, 3 acked,
-//! 4 not billable, 5 dropped. Acked rows are slimmed to their id, hash and time: the id is what
-//! stops an old log replayed later from billing twice; the rest is not needed once Lago has it.
+//! 4 not billable, 5 dropped, 6 lago-error (acked, then reported by Lago's `events.errors`
+//! webhook as not billable). Acked rows are slimmed to their id, hash, subscription, time, and
+//! (since v5) the event's code and timestamp: the id is what stops an old log replayed later from
+//! billing twice; code, subscription and timestamp are what `tally audit` compares with Lago.
 
 use rusqlite::{Connection, TransactionBehavior};
 
@@ -109,6 +111,31 @@ pub const MIGRATIONS: &[&str] = &[
     r#"
     UPDATE events SET lease_until_ms = 0, lease_owner = NULL, lease_pid = NULL
         WHERE state = 0 AND (lease_until_ms <> 0 OR lease_owner IS NOT NULL);
+    "#,
+    // v5 (issue 17, `tally audit`): what an audit compares with Lago's copy of an acked event.
+    // The ack slims the row and drops the event JSON; it now keeps the event's `code` and
+    // `timestamp` (as sent, e.g. "1795773600.250") first. Adding nullable columns does not
+    // rewrite the table; rows acked before v5 have NULL there and are checked for presence and
+    // subscription only. `audit_items` is the work list of the last `tally audit` (its result per
+    // event, so an interrupted audit resumes); `subscriptions` is what Lago said about each
+    // external_subscription_id (known 1/0), kept by the shipper and the audit.
+    r#"
+    ALTER TABLE events ADD COLUMN lago_code TEXT;
+    ALTER TABLE events ADD COLUMN lago_timestamp TEXT;
+    CREATE TABLE audit_items (
+        seq             INTEGER PRIMARY KEY,
+        transaction_id  TEXT NOT NULL,
+        subscription_id TEXT,
+        lago_code       TEXT,
+        lago_timestamp  TEXT,
+        result          TEXT,              -- NULL: not checked yet; ok / missing / different
+        detail          TEXT
+    );
+    CREATE TABLE subscriptions (
+        external_id TEXT PRIMARY KEY NOT NULL,
+        known       INTEGER NOT NULL,
+        checked_ms  INTEGER NOT NULL
+    );
     "#,
 ];
 

@@ -242,7 +242,7 @@ fn a_v3_outbox_migrates_to_v4_with_its_leases_cleared() {
         .conn()
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 4);
+    assert_eq!(version, MIGRATIONS.len() as i64);
     let lock = lock(&ob);
     let (claimed, _) = ob.claim(10, None, &HashSet::new(), &lock).unwrap();
     assert_eq!(ids(&claimed), ["leased", "free"]);
@@ -454,4 +454,111 @@ fn a_world_writable_state_directory_is_refused_and_the_outbox_is_tightened() {
     drop(Outbox::open_in(&state).unwrap());
     let mode = std::fs::metadata(&db).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
+}
+
+fn kept_for_audit(ob: &Outbox, id: &str) -> (Option<String>, Option<String>, Option<String>) {
+    ob.conn()
+        .query_row(
+            "SELECT subscription_id, lago_code, lago_timestamp FROM events WHERE transaction_id = ?1",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap()
+}
+
+#[test]
+fn every_ack_keeps_the_code_subscription_and_timestamp_for_the_audit() {
+    let (_dir, mut ob) = open();
+    let items: Vec<_> = (0..3)
+        .map(|i| item(&record(&format!("k{i}"), Some("c")), i))
+        .collect();
+    ob.ingest(&items, &[]).unwrap();
+    let lock = lock(&ob);
+    let (claimed, _) = ob.claim(10, None, &HashSet::new(), &lock).unwrap();
+    ob.ack(&[(claimed[0].rowid, "k0")], None).unwrap();
+    // A changed rowid: the ack falls back to the id.
+    ob.ack(&[(-1, "k1")], None).unwrap();
+    ob.mark_acked(&["k2"]).unwrap();
+    for id in ["k0", "k1", "k2"] {
+        assert_eq!(ob.state_of(id).unwrap(), Some(State::Acked));
+        assert_eq!(
+            kept_for_audit(&ob, id),
+            (
+                Some("c".into()),
+                Some("llm".into()),
+                Some("1795773600.250".into())
+            ),
+            "{id}"
+        );
+    }
+}
+
+#[test]
+fn lago_errors_mark_acked_events_once_and_an_ack_does_not_undo_them() {
+    let (_dir, mut ob) = open();
+    let items: Vec<_> = (0..3)
+        .map(|i| item(&record(&format!("e{i}"), Some("c")), i))
+        .collect();
+    ob.ingest(&items, &[]).unwrap();
+    ob.mark_acked(&["e0"]).unwrap();
+    ob.drop_items(&["e2".to_owned()], "test").unwrap();
+    // e1 is still pending: the webhook beat the ack.
+    let marks = ob
+        .mark_lago_error(&["e0", "e1", "e2", "never"], "invalid_code")
+        .unwrap();
+    assert_eq!(marks.marked, ["e0", "e1"]);
+    assert_eq!(marks.unchanged, ["e2"]);
+    assert_eq!(marks.unknown, ["never"]);
+    // The ack arriving after it, and a repeated report, leave it as it is.
+    ob.mark_acked(&["e1"]).unwrap();
+    let again = ob.mark_lago_error(&["e0"], "invalid_code").unwrap();
+    assert!(again.marked.is_empty());
+    let shown = ob.show("e1").unwrap().unwrap();
+    assert_eq!(shown.state, State::LagoError);
+    assert_eq!(shown.reason.as_deref(), Some("invalid_code"));
+    let listed = ob.list(ListFilter::State(State::LagoError), 10).unwrap();
+    assert_eq!(listed.len(), 2);
+    let stats = ob.stats().unwrap();
+    assert_eq!((stats.lago_error, stats.acked, stats.pending), (2, 0, 0));
+}
+
+#[test]
+fn the_audit_work_list_resumes_and_requeues_only_acked_events() {
+    let (_dir, mut ob) = open();
+    let items: Vec<_> = (0..4)
+        .map(|i| item(&record(&format!("w{i}"), Some("c")), i))
+        .collect();
+    ob.ingest(&items, &[]).unwrap();
+    ob.mark_acked(&["w0", "w1", "w2"]).unwrap();
+    let scope = AuditScope {
+        since_ms: None,
+        until_ms: None,
+        sample: None,
+    };
+    assert_eq!(ob.start_audit(&scope).unwrap(), 3, "only acked events");
+    let first = ob.audit_next(2).unwrap();
+    ob.audit_record(&[(first[0].seq, "ok", None), (first[1].seq, "missing", None)])
+        .unwrap();
+    // A second run finds the same scope unfinished and the rest still to do.
+    assert_eq!(ob.unfinished_audit().unwrap(), Some(scope.clone()));
+    let rest = ob.audit_next(10).unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].code.as_deref(), Some("llm"));
+    assert_eq!(
+        ob.audit_progress().unwrap(),
+        AuditProgress { total: 3, done: 2 }
+    );
+    ob.finish_audit().unwrap();
+    assert_eq!(ob.unfinished_audit().unwrap(), None);
+    let sample = AuditScope {
+        sample: Some(1),
+        ..scope
+    };
+    assert_eq!(ob.start_audit(&sample).unwrap(), 1);
+
+    let requeued = ob
+        .requeue_acked(&[("w1", b"{}".to_vec()), ("w3", b"{}".to_vec())])
+        .unwrap();
+    assert_eq!(requeued, ["w1"], "w3 was never acked: untouched");
+    assert_eq!(ob.state_of("w1").unwrap(), Some(State::Pending));
 }

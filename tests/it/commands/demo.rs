@@ -62,6 +62,22 @@ async fn demo_reports_what_lago_received_and_exits_0() {
     for flow in v["flows"].as_array().unwrap() {
         assert_eq!(flow["transaction_ids"].as_array().unwrap().len(), 3);
     }
+    // The closing `tally audit` found every acked event in Lago as sent.
+    let audit = &v["audit"];
+    assert_eq!(
+        (
+            u(audit, "checked"),
+            u(audit, "missing"),
+            u(audit, "different")
+        ),
+        (9, 0, 0),
+        "{audit}"
+    );
+    assert_eq!(
+        audit["unknown_subscriptions"],
+        serde_json::json!({}),
+        "{audit}"
+    );
 
     let state = format!("{dir_s}/state");
     let stats = b.json(&["queue", "stats", "--state-dir", &state]).await;

@@ -1,6 +1,7 @@
 //! The operator commands (`tally replay`, `tally queue`, `tally demo`) end to end: the real
 //! `tally` binary, real SQLite files, and the Lago emulator on a loopback port.
 
+mod audit;
 mod demo;
 mod hostile;
 mod queue;
@@ -31,6 +32,15 @@ impl Bench {
         Self {
             dir: tempfile::tempdir().unwrap(),
             lago: spawn_lago_emulator(EmulatorConfig::default()).await,
+            charge_by: "end_user_id".into(),
+        }
+    }
+
+    /// A bench whose Lago emulator runs with `config` (known subscriptions, metrics, webhooks).
+    pub async fn with_lago(config: EmulatorConfig) -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+            lago: spawn_lago_emulator(config).await,
             charge_by: "end_user_id".into(),
         }
     }
