@@ -335,7 +335,7 @@ async fn audit_delivery(
         &outbox,
         &mut reader,
         &scope,
-        false,
+        None,
         &CancellationToken::new(),
     )
     .await?

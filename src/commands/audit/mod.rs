@@ -164,7 +164,14 @@ pub async fn run(args: AuditArgs, shutdown: CancellationToken) -> anyhow::Result
         .context("cannot open the outbox")?
         .shared();
     let mut reader = LagoReader::new(&base, key.trim(), args.rate)?;
-    let report = audit(&outbox, &mut reader, &scope, args.fix, &shutdown).await?;
+    let fix = if args.fix {
+        Some(Fix {
+            precise_amount: crate::ship::settings::precise_amount_from_args(&args.lago)?,
+        })
+    } else {
+        None
+    };
+    let report = audit(&outbox, &mut reader, &scope, fix, &shutdown).await?;
     let Some(mut report) = report else {
         eprintln!(
             "tally: audit interrupted; run `tally audit` again with the same options to resume"
@@ -190,12 +197,19 @@ async fn blocking<T: Send + 'static>(
     Ok(crate::ship::sender::with_outbox(outbox, f).await?)
 }
 
+/// `--fix`: missing events are rebuilt as `tally ship` would send them, so with
+/// `TALLY_PRECISE_AMOUNT` they carry their amount again.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Fix {
+    pub precise_amount: Option<crate::ship::amount::Markup>,
+}
+
 /// Runs (or resumes) the audit; `None` when `shutdown` interrupted it.
 pub async fn audit(
     outbox: &crate::ship::outbox::SharedOutbox,
     reader: &mut LagoReader,
     scope: &AuditScope,
-    fix: bool,
+    fix: Option<Fix>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<AuditReport>> {
     let mut report = AuditReport::default();
@@ -285,13 +299,13 @@ pub async fn audit(
     report.missing = report.missing_ids.len() as u64;
     report.different = report.different_events.len() as u64;
 
-    if fix && !report.missing_ids.is_empty() {
+    if let Some(fix) = fix.filter(|_| !report.missing_ids.is_empty()) {
         let ids = report.missing_ids.clone();
         let (requeued, not_fixable) = blocking(outbox, move |ob| {
             let mut rebuilt = Vec::new();
             let mut not_fixable = Vec::new();
             for id in &ids {
-                match rebuild::missing_event(ob, id)? {
+                match rebuild::missing_event(ob, id, fix.precise_amount)? {
                     Ok(event) => rebuilt.push((id.as_str(), event)),
                     Err(why) => not_fixable.push(Difference {
                         transaction_id: id.clone(),

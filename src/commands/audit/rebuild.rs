@@ -8,17 +8,20 @@
 
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 
+use crate::ship::amount::Markup;
 use crate::ship::outbox::{Outbox, OutboxError};
-use crate::ship::resolve::{content_hash, event_bytes};
+use crate::ship::resolve::{content_hash, event_bytes_with};
 use crate::spend::SpendRecord;
 
 /// Longest line read back (the shipper's default line limit).
 const MAX_LINE: u64 = 1024 * 1024;
 
-/// The rebuilt event, or why it cannot be rebuilt (`Ok(Err(why))`).
+/// The rebuilt event, or why it cannot be rebuilt (`Ok(Err(why))`). `precise_amount` is the
+/// shipper's `TALLY_PRECISE_AMOUNT` setting: the ack did not keep whether the event had one.
 pub fn missing_event(
     ob: &Outbox,
     transaction_id: &str,
+    precise_amount: Option<Markup>,
 ) -> Result<Result<Vec<u8>, String>, OutboxError> {
     let Some(origin) = ob.acked_origin(transaction_id)? else {
         return Ok(Err("no longer acked in the outbox".into()));
@@ -62,7 +65,7 @@ pub fn missing_event(
             )));
         }
     };
-    Ok(Ok(event_bytes(&record, &code, &sub)))
+    Ok(Ok(event_bytes_with(&record, &code, &sub, precise_amount)))
 }
 
 fn read_line(path: &str, offset: u64) -> std::io::Result<Vec<u8>> {

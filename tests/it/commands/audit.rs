@@ -129,6 +129,50 @@ async fn audit_finds_what_lago_lost_fixes_it_and_then_passes() {
     stop(&mut ship).await;
 }
 
+/// `--fix` rebuilds a lost event as the shipper sent it: with `TALLY_PRECISE_AMOUNT`, its
+/// amount too (the ack does not keep the event's JSON).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_fix_resends_the_precise_amount_the_shipper_sent() {
+    let b = Bench::new().await;
+    write(
+        &b.path("spend.jsonl"),
+        &lines(&[("p-1", "c-1"), ("p-2", "c-1")]),
+    );
+    let precise = ["--precise-amount", "--cost-markup", "1.5"];
+    let mut args = vec!["ship", "--poll-interval-ms", "50", "--linger-ms", "5"];
+    args.extend(precise);
+    let mut ship = b.command(&args).spawn().unwrap();
+    poll_until("tally ship delivers the log", GENEROUS, || async {
+        b.lago.event_count() == 2
+    })
+    .await;
+    poll_until("every event acked", GENEROUS, || async {
+        u(&b.json(&["queue", "stats"]).await, "acked") == 2
+    })
+    .await;
+    let amount = |id: &str| {
+        b.lago
+            .events()
+            .into_iter()
+            .find(|e| e.transaction_id == id)
+            .and_then(|e| e.precise_total_amount_cents)
+    };
+    // 0.0002 USD x 100 x 1.5
+    assert_eq!(amount("p-1").as_deref(), Some("0.03"));
+    assert_eq!(b.lago.forget(&["p-1"]), 1);
+    let mut fix = vec!["audit", "--fix", "--output-format", "json"];
+    fix.extend(precise);
+    let run = b.run(&fix).await;
+    run.assert_code(3);
+    assert_eq!(ids(&run.json(), "requeued"), ["p-1"]);
+    poll_until("the shipper resends p-1", GENEROUS, || async {
+        b.lago.event_count() == 2
+    })
+    .await;
+    assert_eq!(amount("p-1").as_deref(), Some("0.03"));
+    stop(&mut ship).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_reports_subscriptions_lago_does_not_know() {
     let b = Bench::with_lago(EmulatorConfig {
