@@ -1144,7 +1144,7 @@ litellm_settings: {{num_retries: 9, context_window_fallbacks: [{{fast: [gpt-4o]}
     fn litellm_params_price_names_are_kept_and_bad_values_named() {
         let config = load(
             &format!(
-                "general_settings: {{master_key: {STRONG}}}\nmodel_list:\n  - model_name: a\n    litellm_params: {{model: openai/x, input_cost_per_token: 0.000001, cache_read_input_token_cost: \"1e-7\", input_cost_per_token_above_200k_tokens: 0.000002, output_cost_per_reasoning_token: 0.00001, rpm: 100}}"
+                "general_settings: {{master_key: {STRONG}}}\nmodel_list:\n  - model_name: a\n    litellm_params: {{model: openai/x, api_key: k, input_cost_per_token: 0.000001, cache_read_input_token_cost: \"1e-7\", input_cost_per_token_above_200k_tokens: 0.000002, output_cost_per_reasoning_token: 0.00001, rpm: 100}}"
             ),
             &[],
         )
@@ -1158,10 +1158,16 @@ litellm_settings: {{num_retries: 9, context_window_fallbacks: [{{fast: [gpt-4o]}
                 "output_cost_per_reasoning_token"
             ]
         );
+        // Read as prices, so not named in the "not applied" warning.
+        assert!(
+            config.unapplied_params.is_empty(),
+            "{:?}",
+            config.unapplied_params
+        );
         for bad in ["-0.1", "\"cheap\"", "[1]"] {
             let err = load(
                 &format!(
-                    "general_settings: {{master_key: {STRONG}}}\nmodel_list:\n  - model_name: a\n    litellm_params: {{model: openai/x, cache_creation_input_token_cost: {bad}}}"
+                    "general_settings: {{master_key: {STRONG}}}\nmodel_list:\n  - model_name: a\n    litellm_params: {{model: openai/x, api_key: k, cache_creation_input_token_cost: {bad}}}"
                 ),
                 &[],
             )
