@@ -73,6 +73,12 @@ pub struct TallySettings {
     /// A LiteLLM `model_prices_and_context_window.json`, layered over the built-in prices.
     pub price_file: Option<PathBuf>,
     pub allow_weak_master_key: bool,
+    /// Cached keys are re-read this often: a key deleted or blocked on another replica stops
+    /// working here within it (`key_revalidate_secs`, default 4).
+    pub key_revalidate: Duration,
+    /// Cached keys keep working this long while the key database does not answer
+    /// (`key_outage_grace_secs`, default 300).
+    pub key_outage_grace: Duration,
     /// Connection limit and client timeouts (`*_timeout_secs`, `max_connections`).
     pub server: ServerLimits,
 }
@@ -86,6 +92,8 @@ impl Default for TallySettings {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             price_file: None,
             allow_weak_master_key: false,
+            key_revalidate: Duration::from_secs(4),
+            key_outage_grace: Duration::from_secs(300),
             server: ServerLimits::default(),
         }
     }
@@ -98,6 +106,8 @@ pub struct ProxyConfig {
     pub source: String,
     pub deployments: Vec<Deployment>,
     pub master_key: Option<String>,
+    /// `general_settings.database_url` / `DATABASE_URL`: keys in PostgreSQL, shared by replicas.
+    pub database_url: Option<String>,
     pub settings: TallySettings,
     /// Callbacks in `litellm_settings.callbacks` that tally does not implement (warned at start).
     pub unsupported_callbacks: Vec<String>,
@@ -119,6 +129,10 @@ impl std::fmt::Debug for ProxyConfig {
             .field(
                 "master_key",
                 &self.master_key.as_ref().map(|_| "<redacted>"),
+            )
+            .field(
+                "database_url",
+                &self.database_url.as_ref().map(|_| "<redacted>"),
             )
             .field("settings", &self.settings)
             .finish()
@@ -150,6 +164,8 @@ pub enum ConfigError {
     MasterKey { file: String, message: String },
     #[error("environment variable {var}: {message}")]
     Env { var: String, message: String },
+    #[error("{file}: {message}")]
+    Setting { file: String, message: String },
 }
 
 // ---- the YAML as written ----------------------------------------------------------------------
@@ -194,6 +210,7 @@ struct RawLitellmSettings {
 #[derive(Debug, Default, Deserialize)]
 struct RawGeneralSettings {
     master_key: Option<String>,
+    database_url: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -205,6 +222,8 @@ struct RawTallySettings {
     max_body_bytes: Option<usize>,
     price_file: Option<PathBuf>,
     allow_weak_master_key: Option<bool>,
+    key_revalidate_secs: Option<f64>,
+    key_outage_grace_secs: Option<f64>,
     header_read_timeout_secs: Option<f64>,
     body_read_timeout_secs: Option<f64>,
     idle_timeout_secs: Option<f64>,
@@ -384,6 +403,37 @@ impl ProxyConfig {
                 ),
             })?;
 
+        let database_url = raw
+            .general_settings
+            .database_url
+            .map(|v| resolve_env_value(&v, env))
+            .transpose()
+            .map_err(|var| ConfigError::Setting {
+                file: source.to_owned(),
+                message: format!(
+                    "general_settings.database_url refers to os.environ/{var}, which is not set"
+                ),
+            })?;
+        let key_secs = |name: &str, value: Option<f64>, default: Duration| match value {
+            None => Ok(default),
+            Some(v) => positive_secs(v).ok_or_else(|| ConfigError::Setting {
+                file: source.to_owned(),
+                message: format!(
+                    "tally_settings.{name} is {v}; write a positive number of seconds"
+                ),
+            }),
+        };
+        let key_revalidate = key_secs(
+            "key_revalidate_secs",
+            raw.tally_settings.key_revalidate_secs,
+            TallySettings::default().key_revalidate,
+        )?;
+        let key_outage_grace = key_secs(
+            "key_outage_grace_secs",
+            raw.tally_settings.key_outage_grace_secs,
+            TallySettings::default().key_outage_grace,
+        )?;
+
         let mut callbacks = raw.litellm_settings.callbacks;
         callbacks.extend(raw.litellm_settings.success_callback);
         let mut unsupported_callbacks: Vec<String> = callbacks
@@ -403,6 +453,8 @@ impl ProxyConfig {
             max_body_bytes: t.max_body_bytes.unwrap_or(defaults.max_body_bytes),
             price_file: t.price_file,
             allow_weak_master_key: t.allow_weak_master_key.unwrap_or(false),
+            key_revalidate,
+            key_outage_grace,
             server: server_limits(
                 source,
                 [
@@ -418,6 +470,7 @@ impl ProxyConfig {
             source: source.to_owned(),
             deployments,
             master_key,
+            database_url,
             settings,
             unsupported_callbacks,
         })
@@ -472,6 +525,19 @@ impl ProxyConfig {
         }
         if self.master_key.is_none() {
             self.master_key = env("LITELLM_MASTER_KEY").filter(|k| !k.is_empty());
+        }
+        if self.database_url.is_none() {
+            self.database_url = env("DATABASE_URL").filter(|u| !u.is_empty());
+        }
+        if let Some(url) = &self.database_url
+            && !crate::proxy::keystore::is_postgres_url(url)
+        {
+            return Err(ConfigError::Setting {
+                file: self.source.clone(),
+                message: "general_settings.database_url / DATABASE_URL must start with postgres:// or postgresql:// \
+                          (tally keeps keys in PostgreSQL or, without it, in SQLite in the state dir)"
+                    .into(),
+            });
         }
         Ok(())
     }
