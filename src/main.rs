@@ -58,6 +58,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Replay(args) => tally::commands::replay::run(args, shutdown).await,
         Command::Queue(args) => tally::commands::queue::run(args).await,
         Command::Demo(args) => tally::commands::demo::run(args, shutdown).await,
+        Command::Keys(args) => tally::commands::keys::run(args).await,
         Command::LagoEmulator(args) => tally::lago_emulator::run(args, shutdown)
             .await
             .map(|()| ExitCode::SUCCESS),

@@ -4,9 +4,11 @@
 //!   dedupe and outbox.
 //! - [`queue`]: inspects and acts on the shipper's outbox.
 //! - [`demo`]: the whole pipeline in one process on loopback.
+//! - [`keys`]: `tally keys list|create|delete|import` over the proxy's key store.
 //! - [`output`]: tables, JSON and exit codes shared by the commands.
 
 pub mod demo;
+pub mod keys;
 pub mod output;
 pub mod queue;
 pub mod replay;

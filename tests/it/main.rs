@@ -2,7 +2,9 @@
 
 mod bad_input;
 mod commands;
+mod keystore;
 mod lago_emulator;
+mod pg_support;
 mod proxy;
 mod reliability_crash;
 mod reliability_disk;

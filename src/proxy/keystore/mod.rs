@@ -4,6 +4,7 @@
 //! request costs a hash and a map lookup, never a query.
 
 mod cache;
+pub mod import;
 pub mod postgres;
 pub mod sqlite;
 

@@ -127,7 +127,7 @@ fn describe(config: &tokio_postgres::Config) -> String {
     )
 }
 
-fn tls(check: TlsCheck) -> StoreResult<tokio_postgres_rustls::MakeRustlsConnect> {
+pub fn tls(check: TlsCheck) -> StoreResult<tokio_postgres_rustls::MakeRustlsConnect> {
     use rustls_platform_verifier::BuilderVerifierExt;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
