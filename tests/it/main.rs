@@ -11,6 +11,7 @@ mod reliability_disk;
 mod reliability_outage;
 mod reliability_proxy;
 mod reliability_support;
+mod replicas;
 mod security;
 mod service;
 mod ship_e2e;
