@@ -62,7 +62,6 @@ async fn readiness(
         "status": if ready { "healthy" } else { "unhealthy" },
         "spend_log": if spend_log { "writable" } else { "not writable" },
         "key_store": if key_store { "open" } else { "unavailable" },
-        "key_store_backend": keys.backend().describe(),
         "version": env!("CARGO_PKG_VERSION"),
     });
     let status = if ready {
