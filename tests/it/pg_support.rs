@@ -32,6 +32,10 @@ impl Pg {
     /// A running cluster, or `None` (after a loud message) when PostgreSQL is not installed.
     pub fn start(test: &str) -> Option<Self> {
         let Some(bin) = bin_dir() else {
+            assert!(
+                std::env::var_os("TALLY_REQUIRE_POSTGRES").is_none(),
+                "{test}: TALLY_REQUIRE_POSTGRES is set but no PostgreSQL binaries are under /usr/lib/postgresql/*/bin"
+            );
             eprintln!(
                 "\n!!!!! SKIPPED {test}: PostgreSQL binaries not found under /usr/lib/postgresql/*/bin; \
                  install Debian's `postgresql` package (scripts/test.sh does) to run it !!!!!\n"
