@@ -864,4 +864,57 @@ mod tests {
         .unwrap();
         assert_eq!(config.unsupported_callbacks, vec!["langfuse".to_owned()]);
     }
+
+    #[test]
+    fn database_url_from_config_env_reference_or_database_url() {
+        let base = format!("general_settings: {{master_key: {STRONG}");
+        const PG: &str = "postgresql://u:p@db:5432/keys";
+        let pg = PG;
+        let config = load(&format!("{base}, database_url: {pg}}}"), &[]).unwrap();
+        assert_eq!(config.database_url.as_deref(), Some(pg));
+        assert!(
+            !format!("{config:?}").contains("u:p@"),
+            "the URL holds a password"
+        );
+        let config = load(
+            &format!("{base}, database_url: os.environ/KEYS_DB}}"),
+            &[("KEYS_DB", "postgres://x@h/d")],
+        )
+        .unwrap();
+        assert_eq!(config.database_url.as_deref(), Some("postgres://x@h/d"));
+        let config = load(&format!("{base}}}"), &[("DATABASE_URL", PG)]).unwrap();
+        assert_eq!(config.database_url.as_deref(), Some(pg));
+        assert_eq!(load(&format!("{base}}}"), &[]).unwrap().database_url, None);
+        let err = load(&format!("{base}, database_url: os.environ/NOPE}}"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("os.environ/NOPE"), "{err}");
+        let err = load(&format!("{base}, database_url: mysql://h/d}}"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("postgres://"), "{err}");
+    }
+
+    #[test]
+    fn key_cache_bounds_are_positive_seconds() {
+        let base = format!("general_settings: {{master_key: {STRONG}}}\n");
+        let config = load(
+            &format!(
+                "{base}tally_settings: {{key_revalidate_secs: 0.5, key_outage_grace_secs: 60}}"
+            ),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.settings.key_revalidate, Duration::from_millis(500));
+        assert_eq!(config.settings.key_outage_grace, Duration::from_secs(60));
+        let defaults = load(&base, &[]).unwrap().settings;
+        assert_eq!(defaults.key_revalidate, Duration::from_secs(4));
+        let err = load(
+            &format!("{base}tally_settings: {{key_revalidate_secs: 0}}"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("key_revalidate_secs"), "{err}");
+    }
 }

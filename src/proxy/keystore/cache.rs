@@ -17,6 +17,9 @@ use tokio_util::sync::CancellationToken;
 use super::{Backend, KeyStoreError, ListFilter, Page, StoreResult};
 use crate::proxy::keys::{KeyHash, KeyRecord, NewKey, hashes_equal, new_key};
 
+/// Keys re-read per revalidation query.
+const REVALIDATE_CHUNK: usize = 5_000;
+
 /// Bounds of the cache.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CacheSettings {
@@ -211,7 +214,19 @@ impl KeyStore {
         let result = if hashes.is_empty() {
             self.inner.backend.ping().await.map(|()| Vec::new())
         } else {
-            self.inner.backend.get_many(hashes.clone()).await
+            // Bounded queries however many keys are cached.
+            let mut fresh = Vec::with_capacity(hashes.len());
+            let mut result = Ok(());
+            for chunk in hashes.chunks(REVALIDATE_CHUNK) {
+                match self.inner.backend.get_many(chunk.to_vec()).await {
+                    Ok(records) => fresh.extend(records),
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
+            }
+            result.map(|()| fresh)
         };
         match self.observe(result) {
             Ok(fresh) => {

@@ -3,6 +3,7 @@
 
 mod demo;
 mod hostile;
+mod keys;
 mod queue;
 mod replay;
 
