@@ -206,3 +206,36 @@ async fn a_database_outage_is_ridden_out_then_recovered_from() {
     assert!(store.is_usable() && store.is_reachable());
     assert!(store.find(&hash).await.unwrap().is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sslmode_is_honoured() {
+    let Some(pg) = Pg::start("sslmode_is_honoured") else {
+        return;
+    };
+    pg.create_db("tls");
+    pg.require_tls();
+    let dir = tempfile::tempdir().unwrap();
+    let url = |mode: &str| {
+        format!(
+            "postgresql://postgres@localhost:{}/tls?sslmode={mode}",
+            pg.port
+        )
+    };
+    // The server refuses plain connections: disable cannot connect; require encrypts.
+    let plain = open_backend(Some(&url("disable")), dir.path()).await;
+    assert!(plain.is_err(), "a plain connection was accepted");
+    let store = open_backend(Some(&url("require")), dir.path())
+        .await
+        .unwrap();
+    store.ping().await.unwrap();
+    // verify-full checks the certificate: a self-signed one is refused, saying why.
+    let err = open_backend(Some(&url("verify-full")), dir.path())
+        .await
+        .err()
+        .expect("a self-signed certificate passed verify-full")
+        .to_string();
+    assert!(
+        err.contains("TLS handshake") && err.contains("certificate"),
+        "{err}"
+    );
+}

@@ -14,6 +14,8 @@ pub struct Pg {
     bin: PathBuf,
     pub port: u16,
     as_postgres: bool,
+    /// `-c ssl=on …` once [`Pg::require_tls`] was called.
+    tls_options: std::cell::RefCell<String>,
 }
 
 /// `/usr/lib/postgresql/<newest>/bin`, if installed.
@@ -59,6 +61,7 @@ impl Pg {
             bin,
             port,
             as_postgres,
+            tls_options: std::cell::RefCell::new(String::new()),
             _dir: dir,
         };
         pg.run(
@@ -113,8 +116,9 @@ impl Pg {
     pub fn start_server(&self) {
         let sockets = self.data.parent().unwrap().display().to_string();
         let options = format!(
-            "-p {} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100",
-            self.port
+            "-p {} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100{}",
+            self.port,
+            self.tls_options.borrow()
         );
         self.run(
             "pg_ctl",
@@ -146,6 +150,58 @@ impl Pg {
                 "stop",
             ],
         );
+    }
+
+    /// Restarts the server with TLS on (a self-signed certificate for `localhost`) and TCP
+    /// connections without TLS refused (`hostssl` only in pg_hba.conf).
+    pub fn require_tls(&self) {
+        let root = self.data.parent().unwrap();
+        let (crt, key) = (root.join("server.crt"), root.join("server.key"));
+        let out = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=localhost",
+                "-keyout",
+            ])
+            .arg(&key)
+            .arg("-out")
+            .arg(&crt)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::set_permissions(&crt, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let hba = self.data.join("pg_hba.conf");
+        std::fs::write(
+            &hba,
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+        )
+        .unwrap();
+        if self.as_postgres {
+            let uid = uid_of("postgres");
+            for f in [&key, &crt, &hba] {
+                std::os::unix::fs::chown(f, Some(uid), Some(uid)).unwrap();
+            }
+        }
+        *self.tls_options.borrow_mut() = format!(
+            " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+            crt.display(),
+            key.display()
+        );
+        self.stop_server();
+        self.start_server();
     }
 
     /// A `postgresql://` URL for database `db`.

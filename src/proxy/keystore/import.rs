@@ -55,7 +55,7 @@ pub async fn read_litellm_table(
     let (config, check) = super::postgres::parse_url(url)?;
     let unavailable = |e: tokio_postgres::Error| KeyStoreError::Unavailable {
         store: "LiteLLM database".into(),
-        message: e.to_string(),
+        message: super::postgres::chain(&e),
     };
     let (client, connection) = config
         .connect(super::postgres::tls(check)?)

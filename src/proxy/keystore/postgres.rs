@@ -106,6 +106,22 @@ pub fn parse_url(url: &str) -> StoreResult<(tokio_postgres::Config, TlsCheck)> {
     Ok((config, check))
 }
 
+/// An error with its causes (`…: error performing TLS handshake: invalid peer certificate: …`),
+/// so the operator sees the reason, not only the outermost layer.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = s.source();
+    }
+    text
+}
+
 fn redact_error(message: &str, url: &str) -> String {
     message.replace(url, "<database_url>")
 }
@@ -238,7 +254,7 @@ impl PgStore {
     fn db_error(&self, e: tokio_postgres::Error) -> KeyStoreError {
         // A closed connection or an I/O failure is the database being away; a SQL error is not.
         if e.is_closed() || e.as_db_error().is_none() {
-            self.unavailable(e)
+            self.unavailable(chain(&e))
         } else {
             KeyStoreError::Database {
                 store: self.describe.clone(),
@@ -248,7 +264,10 @@ impl PgStore {
     }
 
     async fn client(&self) -> StoreResult<deadpool_postgres::Object> {
-        self.pool.get().await.map_err(|e| self.unavailable(e))
+        self.pool
+            .get()
+            .await
+            .map_err(|e| self.unavailable(chain(&e)))
     }
 
     async fn migrate(&self) -> StoreResult<()> {
