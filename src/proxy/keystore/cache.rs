@@ -235,9 +235,13 @@ impl KeyStore {
                 if let Ok(mut cache) = self.inner.cache.write() {
                     for hash in hashes {
                         match fresh.remove(&hash) {
+                            // Only entries still cached: one this replica deleted while the
+                            // query ran must not come back.
                             Some(r) => {
-                                if cache.get(&hash).is_none_or(|c| **c != r) {
-                                    cache.insert(hash, Arc::new(r));
+                                if let Some(slot) = cache.get_mut(&hash)
+                                    && **slot != r
+                                {
+                                    *slot = Arc::new(r);
                                 }
                             }
                             None => {
