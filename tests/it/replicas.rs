@@ -1,5 +1,6 @@
 //! Many proxies, one key store (issue #16), end to end with the real binary: two `tally proxy`
-//! replicas on one PostgreSQL, each with its own spend log and its own `tally ship`, one Lago.
+//! replicas on one PostgreSQL, each with its own spend log and its own `tally ship`, one
+//! `tally lago-emulator`.
 //! A key made on one replica works on the other at once; LiteLLM keys imported from a table
 //! created as LiteLLM's schema declares it work on both, billed to their team and user;
 //! PostgreSQL restarted under load loses no request; a key deleted on one replica is refused by
@@ -12,12 +13,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tally::lago_emulator::{EmulatorConfig, EmulatorHandle};
+use tally::lago_emulator::EmulatorConfig;
 use tokio_util::sync::CancellationToken;
 
 use crate::pg_support::{LITELLM_TABLE, Pg};
 use crate::reliability_support::{EVENT_CODE, PATIENCE, tail};
-use crate::support::{spawn_lago_emulator, tally_bin};
+use crate::support::tally_bin;
 
 const MASTER: &str = "sk-replicas-master-0123456789abcdef";
 const LITELLM_KEY: &str = "sk-litellm-customer-key-0001";
@@ -114,7 +115,7 @@ tally_settings:
         self.base = base.unwrap_or_default();
     }
 
-    fn start_ship(&mut self, lago: &EmulatorHandle) {
+    fn start_ship(&mut self, lago: &Lago) {
         let stderr = std::fs::File::create(self.dir.join("ship.stderr")).unwrap();
         let child = Command::new(tally_bin())
             .args([
@@ -129,7 +130,7 @@ tally_settings:
             .current_dir(&self.dir)
             .env("TALLY_STATE_DIR", self.dir.join("ship-state"))
             .env("TALLY_SPEND_LOG", self.dir.join("spend.jsonl"))
-            .env("LAGO_API_BASE", lago.base_url())
+            .env("LAGO_API_BASE", &lago.base)
             .env("LAGO_API_KEY", EmulatorConfig::default().api_key)
             .env("LAGO_API_EVENT_CODE", EVENT_CODE)
             .env("LAGO_API_CHARGE_BY", "end_user_id")
@@ -158,6 +159,61 @@ impl Drop for Side {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// `tally lago-emulator` as a child process on a free port.
+struct Lago {
+    child: Child,
+    base: String,
+}
+
+impl Lago {
+    fn start() -> Self {
+        use std::io::BufRead;
+        let mut child = Command::new(tally_bin())
+            .args(["lago-emulator", "--port", "0", "--api-key"])
+            .arg(EmulatorConfig::default().api_key)
+            .env_remove("LAGO_API_KEY")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let base = line.trim().to_owned();
+        assert!(
+            base.starts_with("http://127.0.0.1:"),
+            "emulator printed {line:?}"
+        );
+        Self { child, base }
+    }
+
+    /// The transaction id of every event it stored, in arrival order.
+    async fn transaction_ids(&self, http: &reqwest::Client) -> Vec<String> {
+        let events: Value = http
+            .get(format!("{}/_emulator/events?limit=1000000", self.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["transaction_id"].as_str().unwrap().to_owned())
+            .collect()
+    }
+}
+
+impl Drop for Lago {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -252,7 +308,7 @@ async fn two_replicas_share_keys_ride_out_a_database_restart_and_bill_every_call
         }
     }
 
-    let lago = spawn_lago_emulator(EmulatorConfig::default()).await;
+    let lago = Lago::start();
     a.start_proxy(&db).await;
     b.start_proxy(&db).await;
     a.start_ship(&lago);
@@ -410,11 +466,19 @@ async fn two_replicas_share_keys_ride_out_a_database_restart_and_bill_every_call
     );
 
     // Lago: every call exactly once, across both shippers.
-    let ok = crate::support::wait_until(PATIENCE, || lago.event_count() >= ids.len()).await;
+    let mut stored = Vec::new();
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while std::time::Instant::now() < deadline {
+        stored = lago.transaction_ids(&http).await;
+        if stored.len() >= ids.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(
-        ok,
+        stored.len() >= ids.len(),
         "Lago has {} of {} events; ship a:\n{}\nship b:\n{}",
-        lago.event_count(),
+        stored.len(),
         ids.len(),
         tail(
             &std::fs::read_to_string(a.dir.join("ship.stderr")).unwrap_or_default(),
@@ -426,8 +490,8 @@ async fn two_replicas_share_keys_ride_out_a_database_restart_and_bill_every_call
         ),
     );
     let mut counts = BTreeMap::new();
-    for e in lago.events() {
-        *counts.entry(e.transaction_id).or_insert(0usize) += 1;
+    for id in stored {
+        *counts.entry(id).or_insert(0usize) += 1;
     }
     assert!(counts.values().all(|n| *n == 1), "billed twice");
     let mut want = ids.clone();
