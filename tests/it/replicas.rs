@@ -382,6 +382,17 @@ async fn two_replicas_share_keys_ride_out_a_database_restart_and_bill_every_call
         .await
         .unwrap();
     assert_eq!(ready.status(), 503, "readiness reports the database outage");
+    // A key this replica never saw cannot be checked: 503, said so, not "invalid key".
+    let unknown = http
+        .post(format!("{}/v1/chat/completions", b.base))
+        .bearer_auth("sk-never-cached-anywhere-0001")
+        .json(&json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 503);
+    let body: Value = unknown.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "key_store_unavailable", "{body}");
     pg.start_server();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     stop.cancel();
