@@ -11,6 +11,8 @@
 #                                       # wrk's closed loop: the cost when the proxy is not saturated
 #   SYSCALLS=1 bench/proxy_cost.sh      # also count system calls per request, by call (perf stat
 #                                       # on the syscall tracepoints; needs perf and tracefs)
+#   DATABASE_URL=postgresql://… bench/proxy_cost.sh  # virtual keys in PostgreSQL instead of
+#                                       # SQLite (the proxy reads DATABASE_URL; the cache-hit path)
 #
 # Besides CPU time from /proc/<pid>/stat (clock ticks), it reports on-CPU time and time spent
 # runnable but waiting for a CPU from /proc/<pid>/task/*/schedstat (nanoseconds): on a shared

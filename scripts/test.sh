@@ -3,7 +3,9 @@
 #   - a Python venv (.venv) with the official `openai` SDK, `langchain-openai` and pytest,
 #     for the client tests, and the pinned `litellm` (tests/pricing/requirements.txt), the oracle
 #     the pricing test compares tally's costs with (TALLY_PYTHON points the Rust tests at it);
-#   - Debian's systemd, for `systemd-analyze verify/security` on the units.
+#   - Debian's systemd, for `systemd-analyze verify/security` on the units;
+#   - Debian's postgresql, whose binaries the key-store tests start a throwaway cluster with
+#     (initdb in a temp dir, a free port; the system service is not used).
 # Then: format check, clippy (warnings are errors), the Rust test suite, the client tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +25,7 @@ fi
 step "Debian packages the tests use"
 need_apt=()
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need_apt+=(postgresql)
 if ((${#need_apt[@]})); then
   if [[ $(id -u) -eq 0 ]]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
@@ -44,6 +47,8 @@ step "cargo build (the binary and the tests)"
 cargo build --quiet --bins --tests
 
 export TALLY_BIN="$PWD/target/debug/tally"
+# Installed above: a key-store test that cannot find PostgreSQL fails here instead of skipping.
+export TALLY_REQUIRE_POSTGRES=1
 export TALLY_PYTHON="$PWD/.venv/bin/python"
 if [[ -n "${CARGO_TARGET_DIR:-}" ]]; then TALLY_BIN="$CARGO_TARGET_DIR/debug/tally"; fi
 

@@ -54,6 +54,8 @@ pub enum Command {
     /// Check acked events against Lago: present, same code, subscription and timestamp; and
     /// every subscription known. Exits 3 when something is missing, different or unbillable.
     Audit(AuditArgs),
+    /// Manage the proxy's virtual keys (in SQLite or PostgreSQL, as the config says).
+    Keys(KeysArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -80,6 +82,64 @@ pub struct AuditArgs {
     pub shared: SharedArgs,
     #[command(flatten)]
     pub lago: LagoArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct KeysArgs {
+    #[command(subcommand)]
+    pub action: KeysAction,
+
+    /// The proxy's config.yaml: names the key store (general_settings.database_url, or the
+    /// state dir's keys.db).
+    #[arg(long, short = 'c', global = true, env = "TALLY_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// `json` for scripts: stable field names.
+    #[arg(long, global = true, value_enum, default_value_t)]
+    pub output_format: OutputFormat,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum KeysAction {
+    /// List keys, newest first (tokens and settings; never the keys themselves).
+    List {
+        #[arg(long, default_value_t = 1)]
+        page: u64,
+        #[arg(long, default_value_t = 100)]
+        size: u64,
+    },
+    /// Create a key; prints it once.
+    Create {
+        /// A chosen key (`sk-...`); random when absent.
+        #[arg(long)]
+        key: Option<String>,
+        #[arg(long)]
+        key_alias: Option<String>,
+        #[arg(long)]
+        user_id: Option<String>,
+        #[arg(long)]
+        team_id: Option<String>,
+        /// Models the key may use (repeat or comma-separate); all when absent.
+        #[arg(long, value_delimiter = ',')]
+        models: Vec<String>,
+        /// Lifetime, e.g. 30d; no expiry when absent.
+        #[arg(long)]
+        duration: Option<String>,
+    },
+    /// Delete keys (the key or its token).
+    Delete {
+        #[arg(required = true)]
+        keys: Vec<String>,
+    },
+    /// Import LiteLLM's keys from its "LiteLLM_VerificationToken" table; idempotent.
+    Import {
+        /// LiteLLM's DATABASE_URL (postgresql://...).
+        #[arg(long, required_unless_present = "from", conflicts_with = "from")]
+        litellm_database_url: Option<String>,
+        /// A JSON-lines export of the table, one row per line.
+        #[arg(long)]
+        from: Option<PathBuf>,
+    },
 }
 
 /// Where the spend log and local state live; both services must agree on these.

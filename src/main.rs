@@ -60,6 +60,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Queue(args) => tally::commands::queue::run(args).await,
         Command::Demo(args) => tally::commands::demo::run(args, shutdown).await,
         Command::Audit(args) => tally::commands::audit::run(args, shutdown).await,
+        Command::Keys(args) => tally::commands::keys::run(args).await,
         Command::LagoEmulator(args) => tally::lago_emulator::run(args, shutdown)
             .await
             .map(|()| ExitCode::SUCCESS),

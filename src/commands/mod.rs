@@ -5,10 +5,12 @@
 //! - [`queue`]: inspects and acts on the shipper's outbox.
 //! - [`audit`]: checks acked events against Lago (present, same code, subscription, timestamp).
 //! - [`demo`]: the whole pipeline in one process on loopback.
+//! - [`keys`]: `tally keys list|create|delete|import` over the proxy's key store.
 //! - [`output`]: tables, JSON and exit codes shared by the commands.
 
 pub mod audit;
 pub mod demo;
+pub mod keys;
 pub mod output;
 pub mod queue;
 pub mod replay;

@@ -10,7 +10,8 @@ use axum::http::HeaderMap;
 use chrono::Utc;
 
 use super::error::ProxyError;
-use super::keys::{KeyHash, KeyRecord, KeyStore, hash_key, hashes_equal};
+use super::keys::{KeyHash, KeyRecord, hash_key, hashes_equal};
+use super::keystore::{KeyStore, KeyStoreError};
 
 /// Headers a client may carry its key in, in the order LiteLLM checks them.
 const KEY_HEADERS: &[&str] = &["x-litellm-api-key", "api-key", "x-api-key"];
@@ -57,7 +58,7 @@ impl Authenticator {
     }
 
     /// The caller behind the request's key, or 401.
-    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, ProxyError> {
+    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, ProxyError> {
         let Some(key) = presented_key(headers) else {
             return Err(ProxyError::Unauthorized(
                 "no API key: send it as `Authorization: Bearer <key>` (or x-api-key, api-key, x-litellm-api-key)".into(),
@@ -72,7 +73,8 @@ impl Authenticator {
         let record = self
             .keys
             .find(&hash)
-            .map_err(|e| ProxyError::Internal(e.to_string()))?
+            .await
+            .map_err(store_error)?
             .ok_or_else(|| {
                 ProxyError::Unauthorized(
                     "invalid API key: it is unknown or was deleted; create one with /key/generate"
@@ -90,18 +92,34 @@ impl Authenticator {
                     .unwrap_or_default()
             )));
         }
+        if record.blocked {
+            return Err(ProxyError::Unauthorized(format!(
+                "API key {} is blocked; unblock it with /key/unblock",
+                record.key_name
+            )));
+        }
         Ok(Caller::Key(record))
     }
 
     /// The caller, who must hold the master key (admin routes).
-    pub fn require_master(&self, headers: &HeaderMap) -> Result<(), ProxyError> {
-        match self.authenticate(headers)? {
+    pub async fn require_master(&self, headers: &HeaderMap) -> Result<(), ProxyError> {
+        match self.authenticate(headers).await? {
             Caller::Master => Ok(()),
             Caller::Key(_) => Err(ProxyError::Forbidden {
                 message: "this route needs the master key (general_settings.master_key); a virtual key cannot manage keys".into(),
                 param: None,
             }),
         }
+    }
+}
+
+/// A key-store failure as the client sees it: 503 when the database is away (retry later),
+/// 500 otherwise.
+pub fn store_error(e: KeyStoreError) -> ProxyError {
+    if e.is_unavailable() {
+        ProxyError::KeyStoreUnavailable(format!("{e}; the key could not be checked, retry shortly"))
+    } else {
+        ProxyError::Internal(e.to_string())
     }
 }
 

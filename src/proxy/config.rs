@@ -93,6 +93,12 @@ pub struct TallySettings {
     /// A LiteLLM `model_prices_and_context_window.json`, layered over the built-in prices.
     pub price_file: Option<PathBuf>,
     pub allow_weak_master_key: bool,
+    /// Cached keys are re-read this often: a key deleted or blocked on another replica stops
+    /// working here within it (`key_revalidate_secs`, default 4).
+    pub key_revalidate: Duration,
+    /// Cached keys keep working this long while the key database does not answer
+    /// (`key_outage_grace_secs`, default 300).
+    pub key_outage_grace: Duration,
     /// Connection limit and client timeouts (`*_timeout_secs`, `max_connections`).
     pub server: ServerLimits,
 }
@@ -106,6 +112,8 @@ impl Default for TallySettings {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             price_file: None,
             allow_weak_master_key: false,
+            key_revalidate: Duration::from_secs(4),
+            key_outage_grace: Duration::from_secs(300),
             server: ServerLimits::default(),
         }
     }
@@ -120,6 +128,8 @@ pub struct ProxyConfig {
     /// Retries, cooldown and fallbacks between groups.
     pub router: RouterSettings,
     pub master_key: Option<String>,
+    /// `general_settings.database_url` / `DATABASE_URL`: keys in PostgreSQL, shared by replicas.
+    pub database_url: Option<String>,
     pub settings: TallySettings,
     /// Callbacks in `litellm_settings.callbacks` that tally does not implement (warned at start).
     pub unsupported_callbacks: Vec<String>,
@@ -144,6 +154,10 @@ impl std::fmt::Debug for ProxyConfig {
             .field(
                 "master_key",
                 &self.master_key.as_ref().map(|_| "<redacted>"),
+            )
+            .field(
+                "database_url",
+                &self.database_url.as_ref().map(|_| "<redacted>"),
             )
             .field("settings", &self.settings)
             .finish()
@@ -175,6 +189,8 @@ pub enum ConfigError {
     MasterKey { file: String, message: String },
     #[error("environment variable {var}: {message}")]
     Env { var: String, message: String },
+    #[error("{file}: {message}")]
+    Setting { file: String, message: String },
 }
 
 // ---- the YAML as written ----------------------------------------------------------------------
@@ -280,6 +296,7 @@ struct RawLitellmSettings {
 #[derive(Debug, Default, Deserialize)]
 struct RawGeneralSettings {
     master_key: Option<String>,
+    database_url: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -291,6 +308,8 @@ struct RawTallySettings {
     max_body_bytes: Option<usize>,
     price_file: Option<PathBuf>,
     allow_weak_master_key: Option<bool>,
+    key_revalidate_secs: Option<f64>,
+    key_outage_grace_secs: Option<f64>,
     header_read_timeout_secs: Option<f64>,
     body_read_timeout_secs: Option<f64>,
     idle_timeout_secs: Option<f64>,
@@ -531,6 +550,36 @@ impl ProxyConfig {
             &seen,
             source,
         )?;
+        let database_url = raw
+            .general_settings
+            .database_url
+            .map(|v| resolve_env_value(&v, env))
+            .transpose()
+            .map_err(|var| ConfigError::Setting {
+                file: source.to_owned(),
+                message: format!(
+                    "general_settings.database_url refers to os.environ/{var}, which is not set"
+                ),
+            })?;
+        let key_secs = |name: &str, value: Option<f64>, default: Duration| match value {
+            None => Ok(default),
+            Some(v) => positive_secs(v).ok_or_else(|| ConfigError::Setting {
+                file: source.to_owned(),
+                message: format!(
+                    "tally_settings.{name} is {v}; write a positive number of seconds"
+                ),
+            }),
+        };
+        let key_revalidate = key_secs(
+            "key_revalidate_secs",
+            raw.tally_settings.key_revalidate_secs,
+            TallySettings::default().key_revalidate,
+        )?;
+        let key_outage_grace = key_secs(
+            "key_outage_grace_secs",
+            raw.tally_settings.key_outage_grace_secs,
+            TallySettings::default().key_outage_grace,
+        )?;
 
         let mut callbacks = raw.litellm_settings.callbacks;
         callbacks.extend(raw.litellm_settings.success_callback);
@@ -551,6 +600,8 @@ impl ProxyConfig {
             max_body_bytes: t.max_body_bytes.unwrap_or(defaults.max_body_bytes),
             price_file: t.price_file,
             allow_weak_master_key: t.allow_weak_master_key.unwrap_or(false),
+            key_revalidate,
+            key_outage_grace,
             server: server_limits(
                 source,
                 [
@@ -567,6 +618,7 @@ impl ProxyConfig {
             deployments,
             router,
             master_key,
+            database_url,
             settings,
             unsupported_callbacks,
             unapplied_params,
@@ -622,6 +674,19 @@ impl ProxyConfig {
         }
         if self.master_key.is_none() {
             self.master_key = env("LITELLM_MASTER_KEY").filter(|k| !k.is_empty());
+        }
+        if self.database_url.is_none() {
+            self.database_url = env("DATABASE_URL").filter(|u| !u.is_empty());
+        }
+        if let Some(url) = &self.database_url
+            && !crate::proxy::keystore::is_postgres_url(url)
+        {
+            return Err(ConfigError::Setting {
+                file: self.source.clone(),
+                message: "general_settings.database_url / DATABASE_URL must start with postgres:// or postgresql:// \
+                          (tally keeps keys in PostgreSQL or, without it, in SQLite in the state dir)"
+                    .into(),
+            });
         }
         Ok(())
     }
@@ -1196,5 +1261,58 @@ litellm_settings: {{num_retries: 9, context_window_fallbacks: [{{fast: [gpt-4o]}
         )
         .unwrap();
         assert_eq!(config.unsupported_callbacks, vec!["langfuse".to_owned()]);
+    }
+
+    #[test]
+    fn database_url_from_config_env_reference_or_database_url() {
+        let base = format!("general_settings: {{master_key: {STRONG}");
+        const PG: &str = "postgresql://u:p@db:5432/keys";
+        let pg = PG;
+        let config = load(&format!("{base}, database_url: {pg}}}"), &[]).unwrap();
+        assert_eq!(config.database_url.as_deref(), Some(pg));
+        assert!(
+            !format!("{config:?}").contains("u:p@"),
+            "the URL holds a password"
+        );
+        let config = load(
+            &format!("{base}, database_url: os.environ/KEYS_DB}}"),
+            &[("KEYS_DB", "postgres://x@h/d")],
+        )
+        .unwrap();
+        assert_eq!(config.database_url.as_deref(), Some("postgres://x@h/d"));
+        let config = load(&format!("{base}}}"), &[("DATABASE_URL", PG)]).unwrap();
+        assert_eq!(config.database_url.as_deref(), Some(pg));
+        assert_eq!(load(&format!("{base}}}"), &[]).unwrap().database_url, None);
+        let err = load(&format!("{base}, database_url: os.environ/NOPE}}"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("os.environ/NOPE"), "{err}");
+        let err = load(&format!("{base}, database_url: mysql://h/d}}"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("postgres://"), "{err}");
+    }
+
+    #[test]
+    fn key_cache_bounds_are_positive_seconds() {
+        let base = format!("general_settings: {{master_key: {STRONG}}}\n");
+        let config = load(
+            &format!(
+                "{base}tally_settings: {{key_revalidate_secs: 0.5, key_outage_grace_secs: 60}}"
+            ),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.settings.key_revalidate, Duration::from_millis(500));
+        assert_eq!(config.settings.key_outage_grace, Duration::from_secs(60));
+        let defaults = load(&base, &[]).unwrap().settings;
+        assert_eq!(defaults.key_revalidate, Duration::from_secs(4));
+        let err = load(
+            &format!("{base}tally_settings: {{key_revalidate_secs: 0}}"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("key_revalidate_secs"), "{err}");
     }
 }

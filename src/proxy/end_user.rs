@@ -183,6 +183,7 @@ mod tests {
             metadata: metadata.as_object().cloned().unwrap_or_default(),
             created_at: chrono::Utc::now(),
             expires: None,
+            blocked: false,
         }
     }
 

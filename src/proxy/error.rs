@@ -61,6 +61,9 @@ pub enum ProxyError {
     /// The spend log could not be written, so the request cannot be billed and is refused.
     #[error("the spend log is not writable; the request was not completed")]
     SpendLogUnavailable,
+    /// The key database did not answer, so the key cannot be checked (503, retryable).
+    #[error("{0}")]
+    KeyStoreUnavailable(String),
     /// A bug or an environment failure (disk, SQLite). Logged, answered without detail.
     #[error("internal error: {0}")]
     Internal(String),
@@ -97,6 +100,7 @@ impl ProxyError {
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::Upstream { status, .. } => *status,
             Self::SpendLogUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::KeyStoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -115,6 +119,7 @@ impl ProxyError {
             Self::UpstreamTimeout { .. } => ("timeout_error", "upstream_timeout"),
             Self::Upstream { .. } => ("api_error", "upstream_error"),
             Self::SpendLogUnavailable => ("api_error", "spend_log_unavailable"),
+            Self::KeyStoreUnavailable(_) => ("api_error", "key_store_unavailable"),
             Self::Internal(_) => ("api_error", "internal_error"),
         }
     }

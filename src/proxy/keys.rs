@@ -1,22 +1,10 @@
-//! Virtual keys: minted by `/key/generate`, stored in SQLite (`keys.db` in the state dir) as
-//! SHA-256 only, and cached in memory so authenticating a request costs a hash, not a query.
-//!
-//! The cache is loaded at start-up and updated by every generate/delete this process does; a
-//! key missing from it is looked up in SQLite once (so a key minted by another proxy sharing the
-//! state dir works). Expiry is checked on every use. Deleting a key in another process is seen
-//! only after a restart: run one proxy per state dir, or restart after deleting elsewhere.
-
-use std::collections::HashMap;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::path::Path;
-use std::sync::{Arc, Mutex, RwLock};
+//! Virtual keys: what a key record holds, how keys are minted, hashed and named. Where they are
+//! stored, and the in-memory cache that keeps the database off the request path, is
+//! [`super::keystore`].
 
 use chrono::{DateTime, Utc};
-use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-
-use super::spend_writer::DIR_MODE;
 
 /// Random characters after `sk-`: 32 × 6 bits = 192 bits of entropy.
 const KEY_RANDOM_CHARS: usize = 32;
@@ -72,9 +60,27 @@ pub struct KeyRecord {
     pub metadata: serde_json::Map<String, serde_json::Value>,
     pub created_at: DateTime<Utc>,
     pub expires: Option<DateTime<Utc>>,
+    /// Refused while set (`/key/block`); kept so `/key/unblock` can restore it.
+    pub blocked: bool,
 }
 
 impl KeyRecord {
+    /// The record a new key gets (times truncated to what the stores keep).
+    pub fn new(key: &str, new: NewKey) -> Self {
+        Self {
+            hash: hash_key(key),
+            key_name: key_name(key),
+            key_alias: new.key_alias,
+            user_id: new.user_id,
+            team_id: new.team_id,
+            models: new.models,
+            metadata: new.metadata,
+            created_at: to_millis(Utc::now()),
+            expires: new.expires.map(to_millis),
+            blocked: false,
+        }
+    }
+
     /// The hash as lowercase hex: LiteLLM's `token`, and the spend log's `key_hash`.
     pub fn token(&self) -> String {
         // Per request (the spend record's key_hash): a table lookup per digit, where
@@ -100,6 +106,8 @@ impl KeyRecord {
 /// What `/key/generate` asks for (already validated).
 #[derive(Debug, Clone, Default)]
 pub struct NewKey {
+    /// A caller-chosen key (LiteLLM's `key`); a fresh random one when absent.
+    pub key: Option<String>,
     pub key_alias: Option<String>,
     pub user_id: Option<String>,
     pub team_id: Option<String>,
@@ -108,254 +116,9 @@ pub struct NewKey {
     pub expires: Option<DateTime<Utc>>,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum KeyStoreError {
-    #[error(
-        "cannot create {path}: {source}; set tally_settings.state_dir / TALLY_STATE_DIR to a writable directory"
-    )]
-    StateDir {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("key store {path}: {source}")]
-    Sqlite {
-        path: String,
-        source: rusqlite::Error,
-    },
-    #[error(transparent)]
-    WorldWritable(#[from] super::files::WorldWritable),
-    #[error("key store lock poisoned by an earlier panic")]
-    Poisoned,
-}
-
-/// The SQLite key store with its in-memory cache.
-#[derive(Clone)]
-pub struct KeyStore {
-    conn: Arc<Mutex<Connection>>,
-    cache: Arc<RwLock<HashMap<KeyHash, Arc<KeyRecord>>>>,
-    path: Arc<str>,
-}
-
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS keys (
-    token      TEXT PRIMARY KEY,   -- SHA-256 hex of the key; the key itself is never stored
-    key_name   TEXT NOT NULL,
-    key_alias  TEXT,
-    user_id    TEXT,
-    team_id    TEXT,
-    models     TEXT NOT NULL,      -- JSON array
-    metadata   TEXT NOT NULL,      -- JSON object
-    created_at TEXT NOT NULL,
-    expires_at TEXT
-);";
-
-impl KeyStore {
-    /// Opens (creating if needed) `<state_dir>/keys.db` and loads every key into the cache.
-    pub fn open(state_dir: &Path) -> Result<Self, KeyStoreError> {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(DIR_MODE)
-            .create(state_dir)
-            .map_err(|source| KeyStoreError::StateDir {
-                path: state_dir.display().to_string(),
-                source,
-            })?;
-        super::files::refuse_world_writable(state_dir)?;
-        let path = state_dir.join("keys.db");
-        let path_text: Arc<str> = path.display().to_string().into();
-        let sql = |source| KeyStoreError::Sqlite {
-            path: path_text.to_string(),
-            source,
-        };
-        // Create the database owner-only before SQLite does (its -wal/-shm files inherit the mode).
-        let db = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|source| KeyStoreError::StateDir {
-                path: path.display().to_string(),
-                source,
-            })?;
-        super::files::tighten(&db, &path, 0o600);
-        drop(db);
-        let conn = Connection::open(&path).map_err(sql)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(sql)?;
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(sql)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(sql)?;
-        conn.execute_batch(SCHEMA).map_err(sql)?;
-        let mut cache = HashMap::new();
-        {
-            let mut stmt = conn.prepare(SELECT_KEYS).map_err(sql)?;
-            let rows = stmt.query_map([], row_to_record).map_err(sql)?;
-            for row in rows {
-                let record = row.map_err(sql)?;
-                cache.insert(record.hash, Arc::new(record));
-            }
-        }
-        Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
-            cache: Arc::new(RwLock::new(cache)),
-            path: path_text,
-        })
-    }
-
-    fn sql_error(&self, source: rusqlite::Error) -> KeyStoreError {
-        KeyStoreError::Sqlite {
-            path: self.path.to_string(),
-            source,
-        }
-    }
-
-    /// Mints and stores a key; returns the key (shown once, to the caller) and its record.
-    pub fn generate(&self, new: NewKey) -> Result<(String, Arc<KeyRecord>), KeyStoreError> {
-        let key = new_key();
-        let record = KeyRecord {
-            hash: hash_key(&key),
-            key_name: key_name(&key),
-            key_alias: new.key_alias,
-            user_id: new.user_id,
-            team_id: new.team_id,
-            models: new.models,
-            metadata: new.metadata,
-            created_at: to_millis(Utc::now()),
-            expires: new.expires.map(to_millis),
-        };
-        let conn = self.conn.lock().map_err(|_| KeyStoreError::Poisoned)?;
-        conn.execute(
-            "INSERT INTO keys (token, key_name, key_alias, user_id, team_id, models, metadata, created_at, expires_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![
-                record.token(),
-                record.key_name,
-                record.key_alias,
-                record.user_id,
-                record.team_id,
-                serde_json::Value::from(record.models.clone()).to_string(),
-                serde_json::Value::Object(record.metadata.clone()).to_string(),
-                crate::spend::fmt_millis(&record.created_at),
-                record.expires.as_ref().map(crate::spend::fmt_millis),
-            ],
-        )
-        .map_err(|e| self.sql_error(e))?;
-        drop(conn);
-        let record = Arc::new(record);
-        self.cache
-            .write()
-            .map_err(|_| KeyStoreError::Poisoned)?
-            .insert(record.hash, record.clone());
-        Ok((key, record))
-    }
-
-    /// The record for a key hash, from the cache or (once) from SQLite. Expiry is the caller's
-    /// business, so `/key/info` can still show an expired key.
-    pub fn find(&self, hash: &KeyHash) -> Result<Option<Arc<KeyRecord>>, KeyStoreError> {
-        if let Some(found) = self
-            .cache
-            .read()
-            .map_err(|_| KeyStoreError::Poisoned)?
-            .get(hash)
-        {
-            // The map lookup compares hashes, not keys; this check keeps the final equality
-            // decision constant-time anyway.
-            return Ok(hashes_equal(&found.hash, hash).then(|| found.clone()));
-        }
-        let conn = self.conn.lock().map_err(|_| KeyStoreError::Poisoned)?;
-        let record = conn
-            .query_row(
-                &format!("{SELECT_KEYS} WHERE token = ?1"),
-                [hex::encode(hash)],
-                row_to_record,
-            )
-            .optional()
-            .map_err(|e| self.sql_error(e))?;
-        drop(conn);
-        Ok(match record {
-            Some(record) => {
-                let record = Arc::new(record);
-                self.cache
-                    .write()
-                    .map_err(|_| KeyStoreError::Poisoned)?
-                    .insert(record.hash, record.clone());
-                Some(record)
-            }
-            None => None,
-        })
-    }
-
-    /// Deletes keys by hash; returns the hashes that existed.
-    pub fn delete(&self, hashes: &[KeyHash]) -> Result<Vec<KeyHash>, KeyStoreError> {
-        let mut conn = self.conn.lock().map_err(|_| KeyStoreError::Poisoned)?;
-        let tx = conn.transaction().map_err(|e| self.sql_error(e))?;
-        let mut deleted = Vec::new();
-        for hash in hashes {
-            let n = tx
-                .execute("DELETE FROM keys WHERE token = ?1", [hex::encode(hash)])
-                .map_err(|e| self.sql_error(e))?;
-            if n > 0 {
-                deleted.push(*hash);
-            }
-        }
-        tx.commit().map_err(|e| self.sql_error(e))?;
-        drop(conn);
-        let mut cache = self.cache.write().map_err(|_| KeyStoreError::Poisoned)?;
-        for hash in hashes {
-            cache.remove(hash);
-        }
-        Ok(deleted)
-    }
-
-    /// True when the database answers a query (for `/health/readiness`).
-    pub fn is_open(&self) -> bool {
-        self.conn
-            .lock()
-            .ok()
-            .and_then(|c| c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0)).ok())
-            == Some(1)
-    }
-}
-
-const SELECT_KEYS: &str = "SELECT token, key_name, key_alias, user_id, team_id, models, metadata, created_at, expires_at FROM keys";
-
-fn row_to_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRecord> {
-    let token: String = row.get(0)?;
-    let mut hash = [0u8; 32];
-    hex::decode_to_slice(&token, &mut hash).map_err(|e| conversion_error(0, e))?;
-    let models: String = row.get(5)?;
-    let metadata: String = row.get(6)?;
-    let created_at: String = row.get(7)?;
-    let expires_at: Option<String> = row.get(8)?;
-    let parse_time = |idx: usize, s: &str| {
-        DateTime::parse_from_rfc3339(s)
-            .map(|t| t.with_timezone(&Utc))
-            .map_err(|e| conversion_error(idx, e))
-    };
-    Ok(KeyRecord {
-        hash,
-        key_name: row.get(1)?,
-        key_alias: row.get(2)?,
-        user_id: row.get(3)?,
-        team_id: row.get(4)?,
-        models: serde_json::from_str(&models).map_err(|e| conversion_error(5, e))?,
-        metadata: serde_json::from_str(&metadata).map_err(|e| conversion_error(6, e))?,
-        created_at: parse_time(7, &created_at)?,
-        expires: expires_at.map(|s| parse_time(8, &s)).transpose()?,
-    })
-}
-
-fn conversion_error(
-    idx: usize,
-    e: impl std::error::Error + Send + Sync + 'static,
-) -> rusqlite::Error {
-    rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e))
-}
-
 /// Times are stored with millisecond precision; truncating up front keeps the cached record
 /// identical to the one read back from SQLite.
-fn to_millis(t: DateTime<Utc>) -> DateTime<Utc> {
+pub fn to_millis(t: DateTime<Utc>) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(t.timestamp_millis()).unwrap_or(t)
 }
 
@@ -402,6 +165,7 @@ mod tests {
             metadata: serde_json::Map::new(),
             created_at: Utc::now(),
             expires: None,
+            blocked: false,
         };
         assert_eq!(record([0xa5; 32]).token(), "a5".repeat(32));
         for key in ["sk-1234", &new_key()] {
@@ -419,35 +183,5 @@ mod tests {
         for bad in ["", "7", "d", "7y", "-1d", "1.5h"] {
             assert_eq!(parse_duration(bad), None, "{bad}");
         }
-    }
-
-    #[test]
-    fn stores_only_hashes_and_survives_a_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = KeyStore::open(dir.path()).unwrap();
-        let (key, record) = store
-            .generate(NewKey {
-                team_id: Some("t".into()),
-                models: vec!["gpt-4o".into()],
-                ..NewKey::default()
-            })
-            .unwrap();
-        let db = std::fs::read(dir.path().join("keys.db")).unwrap();
-        let wal = std::fs::read(dir.path().join("keys.db-wal")).unwrap_or_default();
-        let needle = key.as_bytes();
-        for bytes in [&db, &wal] {
-            assert!(
-                !bytes.windows(needle.len()).any(|w| w == needle),
-                "raw key on disk"
-            );
-        }
-        drop(store);
-        let store = KeyStore::open(dir.path()).unwrap();
-        let found = store.find(&hash_key(&key)).unwrap().unwrap();
-        assert_eq!(*found, *record);
-        assert!(found.allows_model("gpt-4o") && !found.allows_model("other"));
-        assert_eq!(store.delete(&[record.hash]).unwrap(), vec![record.hash]);
-        assert!(store.find(&hash_key(&key)).unwrap().is_none());
-        assert!(store.is_open());
     }
 }

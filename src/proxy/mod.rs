@@ -4,7 +4,9 @@
 //! The map:
 //! - [`config`]: LiteLLM's config.yaml, `tally_settings`, `TALLY_*` overrides, master-key checks.
 //! - [`pricing`]: per-token prices (built-in table, price file, per-deployment overrides).
-//! - [`keys`]: virtual keys in SQLite (`keys.db`), hashed, with an in-memory cache.
+//! - [`keys`]: virtual keys: minting, hashing, the record a key carries.
+//! - [`keystore`]: where keys live (SQLite `keys.db`, or PostgreSQL shared by replicas) and the
+//!   in-memory cache that keeps the database off the request path.
 //! - [`auth`]: which key a request carries and who that makes the caller.
 //! - [`end_user`]: the end-user id a call bills, and a key's guard on which it may bill.
 //! - [`limits`]: bounds on every client-controlled field, so every record stays billable.
@@ -12,7 +14,8 @@
 //! - [`json_body`]: a relayed body's members located and substituted without a `Value` tree.
 //! - [`server`]: accepting connections under a limit; header, body and idle timeouts.
 //! - [`routes`]: the router: health, models, and wiring of the handlers below.
-//! - [`key_api`]: `/key/generate`, `/key/info`, `/key/delete`.
+//! - [`key_api`]: `/key/generate`, `/key/info`, `/key/delete`, `/key/update`, `/key/regenerate`,
+//!   `/key/list`, `/key/block`, `/key/unblock`.
 //! - [`provider`]: what `model: <provider>/<model>` means: URL, auth header, defaults.
 //! - [`router`]: model groups, simple-shuffle, retries, cooldown, fallbacks, wildcards.
 //! - [`relay`]: `/chat/completions` and `/embeddings`: resolve, forward, record.
@@ -35,6 +38,7 @@ pub mod files;
 pub mod json_body;
 pub mod key_api;
 pub mod keys;
+pub mod keystore;
 pub mod limits;
 pub mod mock;
 pub mod observe;
@@ -66,7 +70,7 @@ pub use config::{ConfigError, Deployment, ProxyConfig, TallySettings};
 pub use routes::app;
 
 use auth::Authenticator;
-use keys::KeyStore;
+use keystore::{CacheSettings, KeyStore};
 use pricing::{Price, PriceTable};
 use provider::CallKind;
 use router::{Group, Groups, RouterSettings};
@@ -148,7 +152,7 @@ pub enum StartError {
     #[error(transparent)]
     Prices(#[from] pricing::PriceFileError),
     #[error(transparent)]
-    Keys(#[from] keys::KeyStoreError),
+    Keys(#[from] keystore::KeyStoreError),
     #[error(transparent)]
     SpendLog(#[from] spend_writer::SpendLogError),
     #[error(transparent)]
@@ -157,9 +161,9 @@ pub enum StartError {
 
 impl AppState {
     /// Opens the key store and the spend log and prepares every deployment.
-    pub fn new(config: &ProxyConfig) -> Result<Self, StartError> {
+    pub async fn new(config: &ProxyConfig) -> Result<Self, StartError> {
         let prices = PriceTable::load(config.settings.price_file.as_deref())?;
-        let keys = KeyStore::open(&config.settings.state_dir)?;
+        let keys = open_keys(config).await?;
         let spend = SpendWriter::open(
             &config.settings.spend_log,
             config.settings.spend_log_max_bytes,
@@ -320,6 +324,20 @@ impl AppState {
     }
 }
 
+/// The key store the configuration names (PostgreSQL when `database_url` is set), with its
+/// cache; every key is revalidated on the configured interval once the proxy serves.
+pub async fn open_keys(config: &ProxyConfig) -> Result<KeyStore, keystore::KeyStoreError> {
+    let backend =
+        keystore::open_backend(config.database_url.as_deref(), &config.settings.state_dir).await?;
+    Ok(KeyStore::new(
+        backend,
+        CacheSettings {
+            revalidate: config.settings.key_revalidate,
+            outage_grace: config.settings.key_outage_grace,
+        },
+    ))
+}
+
 /// `tally proxy`: loads the config, binds, serves until `shutdown`, then drains and flushes.
 pub async fn run(args: ProxyArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let mut config = ProxyConfig::load(&args.config)?;
@@ -344,6 +362,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let state = AppState::new(&config)
+        .await
         .with_context(|| format!("cannot start the proxy with {}", config.source))?;
     let local = listener
         .local_addr()
@@ -361,8 +380,9 @@ pub async fn serve(
     service::notify_ready();
     let watchdog = service::spawn_watchdog(shutdown.clone(), {
         let state = state.clone();
-        move || state.spend().is_healthy() && state.auth().keys().is_open()
+        move || state.spend().is_healthy() && state.auth().keys().is_usable()
     });
+    let revalidation = state.auth().keys().spawn_revalidation(shutdown.clone());
     let stopping = shutdown.clone();
     let notify_stopping = tokio::spawn(async move {
         stopping.cancelled().await;
@@ -373,6 +393,7 @@ pub async fn serve(
     if let Some(watchdog) = watchdog {
         let _ = watchdog.await;
     }
+    let _ = revalidation.await;
     state.shutdown().await;
     tracing::info!("tally proxy stopped; spend log flushed");
     Ok(())

@@ -122,6 +122,6 @@ pub async fn metrics(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Response, ProxyError> {
-    state.auth().require_master(&headers)?;
+    state.auth().require_master(&headers).await?;
     Ok(state.exposition().respond(&headers))
 }

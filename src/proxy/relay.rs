@@ -311,7 +311,7 @@ async fn handle(
 ) -> Result<Response, ProxyError> {
     let started = Instant::now();
     let start_time = Utc::now();
-    let caller = state.auth().authenticate(&headers)?;
+    let caller = state.auth().authenticate(&headers).await?;
     let body = read_json_body(&headers, body, state.max_body_bytes()).await?;
 
     let model = match body.get("model") {

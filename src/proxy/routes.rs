@@ -30,6 +30,12 @@ pub fn app(state: AppState) -> Router {
         .route("/key/generate", post(key_api::generate))
         .route("/key/info", get(key_api::info))
         .route("/key/delete", post(key_api::delete))
+        .route("/key/update", post(key_api::update))
+        .route("/key/regenerate", post(key_api::regenerate))
+        .route("/key/{key}/regenerate", post(key_api::regenerate))
+        .route("/key/list", get(key_api::list))
+        .route("/key/block", post(key_api::block))
+        .route("/key/unblock", post(key_api::unblock))
         .fallback(not_found)
         .method_not_allowed_fallback(async || ProxyError::MethodNotAllowed)
         .with_state(state)
@@ -46,9 +52,11 @@ async fn readiness(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Response, ProxyError> {
-    state.auth().authenticate(&headers)?;
+    state.auth().authenticate(&headers).await?;
     let spend_log = state.spend().is_writable() && state.spend().path().exists();
-    let key_store = state.auth().keys().is_open();
+    // Asks the database: an outage shows here even while cached keys still work.
+    let keys = state.auth().keys();
+    let key_store = keys.ping().await && keys.is_usable();
     let ready = spend_log && key_store;
     let body = json!({
         "status": if ready { "healthy" } else { "unhealthy" },
@@ -66,7 +74,7 @@ async fn readiness(
 
 /// The models the caller may use, in OpenAI's list shape.
 async fn models(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ProxyError> {
-    let caller = state.auth().authenticate(&headers)?;
+    let caller = state.auth().authenticate(&headers).await?;
     let data: Vec<_> = state
         .model_names()
         .iter()

@@ -3,8 +3,10 @@
 mod bad_input;
 mod billing_classes;
 mod commands;
+mod keystore;
 mod lago_emulator;
 mod litellm_configs;
+mod pg_support;
 mod pricing_oracle;
 mod proxy;
 mod reliability_crash;
@@ -12,6 +14,7 @@ mod reliability_disk;
 mod reliability_outage;
 mod reliability_proxy;
 mod reliability_support;
+mod replicas;
 mod security;
 mod service;
 mod ship_e2e;

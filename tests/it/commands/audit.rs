@@ -421,15 +421,19 @@ async fn the_shipper_warns_once_about_a_subscription_lago_does_not_know_and_keep
     })
     .await;
     // The gauge is set after the outbox row that `queue stats` reads: polled, not read once.
-    poll_until("the unknown-subscriptions gauge reads 1", GENEROUS, || async {
-        let metrics = reqwest::get(format!("http://{metrics_addr}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        metrics.contains("tally_ship_unknown_subscriptions 1")
-    })
+    poll_until(
+        "the unknown-subscriptions gauge reads 1",
+        GENEROUS,
+        || async {
+            let metrics = reqwest::get(format!("http://{metrics_addr}/metrics"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            metrics.contains("tally_ship_unknown_subscriptions 1")
+        },
+    )
     .await;
     // More events for the same subscription: no second warning.
     let mut more = lines(&[("u-1", "c-1"), ("u-2", "ghost"), ("u-3", "ghost")]);

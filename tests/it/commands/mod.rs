@@ -4,6 +4,7 @@
 mod audit;
 mod demo;
 mod hostile;
+mod keys;
 mod queue;
 mod replay;
 

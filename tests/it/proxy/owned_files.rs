@@ -107,7 +107,9 @@ async fn files_found_more_open_than_tally_creates_them_are_tightened() {
     .unwrap()
     .with_spend_log(&spend_log)
     .with_state_dir(&state);
-    let state_handle = AppState::new(&config).unwrap_or_else(|e| panic!("{e}"));
+    let state_handle = AppState::new(&config)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(mode(&spend_log), 0o640);
     assert_eq!(mode(&keys), 0o600);
     state_handle.shutdown().await;
