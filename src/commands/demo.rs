@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cli::{DemoArgs, OutputFormat};
 use crate::commands::output;
 use crate::commands::replay::summary::CustomerTotals;
-use crate::lago_emulator::{EmulatorConfig, EmulatorHandle, StoredEvent};
+use crate::lago_emulator::{EmulatorConfig, EmulatorHandle, Metric, StoredEvent, WebhookConfig};
 use crate::proxy::ProxyConfig;
 use crate::ship::ShipSettings;
 use crate::ship::settings::ApiKey;
@@ -35,6 +35,8 @@ pub const EVENT_CODE: &str = "llm_usage";
 pub const CHARGE_BY: &str = "end_user_id,user_id,team_id";
 /// Requests per flow.
 const REQUESTS_PER_FLOW: usize = 3;
+/// The property the demo's billable metric (on [`EVENT_CODE`]) sums.
+const LAGO_METRIC_PROPERTY: &str = "total_tokens";
 /// How long the demo waits for Lago to have every event (generous: a loaded machine is fine).
 const DELIVERY_WAIT: Duration = Duration::from_secs(60);
 
@@ -86,6 +88,12 @@ pub struct DemoReport {
     pub state_dir: String,
     /// `tally audit` run at the end: Lago has every acked event as sent.
     pub audit: crate::commands::audit::AuditReport,
+    /// The billable metric the emulator checks every stored event against (`CODE:PROPERTY`);
+    /// events it cannot bill come back in HMAC-signed `events.errors` webhooks.
+    pub lago_metric: String,
+    /// Events Lago reported in `events.errors` webhooks, moved to `lago-error` (0 when the
+    /// metric matches what tally sends).
+    pub lago_errors: u64,
 }
 
 pub async fn run(args: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
@@ -155,9 +163,25 @@ async fn start(dir: &Path, shutdown: &CancellationToken) -> anyhow::Result<Servi
     let state_dir = dir.join("state");
 
     let lago_key = format!("lago-demo-{}", hex::encode(rand::random::<[u8; 16]>()));
+    // The `events.errors` loop, as in production: the emulator checks each stored event
+    // against a billable metric and reports the ones it cannot bill in HMAC-signed webhooks to
+    // the shipper's receiver, which moves them to `lago-error`.
+    let webhook_key = format!("whsec-demo-{}", hex::encode(rand::random::<[u8; 16]>()));
+    let webhook_addr = std::net::TcpListener::bind(loopback)
+        .and_then(|l| l.local_addr())
+        .context("cannot find a loopback port for the shipper's webhook receiver")?;
     let emulator = crate::lago_emulator::spawn(
         EmulatorConfig {
             api_key: lago_key.clone(),
+            metrics: vec![Metric {
+                code: EVENT_CODE.to_owned(),
+                field_name: Some(LAGO_METRIC_PROPERTY.to_owned()),
+            }],
+            webhook: Some(WebhookConfig {
+                url: format!("http://{webhook_addr}/lago/webhooks"),
+                hmac_key: Some(webhook_key.clone()),
+                jwt: false,
+            }),
             ..EmulatorConfig::default()
         },
         loopback,
@@ -191,6 +215,10 @@ async fn start(dir: &Path, shutdown: &CancellationToken) -> anyhow::Result<Servi
         .map_err(|e| anyhow::anyhow!("the demo's charge-by is invalid: {e}"))?;
     // Quick to notice new lines even where file events are slow to arrive.
     settings.tuning.poll_interval = Duration::from_millis(100);
+    settings.webhook = Some(crate::ship::webhook::WebhookSettings {
+        addr: webhook_addr,
+        hmac_key: Some(ApiKey::new(webhook_key)),
+    });
     let shipper = tokio::spawn(crate::ship::run_with(settings, stop.clone()));
 
     let services = Services {
@@ -286,6 +314,10 @@ async fn drive(services: &Services, dir: &Path) -> anyhow::Result<DemoReport> {
         .collect();
     let events = wait_for_events(&services.emulator, &expected).await?;
     let audit = audit_delivery(services, &dir.join("state"), expected.len()).await?;
+    let lago_errors = crate::ship::outbox::Outbox::open_read_only_in(&dir.join("state"))?
+        .map(|ob| ob.stats().map(|s| s.lago_error))
+        .transpose()?
+        .unwrap_or(0);
     Ok(DemoReport {
         proxy_url: services.proxy_url.clone(),
         lago_url: services.emulator.base_url(),
@@ -296,6 +328,8 @@ async fn drive(services: &Services, dir: &Path) -> anyhow::Result<DemoReport> {
         spend_log: dir.join("spend.jsonl").display().to_string(),
         state_dir: dir.join("state").display().to_string(),
         audit,
+        lago_metric: format!("{EVENT_CODE}:{LAGO_METRIC_PROPERTY}"),
+        lago_errors,
     })
 }
 
@@ -528,6 +562,11 @@ fn render(r: &DemoReport) -> String {
         r.audit.missing,
         r.audit.different,
         r.audit.unknown_subscriptions.len()
+    );
+    let _ = writeln!(
+        s,
+        "Lago's events.errors webhooks (HMAC-signed, metric {}): {} events Lago cannot bill.\n",
+        r.lago_metric, r.lago_errors
     );
     let _ = writeln!(s, "  spend log  {}", r.spend_log);
     let _ = writeln!(

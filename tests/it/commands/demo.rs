@@ -78,6 +78,10 @@ async fn demo_reports_what_lago_received_and_exits_0() {
         serde_json::json!({}),
         "{audit}"
     );
+    // The emulator checked every event against the demo's billable metric (events.errors
+    // webhooks to the shipper for any it could not bill): all billable.
+    assert_eq!(v["lago_metric"], "llm_usage:total_tokens", "{v}");
+    assert_eq!(u(&v, "lago_errors"), 0, "{v}");
 
     let state = format!("{dir_s}/state");
     let stats = b.json(&["queue", "stats", "--state-dir", &state]).await;
