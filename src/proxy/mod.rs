@@ -83,6 +83,9 @@ pub struct Route {
     pub price: Option<Price>,
     pub chat: Endpoint,
     pub embeddings: Endpoint,
+    pub messages: Endpoint,
+    pub count_tokens: Endpoint,
+    pub responses: Endpoint,
     /// Recent failures, for cooldown (only read in groups of several).
     pub health: router::Health,
     /// The model is a wildcard (`openai/*`): the upstream model and price are worked out per call.
@@ -96,8 +99,22 @@ impl Route {
             price: price_of(d, prices),
             chat: Endpoint::new(d, CallKind::Chat),
             embeddings: Endpoint::new(d, CallKind::Embeddings),
+            messages: Endpoint::new(d, CallKind::Messages),
+            count_tokens: Endpoint::new(d, CallKind::CountTokens),
+            responses: Endpoint::new(d, CallKind::Responses),
             health: router::Health::default(),
             wildcard: d.upstream_model.contains('*'),
+        }
+    }
+
+    /// The endpoint of a call type on this deployment.
+    pub fn endpoint(&self, call: CallKind) -> &Endpoint {
+        match call {
+            CallKind::Chat => &self.chat,
+            CallKind::Embeddings => &self.embeddings,
+            CallKind::Messages => &self.messages,
+            CallKind::CountTokens => &self.count_tokens,
+            CallKind::Responses => &self.responses,
         }
     }
 }

@@ -21,6 +21,12 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/chat/completions", post(relay::chat_completions))
         .route("/embeddings", post(relay::embeddings))
         .route("/v1/embeddings", post(relay::embeddings))
+        .route("/messages", post(relay::messages))
+        .route("/v1/messages", post(relay::messages))
+        .route("/messages/count_tokens", post(relay::count_tokens))
+        .route("/v1/messages/count_tokens", post(relay::count_tokens))
+        .route("/responses", post(relay::responses))
+        .route("/v1/responses", post(relay::responses))
         .route("/metrics", get(observe::metrics))
         .route("/models", get(models))
         .route("/v1/models", get(models))
@@ -78,7 +84,7 @@ async fn models(State(state): State<AppState>, headers: HeaderMap) -> Result<Res
 
 async fn not_found() -> ProxyError {
     ProxyError::NotFound(
-        "no such route; tally serves /chat/completions, /embeddings, /models, /key/*, /health/*"
+        "no such route; tally serves /chat/completions, /embeddings, /v1/messages, /v1/messages/count_tokens, /v1/responses, /models, /key/*, /health/*"
             .into(),
     )
 }

@@ -128,7 +128,12 @@ impl Endpoint {
         }
     }
 
-    fn request(&self, target: &Target, body: Bytes) -> UpstreamRequest {
+    fn request(
+        &self,
+        target: &Target,
+        body: Bytes,
+        extra: &[(HeaderName, HeaderValue)],
+    ) -> UpstreamRequest {
         let mut request = hyper::Request::new(Full::new(body));
         *request.method_mut() = hyper::Method::POST;
         *request.uri_mut() = target.path.clone();
@@ -138,6 +143,9 @@ impl Endpoint {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        for (name, value) in extra {
+            headers.insert(name.clone(), value.clone());
+        }
         if let Some((name, value)) = &self.auth {
             headers.insert(name.clone(), value.clone());
         }
@@ -240,12 +248,14 @@ impl UpstreamClient {
 
     /// POSTs a JSON body. A 2xx answer is returned for the caller to read (whole or streamed)
     /// before the deployment's timeout; any other status becomes [`ProxyError::Upstream`]
-    /// carrying the upstream's body unchanged.
+    /// carrying the upstream's body unchanged. `extra` are headers of the client's passed on
+    /// (Anthropic's `anthropic-version`); the provider's auth header wins over them.
     pub async fn post_json(
         &self,
         endpoint: &Endpoint,
         model_name: &str,
         body: Vec<u8>,
+        extra: &[(HeaderName, HeaderValue)],
     ) -> Result<UpstreamResponse, ProxyError> {
         let unreachable = |reason: String| ProxyError::UpstreamUnreachable {
             model: model_name.to_owned(),
@@ -260,7 +270,7 @@ impl UpstreamClient {
             .target
             .as_ref()
             .map_err(|e| unreachable(e.clone()))?;
-        let request = endpoint.request(target, Bytes::from(body));
+        let request = endpoint.request(target, Bytes::from(body), extra);
         let (conn, response) =
             tokio::time::timeout_at(deadline, self.exchange(endpoint, target, request))
                 .await
