@@ -15,7 +15,9 @@
 //! - [`key_api`]: `/key/generate`, `/key/info`, `/key/delete`.
 //! - [`provider`]: what `model: <provider>/<model>` means: URL, auth header, defaults.
 //! - [`router`]: model groups, simple-shuffle, retries, cooldown, fallbacks, wildcards.
-//! - [`relay`]: `/chat/completions` and `/embeddings`: resolve, forward, record.
+//! - [`relay`]: `/chat/completions`, `/embeddings`, Anthropic's `/v1/messages` (and
+//!   `count_tokens`), OpenAI's `/v1/responses`: resolve, forward, record.
+//! - [`stored_responses`]: `GET`/`DELETE /v1/responses/{id}`, relayed and not billed.
 //! - [`stream`]: relaying server-sent events while picking out the usage.
 //! - [`upstream`]: calls to upstreams over kept-alive connections the calling task drives, and
 //!   the mapping of transport failures.
@@ -46,6 +48,7 @@ pub mod router;
 pub mod routes;
 pub mod server;
 pub mod spend_writer;
+pub mod stored_responses;
 pub mod stream;
 pub mod tokens;
 pub mod upstream;
@@ -148,6 +151,9 @@ struct Shared {
     prices: PriceTable,
     /// Model names in config order, for `/models` and error messages.
     model_names: Vec<String>,
+    /// The first deployment (in config order) that answers the Responses API: where
+    /// `GET`/`DELETE /v1/responses/{id}` go when the request names no `?model=`.
+    responses_default: Option<Arc<Route>>,
     auth: Authenticator,
     spend: SpendWriter,
     upstream: UpstreamClient,
@@ -183,9 +189,16 @@ impl AppState {
         )?;
         let mut groups: Vec<(String, Vec<Arc<Route>>)> = Vec::new();
         let mut unpriced = Vec::new();
+        let mut responses_default = None;
         let mut azure_unpriced = Vec::new();
         for d in &config.deployments {
             let route = Arc::new(Route::new(d, &prices));
+            if responses_default.is_none()
+                && d.mock_response.is_none()
+                && provider::of(d).supports(CallKind::Responses)
+            {
+                responses_default = Some(route.clone());
+            }
             if route.price.is_none() && !route.wildcard {
                 let list = if d.provider == "azure" && d.base_model.is_none() {
                     &mut azure_unpriced
@@ -261,6 +274,7 @@ impl AppState {
                 router: config.router.clone(),
                 prices,
                 model_names,
+                responses_default,
                 auth: Authenticator::new(config.master_key.as_deref(), keys),
                 spend,
                 upstream: UpstreamClient::new()?,
@@ -288,6 +302,10 @@ impl AppState {
 
     pub fn prices(&self) -> &PriceTable {
         &self.inner.prices
+    }
+
+    pub fn responses_default(&self) -> Option<&Arc<Route>> {
+        self.inner.responses_default.as_ref()
     }
 
     pub fn model_names(&self) -> &[String] {

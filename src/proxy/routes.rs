@@ -10,7 +10,7 @@ use serde_json::json;
 
 use super::AppState;
 use super::error::ProxyError;
-use super::{key_api, observe, relay};
+use super::{key_api, observe, relay, stored_responses};
 
 /// The whole HTTP surface, ready to serve (tests call it directly).
 pub fn app(state: AppState) -> Router {
@@ -27,6 +27,14 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/messages/count_tokens", post(relay::count_tokens))
         .route("/responses", post(relay::responses))
         .route("/v1/responses", post(relay::responses))
+        .route(
+            "/responses/{id}",
+            get(stored_responses::get_or_delete).delete(stored_responses::get_or_delete),
+        )
+        .route(
+            "/v1/responses/{id}",
+            get(stored_responses::get_or_delete).delete(stored_responses::get_or_delete),
+        )
         .route("/metrics", get(observe::metrics))
         .route("/models", get(models))
         .route("/v1/models", get(models))

@@ -64,6 +64,26 @@ class Upstream:
                 else:
                     self.json(404, {"error": {"message": f"no route {self.path}"}})
 
+            def stored(self, deleted: bool):
+                with upstream.lock:
+                    upstream.requests.append(
+                        {"path": self.path, "method": self.command, "headers": {k.lower(): v for k, v in self.headers.items()}, "body": None}
+                    )
+                path = self.path.split("?")[0]
+                response_id = path.rsplit("/", 1)[-1]
+                if not path.startswith(("/v1/responses/", "/openai/responses/")):
+                    self.json(404, {"error": {"message": f"no route {self.path}"}})
+                elif deleted:
+                    self.json(200, {"id": response_id, "object": "response", "deleted": True})
+                else:
+                    self.json(200, dict(response_object({"model": "gpt-4.1"}), id=response_id))
+
+            def do_GET(self):
+                self.stored(deleted=False)
+
+            def do_DELETE(self):
+                self.stored(deleted=True)
+
             def json(self, status: int, data: dict):
                 raw = json.dumps(data).encode()
                 self.send_response(status)

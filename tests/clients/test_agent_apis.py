@@ -221,3 +221,23 @@ def test_openai_sdk_responses_stream_is_billed_before_completed(agents, key):
     assert len(records) == 1
     assert_responses_usage(records[0])
     assert records[0]["stream"] is True and records[0]["end_user_id"] == "customer-10"
+
+
+@pytest.mark.parametrize("model", [None, "azure-gpt"])
+def test_stored_responses_are_fetched_and_deleted_unbilled(agents, upstream, key, model):
+    client = openai.OpenAI(api_key=key["key"], base_url=agents.base_url, max_retries=0)
+    before = len(agents.records())
+    query = {"model": model} if model else None
+    response = client.responses.retrieve("resp_abc123", extra_query=query)
+    assert response.id == "resp_abc123" and response.output_text == ANSWER
+    client.responses.delete("resp_abc123", extra_query=query)
+    assert new_records(agents, before) == []
+    get, delete = [r for r in upstream.requests if r.get("method") in ("GET", "DELETE")][-2:]
+    assert (get["method"], delete["method"]) == ("GET", "DELETE")
+    if model:
+        assert get["path"] == "/openai/responses/resp_abc123?api-version=2025-03-01-preview"
+        assert delete["headers"]["api-key"] == AZURE_KEY
+    else:
+        # No ?model=: the first deployment that answers the Responses API (gpt-4.1, openai/).
+        assert get["path"] == "/v1/responses/resp_abc123"
+        assert delete["headers"]["authorization"] == f"Bearer {OPENAI_KEY}"
