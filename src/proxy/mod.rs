@@ -18,6 +18,7 @@
 //! - [`relay`]: `/chat/completions`, `/embeddings`, Anthropic's `/v1/messages` (and
 //!   `count_tokens`), OpenAI's `/v1/responses`: resolve, forward, record.
 //! - [`stored_responses`]: `GET`/`DELETE /v1/responses/{id}`, relayed and not billed.
+//! - [`anthropic_chat`]: `/chat/completions` to `anthropic/` translated to the Messages API and back.
 //! - [`stream`]: relaying server-sent events while picking out the usage.
 //! - [`upstream`]: calls to upstreams over kept-alive connections the calling task drives, and
 //!   the mapping of transport failures.
@@ -29,6 +30,7 @@
 //! - [`error`]: the OpenAI-shaped error every handler answers with.
 //! - [`observe`]: Prometheus metrics of relayed requests, and `/metrics`.
 
+pub mod anthropic_chat;
 pub mod auth;
 pub mod config;
 pub mod end_user;

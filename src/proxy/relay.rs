@@ -23,6 +23,7 @@ use uuid::Uuid;
 
 use super::AppState;
 use super::Route;
+use super::anthropic_chat;
 use super::auth::Caller;
 use super::end_user;
 use super::error::ProxyError;
@@ -293,6 +294,11 @@ impl Call {
         })
     }
 
+    /// A chat call answered by an `anthropic/` deployment: translated to the Messages API and back.
+    fn translated(&self) -> bool {
+        self.call_type == CallType::Chat && self.route.deployment.provider == "anthropic"
+    }
+
     /// The model sent upstream.
     fn upstream_model(&self) -> &str {
         match &self.wildcard {
@@ -507,6 +513,9 @@ async fn handle(
     let response = match send(&mut call, group, first, matched, &payload).await {
         Ok(Answer::Upstream(r)) => r,
         Ok(Answer::Mock) => return mock_answer(call, &body.to_map(), client_wants_usage).await,
+        Err(e) if call.translated() => {
+            return Err(call.fail_counted(openai_error(e)).await);
+        }
         Err(e) => return Err(call.fail_counted(e).await),
     };
     // Estimated only if the upstream reports no usage.
@@ -517,6 +526,15 @@ async fn handle(
     drop(body);
     let model_name = call.model.clone();
 
+    if stream && call.translated() {
+        use futures::StreamExt;
+        let mut translator = anthropic_chat::StreamTranslator::new(call.start_time.timestamp());
+        let source = response
+            .into_stream()
+            .map(move |chunk| chunk.map(|bytes| translator.push(&bytes)));
+        let wire = Wire::Chat { client_wants_usage };
+        return Ok(start_stream(call, source, wire, move || prompt.tokens()));
+    }
     if stream {
         let source = response.into_stream();
         let wire = match call_type {
@@ -532,6 +550,19 @@ async fn handle(
             Ok(r) => r,
             Err(e) => return Err(call.fail(e).await),
         };
+    let bytes = if call.translated() {
+        Bytes::from(anthropic_chat::response(
+            &bytes,
+            call.start_time.timestamp(),
+        )?)
+    } else {
+        bytes
+    };
+    let content_type = if call.translated() {
+        None
+    } else {
+        content_type
+    };
     if call_type == CallType::CountTokens {
         let mut response = (StatusCode::OK, bytes).into_response();
         response.headers_mut().insert(
@@ -575,7 +606,7 @@ fn answers(route: &Route, call_type: CallType, model: &str) -> Result<(), ProxyE
             "the Responses API reaches openai/ and azure/ deployments only; use /chat/completions for this model"
         }
         CallType::Chat | CallType::Embedding => {
-            "anthropic/ deployments answer /v1/messages; call this model there"
+            "anthropic/ deployments answer /chat/completions and /v1/messages only"
         }
     };
     Err(ProxyError::BadRequest {
@@ -586,6 +617,22 @@ fn answers(route: &Route, call_type: CallType, model: &str) -> Result<(), ProxyE
         param: Some("model".into()),
         code: "unsupported_route_for_model",
     })
+}
+
+/// An `anthropic/` upstream's error, for a chat client, in OpenAI's shape.
+fn openai_error(e: ProxyError) -> ProxyError {
+    match e {
+        ProxyError::Upstream {
+            status,
+            content_type,
+            body,
+        } => ProxyError::Upstream {
+            status,
+            content_type,
+            body: anthropic_chat::error_body(&body),
+        },
+        other => other,
+    }
 }
 
 /// The client's `anthropic-version` (or the default) and `anthropic-beta`, to pass on.
@@ -718,10 +765,24 @@ async fn send(
             if call.route.deployment.mock_response.is_some() {
                 return Ok(Answer::Mock);
             }
-            let body = payload.for_model(call.upstream_model())?;
+            let translated = call.translated();
+            let body = if translated {
+                anthropic_chat::request(&payload.body.to_map(), call.upstream_model())?
+            } else {
+                payload.for_model(call.upstream_model())?
+            };
+            let default_version = [(
+                ANTHROPIC_VERSION,
+                HeaderValue::from_static(provider::anthropic::DEFAULT_VERSION),
+            )];
+            let headers = if translated {
+                &default_version[..]
+            } else {
+                payload.headers
+            };
             let error = match state
                 .upstream()
-                .post_json(call.endpoint(), &call.model, body, payload.headers)
+                .post_json(call.endpoint(), &call.model, body, headers)
                 .await
             {
                 Ok(response) => return Ok(Answer::Upstream(response)),

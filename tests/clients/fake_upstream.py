@@ -115,7 +115,18 @@ class Upstream:
         self.server.shutdown()
 
 
+TOOL_INPUT = {"city": "Paris"}
+
+
 def anthropic_message(body: dict) -> dict:
+    if body.get("tools"):
+        # Asked with tools: the model calls the first one.
+        content = [{"type": "tool_use", "id": "toolu_01A", "name": body["tools"][0]["name"], "input": TOOL_INPUT}]
+        return dict(anthropic_text_message(body), content=content, stop_reason="tool_use")
+    return anthropic_text_message(body)
+
+
+def anthropic_text_message(body: dict) -> dict:
     return {
         "id": "msg_013Zva2CMHLNnXjNJJKqJ2EF",
         "type": "message",
@@ -137,18 +148,29 @@ def anthropic_events(body: dict) -> list[bytes]:
         sse("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
         sse("ping", {"type": "ping"}),
     ]
+    stop_reason = "end_turn"
     for i, word in enumerate(words):
         text = word if i == 0 else " " + word
         events.append(
             sse("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}})
         )
+    events.append(sse("content_block_stop", {"type": "content_block_stop", "index": 0}))
+    if body.get("tools"):
+        stop_reason = "tool_use"
+        block = {"type": "tool_use", "id": "toolu_01A", "name": body["tools"][0]["name"], "input": {}}
+        raw = json.dumps(TOOL_INPUT)
+        events += [
+            sse("content_block_start", {"type": "content_block_start", "index": 1, "content_block": block}),
+            sse("content_block_delta", {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": raw[:5]}}),
+            sse("content_block_delta", {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": raw[5:]}}),
+            sse("content_block_stop", {"type": "content_block_stop", "index": 1}),
+        ]
     events += [
-        sse("content_block_stop", {"type": "content_block_stop", "index": 0}),
         sse(
             "message_delta",
             {
                 "type": "message_delta",
-                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "delta": {"stop_reason": stop_reason, "stop_sequence": None},
                 "usage": {"output_tokens": ANTHROPIC_USAGE["output_tokens"]},
             },
         ),

@@ -241,3 +241,83 @@ def test_stored_responses_are_fetched_and_deleted_unbilled(agents, upstream, key
         # No ?model=: the first deployment that answers the Responses API (gpt-4.1, openai/).
         assert get["path"] == "/v1/responses/resp_abc123"
         assert delete["headers"]["authorization"] == f"Bearer {OPENAI_KEY}"
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def test_openai_chat_to_an_anthropic_model_is_translated_and_billed(agents, upstream, key):
+    client = openai.OpenAI(api_key=key["key"], base_url=agents.base_url, max_retries=0)
+    before = len(agents.records())
+    raw = client.chat.completions.with_raw_response.create(
+        model="claude-sonnet-4-5",
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+        user="customer-11",
+        stop=["END"],
+    )
+    completion = raw.parse()
+    assert completion.choices[0].message.content == ANSWER
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.usage.prompt_tokens == 2121 and completion.usage.completion_tokens == 9
+    record = agents.record(raw.headers["x-litellm-call-id"])
+    assert record["call_type"] == "chat_completion" and record["end_user_id"] == "customer-11"
+    assert (record["input_tokens"], record["cache_read_input_tokens"], record["cache_creation_input_tokens"]) == (2121, 2000, 100)
+    sent = upstream.last("/v1/messages")
+    assert sent["headers"]["x-api-key"] == ANTHROPIC_KEY
+    assert sent["headers"]["anthropic-version"] == "2023-06-01"
+    body = sent["body"]
+    assert body["system"] == [{"type": "text", "text": "Be brief."}]
+    assert body["messages"] == [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    assert body["max_tokens"] == 4096 and body["stop_sequences"] == ["END"]
+    assert body["metadata"] == {"user_id": "customer-11"}
+
+    # A tool call, whole.
+    completion = client.chat.completions.create(
+        model="claude-sonnet-4-5",
+        messages=[{"role": "user", "content": "weather in Paris?"}],
+        tools=[WEATHER_TOOL],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )
+    call = completion.choices[0].message.tool_calls[0]
+    assert completion.choices[0].finish_reason == "tool_calls"
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Paris"})
+    sent = upstream.last("/v1/messages")["body"]
+    assert sent["tool_choice"] == {"type": "tool", "name": "get_weather"}
+    assert sent["tools"][0]["input_schema"] == WEATHER_TOOL["function"]["parameters"]
+    assert len(new_records(agents, before)) == 2
+
+
+def test_openai_chat_stream_to_an_anthropic_model_with_a_tool_call(agents, key):
+    client = openai.OpenAI(api_key=key["key"], base_url=agents.base_url, max_retries=0)
+    before = len(agents.records())
+    text, arguments, name, finish, usage = "", "", None, None, None
+    for chunk in client.chat.completions.create(
+        model="claude-sonnet-4-5",
+        messages=[{"role": "user", "content": "weather in Paris?"}],
+        tools=[WEATHER_TOOL],
+        stream=True,
+        stream_options={"include_usage": True},
+    ):
+        if chunk.usage:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            for call in choice.delta.tool_calls or []:
+                name = call.function.name or name
+                arguments += call.function.arguments or ""
+            finish = choice.finish_reason or finish
+    assert text == ANSWER
+    assert (name, json.loads(arguments), finish) == ("get_weather", {"city": "Paris"}, "tool_calls")
+    assert usage.prompt_tokens == 2121 and usage.completion_tokens == 9
+    records = new_records(agents, before)
+    assert len(records) == 1
+    assert records[0]["call_type"] == "chat_completion" and records[0]["stream"] is True
+    assert (records[0]["input_tokens"], records[0]["output_tokens"], records[0]["cache_read_input_tokens"]) == (2121, 9, 2000)
+    assert records[0]["usage_estimated"] is False

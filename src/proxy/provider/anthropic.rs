@@ -58,7 +58,8 @@ impl Provider for Anthropic {
     fn url(&self, d: &Deployment, call: CallKind) -> String {
         let path = match call {
             CallKind::CountTokens => "/v1/messages/count_tokens",
-            // Chat, embeddings and responses are refused before sending (see `supports`).
+            // Chat is translated to a Messages call; embeddings and responses are refused
+            // before sending (see `supports`).
             _ => "/v1/messages",
         };
         format!("{}{path}", d.api_base)
@@ -68,8 +69,12 @@ impl Provider for Anthropic {
         Some((API_KEY, d.api_key.clone()?))
     }
 
+    /// Chat is translated to the Messages API by the relay (`proxy::anthropic_chat`).
     fn supports(&self, call: CallKind) -> bool {
-        matches!(call, CallKind::Messages | CallKind::CountTokens)
+        matches!(
+            call,
+            CallKind::Chat | CallKind::Messages | CallKind::CountTokens
+        )
     }
 }
 
