@@ -1,6 +1,6 @@
 //! Anthropic's Messages API and OpenAI's Responses API end to end: a loopback upstream speaking
 //! each wire format → `tally proxy` → the spend log → the `tally ship` binary → the Lago
-//! emulator. And a client that hangs up mid-stream is billed for what the upstream generated.
+//! emulator, and OpenAI-format chat to an `anthropic/` deployment likewise. And a client that hangs up mid-stream is billed for what the upstream generated.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -148,6 +148,21 @@ general_settings:
         .unwrap();
     assert_eq!(response.status(), 200);
     let _ = response.bytes().await.unwrap();
+    // OpenAI-format chat to the anthropic/ deployment, translated, streamed.
+    let chat = http
+        .post(format!("{base}/chat/completions"))
+        .bearer_auth(MASTER)
+        .json(
+            &json!({"model": "sonnet", "user": "cust-chat", "stream": true,
+                      "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(chat.status(), 200);
+    let text = String::from_utf8(chat.bytes().await.unwrap().to_vec()).unwrap();
+    assert!(text.contains("\"content\":\"Hi\""), "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
 
     // A client that reads the first event and hangs up: the upstream goes on generating, and
     // the call is billed with the upstream's final usage.
@@ -179,7 +194,7 @@ general_settings:
         .lines()
         .map(|l| SpendRecord::parse_line(l.as_bytes()).unwrap())
         .collect();
-    assert_eq!(records.len(), 3, "{text}");
+    assert_eq!(records.len(), 4, "{text}");
     let by_user = |u: &str| {
         records
             .iter()
@@ -187,9 +202,14 @@ general_settings:
             .unwrap()
             .clone()
     };
-    for user in ["cust-messages", "cust-hangup"] {
+    for user in ["cust-messages", "cust-hangup", "cust-chat"] {
         let r = by_user(user);
-        assert_eq!(r.call_type, "anthropic_messages");
+        let expected = if user == "cust-chat" {
+            "chat_completion"
+        } else {
+            "anthropic_messages"
+        };
+        assert_eq!(r.call_type, expected);
         assert_eq!(r.status, "success");
         assert!(r.stream && !r.usage_estimated);
         assert_eq!(
@@ -240,18 +260,18 @@ general_settings:
         .spawn()
         .unwrap();
     poll_until(
-        "Lago holds the three events",
+        "Lago holds the four events",
         Duration::from_secs(60),
         || {
             let n = emu.event_count();
-            async move { n >= 3 }
+            async move { n >= 4 }
         },
     )
     .await;
     sigterm_when_handled(&ship);
     assert!(ship.wait().unwrap().success());
     let events = emu.events();
-    assert_eq!(events.len(), 3);
+    assert_eq!(events.len(), 4);
     let at_lago = |user: &str| {
         events
             .iter()
@@ -262,6 +282,9 @@ general_settings:
     let e = at_lago("cust-messages");
     assert_eq!(e.properties["cache_read_input_tokens"], 10_000);
     assert_eq!(e.properties["cache_creation_input_tokens"], 2_000);
+    assert_eq!(e.precise_total_amount_cents.as_deref(), Some("1.215"));
+    let e = at_lago("cust-chat");
+    assert_eq!(e.properties["cache_read_input_tokens"], 10_000);
     assert_eq!(e.precise_total_amount_cents.as_deref(), Some("1.215"));
     let e = at_lago("cust-responses");
     assert_eq!(e.properties["input_tokens"], 2006);
