@@ -95,6 +95,11 @@ pub struct Route {
     pub health: router::Health,
     /// The model is a wildcard (`openai/*`): the upstream model and price are worked out per call.
     pub wildcard: bool,
+    /// The call types the deployment's provider answers, by [`CallKind`] (looked up once here,
+    /// not per request).
+    answers: [bool; 5],
+    /// An `anthropic/` deployment: chat calls are translated to the Messages API.
+    pub anthropic: bool,
 }
 
 impl Route {
@@ -109,7 +114,14 @@ impl Route {
             responses: Endpoint::new(d, CallKind::Responses),
             health: router::Health::default(),
             wildcard: d.upstream_model.contains('*'),
+            answers: CallKind::ALL.map(|k| provider::of(d).supports(k)),
+            anthropic: provider::of(d).name() == "anthropic",
         }
+    }
+
+    /// Whether the deployment's provider answers `call`.
+    pub fn answers(&self, call: CallKind) -> bool {
+        self.answers[call as usize]
     }
 
     /// The endpoint of a call type on this deployment.

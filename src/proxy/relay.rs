@@ -296,7 +296,7 @@ impl Call {
 
     /// A chat call answered by an `anthropic/` deployment: translated to the Messages API and back.
     fn translated(&self) -> bool {
-        self.call_type == CallType::Chat && self.route.deployment.provider == "anthropic"
+        self.call_type == CallType::Chat && self.route.anthropic
     }
 
     /// The model sent upstream.
@@ -587,12 +587,12 @@ async fn handle(
 /// model, `/chat/completions` to an Anthropic one), naming the model and what would work.
 fn answers(route: &Route, call_type: CallType, model: &str) -> Result<(), ProxyError> {
     let d = &route.deployment;
-    let provider = provider::of(d);
     let mock =
         d.mock_response.is_some() && !matches!(call_type, CallType::Chat | CallType::Embedding);
-    if provider.supports(call_type.kind()) && !mock {
+    if route.answers(call_type.kind()) && !mock {
         return Ok(());
     }
+    let provider = provider::of(d);
     let served_by = if mock {
         "a mock_response deployment".to_owned()
     } else {

@@ -116,12 +116,17 @@ class Upstream:
 
 
 TOOL_INPUT = {"city": "Paris"}
+TOOL = "get_weather"
+
+
+def calls_tool(body: dict) -> bool:
+    """Offered the weather tool, the model calls it (other clients' tools, Claude Code's, are not called)."""
+    return any(t.get("name") == TOOL for t in body.get("tools") or [])
 
 
 def anthropic_message(body: dict) -> dict:
-    if body.get("tools"):
-        # Asked with tools: the model calls the first one.
-        content = [{"type": "tool_use", "id": "toolu_01A", "name": body["tools"][0]["name"], "input": TOOL_INPUT}]
+    if calls_tool(body):
+        content = [{"type": "tool_use", "id": "toolu_01A", "name": TOOL, "input": TOOL_INPUT}]
         return dict(anthropic_text_message(body), content=content, stop_reason="tool_use")
     return anthropic_text_message(body)
 
@@ -155,9 +160,9 @@ def anthropic_events(body: dict) -> list[bytes]:
             sse("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}})
         )
     events.append(sse("content_block_stop", {"type": "content_block_stop", "index": 0}))
-    if body.get("tools"):
+    if calls_tool(body):
         stop_reason = "tool_use"
-        block = {"type": "tool_use", "id": "toolu_01A", "name": body["tools"][0]["name"], "input": {}}
+        block = {"type": "tool_use", "id": "toolu_01A", "name": TOOL, "input": {}}
         raw = json.dumps(TOOL_INPUT)
         events += [
             sse("content_block_start", {"type": "content_block_start", "index": 1, "content_block": block}),

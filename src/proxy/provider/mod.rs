@@ -27,6 +27,16 @@ pub enum CallKind {
     Responses,
 }
 
+impl CallKind {
+    pub const ALL: [CallKind; 5] = [
+        Self::Chat,
+        Self::Embeddings,
+        Self::Messages,
+        Self::CountTokens,
+        Self::Responses,
+    ];
+}
+
 /// A `litellm_params` entry as written (after `os.environ/` values are resolved), for a
 /// provider to complete with its defaults.
 #[derive(Debug, Default)]
