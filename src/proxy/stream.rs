@@ -416,4 +416,76 @@ mod tests {
             assert_eq!(*recorded.lock().unwrap(), Some(Some(Usage::new(3, 2))));
         }
     }
+
+    async fn run(wire: Wire, events: &[&str], recorded: bool) -> (String, StreamOutcome) {
+        let source = futures::stream::iter(
+            events
+                .iter()
+                .map(|e| Ok::<_, std::io::Error>(Bytes::from(e.to_string()))),
+        );
+        let (tx, mut rx) = mpsc::channel(64);
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let sink = seen.clone();
+        relay(source, tx, wire, async move |o: StreamOutcome| {
+            *sink.lock().unwrap() = Some(o);
+            recorded
+        })
+        .await;
+        let mut body = Vec::new();
+        while let Some(Ok(b)) = rx.recv().await {
+            body.extend_from_slice(&b);
+        }
+        let outcome = seen.lock().unwrap().take().unwrap();
+        (String::from_utf8(body).unwrap(), outcome)
+    }
+
+    #[tokio::test]
+    async fn anthropic_usage_is_merged_and_message_stop_waits_for_the_record() {
+        let events = [
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude-x\",\"usage\":{\"input_tokens\":5,\"output_tokens\":1,\"cache_read_input_tokens\":100}}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{},\"usage\":{\"output_tokens\":30}}\n\n",
+            "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+        ];
+        let (body, outcome) = run(Wire::Anthropic, &events, true).await;
+        assert_eq!(body, events.concat(), "relayed unchanged, in order");
+        let usage = outcome.usage.unwrap();
+        assert_eq!(
+            (
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                usage.cache_read_tokens
+            ),
+            (105, 30, 100)
+        );
+        assert_eq!(outcome.upstream_model.as_deref(), Some("claude-x"));
+        // The record could not be written: message_stop is not sent, the stream breaks off.
+        let (body, _) = run(Wire::Anthropic, &events, false).await;
+        assert!(!body.contains("message_stop"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn responses_usage_comes_from_completed_which_ends_the_stream_without_done() {
+        let events = [
+            "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"model\":\"gpt-x\",\"usage\":null}}\n\n",
+            "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi\"}\n\n",
+            "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"model\":\"gpt-x-1\",\"usage\":{\"input_tokens\":50,\"input_tokens_details\":{\"cached_tokens\":20},\"output_tokens\":7,\"output_tokens_details\":{\"reasoning_tokens\":3},\"total_tokens\":57}}}\n\n",
+        ];
+        let (body, outcome) = run(Wire::Responses, &events, true).await;
+        assert_eq!(body, events.concat());
+        assert!(!body.contains("[DONE]"));
+        let usage = outcome.usage.unwrap();
+        assert_eq!(
+            (
+                usage.prompt_tokens,
+                usage.cache_read_tokens,
+                usage.completion_tokens,
+                usage.reasoning_tokens
+            ),
+            (50, 20, 7, 3)
+        );
+        assert_eq!(outcome.upstream_model.as_deref(), Some("gpt-x-1"));
+        let (body, _) = run(Wire::Responses, &events, false).await;
+        assert!(!body.contains("response.completed"), "{body}");
+    }
 }
