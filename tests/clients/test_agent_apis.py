@@ -140,9 +140,9 @@ def test_anthropic_count_tokens_is_relayed_not_billed(agents, upstream, key):
     assert new_records(agents, before) == []
     sent = upstream.last("/v1/messages/count_tokens")
     assert sent["headers"]["x-api-key"] == ANTHROPIC_KEY
-    # A client that names no version gets Anthropic's default one.
+    # A client that names no version gets Anthropic's default one (and the route answers without /v1).
     request = urllib.request.Request(
-        agents.base_url + "/v1/messages/count_tokens?beta=true",
+        agents.base_url + "/messages/count_tokens?beta=true",
         data=json.dumps({"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "hi"}]}).encode(),
         headers={"Authorization": f"Bearer {key['key']}", "Content-Type": "application/json"},
         method="POST",
