@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test tally has, on a fresh machine: installs what the tests need first.
-#   - a Python venv (.venv) with the official `openai` SDK, `langchain-openai` and pytest,
+#   - a Python venv (.venv) with the official `openai` and `anthropic` SDKs, `langchain-openai`
+#     and pytest, and Claude Code from npm (tests/clients/claude),
 #     for the client tests, and the pinned `litellm` (tests/pricing/requirements.txt), the oracle
 #     the pricing test compares tally's costs with (TALLY_PYTHON points the Rust tests at it);
 #   - Debian's systemd, for `systemd-analyze verify/security` on the units;
@@ -62,5 +63,12 @@ else
   cargo test --no-fail-fast
 fi
 
-step "Python client tests (official openai SDK and langchain-openai against a running tally proxy)"
+step "Claude Code (npm, pinned in tests/clients/claude/package.json) for its client test"
+if command -v npm >/dev/null 2>&1; then
+  (cd tests/clients/claude && npm install --no-audit --no-fund --silent)
+else
+  echo "npm not found: the Claude Code test is skipped (install Node.js >= 22 and npm)" >&2
+fi
+
+step "Python client tests (official openai and anthropic SDKs, langchain-openai, Claude Code against a running tally proxy)"
 TALLY_BIN="$TALLY_BIN" .venv/bin/python -m pytest tests/clients -q

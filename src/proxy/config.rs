@@ -1088,8 +1088,8 @@ mod tests {
     fn bad_entries_name_the_file_the_entry_and_the_fix() {
         let cases = [
             (
-                "model_list:\n  - model_name: a\n    litellm_params: {model: openai/a, api_key: k}\n  - model_name: b\n    litellm_params: {model: groq/b, api_key: k}\n  - model_name: x\n    litellm_params: {model: anthropic/claude}\n",
-                "model_list[2] (model_name \"x\").litellm_params.model: unknown provider \"anthropic\" in \"anthropic/claude\"; tally supports these providers: openai, groq,",
+                "model_list:\n  - model_name: a\n    litellm_params: {model: openai/a, api_key: k}\n  - model_name: b\n    litellm_params: {model: groq/b, api_key: k}\n  - model_name: x\n    litellm_params: {model: bedrock/claude}\n",
+                "model_list[2] (model_name \"x\").litellm_params.model: unknown provider \"bedrock\" in \"bedrock/claude\"; tally supports these providers: openai, groq,",
             ),
             (
                 "model_list:\n  - model_name: a\n    litellm_params: {model: openai/a, api_key: os.environ/NOPE_NOT_SET}\n",

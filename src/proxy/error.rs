@@ -133,6 +133,43 @@ impl ProxyError {
     }
 }
 
+impl ProxyError {
+    /// The error in Anthropic's shape, `{"type": "error", "error": {"type", "message"}}`, for
+    /// the Messages API's routes. An upstream's own error body is passed through unchanged (an
+    /// `anthropic/` upstream already answers in this shape).
+    pub fn into_anthropic_response(self) -> Response {
+        if matches!(self, Self::Upstream { .. }) {
+            return self.into_response();
+        }
+        let status = self.status();
+        let message = match &self {
+            Self::Internal(detail) => {
+                tracing::error!(error = %detail, "internal error while serving a request");
+                "internal error; see the proxy's log".to_owned()
+            }
+            other => other.to_string(),
+        };
+        // Anthropic's error types (docs.anthropic.com, "Errors").
+        let kind = match &self {
+            Self::Unauthorized(_) => "authentication_error",
+            Self::Forbidden { .. } => "permission_error",
+            Self::NotFound(_) => "not_found_error",
+            Self::PayloadTooLarge { .. } => "request_too_large",
+            Self::BadRequest { .. }
+            | Self::BodyTimeout { .. }
+            | Self::UnsupportedMediaType(_)
+            | Self::MethodNotAllowed => "invalid_request_error",
+            Self::UpstreamTimeout { .. } => "timeout_error",
+            Self::UpstreamUnreachable { .. }
+            | Self::Upstream { .. }
+            | Self::SpendLogUnavailable
+            | Self::Internal(_) => "api_error",
+        };
+        let body = json!({"type": "error", "error": {"type": kind, "message": message}});
+        (status, axum::Json(body)).into_response()
+    }
+}
+
 impl IntoResponse for ProxyError {
     fn into_response(self) -> Response {
         if let Self::Upstream {

@@ -18,7 +18,10 @@
 //!   `/key/list`, `/key/block`, `/key/unblock`.
 //! - [`provider`]: what `model: <provider>/<model>` means: URL, auth header, defaults.
 //! - [`router`]: model groups, simple-shuffle, retries, cooldown, fallbacks, wildcards.
-//! - [`relay`]: `/chat/completions` and `/embeddings`: resolve, forward, record.
+//! - [`relay`]: `/chat/completions`, `/embeddings`, Anthropic's `/v1/messages` (and
+//!   `count_tokens`), OpenAI's `/v1/responses`: resolve, forward, record.
+//! - [`stored_responses`]: `GET`/`DELETE /v1/responses/{id}`, relayed and not billed.
+//! - [`anthropic_chat`]: `/chat/completions` to `anthropic/` translated to the Messages API and back.
 //! - [`stream`]: relaying server-sent events while picking out the usage.
 //! - [`upstream`]: calls to upstreams over kept-alive connections the calling task drives, and
 //!   the mapping of transport failures.
@@ -30,6 +33,7 @@
 //! - [`error`]: the OpenAI-shaped error every handler answers with.
 //! - [`observe`]: Prometheus metrics of relayed requests, and `/metrics`.
 
+pub mod anthropic_chat;
 pub mod auth;
 pub mod config;
 pub mod end_user;
@@ -50,6 +54,7 @@ pub mod router;
 pub mod routes;
 pub mod server;
 pub mod spend_writer;
+pub mod stored_responses;
 pub mod stream;
 pub mod tokens;
 pub mod upstream;
@@ -87,10 +92,18 @@ pub struct Route {
     pub price: Option<Price>,
     pub chat: Endpoint,
     pub embeddings: Endpoint,
+    pub messages: Endpoint,
+    pub count_tokens: Endpoint,
+    pub responses: Endpoint,
     /// Recent failures, for cooldown (only read in groups of several).
     pub health: router::Health,
     /// The model is a wildcard (`openai/*`): the upstream model and price are worked out per call.
     pub wildcard: bool,
+    /// The call types the deployment's provider answers, by [`CallKind`] (looked up once here,
+    /// not per request).
+    answers: [bool; 5],
+    /// An `anthropic/` deployment: chat calls are translated to the Messages API.
+    pub anthropic: bool,
 }
 
 impl Route {
@@ -100,8 +113,29 @@ impl Route {
             price: price_of(d, prices),
             chat: Endpoint::new(d, CallKind::Chat),
             embeddings: Endpoint::new(d, CallKind::Embeddings),
+            messages: Endpoint::new(d, CallKind::Messages),
+            count_tokens: Endpoint::new(d, CallKind::CountTokens),
+            responses: Endpoint::new(d, CallKind::Responses),
             health: router::Health::default(),
             wildcard: d.upstream_model.contains('*'),
+            answers: CallKind::ALL.map(|k| provider::of(d).supports(k)),
+            anthropic: provider::of(d).name() == "anthropic",
+        }
+    }
+
+    /// Whether the deployment's provider answers `call`.
+    pub fn answers(&self, call: CallKind) -> bool {
+        self.answers[call as usize]
+    }
+
+    /// The endpoint of a call type on this deployment.
+    pub fn endpoint(&self, call: CallKind) -> &Endpoint {
+        match call {
+            CallKind::Chat => &self.chat,
+            CallKind::Embeddings => &self.embeddings,
+            CallKind::Messages => &self.messages,
+            CallKind::CountTokens => &self.count_tokens,
+            CallKind::Responses => &self.responses,
         }
     }
 }
@@ -135,6 +169,9 @@ struct Shared {
     prices: PriceTable,
     /// Model names in config order, for `/models` and error messages.
     model_names: Vec<String>,
+    /// The first deployment (in config order) that answers the Responses API: where
+    /// `GET`/`DELETE /v1/responses/{id}` go when the request names no `?model=`.
+    responses_default: Option<Arc<Route>>,
     auth: Authenticator,
     spend: SpendWriter,
     upstream: UpstreamClient,
@@ -170,9 +207,16 @@ impl AppState {
         )?;
         let mut groups: Vec<(String, Vec<Arc<Route>>)> = Vec::new();
         let mut unpriced = Vec::new();
+        let mut responses_default = None;
         let mut azure_unpriced = Vec::new();
         for d in &config.deployments {
             let route = Arc::new(Route::new(d, &prices));
+            if responses_default.is_none()
+                && d.mock_response.is_none()
+                && provider::of(d).supports(CallKind::Responses)
+            {
+                responses_default = Some(route.clone());
+            }
             if route.price.is_none() && !route.wildcard {
                 let list = if d.provider == "azure" && d.base_model.is_none() {
                     &mut azure_unpriced
@@ -248,6 +292,7 @@ impl AppState {
                 router: config.router.clone(),
                 prices,
                 model_names,
+                responses_default,
                 auth: Authenticator::new(config.master_key.as_deref(), keys),
                 spend,
                 upstream: UpstreamClient::new()?,
@@ -275,6 +320,10 @@ impl AppState {
 
     pub fn prices(&self) -> &PriceTable {
         &self.inner.prices
+    }
+
+    pub fn responses_default(&self) -> Option<&Arc<Route>> {
+        self.inner.responses_default.as_ref()
     }
 
     pub fn model_names(&self) -> &[String] {

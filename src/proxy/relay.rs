@@ -23,6 +23,7 @@ use uuid::Uuid;
 
 use super::AppState;
 use super::Route;
+use super::anthropic_chat;
 use super::auth::Caller;
 use super::end_user;
 use super::error::ProxyError;
@@ -34,7 +35,7 @@ use super::pricing::Price;
 use super::provider::{self, CallKind};
 use super::request::read_json_body;
 use super::router::{self, Failure, Group};
-use super::stream::{self, StreamOutcome};
+use super::stream::{self, StreamOutcome, Wire};
 use super::tokens;
 use super::upstream::{Endpoint, UpstreamClient, Usage};
 use crate::metrics::proxy::UpstreamErrorKind;
@@ -51,6 +52,12 @@ const STREAM_BUFFER: usize = 64;
 enum CallType {
     Chat,
     Embedding,
+    /// Anthropic's `/v1/messages`.
+    Messages,
+    /// Anthropic's `/v1/messages/count_tokens`: relayed, never billed.
+    CountTokens,
+    /// OpenAI's `/v1/responses`.
+    Responses,
 }
 
 impl CallType {
@@ -58,9 +65,45 @@ impl CallType {
         match self {
             Self::Chat => "chat_completion",
             Self::Embedding => "embedding",
+            Self::Messages | Self::CountTokens => "anthropic_messages",
+            Self::Responses => "responses",
         }
     }
+
+    fn kind(self) -> CallKind {
+        match self {
+            Self::Chat => CallKind::Chat,
+            Self::Embedding => CallKind::Embeddings,
+            Self::Messages => CallKind::Messages,
+            Self::CountTokens => CallKind::CountTokens,
+            Self::Responses => CallKind::Responses,
+        }
+    }
+
+    /// The route's path, for error messages.
+    fn route(self) -> &'static str {
+        match self {
+            Self::Chat => "/chat/completions",
+            Self::Embedding => "/embeddings",
+            Self::Messages => "/v1/messages",
+            Self::CountTokens => "/v1/messages/count_tokens",
+            Self::Responses => "/v1/responses",
+        }
+    }
+
+    /// Errors on Anthropic's routes come in Anthropic's shape (its SDKs and Claude Code read it).
+    fn anthropic(self) -> bool {
+        matches!(self, Self::Messages | Self::CountTokens)
+    }
+
+    fn streams(self) -> bool {
+        !matches!(self, Self::Embedding | Self::CountTokens)
+    }
 }
+
+/// Anthropic's version and beta headers, passed on to an `anthropic/` upstream.
+const ANTHROPIC_VERSION: HeaderName = HeaderName::from_static("anthropic-version");
+const ANTHROPIC_BETA: HeaderName = HeaderName::from_static("anthropic-beta");
 
 pub async fn chat_completions(
     State(state): State<AppState>,
@@ -72,6 +115,25 @@ pub async fn chat_completions(
 
 pub async fn embeddings(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     detached(state, headers, body, CallType::Embedding).await
+}
+
+/// Anthropic's Messages API, for `anthropic/` deployments.
+pub async fn messages(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    detached(state, headers, body, CallType::Messages).await
+}
+
+/// Anthropic's token counting, relayed to `anthropic/` deployments and not billed.
+pub async fn count_tokens(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    detached(state, headers, body, CallType::CountTokens).await
+}
+
+/// OpenAI's Responses API, for `openai/` and `azure/` deployments.
+pub async fn responses(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    detached(state, headers, body, CallType::Responses).await
 }
 
 /// Runs the call in the connection's own task, tracked so shutdown waits for it. If the client
@@ -94,6 +156,7 @@ async fn detached(
         ))));
         match (FinishOnHangUp { call: Some(call) }).await {
             Ok(response) => response,
+            Err(e) if call_type.anthropic() => e.into_anthropic_response(),
             Err(e) => e.into_response(),
         }
     })
@@ -231,6 +294,11 @@ impl Call {
         })
     }
 
+    /// A chat call answered by an `anthropic/` deployment: translated to the Messages API and back.
+    fn translated(&self) -> bool {
+        self.call_type == CallType::Chat && self.route.anthropic
+    }
+
     /// The model sent upstream.
     fn upstream_model(&self) -> &str {
         match &self.wildcard {
@@ -263,6 +331,9 @@ impl Call {
 
     /// [`Call::fail`] for a failure already counted.
     async fn fail_counted(&self, error: ProxyError) -> ProxyError {
+        if self.call_type == CallType::CountTokens {
+            return error;
+        }
         let record = self.record(Usage::default(), false, "failure", None);
         if let Err(e) = self.state.spend().append(&record).await {
             tracing::warn!(error = %e, "failure record not written");
@@ -274,10 +345,7 @@ impl Call {
         if let Some(e) = self.wildcard.as_ref().and_then(|w| w.endpoint.as_ref()) {
             return e;
         }
-        match self.call_type {
-            CallType::Chat => &self.route.chat,
-            CallType::Embedding => &self.route.embeddings,
-        }
+        self.route.endpoint(self.call_type.kind())
     }
 
     /// The transaction id in its usual hyphenated form, without `Display`'s formatting machinery
@@ -351,14 +419,35 @@ async fn handle(
             param: Some("model"),
         });
     }
-    let end_user_id = end_user::of_request(body.get("user"), &headers)?;
-    if let Some(key) = caller.key() {
+    let end_user_id = match call_type {
+        CallType::Chat | CallType::Embedding => end_user::of_request(body.get("user"), &headers)?,
+        CallType::Messages => end_user::of_request(
+            body.get("metadata").and_then(|m| m.get("user_id").cloned()),
+            &headers,
+        )?,
+        // Not billed: nobody to bill.
+        CallType::CountTokens => None,
+        CallType::Responses => end_user::of_request(
+            body.get("user")
+                .filter(|u| !u.is_null())
+                .or_else(|| body.get("safety_identifier")),
+            &headers,
+        )?,
+    };
+    if let Some(key) = caller.key()
+        && call_type != CallType::CountTokens
+    {
         limits::require_billable_key(key)?;
         end_user::check_guard(key, end_user_id.as_deref())?;
     }
+    let extra_headers = if call_type.anthropic() {
+        anthropic_headers(&headers)
+    } else {
+        Vec::new()
+    };
     // Not needed past here: not kept in the call's future across the upstream's answer.
     drop(headers);
-    let stream = call_type == CallType::Chat
+    let stream = call_type.streams()
         && match body.get("stream") {
             Some(Value::Bool(b)) => b,
             Some(Value::Null) | None => false,
@@ -369,7 +458,11 @@ async fn handle(
                 ));
             }
         };
-    if call_type == CallType::Chat && body.kind("messages") != Some(Kind::Array) {
+    if matches!(
+        call_type,
+        CallType::Chat | CallType::Messages | CallType::CountTokens
+    ) && body.kind("messages") != Some(Kind::Array)
+    {
         return Err(ProxyError::bad_param(
             "messages",
             "`messages` must be an array of chat messages",
@@ -381,6 +474,7 @@ async fn handle(
 
     let first = group.pick(0, rand::random::<f64>);
     let route = group.routes[first].clone();
+    answers(&route, call_type, &model)?;
     let wildcard = wildcard_of(&state, &route, matched.as_deref(), &model, call_type);
     let mut call = Call {
         state,
@@ -396,13 +490,14 @@ async fn handle(
         stream,
     };
     let stream_options = body.get("stream_options");
-    let client_wants_usage = stream && wants_usage(stream_options.as_ref());
+    let client_wants_usage =
+        call_type == CallType::Chat && stream && wants_usage(stream_options.as_ref());
     if call.route.deployment.mock_response.is_some() {
         return mock_answer(call, &body.to_map(), client_wants_usage).await;
     }
 
     // Only `model` (and, for streams, `stream_options`) change; the rest goes as the client sent it.
-    let options = if stream {
+    let options = if stream && call_type == CallType::Chat {
         Some(
             serde_json::to_vec(&include_usage(stream_options))
                 .map_err(|e| ProxyError::Internal(format!("encoding stream_options: {e}")))?,
@@ -413,10 +508,14 @@ async fn handle(
     let payload = Payload {
         body: &body,
         stream_options: options.as_deref(),
+        headers: &extra_headers,
     };
     let response = match send(&mut call, group, first, matched, &payload).await {
         Ok(Answer::Upstream(r)) => r,
         Ok(Answer::Mock) => return mock_answer(call, &body.to_map(), client_wants_usage).await,
+        Err(e) if call.translated() => {
+            return Err(call.fail_counted(openai_error(e)).await);
+        }
         Err(e) => return Err(call.fail_counted(e).await),
     };
     // Estimated only if the upstream reports no usage.
@@ -427,11 +526,23 @@ async fn handle(
     drop(body);
     let model_name = call.model.clone();
 
+    if stream && call.translated() {
+        use futures::StreamExt;
+        let mut translator = anthropic_chat::StreamTranslator::new(call.start_time.timestamp());
+        let source = response
+            .into_stream()
+            .map(move |chunk| chunk.map(|bytes| translator.push(&bytes)));
+        let wire = Wire::Chat { client_wants_usage };
+        return Ok(start_stream(call, source, wire, move || prompt.tokens()));
+    }
     if stream {
         let source = response.into_stream();
-        return Ok(start_stream(call, source, client_wants_usage, move || {
-            prompt.tokens()
-        }));
+        let wire = match call_type {
+            CallType::Messages => Wire::Anthropic,
+            CallType::Responses => Wire::Responses,
+            _ => Wire::Chat { client_wants_usage },
+        };
+        return Ok(start_stream(call, source, wire, move || prompt.tokens()));
     }
 
     let (content_type, bytes) =
@@ -439,6 +550,27 @@ async fn handle(
             Ok(r) => r,
             Err(e) => return Err(call.fail(e).await),
         };
+    let bytes = if call.translated() {
+        Bytes::from(anthropic_chat::response(
+            &bytes,
+            call.start_time.timestamp(),
+        )?)
+    } else {
+        bytes
+    };
+    let content_type = if call.translated() {
+        None
+    } else {
+        content_type
+    };
+    if call_type == CallType::CountTokens {
+        let mut response = (StatusCode::OK, bytes).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            content_type.unwrap_or_else(|| HeaderValue::from_static("application/json")),
+        );
+        return Ok(response);
+    }
     let (usage, estimated, upstream_model) = usage_of(&bytes, call_type, || prompt.tokens());
     let record = call.record(usage, estimated, "success", upstream_model);
     call.write(&record).await?;
@@ -449,6 +581,73 @@ async fn handle(
     );
     call.headers(&mut response, record.response_cost);
     Ok(response)
+}
+
+/// Refuses a call type the deployment's provider does not answer (`/v1/messages` to an OpenAI
+/// model, `/chat/completions` to an Anthropic one), naming the model and what would work.
+fn answers(route: &Route, call_type: CallType, model: &str) -> Result<(), ProxyError> {
+    let d = &route.deployment;
+    let mock =
+        d.mock_response.is_some() && !matches!(call_type, CallType::Chat | CallType::Embedding);
+    if route.answers(call_type.kind()) && !mock {
+        return Ok(());
+    }
+    let provider = provider::of(d);
+    let served_by = if mock {
+        "a mock_response deployment".to_owned()
+    } else {
+        format!("an {}/ deployment", provider.name())
+    };
+    let hint = match call_type {
+        CallType::Messages | CallType::CountTokens => {
+            "the Messages API reaches anthropic/ deployments only; use /chat/completions for this model"
+        }
+        CallType::Responses => {
+            "the Responses API reaches openai/ and azure/ deployments only; use /chat/completions for this model"
+        }
+        CallType::Chat | CallType::Embedding => {
+            "anthropic/ deployments answer /chat/completions and /v1/messages only"
+        }
+    };
+    Err(ProxyError::BadRequest {
+        message: format!(
+            "model {model:?} is served by {served_by}, which does not answer {}: {hint}",
+            call_type.route()
+        ),
+        param: Some("model".into()),
+        code: "unsupported_route_for_model",
+    })
+}
+
+/// An `anthropic/` upstream's error, for a chat client, in OpenAI's shape.
+fn openai_error(e: ProxyError) -> ProxyError {
+    match e {
+        ProxyError::Upstream {
+            status,
+            content_type,
+            body,
+        } => ProxyError::Upstream {
+            status,
+            content_type,
+            body: anthropic_chat::error_body(&body),
+        },
+        other => other,
+    }
+}
+
+/// The client's `anthropic-version` (or the default) and `anthropic-beta`, to pass on.
+fn anthropic_headers(headers: &HeaderMap) -> Vec<(HeaderName, HeaderValue)> {
+    let version = headers
+        .get(&ANTHROPIC_VERSION)
+        .cloned()
+        .unwrap_or(HeaderValue::from_static(
+            provider::anthropic::DEFAULT_VERSION,
+        ));
+    let mut out = vec![(ANTHROPIC_VERSION, version)];
+    for beta in headers.get_all(&ANTHROPIC_BETA) {
+        out.push((ANTHROPIC_BETA, beta.clone()));
+    }
+    out
 }
 
 /// A wildcard deployment's upstream model for a request, with its price (looked up per call:
@@ -473,10 +672,8 @@ fn wildcard_of(
     };
     let price = super::price_of(&deployment, state.prices());
     // Azure names the deployment in the URL's path: the endpoint differs per model.
-    let (kind, endpoint) = match call_type {
-        CallType::Chat => (CallKind::Chat, &route.chat),
-        CallType::Embedding => (CallKind::Embeddings, &route.embeddings),
-    };
+    let kind = call_type.kind();
+    let endpoint = route.endpoint(kind);
     let url = provider::of(&deployment).url(&deployment, kind);
     Some(Box::new(Wildcard {
         upstream_model: upstream,
@@ -497,8 +694,10 @@ struct Wildcard {
 #[derive(Clone, Copy)]
 struct Payload<'a> {
     body: &'a super::json_body::JsonBody,
-    /// For streams, `stream_options` with `include_usage` on.
+    /// For chat streams, `stream_options` with `include_usage` on.
     stream_options: Option<&'a [u8]>,
+    /// Client headers passed on (Anthropic's version and betas).
+    headers: &'a [(HeaderName, HeaderValue)],
 }
 
 impl Payload<'_> {
@@ -561,13 +760,29 @@ async fn send(
                 call.call_type,
             );
             call.route = route;
+            // A retry or fallback may land on a deployment that does not answer this route.
+            answers(&call.route, call.call_type, &call.model)?;
             if call.route.deployment.mock_response.is_some() {
                 return Ok(Answer::Mock);
             }
-            let body = payload.for_model(call.upstream_model())?;
+            let translated = call.translated();
+            let body = if translated {
+                anthropic_chat::request(&payload.body.to_map(), call.upstream_model())?
+            } else {
+                payload.for_model(call.upstream_model())?
+            };
+            let default_version = [(
+                ANTHROPIC_VERSION,
+                HeaderValue::from_static(provider::anthropic::DEFAULT_VERSION),
+            )];
+            let headers = if translated {
+                &default_version[..]
+            } else {
+                payload.headers
+            };
             let error = match state
                 .upstream()
-                .post_json(call.endpoint(), &call.model, body)
+                .post_json(call.endpoint(), &call.model, body, headers)
                 .await
             {
                 Ok(response) => return Ok(Answer::Upstream(response)),
@@ -639,8 +854,10 @@ impl PromptEstimate {
             _ => Map::new(),
         };
         match self.call_type {
-            CallType::Chat => tokens::estimate_messages(&body),
-            CallType::Embedding => tokens::estimate_embedding_input(&body),
+            CallType::Chat | CallType::Messages | CallType::CountTokens => {
+                tokens::estimate_messages(&body)
+            }
+            CallType::Embedding | CallType::Responses => tokens::estimate_embedding_input(&body),
         }
     }
 }
@@ -701,7 +918,10 @@ fn usage_of(
         }) => (usage, false, upstream_model),
         other => {
             let completion = match call_type {
-                CallType::Embedding => 0,
+                CallType::Embedding
+                | CallType::Messages
+                | CallType::CountTokens
+                | CallType::Responses => 0,
                 CallType::Chat => other
                     .map(|m| {
                         m.choices
@@ -725,7 +945,7 @@ fn usage_of(
 fn start_stream<S, E>(
     call: Call,
     source: S,
-    client_wants_usage: bool,
+    wire: Wire,
     prompt_estimate: impl FnOnce() -> u64 + Send + 'static,
 ) -> Response
 where
@@ -745,7 +965,7 @@ where
     call.headers(&mut response, None);
     let tracker = call.state.in_flight().clone();
     tracker.spawn(async move {
-        stream::relay(Box::pin(source), tx, client_wants_usage, async |outcome: StreamOutcome| {
+        stream::relay(Box::pin(source), tx, wire, async |outcome: StreamOutcome| {
             let (usage, estimated) = match outcome.usage {
                 Some(u) => (u, false),
                 None => (Usage::new(prompt_estimate(), outcome.estimated_completion_tokens), true),
@@ -784,7 +1004,8 @@ async fn mock_answer(
                 let source = futures::stream::iter(
                     events.into_iter().map(Ok::<_, std::convert::Infallible>),
                 );
-                return Ok(start_stream(call, source, client_wants_usage, move || {
+                let wire = Wire::Chat { client_wants_usage };
+                return Ok(start_stream(call, source, wire, move || {
                     usage.prompt_tokens
                 }));
             }
@@ -796,6 +1017,12 @@ async fn mock_answer(
         CallType::Embedding => {
             let usage = Usage::new(tokens::estimate_embedding_input(body), 0);
             (usage, mock::embeddings(&d.upstream_model, body, usage))
+        }
+        // Refused by `answers` before a mock is chosen.
+        CallType::Messages | CallType::CountTokens | CallType::Responses => {
+            return Err(ProxyError::Internal(
+                "a mock deployment was chosen for a call it does not answer".into(),
+            ));
         }
     };
     let record = call.record(usage, false, "success", None);

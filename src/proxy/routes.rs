@@ -10,7 +10,7 @@ use serde_json::json;
 
 use super::AppState;
 use super::error::ProxyError;
-use super::{key_api, observe, relay};
+use super::{key_api, observe, relay, stored_responses};
 
 /// The whole HTTP surface, ready to serve (tests call it directly).
 pub fn app(state: AppState) -> Router {
@@ -21,6 +21,20 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/chat/completions", post(relay::chat_completions))
         .route("/embeddings", post(relay::embeddings))
         .route("/v1/embeddings", post(relay::embeddings))
+        .route("/messages", post(relay::messages))
+        .route("/v1/messages", post(relay::messages))
+        .route("/messages/count_tokens", post(relay::count_tokens))
+        .route("/v1/messages/count_tokens", post(relay::count_tokens))
+        .route("/responses", post(relay::responses))
+        .route("/v1/responses", post(relay::responses))
+        .route(
+            "/responses/{id}",
+            get(stored_responses::get_or_delete).delete(stored_responses::get_or_delete),
+        )
+        .route(
+            "/v1/responses/{id}",
+            get(stored_responses::get_or_delete).delete(stored_responses::get_or_delete),
+        )
         .route("/metrics", get(observe::metrics))
         .route("/models", get(models))
         .route("/v1/models", get(models))
@@ -86,7 +100,7 @@ async fn models(State(state): State<AppState>, headers: HeaderMap) -> Result<Res
 
 async fn not_found() -> ProxyError {
     ProxyError::NotFound(
-        "no such route; tally serves /chat/completions, /embeddings, /models, /key/*, /health/*"
+        "no such route; tally serves /chat/completions, /embeddings, /v1/messages, /v1/messages/count_tokens, /v1/responses, /models, /key/*, /health/*"
             .into(),
     )
 }

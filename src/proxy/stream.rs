@@ -14,6 +14,7 @@ use std::future::Future;
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 use serde::Deserialize;
+use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 
 use super::tokens;
@@ -34,14 +35,24 @@ pub struct StreamOutcome {
 
 pub type ClientSender = mpsc::Sender<Result<Bytes, std::io::Error>>;
 
+/// The event format of a stream, which says where its usage is and which event ends it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    /// OpenAI chat chunks ending in `data: [DONE]` (sent by the proxy once the record is written).
+    Chat { client_wants_usage: bool },
+    /// Anthropic's Messages events: usage in `message_start.message.usage`, the output count
+    /// updated (cumulatively) by `message_delta.usage`; `message_stop` is held back until the
+    /// record is written.
+    Anthropic,
+    /// OpenAI's Responses events: usage in `response.completed` (or `.incomplete` / `.failed`),
+    /// which is held back until the record is written. No `[DONE]`.
+    Responses,
+}
+
 /// Forwards `source` to `client`; calls `finish` with what it saw once the upstream ends and,
 /// if `finish` says the record was written, sends `data: [DONE]`.
-pub async fn relay<S, E, F, Fut>(
-    mut source: S,
-    client: ClientSender,
-    client_wants_usage: bool,
-    finish: F,
-) where
+pub async fn relay<S, E, F, Fut>(mut source: S, client: ClientSender, wire: Wire, finish: F)
+where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,
     F: FnOnce(StreamOutcome) -> Fut,
@@ -50,6 +61,14 @@ pub async fn relay<S, E, F, Fut>(
     let mut events = EventSplitter::default();
     let mut outcome = StreamOutcome::default();
     let mut completion_text = String::new();
+    // Anthropic: the usage members seen so far (`message_delta` updates `message_start`'s).
+    let mut usage_fields = Map::new();
+    // The terminal event of an Anthropic or Responses stream, sent once the record is written.
+    let mut held: Option<Bytes> = None;
+    let (chat, client_wants_usage) = match wire {
+        Wire::Chat { client_wants_usage } => (true, client_wants_usage),
+        Wire::Anthropic | Wire::Responses => (false, false),
+    };
 
     let forward = async |event: Bytes, outcome: &mut StreamOutcome| {
         if !outcome.client_gone && client.send(Ok(event)).await.is_err() {
@@ -69,6 +88,20 @@ pub async fn relay<S, E, F, Fut>(
         };
         events.push(&chunk);
         while let Some(event) = events.next_event() {
+            if !chat {
+                let terminal = inspect_typed(
+                    &event,
+                    &mut outcome,
+                    &mut usage_fields,
+                    &mut completion_text,
+                );
+                if terminal && held.is_none() {
+                    held = Some(event);
+                } else {
+                    forward(event, &mut outcome).await;
+                }
+                continue;
+            }
             match inspect(&event) {
                 Seen::Done => {}
                 Seen::Chunk(c) => {
@@ -95,6 +128,9 @@ pub async fn relay<S, E, F, Fut>(
     if let Some(rest) = events.finish() {
         forward(rest, &mut outcome).await;
     }
+    if !usage_fields.is_empty() {
+        outcome.usage = serde_json::from_value(Value::Object(usage_fields)).ok();
+    }
     outcome.estimated_completion_tokens = tokens::estimate_text(&completion_text);
     let failed = outcome.upstream_error.clone();
     let client_gone = outcome.client_gone;
@@ -110,9 +146,12 @@ pub async fn relay<S, E, F, Fut>(
             ))))
             .await;
     } else if recorded {
-        let _ = client
-            .send(Ok(Bytes::from_static(b"data: [DONE]\n\n")))
-            .await;
+        let end = match (wire, held) {
+            (Wire::Chat { .. }, _) => Bytes::from_static(b"data: [DONE]\n\n"),
+            (_, Some(event)) => event,
+            (_, None) => return,
+        };
+        let _ = client.send(Ok(end)).await;
     } else {
         let _ = client
             .send(Err(std::io::Error::other("spend log unavailable")))
@@ -147,6 +186,122 @@ enum Seen {
     Chunk(Chunk),
     /// Comments, keep-alives, or data that is not a chunk: forwarded untouched.
     Other,
+}
+
+/// An Anthropic or Responses event, read for what the record needs.
+#[derive(Deserialize)]
+struct TypedEvent {
+    #[serde(rename = "type", default)]
+    kind: String,
+    /// Anthropic `message_start`.
+    #[serde(default)]
+    message: Option<EventBody>,
+    /// Anthropic `message_delta`.
+    #[serde(default)]
+    usage: Option<Map<String, Value>>,
+    /// Anthropic `content_block_delta` (an object) or Responses `*.delta` (a string).
+    #[serde(default)]
+    delta: Option<Value>,
+    /// Responses `response.created` / `response.completed`.
+    #[serde(default)]
+    response: Option<EventBody>,
+}
+
+#[derive(Deserialize)]
+struct EventBody {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    usage: Option<Map<String, Value>>,
+}
+
+/// Reads an Anthropic or Responses event into `outcome`, `usage` and `text`; true when it is the
+/// stream's terminal event (held back until the record is written).
+fn inspect_typed(
+    event: &[u8],
+    outcome: &mut StreamOutcome,
+    usage: &mut Map<String, Value>,
+    text: &mut String,
+) -> bool {
+    let Some(data) = event_data(event) else {
+        return false;
+    };
+    let Ok(e) = serde_json::from_str::<TypedEvent>(&data) else {
+        return false;
+    };
+    let merge = |usage: &mut Map<String, Value>, from: Map<String, Value>| {
+        for (k, v) in from {
+            if !v.is_null() {
+                usage.insert(k, v);
+            }
+        }
+    };
+    match e.kind.as_str() {
+        "message_start" => {
+            if let Some(m) = e.message {
+                outcome.upstream_model = outcome.upstream_model.take().or(m.model);
+                if let Some(u) = m.usage {
+                    merge(usage, u);
+                }
+            }
+            false
+        }
+        "message_delta" => {
+            if let Some(u) = e.usage {
+                merge(usage, u);
+            }
+            false
+        }
+        "content_block_delta" => {
+            if let Some(Value::Object(d)) = e.delta {
+                for field in ["text", "partial_json", "thinking"] {
+                    if let Some(Value::String(t)) = d.get(field) {
+                        text.push_str(t);
+                    }
+                }
+            }
+            false
+        }
+        "message_stop" => true,
+        "response.output_text.delta" | "response.function_call_arguments.delta" => {
+            if let Some(Value::String(t)) = e.delta {
+                text.push_str(&t);
+            }
+            false
+        }
+        "response.created" => {
+            if let Some(r) = e.response {
+                outcome.upstream_model = outcome.upstream_model.take().or(r.model);
+            }
+            false
+        }
+        "response.completed" | "response.incomplete" | "response.failed" => {
+            if let Some(r) = e.response {
+                outcome.upstream_model = r.model.or(outcome.upstream_model.take());
+                if let Some(u) = r.usage {
+                    usage.clear();
+                    merge(usage, u);
+                }
+            }
+            true
+        }
+        _ => false,
+    }
+}
+
+/// The `data:` lines of an event, joined.
+fn event_data(event: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(event).ok()?;
+    let mut data = String::new();
+    for line in text.lines() {
+        if let Some(d) = line.strip_prefix("data:") {
+            if !data.is_empty() {
+                data.push('\n');
+            }
+            data.push_str(d.strip_prefix(' ').unwrap_or(d));
+        }
+    }
+    Some(data)
 }
 
 fn inspect(event: &[u8]) -> Seen {
@@ -243,7 +398,10 @@ mod tests {
             let (tx, mut rx) = mpsc::channel(64);
             let recorded = std::sync::Arc::new(std::sync::Mutex::new(None));
             let sink = recorded.clone();
-            relay(source, tx, wants_usage, async move |o: StreamOutcome| {
+            let wire = Wire::Chat {
+                client_wants_usage: wants_usage,
+            };
+            relay(source, tx, wire, async move |o: StreamOutcome| {
                 *sink.lock().unwrap() = Some(o.usage);
                 true
             })
@@ -257,5 +415,77 @@ mod tests {
             assert!(body.ends_with("data: [DONE]\n\n"));
             assert_eq!(*recorded.lock().unwrap(), Some(Some(Usage::new(3, 2))));
         }
+    }
+
+    async fn run(wire: Wire, events: &[&str], recorded: bool) -> (String, StreamOutcome) {
+        let source = futures::stream::iter(
+            events
+                .iter()
+                .map(|e| Ok::<_, std::io::Error>(Bytes::from(e.to_string()))),
+        );
+        let (tx, mut rx) = mpsc::channel(64);
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let sink = seen.clone();
+        relay(source, tx, wire, async move |o: StreamOutcome| {
+            *sink.lock().unwrap() = Some(o);
+            recorded
+        })
+        .await;
+        let mut body = Vec::new();
+        while let Some(Ok(b)) = rx.recv().await {
+            body.extend_from_slice(&b);
+        }
+        let outcome = seen.lock().unwrap().take().unwrap();
+        (String::from_utf8(body).unwrap(), outcome)
+    }
+
+    #[tokio::test]
+    async fn anthropic_usage_is_merged_and_message_stop_waits_for_the_record() {
+        let events = [
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude-x\",\"usage\":{\"input_tokens\":5,\"output_tokens\":1,\"cache_read_input_tokens\":100}}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{},\"usage\":{\"output_tokens\":30}}\n\n",
+            "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+        ];
+        let (body, outcome) = run(Wire::Anthropic, &events, true).await;
+        assert_eq!(body, events.concat(), "relayed unchanged, in order");
+        let usage = outcome.usage.unwrap();
+        assert_eq!(
+            (
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                usage.cache_read_tokens
+            ),
+            (105, 30, 100)
+        );
+        assert_eq!(outcome.upstream_model.as_deref(), Some("claude-x"));
+        // The record could not be written: message_stop is not sent, the stream breaks off.
+        let (body, _) = run(Wire::Anthropic, &events, false).await;
+        assert!(!body.contains("message_stop"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn responses_usage_comes_from_completed_which_ends_the_stream_without_done() {
+        let events = [
+            "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"model\":\"gpt-x\",\"usage\":null}}\n\n",
+            "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi\"}\n\n",
+            "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"model\":\"gpt-x-1\",\"usage\":{\"input_tokens\":50,\"input_tokens_details\":{\"cached_tokens\":20},\"output_tokens\":7,\"output_tokens_details\":{\"reasoning_tokens\":3},\"total_tokens\":57}}}\n\n",
+        ];
+        let (body, outcome) = run(Wire::Responses, &events, true).await;
+        assert_eq!(body, events.concat());
+        assert!(!body.contains("[DONE]"));
+        let usage = outcome.usage.unwrap();
+        assert_eq!(
+            (
+                usage.prompt_tokens,
+                usage.cache_read_tokens,
+                usage.completion_tokens,
+                usage.reasoning_tokens
+            ),
+            (50, 20, 7, 3)
+        );
+        assert_eq!(outcome.upstream_model.as_deref(), Some("gpt-x-1"));
+        let (body, _) = run(Wire::Responses, &events, false).await;
+        assert!(!body.contains("response.completed"), "{body}");
     }
 }

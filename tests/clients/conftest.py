@@ -56,11 +56,15 @@ class Proxy:
 
 @pytest.fixture(scope="session")
 def proxy(tmp_path_factory):
+    yield from run_proxy(CONFIG, tmp_path_factory.mktemp("tally-proxy"))
+
+
+def run_proxy(config: str, work: pathlib.Path, extra_env: dict | None = None):
+    """Runs `tally proxy` with `config` in `work`; yields a Proxy, then stops it (SIGTERM, exit 0)."""
     binary = os.environ.get("TALLY_BIN")
     if not binary:
         pytest.fail("set TALLY_BIN to the built tally binary (e.g. target/debug/tally)")
-    work = tmp_path_factory.mktemp("tally-proxy")
-    (work / "config.yaml").write_text(CONFIG)
+    (work / "config.yaml").write_text(config)
     spend_log = work / "spend.jsonl"
     env = dict(os.environ)
     env.update(
@@ -70,6 +74,7 @@ def proxy(tmp_path_factory):
         TALLY_SPEND_LOG=str(spend_log),
         TALLY_STATE_DIR=str(work / "state"),
     )
+    env.update(extra_env or {})
     env.pop("TALLY_ALLOW_WEAK_MASTER_KEY", None)
     process = subprocess.Popen(
         [binary, "proxy", "--config", str(work / "config.yaml"), "--host", "127.0.0.1", "--port", "0"],

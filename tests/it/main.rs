@@ -1,5 +1,6 @@
 //! Integration tests: one binary, one submodule per area. Every server binds port 0.
 
+mod agent_apis;
 mod bad_input;
 mod billing_classes;
 mod commands;

@@ -91,15 +91,27 @@ impl Provider for Azure {
     }
 
     fn url(&self, d: &Deployment, call: CallKind) -> String {
+        let version = d.api_version.as_deref().unwrap_or(DEFAULT_API_VERSION);
         let path = match call {
             CallKind::Chat => "chat/completions",
             CallKind::Embeddings => "embeddings",
+            // Not per deployment: the deployment is named by the body's `model`.
+            CallKind::Responses => {
+                return format!("{}/openai/responses?api-version={version}", d.api_base);
+            }
+            // Not supported (see `supports`): never sent.
+            CallKind::Messages | CallKind::CountTokens => "messages",
         };
         format!(
-            "{}/openai/deployments/{}/{path}?api-version={}",
-            d.api_base,
-            d.upstream_model,
-            d.api_version.as_deref().unwrap_or(DEFAULT_API_VERSION)
+            "{}/openai/deployments/{}/{path}?api-version={version}",
+            d.api_base, d.upstream_model,
+        )
+    }
+
+    fn supports(&self, call: CallKind) -> bool {
+        matches!(
+            call,
+            CallKind::Chat | CallKind::Embeddings | CallKind::Responses
         )
     }
 
@@ -147,6 +159,10 @@ mod tests {
         assert_eq!(
             AZURE.url(&d, CallKind::Embeddings),
             "https://res.openai.azure.com/openai/deployments/my-gpt4o/embeddings?api-version=2024-10-21"
+        );
+        assert_eq!(
+            AZURE.url(&d, CallKind::Responses),
+            "https://res.openai.azure.com/openai/responses?api-version=2024-10-21"
         );
         assert_eq!(AZURE.auth(&d), Some((API_KEY, "az-key".to_owned())));
     }

@@ -6,6 +6,7 @@
 //! Adding a provider: an OpenAI-wire one is a row in [`openai_wire::PROVIDERS`]; one with its own
 //! URL or auth scheme is a file like [`azure`] implementing [`Provider`], listed in [`all`].
 
+pub mod anthropic;
 pub mod azure;
 pub mod openai_wire;
 
@@ -18,6 +19,22 @@ use super::config::{Deployment, EnvLookup};
 pub enum CallKind {
     Chat,
     Embeddings,
+    /// Anthropic's Messages API (`/v1/messages`).
+    Messages,
+    /// Anthropic's `/v1/messages/count_tokens` (relayed, not billed).
+    CountTokens,
+    /// OpenAI's Responses API (`/v1/responses`).
+    Responses,
+}
+
+impl CallKind {
+    pub const ALL: [CallKind; 5] = [
+        Self::Chat,
+        Self::Embeddings,
+        Self::Messages,
+        Self::CountTokens,
+        Self::Responses,
+    ];
 }
 
 /// A `litellm_params` entry as written (after `os.environ/` values are resolved), for a
@@ -62,6 +79,10 @@ pub trait Provider: Sync + std::fmt::Debug {
     fn url(&self, d: &Deployment, call: CallKind) -> String;
     /// The auth header to send, if any.
     fn auth(&self, d: &Deployment) -> Option<(HeaderName, String)>;
+    /// Whether the provider answers this call type (checked per request before anything is sent).
+    fn supports(&self, call: CallKind) -> bool {
+        matches!(call, CallKind::Chat | CallKind::Embeddings)
+    }
 }
 
 /// Every provider, in the order error messages list them.
@@ -70,6 +91,9 @@ pub fn all() -> impl Iterator<Item = &'static dyn Provider> {
         .iter()
         .map(|p| p as &'static dyn Provider)
         .chain(std::iter::once(&azure::AZURE as &'static dyn Provider))
+        .chain(std::iter::once(
+            &anthropic::ANTHROPIC as &'static dyn Provider,
+        ))
 }
 
 /// The provider named `name`.
@@ -141,6 +165,8 @@ mod tests {
             ("openrouter", "anthropic/claude-3.5-sonnet")
         );
         assert_eq!(split_model("bedrock/claude").unwrap_err(), "bedrock");
+        let (p, rest) = split_model("anthropic/claude-sonnet-4-5").unwrap();
+        assert_eq!((p.name(), rest), ("anthropic", "claude-sonnet-4-5"));
         let names = supported_names();
         for n in [
             "openai",

@@ -213,6 +213,9 @@ impl Provider for OpenAiWire {
         let path = match call {
             CallKind::Chat => "/chat/completions",
             CallKind::Embeddings => "/embeddings",
+            CallKind::Responses => "/responses",
+            // Not supported (see `supports`): never sent.
+            CallKind::Messages | CallKind::CountTokens => "/messages",
         };
         format!("{}{path}", d.api_base)
     }
@@ -220,6 +223,16 @@ impl Provider for OpenAiWire {
     fn auth(&self, d: &Deployment) -> Option<(HeaderName, String)> {
         let key = d.api_key.as_deref()?;
         Some((header::AUTHORIZATION, format!("Bearer {key}")))
+    }
+
+    /// The Responses API is OpenAI's own (an `openai/` entry may point at any server that
+    /// implements it, via `api_base`).
+    fn supports(&self, call: CallKind) -> bool {
+        match call {
+            CallKind::Chat | CallKind::Embeddings => true,
+            CallKind::Responses => self.name == "openai",
+            CallKind::Messages | CallKind::CountTokens => false,
+        }
     }
 }
 

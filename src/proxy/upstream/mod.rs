@@ -128,16 +128,28 @@ impl Endpoint {
         }
     }
 
-    fn request(&self, target: &Target, body: Bytes) -> UpstreamRequest {
-        let mut request = hyper::Request::new(Full::new(body));
-        *request.method_mut() = hyper::Method::POST;
+    fn request(
+        &self,
+        target: &Target,
+        method: hyper::Method,
+        body: Option<Bytes>,
+        extra: &[(HeaderName, HeaderValue)],
+    ) -> UpstreamRequest {
+        let has_body = body.is_some();
+        let mut request = hyper::Request::new(Full::new(body.unwrap_or_default()));
+        *request.method_mut() = method;
         *request.uri_mut() = target.path.clone();
         let headers = request.headers_mut();
         headers.insert(header::HOST, target.host.clone());
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        if has_body {
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+        }
+        for (name, value) in extra {
+            headers.insert(name.clone(), value.clone());
+        }
         if let Some((name, value)) = &self.auth {
             headers.insert(name.clone(), value.clone());
         }
@@ -240,12 +252,28 @@ impl UpstreamClient {
 
     /// POSTs a JSON body. A 2xx answer is returned for the caller to read (whole or streamed)
     /// before the deployment's timeout; any other status becomes [`ProxyError::Upstream`]
-    /// carrying the upstream's body unchanged.
+    /// carrying the upstream's body unchanged. `extra` are headers of the client's passed on
+    /// (Anthropic's `anthropic-version`); the provider's auth header wins over them.
     pub async fn post_json(
         &self,
         endpoint: &Endpoint,
         model_name: &str,
         body: Vec<u8>,
+        extra: &[(HeaderName, HeaderValue)],
+    ) -> Result<UpstreamResponse, ProxyError> {
+        self.call(endpoint, hyper::Method::POST, model_name, Some(body), extra)
+            .await
+    }
+
+    /// [`UpstreamClient::post_json`] with any method, and no body for `None` (`GET`/`DELETE`
+    /// of a stored response).
+    pub async fn call(
+        &self,
+        endpoint: &Endpoint,
+        method: hyper::Method,
+        model_name: &str,
+        body: Option<Vec<u8>>,
+        extra: &[(HeaderName, HeaderValue)],
     ) -> Result<UpstreamResponse, ProxyError> {
         let unreachable = |reason: String| ProxyError::UpstreamUnreachable {
             model: model_name.to_owned(),
@@ -260,7 +288,7 @@ impl UpstreamClient {
             .target
             .as_ref()
             .map_err(|e| unreachable(e.clone()))?;
-        let request = endpoint.request(target, Bytes::from(body));
+        let request = endpoint.request(target, method, body.map(Bytes::from), extra);
         let (conn, response) =
             tokio::time::timeout_at(deadline, self.exchange(endpoint, target, request))
                 .await
