@@ -163,6 +163,7 @@ impl ProxyError {
             Self::UpstreamUnreachable { .. }
             | Self::Upstream { .. }
             | Self::SpendLogUnavailable
+            | Self::KeyStoreUnavailable(_)
             | Self::Internal(_) => "api_error",
         };
         let body = json!({"type": "error", "error": {"type": kind, "message": message}});

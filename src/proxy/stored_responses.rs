@@ -30,7 +30,7 @@ pub async fn get_or_delete(
     Query(query): Query<ModelQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ProxyError> {
-    let caller = state.auth().authenticate(&headers)?;
+    let caller = state.auth().authenticate(&headers).await?;
     if id.is_empty()
         || id.len() > MAX_ID_BYTES
         || !id
