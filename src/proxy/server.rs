@@ -7,34 +7,38 @@
 //! - **Header read timeout.** Once a client has sent the first byte of a request, its whole head
 //!   (request line and headers) must arrive within `header_read_timeout`, else the connection is
 //!   closed.
-//! - **Body read timeout.** A request's whole body must arrive within `body_read_timeout` of its
-//!   head; else the request is answered 408 and the connection closed.
+//! - **Body read timeout.** A request's whole body must arrive within `body_read_timeout` of the
+//!   handler first finding it incomplete (right after the head); else the request is answered 408
+//!   and the connection closed.
 //! - **Idle timeout.** A kept-alive connection with no request in progress and nothing received
 //!   for `idle_timeout` is closed.
 //!
 //! hyper's own header timeout starts as soon as a connection is ready for a request, so it would
 //! also bound idle time; the two are kept apart here by a small watchdog per connection that
 //! sees the connection's reads (a wrapper around the socket) and its requests (a guard held until
-//! the response is done). Responses themselves are not bounded: a stream lasts as long as the
-//! model writes (the upstream's `timeout` bounds that).
+//! the response is done). The watchdog is never woken by them (see [`Activity`]): a busy
+//! connection's watchdog sleeps through it, and looks again only when a deadline could be due.
+//! Responses themselves are not bounded: a stream lasts as long as the model writes (the
+//! upstream's `timeout` bounds that).
 
 use std::convert::Infallible;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
 use axum::http::Request;
 use bytes::Bytes;
+use futures::task::AtomicWaker;
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
@@ -206,39 +210,94 @@ async fn connection(
         }
     });
     let mut conn = pin!(builder.serve_connection(io, service));
+    let mut cancelled = pin!(shutdown.cancelled());
+    let first_look = activity.next_look(&limits, Instant::now());
+    let mut timer = pin!(tokio::time::sleep_until(first_look.into()));
+    // The shutdown signal and the timer are polled only after one of them woke the task, not on
+    // every wake of the connection (each poll of the signal takes its lock).
+    let side = Arc::new(SideWake::default());
+    let side_waker = Waker::from(side.clone());
     let mut stopping = false;
-    loop {
-        let deadline = activity.deadline(&limits);
-        tokio::select! {
-            served = conn.as_mut() => {
+    std::future::poll_fn(|cx| {
+        loop {
+            if let Poll::Ready(served) = conn.as_mut().poll(cx) {
                 if let Err(e) = served {
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
-                return;
+                return Poll::Ready(());
             }
-            () = shutdown.cancelled(), if !stopping => {
+            if !side.take(cx.waker()) {
+                return Poll::Pending;
+            }
+            let mut side_cx = Context::from_waker(&side_waker);
+            let mut just_stopped = false;
+            if !stopping && cancelled.as_mut().poll(&mut side_cx).is_ready() {
                 stopping = true;
+                just_stopped = true;
                 conn.as_mut().graceful_shutdown();
             }
-            () = activity.changed.notified() => {}
-            () = sleep_until(deadline) => {
-                if activity.deadline(&limits).is_some_and(|d| d <= Instant::now()) {
+            while timer.as_mut().poll(&mut side_cx).is_ready() {
+                let now = Instant::now();
+                if activity.deadline(&limits).is_some_and(|d| d <= now) {
                     tracing::debug!("closing a connection: header or idle timeout");
-                    return; // dropping the connection closes the socket
+                    return Poll::Ready(()); // dropping the connection closes the socket
                 }
+                timer
+                    .as_mut()
+                    .reset(activity.next_look(&limits, now).into());
             }
+            if !just_stopped {
+                return Poll::Pending;
+            }
+            // Shutting down gracefully may let the connection finish now: poll it again.
+        }
+    })
+    .await;
+}
+
+/// The waker of a connection's shutdown signal and watchdog timer: notes that one of them fired
+/// and wakes the connection's task.
+struct SideWake {
+    fired: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Default for SideWake {
+    fn default() -> Self {
+        Self {
+            // The first poll registers both.
+            fired: AtomicBool::new(true),
+            task: AtomicWaker::new(),
         }
     }
 }
 
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d.into()).await,
-        None => std::future::pending().await,
+impl Wake for SideWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.fired.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl SideWake {
+    /// Whether the signal or the timer fired since the last call; `task` is woken when one does.
+    fn take(&self, task: &Waker) -> bool {
+        // Registered first: a wake after the flag is read reaches the task.
+        self.task.register(task);
+        self.fired.load(Ordering::Acquire) && self.fired.swap(false, Ordering::AcqRel)
     }
 }
 
 /// What a connection's watchdog knows: requests in progress, and reads since the last one ended.
+///
+/// Nothing here wakes the watchdog: it runs in the connection's own task, and a wake from its
+/// own poll (a read, a response ending) makes Tokio reschedule the task as a yield and poll the
+/// whole connection again, twice per request. The watchdog instead sleeps until the earliest
+/// moment a deadline could fall given what it saw ([`Activity::next_look`]) and looks again.
 struct Activity {
     origin: Instant,
     /// Requests whose response is not finished.
@@ -247,8 +306,6 @@ struct Activity {
     idle_since: AtomicU64,
     /// When (ms after `origin`) the first byte since then arrived; [`NONE`] if none has.
     first_byte: AtomicU64,
-    /// Woken when the watchdog's deadline may have moved.
-    changed: Notify,
 }
 
 const NONE: u64 = u64::MAX;
@@ -260,7 +317,6 @@ impl Activity {
             active: AtomicUsize::new(0),
             idle_since: AtomicU64::new(0),
             first_byte: AtomicU64::new(NONE),
-            changed: Notify::new(),
         }
     }
 
@@ -276,7 +332,6 @@ impl Activity {
     fn read_some(&self) {
         if self.first_byte.load(Ordering::Relaxed) == NONE {
             self.first_byte.store(self.now(), Ordering::SeqCst);
-            self.changed.notify_one();
         }
     }
 
@@ -295,6 +350,27 @@ impl Activity {
         };
         Some(at)
     }
+
+    /// When the watchdog is to look again, seen at `now`: the deadline if there is one, and never
+    /// later than any deadline that what happens next could set. A request ends at or after
+    /// `now` and the next first byte comes after that, so neither an idle nor a header deadline
+    /// set later can fall before `now` plus the shorter of the two timeouts.
+    fn next_look(&self, limits: &ServerLimits, now: Instant) -> Instant {
+        let soonest_new = now + limits.header_read_timeout.min(limits.idle_timeout);
+        if self.active.load(Ordering::SeqCst) > 0 {
+            return soonest_new;
+        }
+        let first = self.first_byte.load(Ordering::SeqCst);
+        if first != NONE {
+            // A request's head is being read: only its header deadline can close it.
+            return self.origin + Duration::from_millis(first) + limits.header_read_timeout;
+        }
+        let idle = self.origin
+            + Duration::from_millis(self.idle_since.load(Ordering::SeqCst))
+            + limits.idle_timeout;
+        // A first byte arriving from now on sets a header deadline no sooner than this.
+        idle.min(now + limits.header_read_timeout)
+    }
 }
 
 /// Held from a request's head until its response is done (or dropped).
@@ -306,9 +382,7 @@ impl Drop for RequestGuard {
         // Set before the count drops, so a watchdog that sees no request sees these too.
         a.idle_since.store(a.now(), Ordering::SeqCst);
         a.first_byte.store(NONE, Ordering::SeqCst);
-        if a.active.fetch_sub(1, Ordering::SeqCst) == 1 {
-            a.changed.notify_one();
-        }
+        a.active.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -363,11 +437,11 @@ impl AsyncWrite for Watched {
     }
 }
 
-/// A request body that must end within a time limit of the request's head. The timer is only
-/// set if the body is not already there when first read (most bodies arrive with the head).
+/// A request body that must end within a time limit. The timer (and the clock read) starts the
+/// first time the handler finds the body not all there, right after the head for a handler that
+/// reads its body at once; most bodies arrive with the head and never start it.
 struct DeadlineBody {
     inner: Incoming,
-    until: Instant,
     limit: Duration,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
@@ -376,7 +450,6 @@ impl DeadlineBody {
     fn new(inner: Incoming, limit: Duration) -> Self {
         Self {
             inner,
-            until: Instant::now() + limit,
             limit,
             timer: None,
         }
@@ -395,10 +468,10 @@ impl hyper::body::Body for DeadlineBody {
         if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
-        let until = this.until;
+        let limit = this.limit;
         let timer = this
             .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until.into())));
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
         match timer.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimeout { limit: this.limit })))),
             Poll::Pending => Poll::Pending,
@@ -462,5 +535,63 @@ fn warn_if_descriptors_are_short(max_connections: usize) {
              with \"Too many open files\"; raise it (LimitNOFILE= in the unit, ulimit -n) or lower \
              tally_settings.max_connections"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(header_secs: u64, idle_secs: u64) -> ServerLimits {
+        ServerLimits {
+            header_read_timeout: Duration::from_secs(header_secs),
+            idle_timeout: Duration::from_secs(idle_secs),
+            ..ServerLimits::default()
+        }
+    }
+
+    #[test]
+    fn an_idle_watchdog_looks_again_before_a_header_deadline_that_a_first_byte_could_set() {
+        // Header timeout shorter than the idle one: a first byte arriving just after the look
+        // sets a deadline 1 s later, which the unwoken watchdog must not sleep past.
+        let limits = limits(1, 75);
+        let activity = Arc::new(Activity::new());
+        let now = activity.origin + Duration::from_secs(10);
+        assert_eq!(
+            activity.next_look(&limits, now),
+            now + Duration::from_secs(1)
+        );
+        // Once it has come, the look is the header deadline itself.
+        activity.first_byte.store(10_500, Ordering::SeqCst);
+        let deadline = activity.origin + Duration::from_millis(11_500);
+        assert_eq!(activity.next_look(&limits, now), deadline);
+        assert_eq!(activity.deadline(&limits), Some(deadline));
+    }
+
+    #[test]
+    fn an_idle_watchdog_sleeps_to_the_idle_deadline_when_it_comes_first() {
+        let limits = limits(600, 2);
+        let activity = Arc::new(Activity::new());
+        let now = activity.origin + Duration::from_secs(1);
+        let idle_deadline = activity.origin + Duration::from_secs(2);
+        assert_eq!(activity.next_look(&limits, now), idle_deadline);
+        assert_eq!(activity.deadline(&limits), Some(idle_deadline));
+    }
+
+    #[test]
+    fn during_a_request_the_watchdog_looks_again_after_the_shorter_timeout() {
+        let limits = limits(30, 75);
+        let activity = Arc::new(Activity::new());
+        let guard = activity.begin();
+        let now = activity.origin + Duration::from_secs(5);
+        // No deadline while the request runs; the next one (idle after it ends, or the next
+        // request's header) can come no sooner than 30 s from now.
+        assert_eq!(activity.deadline(&limits), None);
+        assert_eq!(
+            activity.next_look(&limits, now),
+            now + Duration::from_secs(30)
+        );
+        drop(guard);
+        assert!(activity.deadline(&limits).is_some());
     }
 }
