@@ -36,6 +36,11 @@ pub use faults::Fault;
 pub use store::{StoreKind, StoredEvent};
 pub use webhooks::{Metric, WebhookConfig};
 
+/// The write key the emulator accepts when none is given (CLI and [`EmulatorConfig::default`]).
+pub const DEFAULT_API_KEY: &str = "lago-emulator-key";
+/// Lago's default `LAGO_EVENTS_BATCH_MAX_LENGTH`.
+pub const DEFAULT_BATCH_MAX_LENGTH: usize = 100;
+
 /// How the emulator behaves.
 #[derive(Debug, Clone)]
 pub struct EmulatorConfig {
@@ -60,9 +65,9 @@ pub struct EmulatorConfig {
 impl Default for EmulatorConfig {
     fn default() -> Self {
         Self {
-            api_key: "lago-emulator-key".to_string(),
+            api_key: DEFAULT_API_KEY.to_string(),
             read_only_api_key: None,
-            batch_max_length: 100,
+            batch_max_length: DEFAULT_BATCH_MAX_LENGTH,
             store: StoreKind::Postgres,
             known_subscriptions: None,
             metrics: Vec::new(),
@@ -287,7 +292,9 @@ pub async fn run(args: LagoEmulatorArgs, shutdown: CancellationToken) -> anyhow:
         .next()
         .with_context(|| format!("--host {} resolves to no address", args.host))?;
     if args.batch_max_length == 0 {
-        anyhow::bail!("--batch-max-length must be at least 1 (Lago's default is 100)");
+        anyhow::bail!(
+            "--batch-max-length must be at least 1 (Lago's default is {DEFAULT_BATCH_MAX_LENGTH})"
+        );
     }
     let config = EmulatorConfig {
         api_key: args.api_key,

@@ -22,6 +22,26 @@ pub const MAX_BATCH_SIZE: usize = 100;
 /// (`client_max_body_size`), which fronts many Lago installs.
 pub const DEFAULT_BATCH_MAX_BYTES: usize = 512 * 1024;
 
+/// The shipper's tuning defaults, in the units of the command line. The CLI (`default_value_t`)
+/// and [`Tuning::default`] both read them, so a default is written once.
+pub mod defaults {
+    pub const BATCH_SIZE: usize = super::MAX_BATCH_SIZE;
+    pub const LINGER_MS: u64 = 20;
+    pub const BATCHES_IN_FLIGHT: usize = 4;
+    pub const RETRY_CAP_SECS: u64 = 60;
+    pub const REQUEST_TIMEOUT_SECS: u64 = 30;
+    pub const DRAIN_DEADLINE_SECS: u64 = 10;
+    pub const POLL_INTERVAL_MS: u64 = 1000;
+    pub const MAX_LINE_BYTES: usize = 1024 * 1024;
+    pub const BATCH_MAX_BYTES: usize = super::DEFAULT_BATCH_MAX_BYTES;
+    /// 0 = keep acked transaction ids forever.
+    pub const ACKED_RETENTION_DAYS: u64 = 0;
+    /// `LAGO_API_CHARGE_BY`.
+    pub const CHARGE_BY: &str = "end_user_id";
+    /// `TALLY_COST_MARKUP`: the provider's price.
+    pub const COST_MARKUP: &str = "1";
+}
+
 /// The Lago API key. Its value is reachable only through [`ApiKey::expose`]; `Debug` and `Display`
 /// print a placeholder, so the key cannot leak through a log line, an error or a `{:?}` of the
 /// settings.
@@ -103,15 +123,15 @@ impl Default for Tuning {
     /// The same defaults as the command line.
     fn default() -> Self {
         Self {
-            batch_size: 100,
-            linger: Duration::from_millis(20),
-            batches_in_flight: 4,
-            retry_cap: Duration::from_secs(60),
-            request_timeout: Duration::from_secs(30),
-            drain_deadline: Duration::from_secs(10),
-            poll_interval: Duration::from_millis(1000),
-            max_line_bytes: 1024 * 1024,
-            batch_max_bytes: DEFAULT_BATCH_MAX_BYTES,
+            batch_size: defaults::BATCH_SIZE,
+            linger: Duration::from_millis(defaults::LINGER_MS),
+            batches_in_flight: defaults::BATCHES_IN_FLIGHT,
+            retry_cap: Duration::from_secs(defaults::RETRY_CAP_SECS),
+            request_timeout: Duration::from_secs(defaults::REQUEST_TIMEOUT_SECS),
+            drain_deadline: Duration::from_secs(defaults::DRAIN_DEADLINE_SECS),
+            poll_interval: Duration::from_millis(defaults::POLL_INTERVAL_MS),
+            max_line_bytes: defaults::MAX_LINE_BYTES,
+            batch_max_bytes: defaults::BATCH_MAX_BYTES,
             acked_retention: None,
         }
     }
