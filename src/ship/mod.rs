@@ -46,7 +46,6 @@ use crate::metrics::ship::QueueDepth;
 use crate::metrics::{MetricsServer, Registry, ShipMetrics};
 use crate::service;
 use outbox::Outbox;
-use resolve::EventSpec;
 use sender::{SendMode, SendTotals, WorkSignal};
 pub use settings::{ApiKey, ShipSettings};
 use storage::StorageGate;
@@ -80,15 +79,6 @@ fn limit_malloc_arenas() {
         unsafe {
             libc::mallopt(libc::M_ARENA_MAX, 2);
         }
-    }
-}
-
-/// The event spec (metric code and charge-by) of these settings.
-pub fn event_spec(settings: &ShipSettings) -> EventSpec {
-    EventSpec {
-        code: settings.lago.event_code.clone(),
-        charge_by: settings.lago.charge_by.clone(),
-        precise_amount: settings.lago.precise_amount,
     }
 }
 
@@ -165,7 +155,7 @@ pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> an
         spend_log = %settings.spend_log.display(),
         outbox = %db_path.display(),
         lago = %settings.lago.api_base,
-        charge_by = %settings.lago.charge_by,
+        charge_by = %settings.lago.spec.charge_by,
         metrics = ?metrics_addr,
         webhooks = ?webhook_addr,
         "tally ship started"
@@ -217,7 +207,7 @@ pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> an
 
     let reader = tokio::spawn({
         let (outbox, signal, stop) = (outbox.clone(), signal.clone(), stop.clone());
-        let spec = Arc::new(event_spec(&settings));
+        let spec = Arc::new(settings.lago.spec.clone());
         let max = settings.tuning.max_line_bytes;
         let metrics = Some(metrics.clone());
         let storage = storage.clone();

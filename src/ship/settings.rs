@@ -14,7 +14,7 @@ use reqwest::Url;
 
 use crate::cli::{LagoArgs, ShipArgs, ShipTuning};
 use crate::ship::amount::Markup;
-use crate::ship::resolve::{ChargeBy, ChargeByError};
+use crate::ship::resolve::{ChargeBy, ChargeByError, EventSpec};
 
 /// Lago's own cap on events per batch request (`LAGO_EVENTS_BATCH_MAX_LENGTH`, default 100).
 pub const MAX_BATCH_SIZE: usize = 100;
@@ -77,11 +77,8 @@ pub struct LagoSettings {
     /// Base URL without `/api/v1` and without a trailing slash, e.g. `https://api.getlago.com`.
     pub api_base: Url,
     pub api_key: ApiKey,
-    /// The billable metric code every event carries.
-    pub event_code: String,
-    pub charge_by: ChargeBy,
-    /// `TALLY_PRECISE_AMOUNT` on: events carry `precise_total_amount_cents` with this markup.
-    pub precise_amount: Option<Markup>,
+    /// What every event is built with: metric code, who is charged, the precise amount.
+    pub spec: EventSpec,
 }
 
 impl LagoSettings {
@@ -184,9 +181,11 @@ impl ShipSettings {
             lago: LagoSettings {
                 api_base: parse_api_base(api_base)?,
                 api_key: check_api_key(api_key.expose())?,
-                event_code: check_event_code(event_code)?,
-                charge_by: ChargeBy::default(),
-                precise_amount: None,
+                spec: EventSpec {
+                    code: check_event_code(event_code)?,
+                    charge_by: ChargeBy::default(),
+                    precise_amount: None,
+                },
             },
             tuning: Tuning::default(),
             metrics_addr: None,
@@ -248,42 +247,76 @@ pub fn lago_from_args(args: &LagoArgs) -> Result<LagoSettings, SettingsError> {
         var: "LAGO_API_KEY",
         hint: "set it to a Lago API key with write access (Lago: Developers → API keys)",
     })?;
-    let code = args
-        .lago_api_event_code
-        .as_deref()
-        .ok_or(SettingsError::Missing {
-            var: "LAGO_API_EVENT_CODE",
-            hint: "set it to the code of the Lago billable metric the events feed",
-        })?;
-    let charge_by = args
-        .lago_api_charge_by
-        .parse::<ChargeBy>()
-        .map_err(|e: ChargeByError| {
-            invalid(
-                "LAGO_API_CHARGE_BY",
-                &args.lago_api_charge_by,
-                e.to_string(),
-            )
-        })?;
     Ok(LagoSettings {
         api_base: parse_api_base(base)?,
         api_key: check_api_key(key)?,
-        event_code: check_event_code(code)?,
+        spec: event_spec(
+            &EventArgs::from(args),
+            "set it to the code of the Lago billable metric the events feed",
+        )?,
+    })
+}
+
+/// The command-line values an [`EventSpec`] is built from. `tally ship` and `tally replay` take
+/// them from [`LagoArgs`]; `tally queue retry` has its own flags for the same variables.
+#[derive(Debug, Clone, Copy)]
+pub struct EventArgs<'a> {
+    /// `LAGO_API_EVENT_CODE`.
+    pub code: Option<&'a str>,
+    /// `LAGO_API_CHARGE_BY`.
+    pub charge_by: &'a str,
+    /// `TALLY_PRECISE_AMOUNT`.
+    pub precise_amount: bool,
+    /// `TALLY_COST_MARKUP`.
+    pub cost_markup: &'a str,
+}
+
+impl<'a> From<&'a LagoArgs> for EventArgs<'a> {
+    fn from(args: &'a LagoArgs) -> Self {
+        Self {
+            code: args.lago_api_event_code.as_deref(),
+            charge_by: &args.lago_api_charge_by,
+            precise_amount: args.precise_amount,
+            cost_markup: &args.cost_markup,
+        }
+    }
+}
+
+/// The one way from the Lago arguments to the event spec, for every command that builds events
+/// (`ship`, `replay`, `queue retry`): the same checks, so none writes an event another refuses.
+/// `missing_code` is the hint when `LAGO_API_EVENT_CODE` is not set (what the command needs it for).
+pub fn event_spec(
+    args: &EventArgs<'_>,
+    missing_code: &'static str,
+) -> Result<EventSpec, SettingsError> {
+    let code = args.code.ok_or(SettingsError::Missing {
+        var: "LAGO_API_EVENT_CODE",
+        hint: missing_code,
+    })?;
+    let charge_by = args
+        .charge_by
+        .parse::<ChargeBy>()
+        .map_err(|e: ChargeByError| invalid("LAGO_API_CHARGE_BY", args.charge_by, e.to_string()))?;
+    Ok(EventSpec {
+        code: check_event_code(code)?,
         charge_by,
-        precise_amount: precise_amount_from_args(args)?,
+        precise_amount: precise_amount(args.precise_amount, args.cost_markup)?,
     })
 }
 
 /// `TALLY_PRECISE_AMOUNT` and `TALLY_COST_MARKUP` (the markup is checked even while the amount
 /// is off, so a typo shows at start-up, not when it is switched on).
 pub fn precise_amount_from_args(args: &LagoArgs) -> Result<Option<Markup>, SettingsError> {
-    let markup: Markup =
-        args.cost_markup
-            .parse()
-            .map_err(|e: crate::ship::amount::MarkupError| {
-                invalid("TALLY_COST_MARKUP", &args.cost_markup, e.to_string())
-            })?;
-    Ok(args.precise_amount.then_some(markup))
+    precise_amount(args.precise_amount, &args.cost_markup)
+}
+
+fn precise_amount(on: bool, cost_markup: &str) -> Result<Option<Markup>, SettingsError> {
+    let markup: Markup = cost_markup
+        .parse()
+        .map_err(|e: crate::ship::amount::MarkupError| {
+            invalid("TALLY_COST_MARKUP", cost_markup, e.to_string())
+        })?;
+    Ok(on.then_some(markup))
 }
 
 /// Validates the tuning flags.
@@ -636,7 +669,7 @@ mod tests {
     #[test]
     fn precise_amount_is_off_by_default_and_the_markup_is_checked() {
         let s = ShipSettings::from_args(&args(&[])).unwrap();
-        assert_eq!(s.lago.precise_amount, None);
+        assert_eq!(s.lago.spec.precise_amount, None);
         let s = ShipSettings::from_args(&args(&[
             "--precise-amount",
             "true",
@@ -645,11 +678,11 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(
-            s.lago.precise_amount.map(|m| m.to_string()),
+            s.lago.spec.precise_amount.map(|m| m.to_string()),
             Some("1.25".into())
         );
         let s = ShipSettings::from_args(&args(&["--precise-amount", "true"])).unwrap();
-        assert_eq!(s.lago.precise_amount, Some(Markup::default()));
+        assert_eq!(s.lago.spec.precise_amount, Some(Markup::default()));
         for bad in ["-0.5", "inf", "NaN", "1e3", "abc"] {
             let err = ShipSettings::from_args(&args(&["--cost-markup", bad]))
                 .unwrap_err()
