@@ -29,8 +29,6 @@ use axum::extract::DefaultBodyLimit;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::LagoEmulatorArgs;
-
 pub use counters::Counters;
 pub use faults::Fault;
 pub use store::{StoreKind, StoredEvent};
@@ -284,38 +282,20 @@ impl EmulatorHandle {
     }
 }
 
-/// `tally lago-emulator`: serve until `shutdown` is cancelled. Prints the base URL on stdout.
-pub async fn run(args: LagoEmulatorArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let addr = tokio::net::lookup_host((args.host.as_str(), args.port))
-        .await
-        .with_context(|| format!("resolving --host {}", args.host))?
-        .next()
-        .with_context(|| format!("--host {} resolves to no address", args.host))?;
-    if args.batch_max_length == 0 {
-        anyhow::bail!(
-            "--batch-max-length must be at least 1 (Lago's default is {DEFAULT_BATCH_MAX_LENGTH})"
-        );
-    }
-    let config = EmulatorConfig {
-        api_key: args.api_key,
-        read_only_api_key: args.read_only_api_key,
-        batch_max_length: args.batch_max_length,
-        store: args.store,
-        known_subscriptions: (!args.known_subscriptions.is_empty())
-            .then(|| args.known_subscriptions.iter().cloned().collect()),
-        metrics: args.metrics,
-        webhook: args.webhook_url.map(|url| WebhookConfig {
-            url,
-            jwt: args.webhook_hmac_key.is_none(),
-            hmac_key: args.webhook_hmac_key,
-        }),
-    };
+/// `tally lago-emulator`: serve `config` on `addr` until `shutdown` is cancelled. Prints the base
+/// URL on stdout.
+pub async fn run(
+    config: EmulatorConfig,
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let store = config.store;
     let handle = spawn(config, addr).await.with_context(|| {
         format!("cannot listen on {addr}; is another process using it? choose another --port")
     })?;
     tracing::info!(
         base_url = %handle.base_url(),
-        store = ?args.store,
+        store = ?store,
         "lago emulator listening; control endpoints under /_emulator/"
     );
     // For a script reading the URL; one that stops reading must not end the emulator.

@@ -41,7 +41,6 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::ShipArgs;
 use crate::metrics::ship::QueueDepth;
 use crate::metrics::{MetricsServer, Registry, ShipMetrics};
 use crate::service;
@@ -61,9 +60,8 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// How often the queue gauges (depth by state, oldest pending age) are refreshed.
 const QUEUE_GAUGES_EVERY: Duration = Duration::from_secs(5);
 
-/// `tally ship`: validates the settings, then runs until `shutdown`.
-pub async fn run(args: ShipArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let settings = ShipSettings::from_args(&args).context("invalid shipper settings")?;
+/// `tally ship` with its validated settings: runs until `shutdown`.
+pub async fn run(settings: ShipSettings, shutdown: CancellationToken) -> anyhow::Result<()> {
     limit_malloc_arenas();
     run_with(settings, shutdown).await
 }

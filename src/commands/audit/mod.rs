@@ -166,7 +166,7 @@ pub async fn run(args: AuditArgs, shutdown: CancellationToken) -> anyhow::Result
     let mut reader = LagoReader::new(&base, key.trim(), args.rate)?;
     let fix = if args.fix {
         Some(Fix {
-            precise_amount: crate::ship::settings::precise_amount_from_args(&args.lago)?,
+            precise_amount: crate::commands::settings::precise_amount(&args.lago)?,
         })
     } else {
         None

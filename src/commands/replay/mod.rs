@@ -31,9 +31,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::{OutputFormat, ReplayArgs};
 use crate::commands::output::{self, EXIT_NEEDS_ATTENTION};
+use crate::commands::settings::{lago as lago_from_args, tuning as tuning_from_args};
 use crate::ship::ShipSettings;
 use crate::ship::outbox::Outbox;
-use crate::ship::settings::{EventArgs, event_spec, lago_from_args, tuning_from_args};
+use crate::ship::settings::{EventArgs, event_spec};
 
 use deliver::DeliveryReport;
 use feed::{FeedOptions, Target};
