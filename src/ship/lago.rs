@@ -247,9 +247,7 @@ pub fn location_of(request_url: Option<&str>, headers: &HeaderMap) -> Option<Str
         Ok(url) => crate::ship::settings::redact_url(&url),
         Err(_) => raw.into_owned(),
     };
-    Some(body_text(
-        crate::commands::output::printable(&text).as_bytes(),
-    ))
+    Some(body_text(crate::text::printable(&text).as_bytes()))
 }
 
 /// What the shipper records for a redirect: where it pointed and what to do.

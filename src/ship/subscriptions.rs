@@ -103,13 +103,13 @@ pub async fn run_checker(
             );
             if !known && warned.insert(id.clone()) {
                 tracing::warn!(
-                    external_subscription_id = %crate::commands::output::printable(&id),
+                    external_subscription_id = %crate::text::printable(&id),
                     "Lago does not know this subscription: its events are stored but never \
                      billed; create it in Lago (the shipper keeps sending, see `tally queue stats`)"
                 );
             } else if known && warned.remove(&id) {
                 tracing::info!(
-                    external_subscription_id = %crate::commands::output::printable(&id),
+                    external_subscription_id = %crate::text::printable(&id),
                     "Lago knows this subscription now"
                 );
             }
