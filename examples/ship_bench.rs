@@ -125,7 +125,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn ingest(file: &str, state_dir: &str) -> anyhow::Result<()> {
     use std::sync::Arc;
     use tally::ship::reader::run_reader;
-    use tally::ship::sender::WorkSignal;
+    use tally::ship::signal::WorkSignal;
     use tally::ship::storage::StorageGate;
     use tally::ship::tail::{TailOptions, Tailer};
     use tokio_util::sync::CancellationToken;

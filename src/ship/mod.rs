@@ -1,14 +1,16 @@
 //! `tally ship`: tail the spend log, dedupe in SQLite, deliver to Lago exactly once (issue #3).
 //!
 //! Data flows one way: **tail → reader → outbox → sender → Lago**.
-//! - [`settings`]: validated settings ([`ShipSettings`]) from the CLI / environment, or built in
-//!   code; the Lago key is redacted everywhere.
+//! - [`settings`]: validated settings ([`ShipSettings`]), made from the command line by
+//!   `crate::commands::settings` or built in code; the Lago key is redacted everywhere.
 //! - [`tail`]: follows the live spend log across rotation and truncation, yielding lines and
 //!   file positions.
 //! - [`amount`]: `precise_total_amount_cents` (cost × 100 × markup) in exact decimal.
 //! - [`resolve`]: a record → who is charged (`LAGO_API_CHARGE_BY`) and the exact Lago event bytes.
 //! - [`outbox`]: `shipper.db` (SQLite, WAL, migrated schema): records, their delivery state,
-//!   rejected lines, file positions; plus what `tally queue` reads and does.
+//!   rejected lines, file positions; plus what `tally queue` reads and does, and
+//!   [`outbox::with_outbox`], an outbox operation from async code.
+//! - [`signal`]: the work signal, how new pending events wake the sender.
 //! - [`reader`]: tailer chunks → parsed records → one outbox transaction per chunk.
 //! - [`lago`]: the HTTP client for `POST /api/v1/events/batch` and the classification of answers.
 //! - [`sender`]: claims batches from the outbox, keeps several in flight, acks / dead-letters /
@@ -30,6 +32,7 @@ pub mod reader;
 pub mod resolve;
 pub mod sender;
 pub mod settings;
+pub mod signal;
 pub mod storage;
 pub mod subscriptions;
 pub mod tail;
@@ -45,8 +48,9 @@ use crate::metrics::ship::QueueDepth;
 use crate::metrics::{MetricsServer, Registry, ShipMetrics};
 use crate::service;
 use outbox::Outbox;
-use sender::{SendMode, SendTotals, WorkSignal};
+use sender::{SendMode, SendTotals};
 pub use settings::{ApiKey, ShipSettings};
+use signal::WorkSignal;
 use storage::StorageGate;
 use tail::{TailOptions, Tailer};
 
@@ -235,7 +239,7 @@ pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> an
                     _ = tokio::time::sleep(PRUNE_EVERY) => {}
                     _ = stop.cancelled() => return,
                 }
-                match sender::with_outbox(&outbox, move |ob| ob.prune_acked(retention)).await {
+                match outbox::with_outbox(&outbox, move |ob| ob.prune_acked(retention)).await {
                     Ok(n) if n > 0 => tracing::info!(pruned = n, "forgot acked ids past retention"),
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "cannot prune acked ids"),
@@ -322,7 +326,7 @@ async fn refresh_queue_gauges(
 ) {
     loop {
         // `depth`, not `stats`: counting acked rows scans the whole outbox.
-        match sender::with_outbox(&outbox, |ob| ob.depth()).await {
+        match outbox::with_outbox(&outbox, |ob| ob.depth()).await {
             Ok(depth) => {
                 metrics.set_queue_depth(QueueDepth {
                     pending: depth.pending,

@@ -11,8 +11,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::ShipMetrics;
 use crate::ship::outbox::{IngestItem, IngestReport, Outbox, SharedOutbox, Source};
+use crate::ship::outbox::{OutboxTaskError, with_outbox};
 use crate::ship::resolve::{EventSpec, prepare_line};
-use crate::ship::sender::{SenderError, WorkSignal, with_outbox};
+use crate::ship::signal::WorkSignal;
 use crate::ship::storage::{StorageGate, with_outbox_waiting};
 use crate::ship::tail::{Chunk, LineContent, RawLine, TailError, TailNotice, Tailer};
 use crate::spend::SpendRecord;
@@ -22,7 +23,7 @@ pub enum ReaderError {
     #[error(transparent)]
     Tail(#[from] TailError),
     #[error(transparent)]
-    Outbox(#[from] SenderError),
+    Outbox(#[from] OutboxTaskError),
 }
 
 /// One line (without its `\n`) read from `source`, as the outbox records it.
@@ -81,7 +82,7 @@ pub async fn ingest_chunk(
     chunk: Chunk,
     spec: Arc<EventSpec>,
     max_line_bytes: usize,
-) -> Result<IngestReport, SenderError> {
+) -> Result<IngestReport, OutboxTaskError> {
     with_outbox(outbox, move |ob: &mut Outbox| {
         // Parse inside the blocking task: it is CPU work.
         let items = chunk_items(&chunk.lines, &spec, max_line_bytes);
@@ -122,7 +123,9 @@ pub async fn run_reader(
     let committer = tokio::spawn(async move {
         let mut totals = IngestReport::default();
         while let Some(parsed) = rx.recv().await {
-            let (items, positions) = parsed.await.map_err(|e| SenderError::Task(e.to_string()))?;
+            let (items, positions) = parsed
+                .await
+                .map_err(|e| OutboxTaskError::Task(e.to_string()))?;
             let lines = items.len() as u64;
             let unpriced = count_unpriced(&items);
             let committed =
@@ -153,7 +156,7 @@ pub async fn run_reader(
             totals.add(&report);
             signal.added(report.pending as usize);
         }
-        Ok::<_, SenderError>(totals)
+        Ok::<_, OutboxTaskError>(totals)
     });
     let mut read_result = Ok(());
     // The first look happens even if shutdown came already: it commits the identity of the live
@@ -201,7 +204,7 @@ pub async fn run_reader(
     drop(tx);
     let totals = committer
         .await
-        .map_err(|e| SenderError::Task(e.to_string()))??;
+        .map_err(|e| OutboxTaskError::Task(e.to_string()))??;
     read_result?;
     Ok(totals)
 }

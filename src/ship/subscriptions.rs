@@ -18,8 +18,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::ShipMetrics;
 use crate::ship::lago_read::{LagoReader, Lookup};
+use crate::ship::outbox::with_outbox;
 use crate::ship::outbox::{OutboxError, SharedOutbox};
-use crate::ship::sender::with_outbox;
 
 /// How often the outbox is looked at for new subscription ids.
 pub const SCAN_EVERY: Duration = Duration::from_secs(2);

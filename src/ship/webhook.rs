@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::ShipMetrics;
 use crate::ship::ApiKey;
 use crate::ship::outbox::SharedOutbox;
-use crate::ship::sender::with_outbox;
+use crate::ship::outbox::with_outbox;
 
 /// Largest webhook body read.
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -376,7 +376,7 @@ fn ok(outcome: &str) -> Response {
 async fn apply_event_errors(
     rx: &Receiver,
     errors: &Value,
-) -> Result<(), crate::ship::sender::SenderError> {
+) -> Result<(), crate::ship::outbox::OutboxTaskError> {
     for category in CATEGORIES {
         let ids: Vec<String> = errors
             .get(category)

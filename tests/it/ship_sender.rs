@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use tally::ship::outbox::{IngestItem, ListFilter, Outbox, Source, State};
 use tally::ship::resolve::{EventSpec, prepare};
-use tally::ship::sender::{SendMode, SendTotals, WorkSignal, run_sender};
+use tally::ship::sender::{SendMode, SendTotals, run_sender};
+use tally::ship::signal::WorkSignal;
 use tally::ship::{ApiKey, ShipSettings, deliver_pending, lago::LagoClient};
 use tally::spend::SpendRecord;
 use tokio_util::sync::CancellationToken;

@@ -194,7 +194,7 @@ async fn blocking<T: Send + 'static>(
     outbox: &crate::ship::outbox::SharedOutbox,
     f: impl FnOnce(&mut Outbox) -> Result<T, crate::ship::outbox::OutboxError> + Send + 'static,
 ) -> anyhow::Result<T> {
-    Ok(crate::ship::sender::with_outbox(outbox, f).await?)
+    Ok(crate::ship::outbox::with_outbox(outbox, f).await?)
 }
 
 /// `--fix`: missing events are rebuilt as `tally ship` would send them, so with

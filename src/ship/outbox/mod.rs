@@ -28,6 +28,7 @@ mod lock;
 mod queue;
 mod readonly;
 mod schema;
+mod task;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -43,6 +44,7 @@ pub use queue::{
     RetryReport, Stats,
 };
 pub use schema::MIGRATIONS;
+pub use task::{OutboxTaskError, with_outbox};
 
 use crate::ship::resolve::{Disposition, PreparedRecord};
 use crate::ship::tail::{FileId, FilePosition};
