@@ -15,7 +15,7 @@ use crate::ship::outbox::{OutboxTaskError, with_outbox};
 use crate::ship::resolve::{EventSpec, prepare_line};
 use crate::ship::signal::WorkSignal;
 use crate::ship::storage::{StorageGate, with_outbox_waiting};
-use crate::ship::tail::{Chunk, LineContent, RawLine, TailError, TailNotice, Tailer};
+use crate::ship::tail::{Chunk, LineContent, RawLine, TailError, Tailer};
 use crate::spend::SpendRecord;
 
 #[derive(Debug, thiserror::Error)]
@@ -185,9 +185,7 @@ pub async fn run_reader(
                 break;
             }
         };
-        for notice in &chunk.notices {
-            log_notice(notice);
-        }
+        // Rotation, truncation and replacement were logged by the tailer, where they happened.
         if chunk.lines.is_empty() && chunk.positions.is_empty() {
             continue;
         }
@@ -230,24 +228,6 @@ fn log_report(report: &IngestReport) {
             held = report.held,
             "records held: no customer id for LAGO_API_CHARGE_BY; see `tally queue list --state held`"
         );
-    }
-}
-
-fn log_notice(notice: &TailNotice) {
-    match notice {
-        TailNotice::Rotated { old, new } => {
-            tracing::info!(old = %old.display(), new = %new.display(), "spend log rotated")
-        }
-        TailNotice::Truncated { path, size, offset } => tracing::warn!(
-            path = %path.display(), size, offset,
-            "spend log truncated below the read position (copytruncate?); reading it from the start"
-        ),
-        TailNotice::Replaced { path } => {
-            tracing::info!(path = %path.display(), "spend log replaced by a new file")
-        }
-        TailNotice::Deleted { path } => {
-            tracing::warn!(path = %path.display(), "spend log deleted while open")
-        }
     }
 }
 
