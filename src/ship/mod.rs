@@ -214,17 +214,15 @@ pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> an
         let metrics = Some(metrics.clone());
         let storage = storage.clone();
         async move {
-            let r = reader::run_reader(
-                tailer,
+            let ctx = reader::ReaderCtx {
                 outbox,
                 spec,
-                max,
+                max_line_bytes: max,
                 signal,
-                stop.clone(),
                 metrics,
                 storage,
-            )
-            .await;
+            };
+            let r = reader::run_reader(tailer, ctx, stop.clone()).await;
             if r.is_err() {
                 stop.cancel();
             }

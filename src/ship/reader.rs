@@ -91,6 +91,20 @@ pub async fn ingest_chunk(
     .await
 }
 
+/// What the reader works with besides the tailer (the sender has its own, `sender::Ctx`).
+pub struct ReaderCtx {
+    pub outbox: SharedOutbox,
+    /// How records become events.
+    pub spec: Arc<EventSpec>,
+    /// Longest accepted line; longer ones are rejected.
+    pub max_line_bytes: usize,
+    /// Woken with the number of new pending events after each commit.
+    pub signal: Arc<WorkSignal>,
+    pub metrics: Option<ShipMetrics>,
+    /// The storage state shared with the sender.
+    pub storage: Arc<StorageGate>,
+}
+
 /// Reads until `shutdown`, recording every chunk and waking the sender.
 ///
 /// A chunk that cannot be committed for storage trouble (disk full, read-only) is retried until it
@@ -104,18 +118,19 @@ pub async fn ingest_chunk(
 /// memory is bounded by the chunk size whatever the backlog, and order is kept, so positions are
 /// committed in the order they were reached.
 ///
-/// `storage` is the storage state shared with the sender.
-#[allow(clippy::too_many_arguments)]
 pub async fn run_reader(
     mut tailer: Tailer,
-    outbox: SharedOutbox,
-    spec: Arc<EventSpec>,
-    max_line_bytes: usize,
-    signal: Arc<WorkSignal>,
+    ctx: ReaderCtx,
     shutdown: CancellationToken,
-    metrics: Option<ShipMetrics>,
-    storage: Arc<StorageGate>,
 ) -> Result<IngestReport, ReaderError> {
+    let ReaderCtx {
+        outbox,
+        spec,
+        max_line_bytes,
+        signal,
+        metrics,
+        storage,
+    } = ctx;
     type Parsed = tokio::task::JoinHandle<(Vec<IngestItem>, Vec<crate::ship::tail::FilePosition>)>;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Parsed>(1);
     let stop = shutdown.clone();
