@@ -43,6 +43,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::metrics::ship::QueueDepth;
 use crate::metrics::{MetricsServer, Registry, ShipMetrics};
@@ -146,7 +147,15 @@ pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> an
         None => None,
     };
     let webhook_addr = webhooks.as_ref().map(|(addr, _)| *addr);
-    let served_webhooks = webhooks.map(|(_, fut)| tokio::spawn(fut));
+    // Every task beside the reader and the sender; all are waited for before returning.
+    let tasks = TaskTracker::new();
+    if let Some((_, served)) = webhooks {
+        tasks.spawn(async move {
+            if let Err(e) = served.await {
+                tracing::warn!(error = %e, "the webhook listener failed");
+            }
+        });
+    }
     // A full or read-only state directory is waited out by the reader and the sender alike.
     let storage = Arc::new(StorageGate::new(db_path.clone(), Some(metrics.clone())));
     let signal = Arc::new(WorkSignal::default());
@@ -176,30 +185,42 @@ pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> an
     service::notify_status(&status);
     storage.set_normal_status(status);
     service::notify_ready();
-    let watchdog = service::spawn_watchdog(stop.clone(), || true);
-    let served_metrics = metrics_server.map(|server| tokio::spawn(server.run(stop.clone())));
-    let gauges = tokio::spawn(refresh_queue_gauges(
+    if let Some(watchdog) = service::spawn_watchdog(stop.clone(), || true) {
+        tasks.spawn(async move {
+            let _ = watchdog.await;
+        });
+    }
+    if let Some(server) = metrics_server {
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            if let Err(e) = server.run(stop).await {
+                tracing::warn!(error = %e, "the metrics listener failed");
+            }
+        });
+    }
+    tasks.spawn(refresh_queue_gauges(
         outbox.clone(),
         metrics.clone(),
         stop.clone(),
     ));
-    let subscription_checks = match lago_read::LagoReader::new(
+    match lago_read::LagoReader::new(
         &settings.lago.api_base,
         settings.lago.api_key.expose(),
         subscriptions::RATE,
     ) {
-        Ok(reader) => Some(tokio::spawn(subscriptions::run_checker(
-            outbox.clone(),
-            reader,
-            Some(metrics.clone()),
-            stop.clone(),
-        ))),
+        Ok(reader) => {
+            tasks.spawn(subscriptions::run_checker(
+                outbox.clone(),
+                reader,
+                Some(metrics.clone()),
+                stop.clone(),
+            ));
+        }
         Err(e) => {
             tracing::warn!(error = %e, "subscriptions are not checked");
-            None
         }
-    };
-    let stopping = tokio::spawn({
+    }
+    tasks.spawn({
         let stop = stop.clone();
         async move {
             stop.cancelled().await;
@@ -229,9 +250,9 @@ pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> an
             r
         }
     });
-    let pruner = settings.tuning.acked_retention.map(|retention| {
+    if let Some(retention) = settings.tuning.acked_retention {
         let (outbox, stop) = (outbox.clone(), stop.clone());
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(PRUNE_EVERY) => {}
@@ -243,8 +264,8 @@ pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> an
                     Err(e) => tracing::warn!(error = %e, "cannot prune acked ids"),
                 }
             }
-        })
-    });
+        });
+    }
 
     let totals = Arc::new(SendTotals {
         metrics: Some(metrics),
@@ -264,31 +285,8 @@ pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> an
     // The sender returns on shutdown or on failure; either way the reader stops too.
     stop.cancel();
     let read = reader.await.context("the reader task failed")?;
-    if let Some(p) = pruner {
-        let _ = p.await;
-    }
-    let _ = stopping.await;
-    if let Some(checks) = subscription_checks {
-        let _ = checks.await;
-    }
-    let _ = gauges.await;
-    if let Some(w) = watchdog {
-        let _ = w.await;
-    }
-    if let Some(served) = served_webhooks {
-        match served.await {
-            Ok(Err(e)) => tracing::warn!(error = %e, "the webhook listener failed"),
-            Err(e) => tracing::warn!(error = %e, "the webhook listener task failed"),
-            Ok(Ok(())) => {}
-        }
-    }
-    if let Some(served) = served_metrics {
-        match served.await {
-            Ok(Err(e)) => tracing::warn!(error = %e, "the metrics listener failed"),
-            Err(e) => tracing::warn!(error = %e, "the metrics listener task failed"),
-            Ok(Ok(())) => {}
-        }
-    }
+    tasks.close();
+    tasks.wait().await;
     // An outbox error (disk full, read-only) must name the file, so the operator knows where.
     let read = read.with_context(|| {
         format!(
