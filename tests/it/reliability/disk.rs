@@ -13,7 +13,7 @@ use std::process::Command;
 
 use tally::lago_emulator::Fault;
 
-use crate::reliability_support::{LogWriter, PATIENCE, Rig, figure, good_line, tail};
+use crate::reliability::support::{LogWriter, PATIENCE, Rig, figure, good_line, tail};
 use crate::support::wait_until;
 
 /// The log line the shipper writes when the outbox cannot be written.
@@ -176,7 +176,7 @@ fn backlog(rig: &Rig) -> (u64, u64) {
 /// does not advance, and shows the backlog; returns the log line and the backlog seen.
 async fn trouble(
     rig: &Rig,
-    ship: &mut crate::reliability_support::Shipper,
+    ship: &mut crate::reliability::support::Shipper,
     writer: &mut LogWriter,
     range: (u64, u64, u64),
     break_disk: impl FnOnce(),
@@ -241,7 +241,7 @@ async fn trouble(
 async fn state_dir_full_then_read_only_is_ridden_through_by_one_shipper() {
     let rig = Rig::new().await;
     let Some(mut disk) = Disk::mount(&rig.path("state.img"), &rig.state_dir()) else {
-        eprintln!("SKIPPED reliability_disk: mkfs.ext4 or `mount -o loop` is not available here");
+        eprintln!("SKIPPED reliability::disk: mkfs.ext4 or `mount -o loop` is not available here");
         return;
     };
     let db = rig.state_dir().join("shipper.db").display().to_string();
