@@ -1,4 +1,4 @@
-//! A local Lago events API that answers like the real server (shared/lago/BEHAVIOUR.md), for
+//! A local Lago events API that answers like the real server (docs/lago-emulator.md), for
 //! tests, the demo, benchmarks and users without a Lago instance; `tally lago-emulator`.
 //!
 //! - [`validate`]: one JSON event → the fields Lago keeps, or its per-field errors.
