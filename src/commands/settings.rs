@@ -92,76 +92,66 @@ pub fn precise_amount(args: &LagoArgs) -> Result<Option<Markup>, SettingsError> 
 
 /// Validates the tuning flags.
 pub fn tuning(t: &ShipTuning) -> Result<Tuning, SettingsError> {
-    if !(1..=MAX_BATCH_SIZE).contains(&t.batch_size) {
-        return Err(invalid(
-            "TALLY_BATCH_SIZE",
-            &t.batch_size.to_string(),
-            format!("accepted: 1 to {MAX_BATCH_SIZE} (Lago refuses larger batches)"),
-        ));
-    }
-    if !(1..=256).contains(&t.batches_in_flight) {
-        return Err(invalid(
-            "TALLY_BATCHES_IN_FLIGHT",
-            &t.batches_in_flight.to_string(),
-            "accepted: 1 to 256".into(),
-        ));
-    }
-    if t.linger_ms > 60_000 {
-        return Err(invalid(
-            "TALLY_LINGER_MS",
-            &t.linger_ms.to_string(),
-            "accepted: 0 to 60000 milliseconds".into(),
-        ));
-    }
-    if !(1..=86_400).contains(&t.retry_cap_secs) {
-        return Err(invalid(
-            "TALLY_RETRY_CAP_SECS",
-            &t.retry_cap_secs.to_string(),
-            "accepted: 1 to 86400 seconds".into(),
-        ));
-    }
-    if !(1..=3_600).contains(&t.request_timeout_secs) {
-        return Err(invalid(
-            "TALLY_REQUEST_TIMEOUT_SECS",
-            &t.request_timeout_secs.to_string(),
-            "accepted: 1 to 3600 seconds".into(),
-        ));
-    }
-    if t.drain_deadline_secs > 3_600 {
-        return Err(invalid(
-            "TALLY_DRAIN_DEADLINE_SECS",
-            &t.drain_deadline_secs.to_string(),
-            "accepted: 0 to 3600 seconds".into(),
-        ));
-    }
-    if !(10..=3_600_000).contains(&t.poll_interval_ms) {
-        return Err(invalid(
-            "TALLY_POLL_INTERVAL_MS",
-            &t.poll_interval_ms.to_string(),
-            "accepted: 10 to 3600000 milliseconds".into(),
-        ));
-    }
-    if !(1024..=64 * 1024 * 1024).contains(&t.max_line_bytes) {
-        return Err(invalid(
-            "TALLY_MAX_LINE_BYTES",
-            &t.max_line_bytes.to_string(),
-            "accepted: 1024 to 67108864 bytes".into(),
-        ));
-    }
-    if !(1024..=64 * 1024 * 1024).contains(&t.batch_max_bytes) {
-        return Err(invalid(
-            "TALLY_BATCH_MAX_BYTES",
-            &t.batch_max_bytes.to_string(),
-            "accepted: 1024 to 67108864 bytes".into(),
-        ));
-    }
-    if t.acked_retention_days > 36_500 {
-        return Err(invalid(
-            "TALLY_ACKED_RETENTION_DAYS",
-            &t.acked_retention_days.to_string(),
-            "accepted: 0 (keep forever) to 36500 days".into(),
-        ));
-    }
+    in_range(
+        "TALLY_BATCH_SIZE",
+        t.batch_size,
+        1..=MAX_BATCH_SIZE,
+        &format!("accepted: 1 to {MAX_BATCH_SIZE} (Lago refuses larger batches)"),
+    )?;
+    in_range(
+        "TALLY_BATCHES_IN_FLIGHT",
+        t.batches_in_flight,
+        1..=256,
+        "accepted: 1 to 256",
+    )?;
+    in_range(
+        "TALLY_LINGER_MS",
+        t.linger_ms,
+        0..=60_000,
+        "accepted: 0 to 60000 milliseconds",
+    )?;
+    in_range(
+        "TALLY_RETRY_CAP_SECS",
+        t.retry_cap_secs,
+        1..=86_400,
+        "accepted: 1 to 86400 seconds",
+    )?;
+    in_range(
+        "TALLY_REQUEST_TIMEOUT_SECS",
+        t.request_timeout_secs,
+        1..=3_600,
+        "accepted: 1 to 3600 seconds",
+    )?;
+    in_range(
+        "TALLY_DRAIN_DEADLINE_SECS",
+        t.drain_deadline_secs,
+        0..=3_600,
+        "accepted: 0 to 3600 seconds",
+    )?;
+    in_range(
+        "TALLY_POLL_INTERVAL_MS",
+        t.poll_interval_ms,
+        10..=3_600_000,
+        "accepted: 10 to 3600000 milliseconds",
+    )?;
+    in_range(
+        "TALLY_MAX_LINE_BYTES",
+        t.max_line_bytes,
+        1024..=64 * 1024 * 1024,
+        "accepted: 1024 to 67108864 bytes",
+    )?;
+    in_range(
+        "TALLY_BATCH_MAX_BYTES",
+        t.batch_max_bytes,
+        1024..=64 * 1024 * 1024,
+        "accepted: 1024 to 67108864 bytes",
+    )?;
+    in_range(
+        "TALLY_ACKED_RETENTION_DAYS",
+        t.acked_retention_days,
+        0..=36_500,
+        "accepted: 0 (keep forever) to 36500 days",
+    )?;
     Ok(Tuning {
         batch_size: t.batch_size,
         linger: Duration::from_millis(t.linger_ms),
@@ -204,6 +194,20 @@ pub async fn lago_emulator(args: LagoEmulatorArgs) -> anyhow::Result<(EmulatorCo
         }),
     };
     Ok((config, addr))
+}
+
+/// `value` if it is in `accepted`, else an error naming `var` and saying what is accepted.
+fn in_range<T: PartialOrd + ToString>(
+    var: &'static str,
+    value: T,
+    accepted: std::ops::RangeInclusive<T>,
+    says: &str,
+) -> Result<T, SettingsError> {
+    if accepted.contains(&value) {
+        Ok(value)
+    } else {
+        Err(invalid(var, &value.to_string(), says.to_owned()))
+    }
 }
 
 #[cfg(test)]
