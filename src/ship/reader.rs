@@ -45,11 +45,16 @@ pub fn line_to_item(source: Source, line: &[u8], spec: &EventSpec) -> IngestItem
 pub fn too_long_item(source: Source, len: u64, max_line_bytes: usize) -> IngestItem {
     IngestItem::Rejected {
         source,
-        reason: format!(
-            "line is {len} bytes long, over the limit of {max_line_bytes} bytes (TALLY_MAX_LINE_BYTES); it was skipped"
-        ),
+        reason: too_long_reason(len, max_line_bytes),
         head: Vec::new(),
     }
+}
+
+/// Why a line over `TALLY_MAX_LINE_BYTES` is rejected (the shipper's and replay's words).
+pub fn too_long_reason(len: u64, max_line_bytes: usize) -> String {
+    format!(
+        "line is {len} bytes long, over the limit of {max_line_bytes} bytes (TALLY_MAX_LINE_BYTES); it was skipped"
+    )
 }
 
 fn source_of(path: &Path, offset: u64) -> Source {
