@@ -124,8 +124,8 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// Tailer → reader → outbox, no sender.
 fn ingest(file: &str, state_dir: &str) -> anyhow::Result<()> {
     use std::sync::Arc;
-    use tally::ship::reader::run_reader;
-    use tally::ship::sender::WorkSignal;
+    use tally::ship::reader::{ReaderCtx, run_reader};
+    use tally::ship::signal::WorkSignal;
     use tally::ship::storage::StorageGate;
     use tally::ship::tail::{TailOptions, Tailer};
     use tokio_util::sync::CancellationToken;
@@ -151,16 +151,15 @@ fn ingest(file: &str, state_dir: &str) -> anyhow::Result<()> {
         let stop = CancellationToken::new();
         let start = Instant::now();
         let storage = Arc::new(StorageGate::new(outbox.path().to_owned(), None));
-        let reader = tokio::spawn(run_reader(
-            tailer,
-            outbox.shared(),
+        let ctx = ReaderCtx {
+            outbox: outbox.shared(),
             spec,
-            1 << 20,
-            Arc::new(WorkSignal::default()),
-            stop.clone(),
-            None,
+            max_line_bytes: 1 << 20,
+            signal: Arc::new(WorkSignal::default()),
+            metrics: None,
             storage,
-        ));
+        };
+        let reader = tokio::spawn(run_reader(tailer, ctx, stop.clone()));
         let watcher = Outbox::open_in(std::path::Path::new(state_dir))?;
         loop {
             let done = watcher.positions()?.iter().any(|p| p.offset >= size);

@@ -63,6 +63,17 @@ else
   cargo test --no-fail-fast
 fi
 
+# The disk-trouble test mounts a loop filesystem, so it is #[ignore]d (a green run without root
+# must not claim it ran); as root (CI) it runs here.
+if [[ $(id -u) -eq 0 ]]; then
+  step "Rust tests that need root (loop-mounted state directory)"
+  if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --test it --run-ignored only --failure-output final -E 'test(/^reliability::disk::/)'
+  else
+    cargo test --test it -- --ignored reliability::disk::
+  fi
+fi
+
 step "Claude Code (npm, pinned in tests/clients/claude/package.json) for its client test"
 if command -v npm >/dev/null 2>&1; then
   (cd tests/clients/claude && npm install --no-audit --no-fund --silent)

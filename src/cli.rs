@@ -8,6 +8,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::ship::settings::defaults as ship_defaults;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "tally",
@@ -146,11 +148,11 @@ pub enum KeysAction {
 #[derive(Debug, Clone, Args)]
 pub struct SharedArgs {
     /// Path of the live spend log (JSON lines).
-    #[arg(long, env = "TALLY_SPEND_LOG", default_value = "./spend.jsonl")]
+    #[arg(long, env = "TALLY_SPEND_LOG", default_value = crate::spend::DEFAULT_SPEND_LOG)]
     pub spend_log: PathBuf,
 
     /// Directory for local state (`keys.db` for the proxy, `shipper.db` for the shipper).
-    #[arg(long, env = "TALLY_STATE_DIR", default_value = "./.tally")]
+    #[arg(long, env = "TALLY_STATE_DIR", default_value = crate::spend::DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
 }
 
@@ -192,7 +194,7 @@ pub struct LagoArgs {
 
     /// Who is charged: end_user_id, user_id or team_id, or a comma-separated fallback list
     /// such as `team_id,user_id` (the first non-empty id wins).
-    #[arg(long, env = "LAGO_API_CHARGE_BY", default_value = "end_user_id")]
+    #[arg(long, env = "LAGO_API_CHARGE_BY", default_value = ship_defaults::CHARGE_BY)]
     pub lago_api_charge_by: String,
 
     /// Send `precise_total_amount_cents` (cost × 100 × TALLY_COST_MARKUP, exact decimal) with
@@ -212,7 +214,7 @@ pub struct LagoArgs {
     #[arg(
         long,
         env = "TALLY_COST_MARKUP",
-        default_value = "1",
+        default_value = ship_defaults::COST_MARKUP,
         allow_hyphen_values = true
     )]
     pub cost_markup: String,
@@ -222,44 +224,44 @@ pub struct LagoArgs {
 #[derive(Debug, Clone, Args)]
 pub struct ShipTuning {
     /// Events per Lago batch request (1..=100; Lago's cap is 100).
-    #[arg(long, env = "TALLY_BATCH_SIZE", default_value_t = 100)]
+    #[arg(long, env = "TALLY_BATCH_SIZE", default_value_t = ship_defaults::BATCH_SIZE)]
     pub batch_size: usize,
 
     /// How long to wait for a batch to fill before sending it anyway, in milliseconds.
-    #[arg(long, env = "TALLY_LINGER_MS", default_value_t = 20)]
+    #[arg(long, env = "TALLY_LINGER_MS", default_value_t = ship_defaults::LINGER_MS)]
     pub linger_ms: u64,
 
     /// Batch requests in flight at once.
-    #[arg(long, env = "TALLY_BATCHES_IN_FLIGHT", default_value_t = 4)]
+    #[arg(long, env = "TALLY_BATCHES_IN_FLIGHT", default_value_t = ship_defaults::BATCHES_IN_FLIGHT)]
     pub batches_in_flight: usize,
 
     /// Longest wait between retries of a failing request, in seconds.
-    #[arg(long, env = "TALLY_RETRY_CAP_SECS", default_value_t = 60)]
+    #[arg(long, env = "TALLY_RETRY_CAP_SECS", default_value_t = ship_defaults::RETRY_CAP_SECS)]
     pub retry_cap_secs: u64,
 
     /// Timeout of one Lago request, in seconds.
-    #[arg(long, env = "TALLY_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
+    #[arg(long, env = "TALLY_REQUEST_TIMEOUT_SECS", default_value_t = ship_defaults::REQUEST_TIMEOUT_SECS)]
     pub request_timeout_secs: u64,
 
     /// On SIGTERM, how long in-flight requests may take before they are abandoned, in seconds.
-    #[arg(long, env = "TALLY_DRAIN_DEADLINE_SECS", default_value_t = 10)]
+    #[arg(long, env = "TALLY_DRAIN_DEADLINE_SECS", default_value_t = ship_defaults::DRAIN_DEADLINE_SECS)]
     pub drain_deadline_secs: u64,
 
     /// Safety-net poll of the spend log when no file event arrives, in milliseconds.
-    #[arg(long, env = "TALLY_POLL_INTERVAL_MS", default_value_t = 1000)]
+    #[arg(long, env = "TALLY_POLL_INTERVAL_MS", default_value_t = ship_defaults::POLL_INTERVAL_MS)]
     pub poll_interval_ms: u64,
 
     /// Longest accepted spend-log line in bytes; longer lines are rejected.
-    #[arg(long, env = "TALLY_MAX_LINE_BYTES", default_value_t = 1024 * 1024)]
+    #[arg(long, env = "TALLY_MAX_LINE_BYTES", default_value_t = ship_defaults::MAX_LINE_BYTES)]
     pub max_line_bytes: usize,
 
     /// Largest Lago request body in bytes: a batch is cut to fit (an event larger than this is
     /// sent alone). Below the 1 MiB body limit of nginx's default; a 413 splits a batch further.
-    #[arg(long, env = "TALLY_BATCH_MAX_BYTES", default_value_t = crate::ship::settings::DEFAULT_BATCH_MAX_BYTES)]
+    #[arg(long, env = "TALLY_BATCH_MAX_BYTES", default_value_t = ship_defaults::BATCH_MAX_BYTES)]
     pub batch_max_bytes: usize,
 
     /// Keep acked transaction ids this many days (0 = forever) so replays never bill twice.
-    #[arg(long, env = "TALLY_ACKED_RETENTION_DAYS", default_value_t = 0)]
+    #[arg(long, env = "TALLY_ACKED_RETENTION_DAYS", default_value_t = ship_defaults::ACKED_RETENTION_DAYS)]
     pub acked_retention_days: u64,
 }
 
@@ -351,7 +353,7 @@ pub struct QueueArgs {
         long,
         global = true,
         env = "TALLY_STATE_DIR",
-        default_value = "./.tally"
+        default_value = crate::spend::DEFAULT_STATE_DIR
     )]
     pub state_dir: PathBuf,
 }
@@ -407,7 +409,7 @@ pub enum QueueAction {
         /// Transaction ids to retry.
         ids: Vec<String>,
         /// Charge-by setting to re-resolve with (defaults to LAGO_API_CHARGE_BY).
-        #[arg(long, env = "LAGO_API_CHARGE_BY", default_value = "end_user_id")]
+        #[arg(long, env = "LAGO_API_CHARGE_BY", default_value = ship_defaults::CHARGE_BY)]
         charge_by: String,
         /// Code of the Lago billable metric the rebuilt events carry.
         #[arg(long, env = "LAGO_API_EVENT_CODE")]
@@ -427,7 +429,7 @@ pub enum QueueAction {
         #[arg(
             long,
             env = "TALLY_COST_MARKUP",
-            default_value = "1",
+            default_value = ship_defaults::COST_MARKUP,
             allow_hyphen_values = true
         )]
         cost_markup: String,
@@ -468,7 +470,7 @@ pub struct LagoEmulatorArgs {
         long,
         env = "LAGO_API_KEY",
         hide_env_values = true,
-        default_value = "lago-emulator-key"
+        default_value = crate::lago_emulator::DEFAULT_API_KEY
     )]
     pub api_key: String,
 
@@ -482,7 +484,7 @@ pub struct LagoEmulatorArgs {
     pub store: crate::lago_emulator::StoreKind,
 
     /// Most events a batch may carry (Lago's `LAGO_EVENTS_BATCH_MAX_LENGTH`).
-    #[arg(long, env = "LAGO_EVENTS_BATCH_MAX_LENGTH", default_value_t = 100)]
+    #[arg(long, env = "LAGO_EVENTS_BATCH_MAX_LENGTH", default_value_t = crate::lago_emulator::DEFAULT_BATCH_MAX_LENGTH)]
     pub batch_max_length: usize,
 
     /// The external_subscription_ids Lago knows (comma-separated or repeated); when none is

@@ -16,6 +16,7 @@
 //!   injection for tests.
 //! - [`service`]: running under systemd: readiness, status and watchdog (sd_notify).
 //! - [`metrics`]: Prometheus metrics of the proxy and the shipper, and the `/metrics` endpoint.
+//! - [`text`]: text from a record or a peer made safe for a terminal or a log line.
 //! - [`commands`]: operator commands over the same modules: `replay`, `queue`, `demo`.
 
 pub mod cli;
@@ -27,3 +28,4 @@ pub mod proxy;
 pub mod service;
 pub mod ship;
 pub mod spend;
+pub mod text;

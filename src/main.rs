@@ -11,7 +11,9 @@ use std::process::ExitCode;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
+use anyhow::Context;
 use tally::cli::{Cli, Command};
+use tally::commands::settings;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -40,7 +42,7 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             // Errors can quote input (a file's line, Lago's answer): escaped like all record text.
-            let text = tally::commands::output::printable(&format!("{err:#}"));
+            let text = tally::text::printable(&format!("{err:#}"));
             eprintln!("tally: error: {text}");
             ExitCode::FAILURE
         }
@@ -53,17 +55,23 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Proxy(args) => tally::proxy::run(args, shutdown)
             .await
             .map(|()| ExitCode::SUCCESS),
-        Command::Ship(args) => tally::ship::run(args, shutdown)
-            .await
-            .map(|()| ExitCode::SUCCESS),
+        Command::Ship(args) => {
+            let settings = settings::ship(&args).context("invalid shipper settings")?;
+            tally::ship::run(settings, shutdown)
+                .await
+                .map(|()| ExitCode::SUCCESS)
+        }
         Command::Replay(args) => tally::commands::replay::run(args, shutdown).await,
         Command::Queue(args) => tally::commands::queue::run(args).await,
         Command::Demo(args) => tally::commands::demo::run(args, shutdown).await,
         Command::Audit(args) => tally::commands::audit::run(args, shutdown).await,
         Command::Keys(args) => tally::commands::keys::run(args).await,
-        Command::LagoEmulator(args) => tally::lago_emulator::run(args, shutdown)
-            .await
-            .map(|()| ExitCode::SUCCESS),
+        Command::LagoEmulator(args) => {
+            let (config, addr) = settings::lago_emulator(args).await?;
+            tally::lago_emulator::run(config, addr, shutdown)
+                .await
+                .map(|()| ExitCode::SUCCESS)
+        }
     }
 }
 

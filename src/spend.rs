@@ -8,6 +8,12 @@
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+/// Where the spend log is when nothing says (`TALLY_SPEND_LOG`); the proxy and the shipper must
+/// agree on it.
+pub const DEFAULT_SPEND_LOG: &str = "./spend.jsonl";
+/// The local state directory when nothing says (`TALLY_STATE_DIR`).
+pub const DEFAULT_STATE_DIR: &str = "./.tally";
+
 /// The schema version this build writes and reads.
 pub const SCHEMA_VERSION: u32 = 1;
 

@@ -210,7 +210,7 @@ async fn start(dir: &Path, shutdown: &CancellationToken) -> anyhow::Result<Servi
         EVENT_CODE,
     )
     .context("the demo's shipper settings are invalid")?;
-    settings.lago.charge_by = CHARGE_BY
+    settings.lago.spec.charge_by = CHARGE_BY
         .parse()
         .map_err(|e| anyhow::anyhow!("the demo's charge-by is invalid: {e}"))?;
     // Quick to notice new lines even where file events are slow to arrive.

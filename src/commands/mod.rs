@@ -7,6 +7,8 @@
 //! - [`demo`]: the whole pipeline in one process on loopback.
 //! - [`keys`]: `tally keys list|create|delete|import` over the proxy's key store.
 //! - [`output`]: tables, JSON and exit codes shared by the commands.
+//! - [`settings`]: the command line → the services' validated settings (`tally ship`,
+//!   `tally lago-emulator`, and the Lago/tuning parts replay and audit use).
 
 pub mod audit;
 pub mod demo;
@@ -14,3 +16,4 @@ pub mod keys;
 pub mod output;
 pub mod queue;
 pub mod replay;
+pub mod settings;

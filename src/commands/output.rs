@@ -7,6 +7,8 @@ use comfy_table::presets::UTF8_FULL_CONDENSED;
 use comfy_table::{CellAlignment, ContentArrangement, Table};
 use serde::Serialize;
 
+pub use crate::text::printable;
+
 /// Exit code of a command that worked but found something that needs attention: `tally queue
 /// stats --max-age` when the oldest pending event is older, `tally replay --ship` when some of its
 /// events are still not acknowledged by Lago. (1 is an error, 2 bad usage.)
@@ -71,30 +73,6 @@ pub fn age(secs: u64) -> String {
     }
 }
 
-/// Text from a spend log, a record or a peer, made safe for a terminal: control characters
-/// (ESC, CR, BEL, C1 codes…) and the invisible direction overrides that can disguise text are
-/// written as escapes (`\u{1b}`, `\n`), so nothing tally prints can move the cursor, recolour
-/// the screen or set a window title. Everything tally prints of record text goes through this.
-pub fn printable(text: &str) -> String {
-    if !text.chars().any(needs_escape) {
-        return text.to_owned();
-    }
-    let mut s = String::with_capacity(text.len() + 8);
-    for c in text.chars() {
-        if needs_escape(c) {
-            s.extend(c.escape_default());
-        } else {
-            s.push(c);
-        }
-    }
-    s
-}
-
-fn needs_escape(c: char) -> bool {
-    c.is_control()
-        || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
-}
-
 /// Up to `max` leading bytes of a line, lossily decoded, for showing a rejected line safely.
 pub fn first_bytes(bytes: &[u8], max: usize) -> String {
     let cut = &bytes[..bytes.len().min(max)];
@@ -126,18 +104,6 @@ mod tests {
         assert_eq!(first_bytes(b"{\"a\":\n1}", 100), "{\"a\":\\n1}");
         assert_eq!(first_bytes(b"abcdef", 3), "abc…");
         assert_eq!(first_bytes(b"\xff\xfeok", 10), "\u{fffd}\u{fffd}ok");
-    }
-
-    #[test]
-    fn printable_escapes_terminal_controls_only() {
-        assert_eq!(printable("cust-1 é ✓"), "cust-1 é ✓");
-        assert_eq!(
-            printable("a\u{1b}]0;pwned\u{7}b"),
-            "a\\u{1b}]0;pwned\\u{7}b"
-        );
-        assert_eq!(printable("x\r\ny\u{9b}"), "x\\r\\ny\\u{9b}");
-        assert_eq!(printable("\u{202e}gnp.exe"), "\\u{202e}gnp.exe");
-        assert!(!printable("\u{1b}[2J").contains('\u{1b}'));
     }
 
     #[test]

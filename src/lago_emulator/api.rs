@@ -1,7 +1,7 @@
 //! Lago's events API as the emulator serves it: `POST /api/v1/events`,
 //! `POST /api/v1/events/batch`, `GET /api/v1/events/{transaction_id}`, each behind a gate that
 //! counts requests and serves injected faults. Bodies match the real server byte for byte where
-//! shared/lago/BEHAVIOUR.md says what they are.
+//! docs/lago-emulator.md says what they are.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -1,4 +1,4 @@
-//! A local Lago events API that answers like the real server (shared/lago/BEHAVIOUR.md), for
+//! A local Lago events API that answers like the real server (docs/lago-emulator.md), for
 //! tests, the demo, benchmarks and users without a Lago instance; `tally lago-emulator`.
 //!
 //! - [`validate`]: one JSON event → the fields Lago keeps, or its per-field errors.
@@ -29,12 +29,15 @@ use axum::extract::DefaultBodyLimit;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::LagoEmulatorArgs;
-
 pub use counters::Counters;
 pub use faults::Fault;
 pub use store::{StoreKind, StoredEvent};
 pub use webhooks::{Metric, WebhookConfig};
+
+/// The write key the emulator accepts when none is given (CLI and [`EmulatorConfig::default`]).
+pub const DEFAULT_API_KEY: &str = "lago-emulator-key";
+/// Lago's default `LAGO_EVENTS_BATCH_MAX_LENGTH`.
+pub const DEFAULT_BATCH_MAX_LENGTH: usize = 100;
 
 /// How the emulator behaves.
 #[derive(Debug, Clone)]
@@ -60,9 +63,9 @@ pub struct EmulatorConfig {
 impl Default for EmulatorConfig {
     fn default() -> Self {
         Self {
-            api_key: "lago-emulator-key".to_string(),
+            api_key: DEFAULT_API_KEY.to_string(),
             read_only_api_key: None,
-            batch_max_length: 100,
+            batch_max_length: DEFAULT_BATCH_MAX_LENGTH,
             store: StoreKind::Postgres,
             known_subscriptions: None,
             metrics: Vec::new(),
@@ -279,36 +282,20 @@ impl EmulatorHandle {
     }
 }
 
-/// `tally lago-emulator`: serve until `shutdown` is cancelled. Prints the base URL on stdout.
-pub async fn run(args: LagoEmulatorArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let addr = tokio::net::lookup_host((args.host.as_str(), args.port))
-        .await
-        .with_context(|| format!("resolving --host {}", args.host))?
-        .next()
-        .with_context(|| format!("--host {} resolves to no address", args.host))?;
-    if args.batch_max_length == 0 {
-        anyhow::bail!("--batch-max-length must be at least 1 (Lago's default is 100)");
-    }
-    let config = EmulatorConfig {
-        api_key: args.api_key,
-        read_only_api_key: args.read_only_api_key,
-        batch_max_length: args.batch_max_length,
-        store: args.store,
-        known_subscriptions: (!args.known_subscriptions.is_empty())
-            .then(|| args.known_subscriptions.iter().cloned().collect()),
-        metrics: args.metrics,
-        webhook: args.webhook_url.map(|url| WebhookConfig {
-            url,
-            jwt: args.webhook_hmac_key.is_none(),
-            hmac_key: args.webhook_hmac_key,
-        }),
-    };
+/// `tally lago-emulator`: serve `config` on `addr` until `shutdown` is cancelled. Prints the base
+/// URL on stdout.
+pub async fn run(
+    config: EmulatorConfig,
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let store = config.store;
     let handle = spawn(config, addr).await.with_context(|| {
         format!("cannot listen on {addr}; is another process using it? choose another --port")
     })?;
     tracing::info!(
         base_url = %handle.base_url(),
-        store = ?args.store,
+        store = ?store,
         "lago emulator listening; control endpoints under /_emulator/"
     );
     // For a script reading the URL; one that stops reading must not end the emulator.

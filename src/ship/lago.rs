@@ -1,5 +1,5 @@
 //! The Lago events client: one `POST /api/v1/events/batch` per call, and the classification of
-//! Lago's answer into what the sender must do (shared/lago/BEHAVIOUR.md).
+//! Lago's answer into what the sender must do (docs/lago-emulator.md).
 //!
 //! The request body is assembled from the event bytes stored in the outbox, without parsing
 //! them again. The API key goes only into a header marked sensitive; reqwest's errors carry the
@@ -247,9 +247,7 @@ pub fn location_of(request_url: Option<&str>, headers: &HeaderMap) -> Option<Str
         Ok(url) => crate::ship::settings::redact_url(&url),
         Err(_) => raw.into_owned(),
     };
-    Some(body_text(
-        crate::commands::output::printable(&text).as_bytes(),
-    ))
+    Some(body_text(crate::text::printable(&text).as_bytes()))
 }
 
 /// What the shipper records for a redirect: where it pointed and what to do.

@@ -1,14 +1,16 @@
 //! `tally ship`: tail the spend log, dedupe in SQLite, deliver to Lago exactly once (issue #3).
 //!
 //! Data flows one way: **tail → reader → outbox → sender → Lago**.
-//! - [`settings`]: validated settings ([`ShipSettings`]) from the CLI / environment, or built in
-//!   code; the Lago key is redacted everywhere.
+//! - [`settings`]: validated settings ([`ShipSettings`]), made from the command line by
+//!   `crate::commands::settings` or built in code; the Lago key is redacted everywhere.
 //! - [`tail`]: follows the live spend log across rotation and truncation, yielding lines and
 //!   file positions.
 //! - [`amount`]: `precise_total_amount_cents` (cost × 100 × markup) in exact decimal.
 //! - [`resolve`]: a record → who is charged (`LAGO_API_CHARGE_BY`) and the exact Lago event bytes.
 //! - [`outbox`]: `shipper.db` (SQLite, WAL, migrated schema): records, their delivery state,
-//!   rejected lines, file positions; plus what `tally queue` reads and does.
+//!   rejected lines, file positions; plus what `tally queue` reads and does, and
+//!   [`outbox::with_outbox`], an outbox operation from async code.
+//! - [`signal`]: the work signal, how new pending events wake the sender.
 //! - [`reader`]: tailer chunks → parsed records → one outbox transaction per chunk.
 //! - [`lago`]: the HTTP client for `POST /api/v1/events/batch` and the classification of answers.
 //! - [`sender`]: claims batches from the outbox, keeps several in flight, acks / dead-letters /
@@ -30,6 +32,7 @@ pub mod reader;
 pub mod resolve;
 pub mod sender;
 pub mod settings;
+pub mod signal;
 pub mod storage;
 pub mod subscriptions;
 pub mod tail;
@@ -40,15 +43,15 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::cli::ShipArgs;
 use crate::metrics::ship::QueueDepth;
 use crate::metrics::{MetricsServer, Registry, ShipMetrics};
 use crate::service;
 use outbox::Outbox;
-use resolve::EventSpec;
-use sender::{SendMode, SendTotals, WorkSignal};
+use sender::{SendMode, SendTotals};
 pub use settings::{ApiKey, ShipSettings};
+use signal::WorkSignal;
 use storage::StorageGate;
 use tail::{TailOptions, Tailer};
 
@@ -62,9 +65,8 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// How often the queue gauges (depth by state, oldest pending age) are refreshed.
 const QUEUE_GAUGES_EVERY: Duration = Duration::from_secs(5);
 
-/// `tally ship`: validates the settings, then runs until `shutdown`.
-pub async fn run(args: ShipArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let settings = ShipSettings::from_args(&args).context("invalid shipper settings")?;
+/// `tally ship` with its validated settings: runs until `shutdown`.
+pub async fn run(settings: ShipSettings, shutdown: CancellationToken) -> anyhow::Result<()> {
     limit_malloc_arenas();
     run_with(settings, shutdown).await
 }
@@ -80,15 +82,6 @@ fn limit_malloc_arenas() {
         unsafe {
             libc::mallopt(libc::M_ARENA_MAX, 2);
         }
-    }
-}
-
-/// The event spec (metric code and charge-by) of these settings.
-pub fn event_spec(settings: &ShipSettings) -> EventSpec {
-    EventSpec {
-        code: settings.lago.event_code.clone(),
-        charge_by: settings.lago.charge_by.clone(),
-        precise_amount: settings.lago.precise_amount,
     }
 }
 
@@ -154,7 +147,15 @@ pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> an
         None => None,
     };
     let webhook_addr = webhooks.as_ref().map(|(addr, _)| *addr);
-    let served_webhooks = webhooks.map(|(_, fut)| tokio::spawn(fut));
+    // Every task beside the reader and the sender; all are waited for before returning.
+    let tasks = TaskTracker::new();
+    if let Some((_, served)) = webhooks {
+        tasks.spawn(async move {
+            if let Err(e) = served.await {
+                tracing::warn!(error = %e, "the webhook listener failed");
+            }
+        });
+    }
     // A full or read-only state directory is waited out by the reader and the sender alike.
     let storage = Arc::new(StorageGate::new(db_path.clone(), Some(metrics.clone())));
     let signal = Arc::new(WorkSignal::default());
@@ -165,7 +166,7 @@ pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> an
         spend_log = %settings.spend_log.display(),
         outbox = %db_path.display(),
         lago = %settings.lago.api_base,
-        charge_by = %settings.lago.charge_by,
+        charge_by = %settings.lago.spec.charge_by,
         metrics = ?metrics_addr,
         webhooks = ?webhook_addr,
         "tally ship started"
@@ -184,30 +185,42 @@ pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> an
     service::notify_status(&status);
     storage.set_normal_status(status);
     service::notify_ready();
-    let watchdog = service::spawn_watchdog(stop.clone(), || true);
-    let served_metrics = metrics_server.map(|server| tokio::spawn(server.run(stop.clone())));
-    let gauges = tokio::spawn(refresh_queue_gauges(
+    if let Some(watchdog) = service::spawn_watchdog(stop.clone(), || true) {
+        tasks.spawn(async move {
+            let _ = watchdog.await;
+        });
+    }
+    if let Some(server) = metrics_server {
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            if let Err(e) = server.run(stop).await {
+                tracing::warn!(error = %e, "the metrics listener failed");
+            }
+        });
+    }
+    tasks.spawn(refresh_queue_gauges(
         outbox.clone(),
         metrics.clone(),
         stop.clone(),
     ));
-    let subscription_checks = match lago_read::LagoReader::new(
+    match lago_read::LagoReader::new(
         &settings.lago.api_base,
         settings.lago.api_key.expose(),
         subscriptions::RATE,
     ) {
-        Ok(reader) => Some(tokio::spawn(subscriptions::run_checker(
-            outbox.clone(),
-            reader,
-            Some(metrics.clone()),
-            stop.clone(),
-        ))),
+        Ok(reader) => {
+            tasks.spawn(subscriptions::run_checker(
+                outbox.clone(),
+                reader,
+                Some(metrics.clone()),
+                stop.clone(),
+            ));
+        }
         Err(e) => {
             tracing::warn!(error = %e, "subscriptions are not checked");
-            None
         }
-    };
-    let stopping = tokio::spawn({
+    }
+    tasks.spawn({
         let stop = stop.clone();
         async move {
             stop.cancelled().await;
@@ -217,44 +230,42 @@ pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> an
 
     let reader = tokio::spawn({
         let (outbox, signal, stop) = (outbox.clone(), signal.clone(), stop.clone());
-        let spec = Arc::new(event_spec(&settings));
+        let spec = Arc::new(settings.lago.spec.clone());
         let max = settings.tuning.max_line_bytes;
         let metrics = Some(metrics.clone());
         let storage = storage.clone();
         async move {
-            let r = reader::run_reader(
-                tailer,
+            let ctx = reader::ReaderCtx {
                 outbox,
                 spec,
-                max,
+                max_line_bytes: max,
                 signal,
-                stop.clone(),
                 metrics,
                 storage,
-            )
-            .await;
+            };
+            let r = reader::run_reader(tailer, ctx, stop.clone()).await;
             if r.is_err() {
                 stop.cancel();
             }
             r
         }
     });
-    let pruner = settings.tuning.acked_retention.map(|retention| {
+    if let Some(retention) = settings.tuning.acked_retention {
         let (outbox, stop) = (outbox.clone(), stop.clone());
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(PRUNE_EVERY) => {}
                     _ = stop.cancelled() => return,
                 }
-                match sender::with_outbox(&outbox, move |ob| ob.prune_acked(retention)).await {
+                match outbox::with_outbox(&outbox, move |ob| ob.prune_acked(retention)).await {
                     Ok(n) if n > 0 => tracing::info!(pruned = n, "forgot acked ids past retention"),
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "cannot prune acked ids"),
                 }
             }
-        })
-    });
+        });
+    }
 
     let totals = Arc::new(SendTotals {
         metrics: Some(metrics),
@@ -274,31 +285,8 @@ pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> an
     // The sender returns on shutdown or on failure; either way the reader stops too.
     stop.cancel();
     let read = reader.await.context("the reader task failed")?;
-    if let Some(p) = pruner {
-        let _ = p.await;
-    }
-    let _ = stopping.await;
-    if let Some(checks) = subscription_checks {
-        let _ = checks.await;
-    }
-    let _ = gauges.await;
-    if let Some(w) = watchdog {
-        let _ = w.await;
-    }
-    if let Some(served) = served_webhooks {
-        match served.await {
-            Ok(Err(e)) => tracing::warn!(error = %e, "the webhook listener failed"),
-            Err(e) => tracing::warn!(error = %e, "the webhook listener task failed"),
-            Ok(Ok(())) => {}
-        }
-    }
-    if let Some(served) = served_metrics {
-        match served.await {
-            Ok(Err(e)) => tracing::warn!(error = %e, "the metrics listener failed"),
-            Err(e) => tracing::warn!(error = %e, "the metrics listener task failed"),
-            Ok(Ok(())) => {}
-        }
-    }
+    tasks.close();
+    tasks.wait().await;
     // An outbox error (disk full, read-only) must name the file, so the operator knows where.
     let read = read.with_context(|| {
         format!(
@@ -334,7 +322,7 @@ async fn refresh_queue_gauges(
 ) {
     loop {
         // `depth`, not `stats`: counting acked rows scans the whole outbox.
-        match sender::with_outbox(&outbox, |ob| ob.depth()).await {
+        match outbox::with_outbox(&outbox, |ob| ob.depth()).await {
             Ok(depth) => {
                 metrics.set_queue_depth(QueueDepth {
                     pending: depth.pending,

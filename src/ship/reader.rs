@@ -11,10 +11,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::ShipMetrics;
 use crate::ship::outbox::{IngestItem, IngestReport, Outbox, SharedOutbox, Source};
+use crate::ship::outbox::{OutboxTaskError, with_outbox};
 use crate::ship::resolve::{EventSpec, prepare_line};
-use crate::ship::sender::{SenderError, WorkSignal, with_outbox};
+use crate::ship::signal::WorkSignal;
 use crate::ship::storage::{StorageGate, with_outbox_waiting};
-use crate::ship::tail::{Chunk, LineContent, RawLine, TailError, TailNotice, Tailer};
+use crate::ship::tail::{Chunk, LineContent, RawLine, TailError, Tailer};
 use crate::spend::SpendRecord;
 
 #[derive(Debug, thiserror::Error)]
@@ -22,7 +23,7 @@ pub enum ReaderError {
     #[error(transparent)]
     Tail(#[from] TailError),
     #[error(transparent)]
-    Outbox(#[from] SenderError),
+    Outbox(#[from] OutboxTaskError),
 }
 
 /// One line (without its `\n`) read from `source`, as the outbox records it.
@@ -44,11 +45,16 @@ pub fn line_to_item(source: Source, line: &[u8], spec: &EventSpec) -> IngestItem
 pub fn too_long_item(source: Source, len: u64, max_line_bytes: usize) -> IngestItem {
     IngestItem::Rejected {
         source,
-        reason: format!(
-            "line is {len} bytes long, over the limit of {max_line_bytes} bytes (TALLY_MAX_LINE_BYTES); it was skipped"
-        ),
+        reason: too_long_reason(len, max_line_bytes),
         head: Vec::new(),
     }
+}
+
+/// Why a line over `TALLY_MAX_LINE_BYTES` is rejected (the shipper's and replay's words).
+pub fn too_long_reason(len: u64, max_line_bytes: usize) -> String {
+    format!(
+        "line is {len} bytes long, over the limit of {max_line_bytes} bytes (TALLY_MAX_LINE_BYTES); it was skipped"
+    )
 }
 
 fn source_of(path: &Path, offset: u64) -> Source {
@@ -81,13 +87,27 @@ pub async fn ingest_chunk(
     chunk: Chunk,
     spec: Arc<EventSpec>,
     max_line_bytes: usize,
-) -> Result<IngestReport, SenderError> {
+) -> Result<IngestReport, OutboxTaskError> {
     with_outbox(outbox, move |ob: &mut Outbox| {
         // Parse inside the blocking task: it is CPU work.
         let items = chunk_items(&chunk.lines, &spec, max_line_bytes);
         ob.ingest(&items, &chunk.positions)
     })
     .await
+}
+
+/// What the reader works with besides the tailer (the sender has its own, `sender::Ctx`).
+pub struct ReaderCtx {
+    pub outbox: SharedOutbox,
+    /// How records become events.
+    pub spec: Arc<EventSpec>,
+    /// Longest accepted line; longer ones are rejected.
+    pub max_line_bytes: usize,
+    /// Woken with the number of new pending events after each commit.
+    pub signal: Arc<WorkSignal>,
+    pub metrics: Option<ShipMetrics>,
+    /// The storage state shared with the sender.
+    pub storage: Arc<StorageGate>,
 }
 
 /// Reads until `shutdown`, recording every chunk and waking the sender.
@@ -103,18 +123,19 @@ pub async fn ingest_chunk(
 /// memory is bounded by the chunk size whatever the backlog, and order is kept, so positions are
 /// committed in the order they were reached.
 ///
-/// `storage` is the storage state shared with the sender.
-#[allow(clippy::too_many_arguments)]
 pub async fn run_reader(
     mut tailer: Tailer,
-    outbox: SharedOutbox,
-    spec: Arc<EventSpec>,
-    max_line_bytes: usize,
-    signal: Arc<WorkSignal>,
+    ctx: ReaderCtx,
     shutdown: CancellationToken,
-    metrics: Option<ShipMetrics>,
-    storage: Arc<StorageGate>,
 ) -> Result<IngestReport, ReaderError> {
+    let ReaderCtx {
+        outbox,
+        spec,
+        max_line_bytes,
+        signal,
+        metrics,
+        storage,
+    } = ctx;
     type Parsed = tokio::task::JoinHandle<(Vec<IngestItem>, Vec<crate::ship::tail::FilePosition>)>;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Parsed>(1);
     let stop = shutdown.clone();
@@ -122,7 +143,9 @@ pub async fn run_reader(
     let committer = tokio::spawn(async move {
         let mut totals = IngestReport::default();
         while let Some(parsed) = rx.recv().await {
-            let (items, positions) = parsed.await.map_err(|e| SenderError::Task(e.to_string()))?;
+            let (items, positions) = parsed
+                .await
+                .map_err(|e| OutboxTaskError::Task(e.to_string()))?;
             let lines = items.len() as u64;
             let unpriced = count_unpriced(&items);
             let committed =
@@ -153,7 +176,7 @@ pub async fn run_reader(
             totals.add(&report);
             signal.added(report.pending as usize);
         }
-        Ok::<_, SenderError>(totals)
+        Ok::<_, OutboxTaskError>(totals)
     });
     let mut read_result = Ok(());
     // The first look happens even if shutdown came already: it commits the identity of the live
@@ -182,9 +205,7 @@ pub async fn run_reader(
                 break;
             }
         };
-        for notice in &chunk.notices {
-            log_notice(notice);
-        }
+        // Rotation, truncation and replacement were logged by the tailer, where they happened.
         if chunk.lines.is_empty() && chunk.positions.is_empty() {
             continue;
         }
@@ -201,7 +222,7 @@ pub async fn run_reader(
     drop(tx);
     let totals = committer
         .await
-        .map_err(|e| SenderError::Task(e.to_string()))??;
+        .map_err(|e| OutboxTaskError::Task(e.to_string()))??;
     read_result?;
     Ok(totals)
 }
@@ -227,24 +248,6 @@ fn log_report(report: &IngestReport) {
             held = report.held,
             "records held: no customer id for LAGO_API_CHARGE_BY; see `tally queue list --state held`"
         );
-    }
-}
-
-fn log_notice(notice: &TailNotice) {
-    match notice {
-        TailNotice::Rotated { old, new } => {
-            tracing::info!(old = %old.display(), new = %new.display(), "spend log rotated")
-        }
-        TailNotice::Truncated { path, size, offset } => tracing::warn!(
-            path = %path.display(), size, offset,
-            "spend log truncated below the read position (copytruncate?); reading it from the start"
-        ),
-        TailNotice::Replaced { path } => {
-            tracing::info!(path = %path.display(), "spend log replaced by a new file")
-        }
-        TailNotice::Deleted { path } => {
-            tracing::warn!(path = %path.display(), "spend log deleted while open")
-        }
     }
 }
 

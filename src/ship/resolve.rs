@@ -365,7 +365,7 @@ struct Properties<'a> {
     reasoning_tokens: Option<u64>,
 }
 
-/// The Lago event for a record, as JSON bytes (design.md, "Mapping a record to a Lago event").
+/// The Lago event for a record, as JSON bytes (docs/architecture.md, "From record to Lago event").
 pub fn event_bytes(record: &SpendRecord, code: &str, external_subscription_id: &str) -> Vec<u8> {
     event_bytes_with(record, code, external_subscription_id, None)
 }

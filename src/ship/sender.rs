@@ -28,7 +28,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -40,10 +40,12 @@ use crate::logging::Repeated;
 use crate::metrics::ship::{LagoOutcome, ShipMetrics};
 use crate::ship::lago::SendError;
 use crate::ship::lago::{Answer, IndexError, LagoClient, redirect_note};
+use crate::ship::outbox::with_outbox;
 use crate::ship::outbox::{
     ClaimCursor, ClaimedEvent, Outbox, OutboxError, SenderLock, SharedOutbox,
 };
 use crate::ship::settings::Tuning;
+use crate::ship::signal::WorkSignal;
 use crate::ship::storage::{StorageGate, trouble, with_outbox_waiting};
 
 /// With nothing signalled, look for claimable rows this often anyway (rows written by another
@@ -56,23 +58,6 @@ const CURSOR_RESTART: Duration = Duration::from_secs(5);
 const LOCK_RETRY: Duration = Duration::from_secs(1);
 /// First retry delay.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
-
-/// How the reader tells the sender that new pending events exist.
-#[derive(Debug, Default)]
-pub struct WorkSignal {
-    notify: Notify,
-    added: AtomicUsize,
-}
-
-impl WorkSignal {
-    /// `n` new pending events were committed.
-    pub fn added(&self, n: usize) {
-        if n > 0 {
-            self.added.fetch_add(n, Ordering::Relaxed);
-            self.notify.notify_one();
-        }
-    }
-}
 
 /// When the sender returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,29 +148,8 @@ impl SendTotals {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum SenderError {
-    #[error(transparent)]
-    Outbox(#[from] OutboxError),
-    #[error("outbox task failed: {0}")]
-    Task(String),
-}
-
-/// Runs a blocking outbox operation off the async threads.
-pub async fn with_outbox<T: Send + 'static>(
-    outbox: &SharedOutbox,
-    f: impl FnOnce(&mut Outbox) -> Result<T, OutboxError> + Send + 'static,
-) -> Result<T, SenderError> {
-    let outbox = outbox.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut guard = outbox
-            .lock()
-            .map_err(|_| SenderError::Task("outbox lock poisoned".into()))?;
-        f(&mut guard).map_err(SenderError::from)
-    })
-    .await
-    .map_err(|e| SenderError::Task(e.to_string()))?
-}
+/// The sender fails only when the outbox does.
+pub use crate::ship::outbox::OutboxTaskError as SenderError;
 
 /// Auth state shared by the workers: a 401/403 stops claiming until a request succeeds again.
 #[derive(Debug, Default)]

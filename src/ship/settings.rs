@@ -1,6 +1,6 @@
 //! Validated shipper settings: everything `tally ship` needs, checked once at start-up.
 //!
-//! [`ShipSettings::from_args`] turns the raw command line / environment ([`ShipArgs`]) into typed
+//! `crate::commands::settings` turns the raw command line / environment into these typed
 //! settings, or a [`SettingsError`] that names the variable, what was wrong and what is accepted.
 //! [`ShipSettings::new`] builds them in code (the demo, tests) with the same defaults as the CLI.
 //! The Lago API key is held in an [`ApiKey`], whose `Debug` and `Display` never show it.
@@ -12,15 +12,34 @@ use std::time::Duration;
 
 use reqwest::Url;
 
-use crate::cli::{LagoArgs, ShipArgs, ShipTuning};
 use crate::ship::amount::Markup;
-use crate::ship::resolve::{ChargeBy, ChargeByError};
+use crate::ship::resolve::{ChargeBy, ChargeByError, EventSpec};
 
 /// Lago's own cap on events per batch request (`LAGO_EVENTS_BATCH_MAX_LENGTH`, default 100).
 pub const MAX_BATCH_SIZE: usize = 100;
 /// Default byte cap of a batch request: well under the 1 MiB body limit of nginx's default
 /// (`client_max_body_size`), which fronts many Lago installs.
 pub const DEFAULT_BATCH_MAX_BYTES: usize = 512 * 1024;
+
+/// The shipper's tuning defaults, in the units of the command line. The CLI (`default_value_t`)
+/// and [`Tuning::default`] both read them, so a default is written once.
+pub mod defaults {
+    pub const BATCH_SIZE: usize = super::MAX_BATCH_SIZE;
+    pub const LINGER_MS: u64 = 20;
+    pub const BATCHES_IN_FLIGHT: usize = 4;
+    pub const RETRY_CAP_SECS: u64 = 60;
+    pub const REQUEST_TIMEOUT_SECS: u64 = 30;
+    pub const DRAIN_DEADLINE_SECS: u64 = 10;
+    pub const POLL_INTERVAL_MS: u64 = 1000;
+    pub const MAX_LINE_BYTES: usize = 1024 * 1024;
+    pub const BATCH_MAX_BYTES: usize = super::DEFAULT_BATCH_MAX_BYTES;
+    /// 0 = keep acked transaction ids forever.
+    pub const ACKED_RETENTION_DAYS: u64 = 0;
+    /// `LAGO_API_CHARGE_BY`.
+    pub const CHARGE_BY: &str = "end_user_id";
+    /// `TALLY_COST_MARKUP`: the provider's price.
+    pub const COST_MARKUP: &str = "1";
+}
 
 /// The Lago API key. Its value is reachable only through [`ApiKey::expose`]; `Debug` and `Display`
 /// print a placeholder, so the key cannot leak through a log line, an error or a `{:?}` of the
@@ -57,11 +76,8 @@ pub struct LagoSettings {
     /// Base URL without `/api/v1` and without a trailing slash, e.g. `https://api.getlago.com`.
     pub api_base: Url,
     pub api_key: ApiKey,
-    /// The billable metric code every event carries.
-    pub event_code: String,
-    pub charge_by: ChargeBy,
-    /// `TALLY_PRECISE_AMOUNT` on: events carry `precise_total_amount_cents` with this markup.
-    pub precise_amount: Option<Markup>,
+    /// What every event is built with: metric code, who is charged, the precise amount.
+    pub spec: EventSpec,
 }
 
 impl LagoSettings {
@@ -103,15 +119,15 @@ impl Default for Tuning {
     /// The same defaults as the command line.
     fn default() -> Self {
         Self {
-            batch_size: 100,
-            linger: Duration::from_millis(20),
-            batches_in_flight: 4,
-            retry_cap: Duration::from_secs(60),
-            request_timeout: Duration::from_secs(30),
-            drain_deadline: Duration::from_secs(10),
-            poll_interval: Duration::from_millis(1000),
-            max_line_bytes: 1024 * 1024,
-            batch_max_bytes: DEFAULT_BATCH_MAX_BYTES,
+            batch_size: defaults::BATCH_SIZE,
+            linger: Duration::from_millis(defaults::LINGER_MS),
+            batches_in_flight: defaults::BATCHES_IN_FLIGHT,
+            retry_cap: Duration::from_secs(defaults::RETRY_CAP_SECS),
+            request_timeout: Duration::from_secs(defaults::REQUEST_TIMEOUT_SECS),
+            drain_deadline: Duration::from_secs(defaults::DRAIN_DEADLINE_SECS),
+            poll_interval: Duration::from_millis(defaults::POLL_INTERVAL_MS),
+            max_line_bytes: defaults::MAX_LINE_BYTES,
+            batch_max_bytes: defaults::BATCH_MAX_BYTES,
             acked_retention: None,
         }
     }
@@ -164,51 +180,15 @@ impl ShipSettings {
             lago: LagoSettings {
                 api_base: parse_api_base(api_base)?,
                 api_key: check_api_key(api_key.expose())?,
-                event_code: check_event_code(event_code)?,
-                charge_by: ChargeBy::default(),
-                precise_amount: None,
+                spec: EventSpec {
+                    code: check_event_code(event_code)?,
+                    charge_by: ChargeBy::default(),
+                    precise_amount: None,
+                },
             },
             tuning: Tuning::default(),
             metrics_addr: None,
             webhook: None,
-        })
-    }
-
-    /// Validates the command line / environment. The first problem found is returned.
-    pub fn from_args(args: &ShipArgs) -> Result<Self, SettingsError> {
-        let lago = lago_from_args(&args.lago)?;
-        let tuning = tuning_from_args(&args.tuning)?;
-        if args.shared.spend_log.as_os_str().is_empty() {
-            return Err(invalid(
-                "TALLY_SPEND_LOG",
-                "",
-                "give the path of the live spend log".into(),
-            ));
-        }
-        if args.shared.state_dir.as_os_str().is_empty() {
-            return Err(invalid(
-                "TALLY_STATE_DIR",
-                "",
-                "give a directory for shipper.db".into(),
-            ));
-        }
-        Ok(Self {
-            spend_log: args.shared.spend_log.clone(),
-            state_dir: args.shared.state_dir.clone(),
-            lago,
-            tuning,
-            metrics_addr: args.metrics_addr,
-            webhook: args
-                .webhook_addr
-                .map(|addr| crate::ship::webhook::WebhookSettings {
-                    addr,
-                    // An empty key would let anyone sign: as good as none (hmac refused).
-                    hmac_key: args
-                        .lago_webhook_hmac_key
-                        .clone()
-                        .filter(|k| !k.trim().is_empty())
-                        .map(ApiKey::new),
-                }),
         })
     }
 
@@ -218,142 +198,54 @@ impl ShipSettings {
     }
 }
 
-/// Validates only the Lago part (also used by `tally replay --ship`).
-pub fn lago_from_args(args: &LagoArgs) -> Result<LagoSettings, SettingsError> {
-    let base = args.lago_api_base.as_deref().ok_or(SettingsError::Missing {
-        var: "LAGO_API_BASE",
-        hint: "set it to the Lago API's base URL, e.g. https://api.getlago.com or http://127.0.0.1:3000",
+/// The command-line values an [`EventSpec`] is built from. `tally ship` and `tally replay` take
+/// them from `LagoArgs`; `tally queue retry` has its own flags for the same variables.
+#[derive(Debug, Clone, Copy)]
+pub struct EventArgs<'a> {
+    /// `LAGO_API_EVENT_CODE`.
+    pub code: Option<&'a str>,
+    /// `LAGO_API_CHARGE_BY`.
+    pub charge_by: &'a str,
+    /// `TALLY_PRECISE_AMOUNT`.
+    pub precise_amount: bool,
+    /// `TALLY_COST_MARKUP`.
+    pub cost_markup: &'a str,
+}
+
+/// The one way from the Lago arguments to the event spec, for every command that builds events
+/// (`ship`, `replay`, `queue retry`): the same checks, so none writes an event another refuses.
+/// `missing_code` is the hint when `LAGO_API_EVENT_CODE` is not set (what the command needs it for).
+pub fn event_spec(
+    args: &EventArgs<'_>,
+    missing_code: &'static str,
+) -> Result<EventSpec, SettingsError> {
+    let code = args.code.ok_or(SettingsError::Missing {
+        var: "LAGO_API_EVENT_CODE",
+        hint: missing_code,
     })?;
-    let key = args.lago_api_key.as_deref().ok_or(SettingsError::Missing {
-        var: "LAGO_API_KEY",
-        hint: "set it to a Lago API key with write access (Lago: Developers → API keys)",
-    })?;
-    let code = args
-        .lago_api_event_code
-        .as_deref()
-        .ok_or(SettingsError::Missing {
-            var: "LAGO_API_EVENT_CODE",
-            hint: "set it to the code of the Lago billable metric the events feed",
-        })?;
     let charge_by = args
-        .lago_api_charge_by
+        .charge_by
         .parse::<ChargeBy>()
-        .map_err(|e: ChargeByError| {
-            invalid(
-                "LAGO_API_CHARGE_BY",
-                &args.lago_api_charge_by,
-                e.to_string(),
-            )
-        })?;
-    Ok(LagoSettings {
-        api_base: parse_api_base(base)?,
-        api_key: check_api_key(key)?,
-        event_code: check_event_code(code)?,
+        .map_err(|e: ChargeByError| invalid("LAGO_API_CHARGE_BY", args.charge_by, e.to_string()))?;
+    Ok(EventSpec {
+        code: check_event_code(code)?,
         charge_by,
-        precise_amount: precise_amount_from_args(args)?,
+        precise_amount: precise_amount(args.precise_amount, args.cost_markup)?,
     })
 }
 
 /// `TALLY_PRECISE_AMOUNT` and `TALLY_COST_MARKUP` (the markup is checked even while the amount
 /// is off, so a typo shows at start-up, not when it is switched on).
-pub fn precise_amount_from_args(args: &LagoArgs) -> Result<Option<Markup>, SettingsError> {
-    let markup: Markup =
-        args.cost_markup
-            .parse()
-            .map_err(|e: crate::ship::amount::MarkupError| {
-                invalid("TALLY_COST_MARKUP", &args.cost_markup, e.to_string())
-            })?;
-    Ok(args.precise_amount.then_some(markup))
+pub fn precise_amount(on: bool, cost_markup: &str) -> Result<Option<Markup>, SettingsError> {
+    let markup: Markup = cost_markup
+        .parse()
+        .map_err(|e: crate::ship::amount::MarkupError| {
+            invalid("TALLY_COST_MARKUP", cost_markup, e.to_string())
+        })?;
+    Ok(on.then_some(markup))
 }
 
-/// Validates the tuning flags.
-pub fn tuning_from_args(t: &ShipTuning) -> Result<Tuning, SettingsError> {
-    if !(1..=MAX_BATCH_SIZE).contains(&t.batch_size) {
-        return Err(invalid(
-            "TALLY_BATCH_SIZE",
-            &t.batch_size.to_string(),
-            format!("accepted: 1 to {MAX_BATCH_SIZE} (Lago refuses larger batches)"),
-        ));
-    }
-    if !(1..=256).contains(&t.batches_in_flight) {
-        return Err(invalid(
-            "TALLY_BATCHES_IN_FLIGHT",
-            &t.batches_in_flight.to_string(),
-            "accepted: 1 to 256".into(),
-        ));
-    }
-    if t.linger_ms > 60_000 {
-        return Err(invalid(
-            "TALLY_LINGER_MS",
-            &t.linger_ms.to_string(),
-            "accepted: 0 to 60000 milliseconds".into(),
-        ));
-    }
-    if !(1..=86_400).contains(&t.retry_cap_secs) {
-        return Err(invalid(
-            "TALLY_RETRY_CAP_SECS",
-            &t.retry_cap_secs.to_string(),
-            "accepted: 1 to 86400 seconds".into(),
-        ));
-    }
-    if !(1..=3_600).contains(&t.request_timeout_secs) {
-        return Err(invalid(
-            "TALLY_REQUEST_TIMEOUT_SECS",
-            &t.request_timeout_secs.to_string(),
-            "accepted: 1 to 3600 seconds".into(),
-        ));
-    }
-    if t.drain_deadline_secs > 3_600 {
-        return Err(invalid(
-            "TALLY_DRAIN_DEADLINE_SECS",
-            &t.drain_deadline_secs.to_string(),
-            "accepted: 0 to 3600 seconds".into(),
-        ));
-    }
-    if !(10..=3_600_000).contains(&t.poll_interval_ms) {
-        return Err(invalid(
-            "TALLY_POLL_INTERVAL_MS",
-            &t.poll_interval_ms.to_string(),
-            "accepted: 10 to 3600000 milliseconds".into(),
-        ));
-    }
-    if !(1024..=64 * 1024 * 1024).contains(&t.max_line_bytes) {
-        return Err(invalid(
-            "TALLY_MAX_LINE_BYTES",
-            &t.max_line_bytes.to_string(),
-            "accepted: 1024 to 67108864 bytes".into(),
-        ));
-    }
-    if !(1024..=64 * 1024 * 1024).contains(&t.batch_max_bytes) {
-        return Err(invalid(
-            "TALLY_BATCH_MAX_BYTES",
-            &t.batch_max_bytes.to_string(),
-            "accepted: 1024 to 67108864 bytes".into(),
-        ));
-    }
-    if t.acked_retention_days > 36_500 {
-        return Err(invalid(
-            "TALLY_ACKED_RETENTION_DAYS",
-            &t.acked_retention_days.to_string(),
-            "accepted: 0 (keep forever) to 36500 days".into(),
-        ));
-    }
-    Ok(Tuning {
-        batch_size: t.batch_size,
-        linger: Duration::from_millis(t.linger_ms),
-        batches_in_flight: t.batches_in_flight,
-        retry_cap: Duration::from_secs(t.retry_cap_secs),
-        request_timeout: Duration::from_secs(t.request_timeout_secs),
-        drain_deadline: Duration::from_secs(t.drain_deadline_secs),
-        poll_interval: Duration::from_millis(t.poll_interval_ms),
-        max_line_bytes: t.max_line_bytes,
-        batch_max_bytes: t.batch_max_bytes,
-        acked_retention: (t.acked_retention_days > 0)
-            .then(|| Duration::from_secs(t.acked_retention_days * 86_400)),
-    })
-}
-
-fn invalid(var: &'static str, value: &str, reason: String) -> SettingsError {
+pub(crate) fn invalid(var: &'static str, value: &str, reason: String) -> SettingsError {
     SettingsError::Invalid {
         var,
         value: value.to_owned(),
@@ -385,7 +277,7 @@ pub fn redact_url_text(raw: &str) -> String {
     }
 }
 
-fn parse_api_base(raw: &str) -> Result<Url, SettingsError> {
+pub(crate) fn parse_api_base(raw: &str) -> Result<Url, SettingsError> {
     // The value is echoed in every error below: never with the password it may carry.
     let shown = redact_url_text(raw.trim());
     let bad = |reason: String| invalid("LAGO_API_BASE", &shown, reason);
@@ -420,7 +312,7 @@ fn parse_api_base(raw: &str) -> Result<Url, SettingsError> {
     Ok(url)
 }
 
-fn check_api_key(key: &str) -> Result<ApiKey, SettingsError> {
+pub(crate) fn check_api_key(key: &str) -> Result<ApiKey, SettingsError> {
     let reason = if key.is_empty() {
         Some("it is empty; set it to a Lago API key with write access")
     } else if key.trim() != key {
@@ -439,7 +331,7 @@ fn check_api_key(key: &str) -> Result<ApiKey, SettingsError> {
     }
 }
 
-fn check_event_code(code: &str) -> Result<String, SettingsError> {
+pub(crate) fn check_event_code(code: &str) -> Result<String, SettingsError> {
     if code.trim().is_empty() {
         return Err(invalid(
             "LAGO_API_EVENT_CODE",
@@ -455,199 +347,4 @@ fn check_event_code(code: &str) -> Result<String, SettingsError> {
         ));
     }
     Ok(code.to_owned())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::cli::{Cli, Command};
-    use clap::Parser;
-
-    fn args(extra: &[&str]) -> ShipArgs {
-        let mut pairs = vec![
-            ("--lago-api-base", "http://127.0.0.1:3000"),
-            ("--lago-api-key", "sekret-key-1"),
-            ("--lago-api-event-code", "llm_usage"),
-        ];
-        for kv in extra.chunks(2) {
-            pairs.retain(|(k, _)| *k != kv[0]);
-            pairs.push((kv[0], kv[1]));
-        }
-        let mut argv = vec!["tally", "ship"];
-        for (k, v) in pairs {
-            argv.extend([k, v]);
-        }
-        match Cli::try_parse_from(argv).unwrap().command {
-            Command::Ship(a) => a,
-            _ => unreachable!(),
-        }
-    }
-
-    #[test]
-    fn defaults_validate() {
-        let s = ShipSettings::from_args(&args(&[])).unwrap();
-        assert_eq!(s.tuning.batch_size, 100);
-        assert_eq!(
-            s.lago.batch_url(),
-            "http://127.0.0.1:3000/api/v1/events/batch"
-        );
-        assert_eq!(s.tuning.acked_retention, None);
-    }
-
-    #[test]
-    fn key_never_shows_in_debug_or_errors() {
-        let s = ShipSettings::from_args(&args(&[])).unwrap();
-        let dbg = format!("{s:?}");
-        assert!(!dbg.contains("sekret-key-1"), "{dbg}");
-        assert!(dbg.contains("redacted"));
-        let mut a = args(&[]);
-        a.lago.lago_api_key = Some(" sekret-key-1".into());
-        let err = ShipSettings::from_args(&a).unwrap_err().to_string();
-        assert!(err.contains("LAGO_API_KEY"), "{err}");
-        assert!(!err.contains("sekret"), "{err}");
-    }
-
-    #[test]
-    fn errors_name_the_variable_and_accepted_values() {
-        let cases: &[(&[&str], &str, &str)] = &[
-            (&["--batch-size", "101"], "TALLY_BATCH_SIZE", "1 to 100"),
-            (&["--batch-size", "0"], "TALLY_BATCH_SIZE", "1 to 100"),
-            (
-                &["--batches-in-flight", "0"],
-                "TALLY_BATCHES_IN_FLIGHT",
-                "1 to 256",
-            ),
-            (
-                &["--lago-api-charge-by", "customer"],
-                "LAGO_API_CHARGE_BY",
-                "end_user_id, user_id, team_id",
-            ),
-            (
-                &["--lago-api-base", "ftp://x"],
-                "LAGO_API_BASE",
-                "http or https",
-            ),
-            (
-                &["--lago-api-base", "not a url"],
-                "LAGO_API_BASE",
-                "https://api.getlago.com",
-            ),
-            (
-                &["--lago-api-base", "https://api.getlago.com/api/v1/"],
-                "LAGO_API_BASE",
-                "without /api/v1",
-            ),
-            (
-                &["--lago-api-event-code", ""],
-                "LAGO_API_EVENT_CODE",
-                "empty",
-            ),
-            (&["--retry-cap-secs", "0"], "TALLY_RETRY_CAP_SECS", "1 to"),
-            (
-                &["--batch-max-bytes", "100"],
-                "TALLY_BATCH_MAX_BYTES",
-                "1024 to",
-            ),
-        ];
-        for (extra, var, accepted) in cases {
-            let err = ShipSettings::from_args(&args(extra))
-                .unwrap_err()
-                .to_string();
-            assert!(err.contains(var), "{extra:?}: {err}");
-            assert!(err.contains(accepted), "{extra:?}: {err}");
-        }
-    }
-
-    #[test]
-    fn missing_required_settings_are_named() {
-        let mut a = args(&[]);
-        a.lago.lago_api_key = None;
-        let err = ShipSettings::from_args(&a).unwrap_err().to_string();
-        assert!(err.starts_with("LAGO_API_KEY is not set"), "{err}");
-        let mut a = args(&[]);
-        a.lago.lago_api_event_code = None;
-        let err = ShipSettings::from_args(&a).unwrap_err().to_string();
-        assert!(err.starts_with("LAGO_API_EVENT_CODE is not set"), "{err}");
-        let mut a = args(&[]);
-        a.lago.lago_api_base = None;
-        let err = ShipSettings::from_args(&a).unwrap_err().to_string();
-        assert!(err.starts_with("LAGO_API_BASE is not set"), "{err}");
-    }
-
-    /// Regression (issue 12): a `LAGO_API_BASE` with a password was echoed in the start-up
-    /// error that refused it.
-    #[test]
-    fn a_password_in_lago_api_base_is_never_echoed() {
-        for base in [
-            "https://user:hunter2-pass@lago.example.com",
-            "https://hunter2-pass@lago.example.com/x",
-            "https://user:hunter2-pass@lago.example.com/api/v1",
-            "htps//user:hunter2-pass@lago example.com",
-        ] {
-            let err = ShipSettings::from_args(&args(&["--lago-api-base", base]))
-                .unwrap_err()
-                .to_string();
-            assert!(err.contains("LAGO_API_BASE"), "{err}");
-            assert!(!err.contains("hunter2"), "{base}: {err}");
-        }
-        let err = ShipSettings::from_args(&args(&[
-            "--lago-api-base",
-            "https://user:hunter2-pass@lago.example.com",
-        ]))
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("<redacted>@lago.example.com"), "{err}");
-        assert!(err.contains("credentials in the URL"), "{err}");
-        assert_eq!(
-            redact_url_text("http://a.b/c@d"),
-            "http://a.b/c@d",
-            "an @ after the host is not a credential"
-        );
-    }
-
-    #[test]
-    fn batch_max_bytes_defaults_under_nginx_limit() {
-        let s = ShipSettings::from_args(&args(&[])).unwrap();
-        assert_eq!(s.tuning.batch_max_bytes, 512 * 1024);
-        let s = ShipSettings::from_args(&args(&["--batch-max-bytes", "4096"])).unwrap();
-        assert_eq!(s.tuning.batch_max_bytes, 4096);
-    }
-
-    #[test]
-    fn precise_amount_is_off_by_default_and_the_markup_is_checked() {
-        let s = ShipSettings::from_args(&args(&[])).unwrap();
-        assert_eq!(s.lago.precise_amount, None);
-        let s = ShipSettings::from_args(&args(&[
-            "--precise-amount",
-            "true",
-            "--cost-markup",
-            "1.25",
-        ]))
-        .unwrap();
-        assert_eq!(
-            s.lago.precise_amount.map(|m| m.to_string()),
-            Some("1.25".into())
-        );
-        let s = ShipSettings::from_args(&args(&["--precise-amount", "true"])).unwrap();
-        assert_eq!(s.lago.precise_amount, Some(Markup::default()));
-        for bad in ["-0.5", "inf", "NaN", "1e3", "abc"] {
-            let err = ShipSettings::from_args(&args(&["--cost-markup", bad]))
-                .unwrap_err()
-                .to_string();
-            assert!(err.starts_with("TALLY_COST_MARKUP="), "{bad}: {err}");
-        }
-        let err = ShipSettings::from_args(&args(&["--cost-markup", "-2"]))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("below 0"), "{err}");
-    }
-
-    #[test]
-    fn retention_days_become_a_duration() {
-        let s = ShipSettings::from_args(&args(&["--acked-retention-days", "2"])).unwrap();
-        assert_eq!(
-            s.tuning.acked_retention,
-            Some(Duration::from_secs(2 * 86_400))
-        );
-    }
 }

@@ -27,8 +27,8 @@ use tokio_util::sync::CancellationToken;
 use crate::logging::Repeated;
 use crate::metrics::ShipMetrics;
 use crate::service;
+use crate::ship::outbox::OutboxTaskError;
 use crate::ship::outbox::{Outbox, OutboxError, SharedOutbox};
-use crate::ship::sender::SenderError;
 
 /// First wait after a failed write.
 pub const MIN_WAIT: Duration = Duration::from_millis(100);
@@ -72,17 +72,19 @@ fn is_storage_code(code: ErrorCode) -> bool {
 /// Whether `e` is storage trouble (wait and retry) rather than a fault that must stop the shipper.
 /// The SQLite result code decides (`os_errno` may be left over from an earlier call, so it only
 /// adds the OS's words to the reason); `os_errno` is what SQLite saw from the OS (0 if nothing).
-pub fn trouble(e: &SenderError, os_errno: i32) -> Option<Trouble> {
+pub fn trouble(e: &OutboxTaskError, os_errno: i32) -> Option<Trouble> {
     let storage = match e {
-        SenderError::Outbox(OutboxError::Db(db))
-        | SenderError::Outbox(OutboxError::Open { source: db, .. }) => {
+        OutboxTaskError::Outbox(OutboxError::Db(db))
+        | OutboxTaskError::Outbox(OutboxError::Open { source: db, .. }) => {
             sqlite_code(db).is_some_and(is_storage_code)
         }
-        SenderError::Outbox(
+        OutboxTaskError::Outbox(
             OutboxError::CreateDir { source, .. } | OutboxError::Lock { source, .. },
         ) => source.raw_os_error().is_some_and(is_storage_errno),
-        SenderError::Outbox(OutboxError::NewerSchema { .. } | OutboxError::UnsafeDir { .. })
-        | SenderError::Task(_) => false,
+        OutboxTaskError::Outbox(
+            OutboxError::NewerSchema { .. } | OutboxError::UnsafeDir { .. },
+        )
+        | OutboxTaskError::Task(_) => false,
     };
     if !storage {
         return None;
@@ -240,7 +242,7 @@ fn system_errno(outbox: &Outbox) -> i32 {
 
 /// The value and whether it ends the gate's storage trouble (see [`attempt`]); or the error and
 /// the OS errno behind it.
-type Attempt<T> = Result<(T, bool), (SenderError, i32)>;
+type Attempt<T> = Result<(T, bool), (OutboxTaskError, i32)>;
 
 /// One try of `f` under the outbox lock. On storage trouble, if the directory takes a write, the
 /// connection (not the disk) is what fails: reopen it and try once more.
@@ -256,7 +258,7 @@ fn attempt<T>(
 ) -> Attempt<T> {
     let mut guard = outbox
         .lock()
-        .map_err(|_| (SenderError::Task("outbox lock poisoned".into()), 0))?;
+        .map_err(|_| (OutboxTaskError::Task("outbox lock poisoned".into()), 0))?;
     let before = guard.conn().total_changes();
     let first = match f(&mut guard) {
         Ok(v) => {
@@ -265,7 +267,7 @@ fn attempt<T>(
                 wrote && gate.is_blocked() && probe_writable(state_dir(guard.path())).is_ok();
             return Ok((v, clears));
         }
-        Err(e) => (SenderError::from(e), system_errno(&guard)),
+        Err(e) => (OutboxTaskError::from(e), system_errno(&guard)),
     };
     if trouble(&first.0, first.1).is_none() {
         return Err(first);
@@ -304,7 +306,7 @@ fn attempt<T>(
         Ok(v) => Ok((v, true)),
         Err(e) => {
             let errno = system_errno(&guard);
-            Err((SenderError::from(e), errno))
+            Err((OutboxTaskError::from(e), errno))
         }
     }
 }
@@ -322,7 +324,7 @@ pub async fn with_outbox_waiting<T, F>(
     gate: &Arc<StorageGate>,
     stop: &CancellationToken,
     f: F,
-) -> Result<Option<T>, SenderError>
+) -> Result<Option<T>, OutboxTaskError>
 where
     T: Send + 'static,
     F: Fn(&mut Outbox) -> Result<T, OutboxError> + Send + Sync + 'static,
@@ -333,7 +335,7 @@ where
         let (ob, g, f2) = (outbox.clone(), gate.clone(), f.clone());
         let result = tokio::task::spawn_blocking(move || attempt(&ob, &g, &*f2))
             .await
-            .map_err(|e| SenderError::Task(e.to_string()))?;
+            .map_err(|e| OutboxTaskError::Task(e.to_string()))?;
         let (error, errno) = match result {
             Ok((v, clears)) => {
                 if clears {
@@ -360,8 +362,8 @@ mod tests {
     use super::*;
     use rusqlite::ffi;
 
-    fn db_error(code: i32) -> SenderError {
-        SenderError::Outbox(OutboxError::Db(rusqlite::Error::SqliteFailure(
+    fn db_error(code: i32) -> OutboxTaskError {
+        OutboxTaskError::Outbox(OutboxError::Db(rusqlite::Error::SqliteFailure(
             ffi::Error::new(code),
             None,
         )))
@@ -394,9 +396,9 @@ mod tests {
         ] {
             assert!(trouble(&db_error(code), 0).is_none(), "code {code}");
         }
-        let newer = SenderError::Outbox(OutboxError::NewerSchema { found: 9, known: 3 });
+        let newer = OutboxTaskError::Outbox(OutboxError::NewerSchema { found: 9, known: 3 });
         assert!(trouble(&newer, 0).is_none());
-        assert!(trouble(&SenderError::Task("poisoned".into()), 0).is_none());
+        assert!(trouble(&OutboxTaskError::Task("poisoned".into()), 0).is_none());
     }
 
     #[tokio::test]
@@ -486,7 +488,7 @@ mod tests {
         .await;
         assert!(matches!(
             err,
-            Err(SenderError::Outbox(OutboxError::NewerSchema { .. }))
+            Err(OutboxTaskError::Outbox(OutboxError::NewerSchema { .. }))
         ));
     }
 }

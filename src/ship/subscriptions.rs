@@ -18,8 +18,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::ShipMetrics;
 use crate::ship::lago_read::{LagoReader, Lookup};
+use crate::ship::outbox::with_outbox;
 use crate::ship::outbox::{OutboxError, SharedOutbox};
-use crate::ship::sender::with_outbox;
 
 /// How often the outbox is looked at for new subscription ids.
 pub const SCAN_EVERY: Duration = Duration::from_secs(2);
@@ -103,13 +103,13 @@ pub async fn run_checker(
             );
             if !known && warned.insert(id.clone()) {
                 tracing::warn!(
-                    external_subscription_id = %crate::commands::output::printable(&id),
+                    external_subscription_id = %crate::text::printable(&id),
                     "Lago does not know this subscription: its events are stored but never \
                      billed; create it in Lago (the shipper keeps sending, see `tally queue stats`)"
                 );
             } else if known && warned.remove(&id) {
                 tracing::info!(
-                    external_subscription_id = %crate::commands::output::printable(&id),
+                    external_subscription_id = %crate::text::printable(&id),
                     "Lago knows this subscription now"
                 );
             }

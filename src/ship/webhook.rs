@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::ShipMetrics;
 use crate::ship::ApiKey;
 use crate::ship::outbox::SharedOutbox;
-use crate::ship::sender::with_outbox;
+use crate::ship::outbox::with_outbox;
 
 /// Largest webhook body read.
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -196,7 +196,7 @@ async fn signature_problem(rx: &Receiver, headers: &HeaderMap, body: &[u8]) -> O
         }
         other => Some(format!(
             "signature algorithm {:?} is unknown (Lago uses hmac or jwt)",
-            crate::commands::output::printable(other)
+            crate::text::printable(other)
         )),
     }
 }
@@ -332,7 +332,7 @@ async fn receive(State(rx): State<Arc<Receiver>>, headers: HeaderMap, body: Byte
         .and_then(Value::as_str)
         .unwrap_or_default();
     if kind != "events.errors" {
-        tracing::debug!(webhook_type = %crate::commands::output::printable(kind), "Lago webhook not used by tally; ignored");
+        tracing::debug!(webhook_type = %crate::text::printable(kind), "Lago webhook not used by tally; ignored");
         if let Some(key) = unique_key {
             rx.remember(key);
         }
@@ -376,7 +376,7 @@ fn ok(outcome: &str) -> Response {
 async fn apply_event_errors(
     rx: &Receiver,
     errors: &Value,
-) -> Result<(), crate::ship::sender::SenderError> {
+) -> Result<(), crate::ship::outbox::OutboxTaskError> {
     for category in CATEGORIES {
         let ids: Vec<String> = errors
             .get(category)
@@ -410,7 +410,7 @@ async fn apply_event_errors(
         for id in &marks.unknown {
             tracing::info!(
                 category,
-                transaction_id = %crate::commands::output::printable(id),
+                transaction_id = %crate::text::printable(id),
                 "events.errors names an event this outbox never had; nothing to do here"
             );
         }

@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use crate::reliability_support::{LogWriter, Rig, figure, good_line};
+use crate::reliability::support::{LogWriter, Rig, figure, good_line};
 use crate::support::SplitMix;
 
 /// A case: its name, its bytes, and what its rejection must say (reason, and the first bytes of
@@ -129,7 +129,7 @@ async fn every_bad_input_is_rejected_with_its_reason_and_the_good_lines_around_i
                 .all(|want| rejected.iter().any(|(r, _)| r.contains(want)))
         })
     };
-    crate::support::wait_until(crate::reliability_support::PATIENCE, || {
+    crate::support::wait_until(crate::reliability::support::PATIENCE, || {
         all_said(&rig.rejected())
     })
     .await;

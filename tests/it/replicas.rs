@@ -17,7 +17,7 @@ use tally::lago_emulator::EmulatorConfig;
 use tokio_util::sync::CancellationToken;
 
 use crate::pg_support::{LITELLM_TABLE, Pg};
-use crate::reliability_support::{EVENT_CODE, PATIENCE, tail};
+use crate::reliability::support::{EVENT_CODE, PATIENCE, tail};
 use crate::support::tally_bin;
 
 const MASTER: &str = "sk-replicas-master-0123456789abcdef";

@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
-use crate::reliability_proxy::{MASTER, ProxyChild, proxy_config};
-use crate::reliability_support::{PATIENCE, Rig, figure};
+use crate::reliability::proxy::{MASTER, ProxyChild, proxy_config};
+use crate::reliability::support::{PATIENCE, Rig, figure};
 
 const PROMPT_MARKER: &str = "zebra-quartz-prompt-7731";
 

@@ -166,7 +166,7 @@ pub async fn run(args: AuditArgs, shutdown: CancellationToken) -> anyhow::Result
     let mut reader = LagoReader::new(&base, key.trim(), args.rate)?;
     let fix = if args.fix {
         Some(Fix {
-            precise_amount: crate::ship::settings::precise_amount_from_args(&args.lago)?,
+            precise_amount: crate::commands::settings::precise_amount(&args.lago)?,
         })
     } else {
         None
@@ -194,7 +194,7 @@ async fn blocking<T: Send + 'static>(
     outbox: &crate::ship::outbox::SharedOutbox,
     f: impl FnOnce(&mut Outbox) -> Result<T, crate::ship::outbox::OutboxError> + Send + 'static,
 ) -> anyhow::Result<T> {
-    Ok(crate::ship::sender::with_outbox(outbox, f).await?)
+    Ok(crate::ship::outbox::with_outbox(outbox, f).await?)
 }
 
 /// `--fix`: missing events are rebuilt as `tally ship` would send them, so with

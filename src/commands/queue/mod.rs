@@ -13,9 +13,9 @@ use anyhow::Context;
 
 use crate::cli::{OutputFormat, QueueAction, QueueArgs, QueueState, RetryState};
 use crate::commands::output::{self, EXIT_NEEDS_ATTENTION};
-use crate::ship::amount::Markup;
 use crate::ship::outbox::{ListFilter, Outbox, State, now_ms};
-use crate::ship::resolve::{ChargeBy, EventSpec};
+use crate::ship::resolve::EventSpec;
+use crate::ship::settings::{EventArgs, event_spec};
 
 use view::{DropView, ItemView, ListView, RetryView, ShowView, StatsView, Verdict, item_outcome};
 
@@ -45,18 +45,17 @@ fn run_blocking(
             precise_amount,
             cost_markup,
         } => {
-            let markup: Markup = cost_markup.parse().map_err(|e| {
-                anyhow::anyhow!("TALLY_COST_MARKUP={cost_markup:?} is not valid: {e}")
-            })?;
-            retry(
-                state_dir,
-                state,
-                &ids,
-                &charge_by,
-                lago_api_event_code.as_deref(),
-                precise_amount.then_some(markup),
-                format,
-            )
+            let spec = event_spec(
+                &EventArgs {
+                    code: lago_api_event_code.as_deref(),
+                    charge_by: &charge_by,
+                    precise_amount,
+                    cost_markup: &cost_markup,
+                },
+                "retry rebuilds the Lago events, so set it as for `tally ship` \
+                 (or pass --lago-api-event-code)",
+            )?;
+            retry(state_dir, state, &ids, &spec, format)
         }
         QueueAction::Drop { ids, reason } => drop_items(state_dir, &ids, &reason, format),
     }
@@ -191,29 +190,15 @@ fn retry(
     state_dir: &Path,
     state: Option<RetryState>,
     ids: &[String],
-    charge_by: &str,
-    code: Option<&str>,
-    precise_amount: Option<Markup>,
+    spec: &EventSpec,
     format: OutputFormat,
 ) -> anyhow::Result<ExitCode> {
-    let charge_by: ChargeBy = charge_by
-        .parse()
-        .map_err(|e| anyhow::anyhow!("LAGO_API_CHARGE_BY={charge_by:?} is not valid: {e}"))?;
-    let code = code.filter(|c| !c.trim().is_empty()).context(
-        "LAGO_API_EVENT_CODE is not set; retry rebuilds the Lago events, so set it as for `tally ship` \
-         (or pass --lago-api-event-code)",
-    )?;
     let mut ob = open_writing(state_dir)?;
-    let spec = EventSpec {
-        code: code.to_owned(),
-        charge_by: charge_by.clone(),
-        precise_amount,
-    };
     let state = state.map(|s| match s {
         RetryState::Held => State::Held,
         RetryState::Dead => State::Dead,
     });
-    let report = ob.retry(ids, state, &spec)?;
+    let report = ob.retry(ids, state, spec)?;
     // Say per item what happened, in the outbox's own words.
     let mut items = Vec::new();
     for id in &report.requeued {
@@ -227,7 +212,7 @@ fn retry(
         items.push(item_outcome(id, Verdict::Skipped, ob.show(id)?));
     }
     let view = RetryView {
-        charge_by: charge_by.to_string(),
+        charge_by: spec.charge_by.to_string(),
         requeued: report.requeued.len() as u64,
         still_held: report.still_held.len() as u64,
         skipped: report.skipped.len() as u64,

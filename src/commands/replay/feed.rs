@@ -135,10 +135,7 @@ pub fn feed(
                     Some(_) => summary.reject(
                         &source.path,
                         source.offset,
-                        format!(
-                            "conflicting duplicate: transaction_id {} was already recorded with different content; this line is not billed",
-                            prepared.transaction_id
-                        ),
+                        crate::ship::outbox::conflict_reason(&prepared.transaction_id, None),
                     ),
                     None => {
                         unrecorded.insert(prepared.transaction_id.clone(), prepared.content_hash);

@@ -25,8 +25,8 @@ pub enum InputError {
     #[error(
         "{} is a directory; replay takes files: name them, or give a quoted glob such as \
          '{}/spend.jsonl*' (a directory is not read whole: it may hold files that are not spend logs)",
-        crate::commands::output::printable(&path.display().to_string()),
-        crate::commands::output::printable(path.display().to_string().trim_end_matches('/'))
+        crate::text::printable(&path.display().to_string()),
+        crate::text::printable(path.display().to_string().trim_end_matches('/'))
     )]
     IsDirectory { path: PathBuf },
     #[error("cannot read {path}: {source}")]

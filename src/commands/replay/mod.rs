@@ -31,10 +31,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::{OutputFormat, ReplayArgs};
 use crate::commands::output::{self, EXIT_NEEDS_ATTENTION};
+use crate::commands::settings::{lago as lago_from_args, tuning as tuning_from_args};
 use crate::ship::ShipSettings;
 use crate::ship::outbox::Outbox;
-use crate::ship::resolve::{ChargeBy, EventSpec};
-use crate::ship::settings::{lago_from_args, precise_amount_from_args, tuning_from_args};
+use crate::ship::settings::{EventArgs, event_spec};
 
 use deliver::DeliveryReport;
 use feed::{FeedOptions, Target};
@@ -59,13 +59,16 @@ pub async fn run(args: ReplayArgs, shutdown: CancellationToken) -> anyhow::Resul
     // Check every setting before reading a byte.
     let window = window::TimeWindow::parse(args.since.as_deref(), args.until.as_deref())?;
     let tuning = tuning_from_args(&args.tuning).context("invalid setting")?;
-    let charge_by: ChargeBy = args.lago.lago_api_charge_by.parse().map_err(|e| {
-        anyhow::anyhow!(
-            "LAGO_API_CHARGE_BY={:?} is not valid: {e}",
-            args.lago.lago_api_charge_by
-        )
-    })?;
-    let precise_amount = precise_amount_from_args(&args.lago).context("invalid setting")?;
+    // A dry run needs no event code: the code changes neither who is charged nor whether a line
+    // was already billed.
+    let mut event_args = EventArgs::from(&args.lago);
+    if args.dry_run && event_args.code.is_none_or(|c| c.trim().is_empty()) {
+        event_args.code = Some(DRY_RUN_CODE);
+    }
+    let spec = event_spec(
+        &event_args,
+        "replay builds the Lago events it enqueues, so set it (as for `tally ship`) or use --dry-run",
+    )?;
     let ship_settings = if args.ship {
         let lago = lago_from_args(&args.lago).context("--ship needs the Lago settings")?;
         Some(ShipSettings {
@@ -79,24 +82,12 @@ pub async fn run(args: ReplayArgs, shutdown: CancellationToken) -> anyhow::Resul
     } else {
         None
     };
-    let code = match (&args.lago.lago_api_event_code, args.dry_run) {
-        (Some(code), _) if !code.trim().is_empty() => code.clone(),
-        (_, true) => DRY_RUN_CODE.to_owned(),
-        _ => anyhow::bail!(
-            "LAGO_API_EVENT_CODE is not set; replay builds the Lago events it enqueues, so set it \
-             (as for `tally ship`) or use --dry-run"
-        ),
-    };
     let files = input::expand(&args.files)?;
     let options = FeedOptions {
         format: args.format,
         window,
         max_line_bytes: tuning.max_line_bytes,
-        spec: EventSpec {
-            code,
-            charge_by,
-            precise_amount,
-        },
+        spec,
         keep_new_ids: args.ship,
     };
 

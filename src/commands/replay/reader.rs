@@ -5,8 +5,7 @@ use std::collections::VecDeque;
 use std::path::PathBuf;
 
 use crate::cli::ReplayFormat;
-use crate::ship::outbox::{IngestItem, Source};
-use crate::ship::reader::too_long_item;
+use crate::ship::reader::too_long_reason;
 use crate::ship::tail::{LineContent, RawLine};
 use crate::spend::SpendRecord;
 
@@ -49,16 +48,7 @@ pub fn decode(
 ) -> Result<SpendRecord, String> {
     let bytes = match content {
         LineContent::Complete(b) => b,
-        LineContent::TooLong { len } => {
-            let source = Source {
-                file: String::new(),
-                offset: 0,
-            };
-            return Err(match too_long_item(source, *len, max_line_bytes) {
-                IngestItem::Rejected { reason, .. } => reason,
-                IngestItem::Record { .. } => format!("line is {len} bytes long"),
-            });
-        }
+        LineContent::TooLong { len } => return Err(too_long_reason(*len, max_line_bytes)),
     };
     match format {
         ReplayFormat::Tally => SpendRecord::parse_line(bytes).map_err(|e| e.to_string()),

@@ -28,6 +28,7 @@ mod lock;
 mod queue;
 mod readonly;
 mod schema;
+mod task;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -43,6 +44,7 @@ pub use queue::{
     RetryReport, Stats,
 };
 pub use schema::MIGRATIONS;
+pub use task::{OutboxTaskError, with_outbox};
 
 use crate::ship::resolve::{Disposition, PreparedRecord};
 use crate::ship::tail::{FileId, FilePosition};
@@ -484,10 +486,7 @@ impl Outbox {
                             continue;
                         }
                         let old_state = State::from_code(old_state).map_or("unknown", State::name);
-                        let reason = format!(
-                            "conflicting duplicate: transaction_id {} was already recorded with different content (now {old_state}); this line is not billed",
-                            prepared.transaction_id
-                        );
+                        let reason = conflict_reason(&prepared.transaction_id, Some(old_state));
                         let head = prepared.transaction_id.clone();
                         let key = rejected_line_key(&reason, head.as_bytes());
                         if reject.execute(params![
@@ -785,6 +784,16 @@ fn rejected_line_key(reason: &str, head: &[u8]) -> i64 {
     bytes.push(0);
     bytes.extend_from_slice(head);
     crate::ship::resolve::content_hash(&bytes)
+}
+
+/// Why a line is rejected as a conflicting duplicate: its `transaction_id` was recorded with
+/// other content (in state `old_state`, when known). `tally replay --dry-run` says it in the same
+/// words as the outbox.
+pub fn conflict_reason(transaction_id: &str, old_state: Option<&str>) -> String {
+    let now = old_state.map(|s| format!(" (now {s})")).unwrap_or_default();
+    format!(
+        "conflicting duplicate: transaction_id {transaction_id} was already recorded with different content{now}; this line is not billed"
+    )
 }
 
 #[cfg(test)]

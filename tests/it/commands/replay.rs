@@ -440,6 +440,49 @@ async fn a_pattern_that_matches_nothing_is_an_error() {
     assert!(r.stderr.contains("matches no file"), "{}", r.stderr);
 }
 
+/// Regression (issue 19): `tally replay` and `tally queue retry` checked LAGO_API_EVENT_CODE
+/// apart from `tally ship` and wrote a code with surrounding whitespace into stored events,
+/// which Lago then matched to no billable metric. All three now build their events with the
+/// same checks, and refuse it before writing anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_command_refuses_an_event_code_with_surrounding_whitespace() {
+    let b = Bench::new().await;
+    let log = b.path("ws.jsonl");
+    write(
+        &log,
+        &[line(
+            "ws-1",
+            "2026-11-05T10:00:00.000Z",
+            EndUser("c-1"),
+            7,
+            15,
+            0.0002,
+        )],
+    );
+    let log = log.to_str().unwrap();
+    for args in [
+        vec!["ship"],
+        vec!["replay", log],
+        vec!["replay", "--ship", log],
+        vec!["queue", "retry", "--state", "held"],
+    ] {
+        let out = b
+            .command(&args)
+            .env("LAGO_API_EVENT_CODE", " llm_usage ")
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "tally {args:?}: {stderr}");
+        assert!(
+            stderr.contains("LAGO_API_EVENT_CODE") && stderr.contains("whitespace"),
+            "tally {args:?}: {stderr}"
+        );
+    }
+    assert!(!b.db().exists(), "nothing may be written with such a code");
+    assert!(b.stored_ids().is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_ship_reports_what_lago_did_not_acknowledge_and_exits_3() {
     let b = Bench::new().await;

@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::reliability_support::{PATIENCE, Rig, figure, full_variant, tail};
+use crate::reliability::support::{PATIENCE, Rig, figure, full_variant, tail};
 use crate::support::SplitMix;
 
 pub const MASTER: &str = "sk-reliability-master-0123456789abcdef";

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use crate::reliability_support::{LogWriter, Rig, figure, full_variant, good_line};
+use crate::reliability::support::{LogWriter, Rig, figure, full_variant, good_line};
 use crate::support::SplitMix;
 
 struct Plan {

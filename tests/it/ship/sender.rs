@@ -1,17 +1,18 @@
 //! The sender against a scripted stub Lago: how each class of answer is handled.
-//! (End-to-end runs against the full emulator are in `ship_e2e`.)
+//! (End-to-end runs against the full emulator are in `ship::e2e`.)
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tally::ship::outbox::{IngestItem, ListFilter, Outbox, Source, State};
 use tally::ship::resolve::{EventSpec, prepare};
-use tally::ship::sender::{SendMode, SendTotals, WorkSignal, run_sender};
+use tally::ship::sender::{SendMode, SendTotals, run_sender};
+use tally::ship::signal::WorkSignal;
 use tally::ship::{ApiKey, ShipSettings, deliver_pending, lago::LagoClient};
 use tally::spend::SpendRecord;
 use tokio_util::sync::CancellationToken;
 
-use crate::ship_stub::{Scripted, Stub};
+use crate::ship::stub::{Scripted, Stub};
 use crate::support::{spend_record, wait_until};
 
 const KEY: &str = "stub-key-123";

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use crate::ship_e2e::{Env, Running, append, records};
+use crate::ship::e2e::{Env, Running, append, records};
 use crate::support::SplitMix;
 
 #[derive(Debug, Clone, Copy)]

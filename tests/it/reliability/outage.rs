@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tally::lago_emulator::Fault;
 
-use crate::reliability_support::{LogWriter, PATIENCE, Rig, figure, full_variant, good_line};
+use crate::reliability::support::{LogWriter, PATIENCE, Rig, figure, full_variant, good_line};
 use crate::support::wait_until;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
