@@ -106,8 +106,8 @@ pub struct TallySettings {
 impl Default for TallySettings {
     fn default() -> Self {
         Self {
-            spend_log: PathBuf::from("./spend.jsonl"),
-            state_dir: PathBuf::from("./.tally"),
+            spend_log: PathBuf::from(crate::spend::DEFAULT_SPEND_LOG),
+            state_dir: PathBuf::from(crate::spend::DEFAULT_STATE_DIR),
             spend_log_max_bytes: DEFAULT_SPEND_LOG_MAX_BYTES,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             price_file: None,
