@@ -647,7 +647,7 @@ impl ProxyConfig {
         if let Some(v) = env("TALLY_ALLOW_WEAK_MASTER_KEY") {
             s.allow_weak_master_key = parse_bool("TALLY_ALLOW_WEAK_MASTER_KEY", &v)?;
         }
-        for (i, (var, _)) in TIMEOUT_SETTINGS.iter().enumerate() {
+        for (var, _, field) in TIMEOUT_SETTINGS {
             if let Some(v) = env(var) {
                 let secs = v
                     .trim()
@@ -655,12 +655,12 @@ impl ProxyConfig {
                     .ok()
                     .and_then(positive_secs)
                     .ok_or_else(|| ConfigError::Env {
-                        var: (*var).to_owned(),
+                        var: var.to_owned(),
                         message: format!(
                             "{v:?} is not a positive number of seconds; write e.g. 30 or 0.5"
                         ),
                     })?;
-                *s.server.timeout_mut(i) = secs;
+                *field(&mut s.server) = secs;
             }
         }
         if let Some(v) = env("TALLY_MAX_CONNECTIONS") {
@@ -838,11 +838,24 @@ fn router_settings(
     })
 }
 
-/// The timeout settings, in [`ServerLimits::timeout_mut`] order: variable and YAML name.
-const TIMEOUT_SETTINGS: [(&str, &str); 3] = [
-    ("TALLY_HEADER_READ_TIMEOUT_SECS", "header_read_timeout_secs"),
-    ("TALLY_BODY_READ_TIMEOUT_SECS", "body_read_timeout_secs"),
-    ("TALLY_IDLE_TIMEOUT_SECS", "idle_timeout_secs"),
+/// A timeout of [`ServerLimits`], reached from its setting.
+type TimeoutField = fn(&mut ServerLimits) -> &mut Duration;
+
+/// The timeout settings: variable, YAML name and the limit each sets.
+const TIMEOUT_SETTINGS: [(&str, &str, TimeoutField); 3] = [
+    (
+        "TALLY_HEADER_READ_TIMEOUT_SECS",
+        "header_read_timeout_secs",
+        |l| &mut l.header_read_timeout,
+    ),
+    (
+        "TALLY_BODY_READ_TIMEOUT_SECS",
+        "body_read_timeout_secs",
+        |l| &mut l.body_read_timeout,
+    ),
+    ("TALLY_IDLE_TIMEOUT_SECS", "idle_timeout_secs", |l| {
+        &mut l.idle_timeout
+    }),
 ];
 
 fn positive_secs(secs: f64) -> Option<Duration> {
@@ -858,10 +871,9 @@ fn server_limits(
     max_connections: Option<usize>,
 ) -> Result<ServerLimits, ConfigError> {
     let mut limits = ServerLimits::default();
-    for (i, secs) in timeouts.into_iter().enumerate() {
+    for ((_, name, field), secs) in TIMEOUT_SETTINGS.into_iter().zip(timeouts) {
         let Some(secs) = secs else { continue };
-        let name = TIMEOUT_SETTINGS[i].1;
-        *limits.timeout_mut(i) = positive_secs(secs).ok_or_else(|| ConfigError::Entry {
+        *field(&mut limits) = positive_secs(secs).ok_or_else(|| ConfigError::Entry {
             file: file.to_owned(),
             entry: format!("tally_settings.{name}"),
             message: format!("{secs} is not a positive number of seconds"),

@@ -64,17 +64,6 @@ pub struct ServerLimits {
     pub max_connections: usize,
 }
 
-impl ServerLimits {
-    /// The timeouts by index (header, body, idle), for the settings code.
-    pub fn timeout_mut(&mut self, i: usize) -> &mut Duration {
-        match i {
-            0 => &mut self.header_read_timeout,
-            1 => &mut self.body_read_timeout,
-            _ => &mut self.idle_timeout,
-        }
-    }
-}
-
 impl Default for ServerLimits {
     fn default() -> Self {
         Self {
