@@ -1,8 +1,9 @@
 //! Writes a synthetic spend log for fixtures and benchmarks.
 //!
-//! `cargo run --release --example gen_spend_log -- OUT LINES [--customers N] [--rate LINES_PER_SEC]`
+//! `cargo run --release --example gen_spend_log -- OUT LINES [--customers N] [--rate LINES_PER_SEC] [--ids v7|v4]`
 //!
-//! Records are valid schema-1 lines with UUIDv7 transaction ids, spread over `N` end users
+//! Records are valid schema-1 lines with UUIDv7 transaction ids (as tally's proxy writes them;
+//! `--ids v4`: random ids, as LiteLLM writes them), spread over `N` end users
 //! (default 100), end times one millisecond apart. With `--rate`, lines are appended at that
 //! pace (one `write` per line, like the proxy) and each line's append time is printed to stdout
 //! as `transaction_id<TAB>unix_micros`, for latency measurements.
@@ -12,11 +13,22 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tally::spend::SpendRecord;
 
-fn record(i: u64, customers: u64, base: chrono::DateTime<chrono::Utc>) -> SpendRecord {
+fn record(
+    i: u64,
+    customers: u64,
+    base: chrono::DateTime<chrono::Utc>,
+    random_ids: bool,
+) -> SpendRecord {
     let end = base + chrono::Duration::milliseconds(i as i64);
     SpendRecord {
         schema: 1,
-        transaction_id: uuid::Uuid::now_v7().to_string(),
+        transaction_id: if random_ids {
+            uuid::Builder::from_random_bytes(rand::random())
+                .into_uuid()
+                .to_string()
+        } else {
+            uuid::Uuid::now_v7().to_string()
+        },
         start_time: Some(end - chrono::Duration::milliseconds(420)),
         end_time: end,
         call_type: "chat_completion".into(),
@@ -43,7 +55,8 @@ fn record(i: u64, customers: u64, base: chrono::DateTime<chrono::Utc>) -> SpendR
 
 fn main() -> std::io::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let usage = "usage: gen_spend_log OUT LINES [--customers N] [--rate LINES_PER_SEC]";
+    let usage =
+        "usage: gen_spend_log OUT LINES [--customers N] [--rate LINES_PER_SEC] [--ids v7|v4]";
     let (Some(out), Some(lines)) = (
         args.first(),
         args.get(1).and_then(|n| n.parse::<u64>().ok()),
@@ -59,6 +72,19 @@ fn main() -> std::io::Result<()> {
     };
     let customers = flag("--customers").unwrap_or(100).max(1);
     let rate = flag("--rate");
+    let random_ids = match args
+        .iter()
+        .position(|a| a == "--ids")
+        .map(|i| args.get(i + 1))
+    {
+        None => false,
+        Some(Some(v)) if v == "v7" => false,
+        Some(Some(v)) if v == "v4" => true,
+        Some(_) => {
+            eprintln!("--ids takes v7 or v4\n{usage}");
+            std::process::exit(2);
+        }
+    };
     let base: chrono::DateTime<chrono::Utc> = chrono::Utc::now();
     let mut file = std::fs::OpenOptions::new()
         .create(true)
@@ -68,7 +94,7 @@ fn main() -> std::io::Result<()> {
         None => {
             let mut buf = std::io::BufWriter::with_capacity(1 << 20, file);
             for i in 0..lines {
-                buf.write_all(&record(i, customers, base).to_line())?;
+                buf.write_all(&record(i, customers, base, random_ids).to_line())?;
             }
             buf.flush()?;
         }
@@ -81,7 +107,7 @@ fn main() -> std::io::Result<()> {
                 if let Some(wait) = due.checked_duration_since(Instant::now()) {
                     std::thread::sleep(wait);
                 }
-                let r = record(i, customers, chrono::Utc::now());
+                let r = record(i, customers, chrono::Utc::now(), random_ids);
                 file.write_all(&r.to_line())?;
                 let micros = SystemTime::now()
                     .duration_since(UNIX_EPOCH)

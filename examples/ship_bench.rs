@@ -8,6 +8,12 @@
 //! - `ship_bench deliver TALLY_BIN FILE STATE_DIR`: end to end. Starts the Lago emulator here,
 //!   runs `tally ship` (TALLY_BIN) as a child on FILE, and reports events/s until Lago holds
 //!   every line, HTTP requests per event, and the child's peak RSS.
+//! - `ship_bench deliver-to URL TALLY_BIN FILE STATE_DIR`: the same against a Lago stand-in
+//!   already listening at URL (bench/lago_sink.py), which counts at `GET URL/count`.
+//! - `ship_bench replay TALLY_BIN FILE STATE_DIR`: `tally replay FILE` into a fresh outbox, as
+//!   a child; lines/s, its CPU and peak RSS.
+//! - `ship_bench acked-disk N STATE_DIR v7|v4`: the outbox's own ingest and ack on N synthetic
+//!   events, then the size of shipper.db per acked id.
 //! - `ship_bench latency TALLY_BIN DIR RATE SECS`: appends RATE lines/s for SECS seconds to a
 //!   live log that a `tally ship` child follows; reports append → stored-at-Lago latency
 //!   percentiles and the child's peak RSS.
@@ -28,11 +34,16 @@ fn main() -> anyhow::Result<()> {
         Some("parse-only") => parse_only(&args[1]),
         Some("ingest") => ingest(&args[1], &args[2]),
         Some("deliver") => deliver(&args[1], &args[2], &args[3]),
+        Some("deliver-to") => deliver_to(&args[1], &args[2], &args[3], &args[4]),
+        Some("replay") => replay(&args[1], &args[2], &args[3]),
+        Some("acked-disk") => acked_disk(args[1].parse()?, &args[2], &args[3]),
         Some("latency") => latency(&args[1], &args[2], args[3].parse()?, args[4].parse()?),
         _ => {
             eprintln!(
                 "usage: ship_bench ingest|ingest-direct FILE STATE_DIR | parse-only FILE | \
-                 deliver TALLY_BIN FILE STATE_DIR | latency TALLY_BIN DIR RATE SECS"
+                 deliver TALLY_BIN FILE STATE_DIR | deliver-to URL TALLY_BIN FILE STATE_DIR | \
+                 replay TALLY_BIN FILE STATE_DIR | acked-disk N STATE_DIR v7|v4 | \
+                 latency TALLY_BIN DIR RATE SECS"
             );
             std::process::exit(2);
         }
@@ -349,4 +360,167 @@ fn latency(tally_bin: &str, dir: &str, rate: u64, secs: u64) -> anyhow::Result<(
         );
         anyhow::Ok(())
     })
+}
+
+fn count_lines(file: &str) -> anyhow::Result<usize> {
+    let mut lines = 0usize;
+    for line in std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(file)?).split(b'\n')
+    {
+        line?;
+        lines += 1;
+    }
+    Ok(lines)
+}
+
+/// End to end against a Lago stand-in that is already running (bench/lago_sink.py).
+fn deliver_to(url: &str, tally_bin: &str, file: &str, state_dir: &str) -> anyhow::Result<()> {
+    let lines = count_lines(file)?;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let client = reqwest::Client::new();
+        let count = || async {
+            let v: serde_json::Value = client
+                .get(format!("{url}/count"))
+                .send()
+                .await?
+                .json()
+                .await?;
+            anyhow::Ok(v["events"].as_u64().unwrap_or(0) as usize)
+        };
+        let before = count().await?;
+        let start = Instant::now();
+        let child = ship_child(
+            tally_bin,
+            url,
+            std::path::Path::new(file),
+            std::path::Path::new(state_dir),
+        )?;
+        let mut peak = 0u64;
+        while count().await? - before < lines {
+            peak = peak.max(rss_peak_kib(child.id()).unwrap_or(0));
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let ship_cpu = cpu_secs(child.id());
+        let rss = stop_child(child)?.unwrap_or(0).max(peak);
+        println!(
+            "{}",
+            serde_json::json!({"measure": "deliver_to_sink", "sink": url, "events": lines,
+                "secs": secs, "events_per_sec": lines as f64 / secs,
+                "ship_cpu_secs": ship_cpu,
+                "ship_cpu_us_per_event": ship_cpu.map(|c| c * 1e6 / lines as f64),
+                "ship_rss_peak_kib": rss})
+        );
+        anyhow::Ok(())
+    })
+}
+
+/// CPU seconds and peak RSS (KiB) of the waited-for children so far.
+fn children_usage() -> (f64, u64) {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    (secs(ru.ru_utime) + secs(ru.ru_stime), ru.ru_maxrss as u64)
+}
+
+/// `tally replay FILE` into an empty state directory, as an operator runs it.
+fn replay(tally_bin: &str, file: &str, state_dir: &str) -> anyhow::Result<()> {
+    let lines = count_lines(file)?;
+    let (cpu_before, _) = children_usage();
+    let start = Instant::now();
+    let status = std::process::Command::new(tally_bin)
+        .args(["replay", file, "--output-format", "json"])
+        .env("LAGO_API_EVENT_CODE", "llm_usage")
+        .env("TALLY_STATE_DIR", state_dir)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    let secs = start.elapsed().as_secs_f64();
+    anyhow::ensure!(status.success(), "tally replay failed: {status}");
+    let (cpu_after, rss) = children_usage();
+    let cpu = cpu_after - cpu_before;
+    println!(
+        "{}",
+        serde_json::json!({"measure": "replay_into_outbox", "lines": lines, "secs": secs,
+            "lines_per_sec": lines as f64 / secs, "cpu_secs": cpu,
+            "cpu_us_per_line": cpu * 1e6 / lines as f64, "rss_peak_kib": rss})
+    );
+    Ok(())
+}
+
+/// The outbox's size per acked id: N synthetic events ingested and acked by the outbox's own
+/// code, in the chunk and batch sizes the shipper uses, then checkpointed.
+fn acked_disk(n: u64, state_dir: &str, ids: &str) -> anyhow::Result<()> {
+    use tally::ship::outbox::IngestItem;
+    let random = match ids {
+        "v4" => true,
+        "v7" => false,
+        other => anyhow::bail!("ids must be v7 or v4, not {other}"),
+    };
+    let spec = EventSpec {
+        code: "llm_usage".into(),
+        charge_by: Default::default(),
+        precise_amount: None,
+    };
+    let dir = std::path::Path::new(state_dir);
+    let mut outbox = Outbox::open_in(dir)?;
+    let lock = outbox
+        .try_lock_sender()?
+        .ok_or_else(|| anyhow::anyhow!("another sender holds {state_dir}"))?;
+    let template = tally::spend::SpendRecord::parse_line(
+        br#"{"schema":1,"transaction_id":"x","end_time":"2026-11-27T10:00:00.000Z","model":"gpt-4o-mini","input_tokens":12,"output_tokens":30,"end_user_id":"customer-1","user_id":"user-1","team_id":"team-a","response_cost":0.000015,"status":"success"}"#,
+    )?;
+    let base = template.end_time;
+    let start = Instant::now();
+    let mut done = 0u64;
+    let chunk = tally::ship::CHUNK_LINES as u64;
+    while done < n {
+        let take = chunk.min(n - done);
+        let items: Vec<IngestItem> = (done..done + take)
+            .map(|i| {
+                let mut r = template.clone();
+                r.transaction_id = if random {
+                    uuid::Builder::from_random_bytes(rand::random()).into_uuid()
+                } else {
+                    uuid::Uuid::now_v7()
+                }
+                .to_string();
+                r.end_time = base + chrono::Duration::milliseconds(i as i64);
+                r.end_user_id = Some(format!("customer-{}", i % 100));
+                let line = r.to_line();
+                line_to_item(
+                    Source {
+                        file: "/var/log/tally/spend.jsonl".into(),
+                        offset: i * 400,
+                    },
+                    &line[..line.len() - 1],
+                    &spec,
+                )
+            })
+            .collect();
+        outbox.ingest(&items, &[])?;
+        let (claimed, _) = outbox.claim(take as usize, None, &Default::default(), &lock)?;
+        for batch in claimed.chunks(100) {
+            let pairs: Vec<(i64, &str)> = batch
+                .iter()
+                .map(|e| (e.seq, e.transaction_id.as_str()))
+                .collect();
+            outbox.ack(&pairs, None)?;
+        }
+        done += take;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    drop(outbox);
+    // Closing the last connection checkpoints and removes the WAL: what is left is the file.
+    let bytes = std::fs::metadata(dir.join(tally::ship::outbox::DB_FILE))?.len();
+    let wal = std::fs::metadata(dir.join("shipper.db-wal")).map_or(0, |m| m.len());
+    println!(
+        "{}",
+        serde_json::json!({"measure": "acked_disk", "ids": ids, "acked": n,
+            "db_bytes": bytes, "wal_bytes": wal, "bytes_per_acked_id": (bytes + wal) as f64 / n as f64,
+            "gib_per_10m": (bytes + wal) as f64 / n as f64 * 1e7 / (1u64 << 30) as f64,
+            "secs": secs})
+    );
+    Ok(())
 }
