@@ -164,10 +164,13 @@ pub struct EventSpec {
 /// What becomes of one record.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Disposition {
-    /// Billable, with a customer: send this event (JSON bytes, built once).
+    /// Billable, with a customer: send this event (JSON bytes, built once). Its `code` and
+    /// timestamp (`time_ms`) are also kept apart in the outbox, for `tally audit`.
     Pending {
         external_subscription_id: String,
         event: Vec<u8>,
+        code: String,
+        time_ms: i64,
     },
     /// Billable, but no id for the charge-by setting: kept, not sent, until retried.
     Held { reason: String },
@@ -234,6 +237,8 @@ pub fn disposition(record: &SpendRecord, spec: &EventSpec) -> Disposition {
         Ok(id) => Disposition::Pending {
             external_subscription_id: id.to_owned(),
             event: event_bytes_with(record, &spec.code, id, spec.precise_amount),
+            code: spec.code.clone(),
+            time_ms: record.end_time.timestamp_millis(),
         },
         Err(reason) => Disposition::Held { reason },
     }
@@ -250,6 +255,7 @@ pub fn re_resolve_event(event: &[u8], ids: &CustomerIds, spec: &EventSpec) -> Op
             ids.team_id.as_deref(),
         ) {
             Ok(id) => {
+                let time_ms = parse_lago_timestamp(&stored.timestamp)?;
                 let event = LagoEvent {
                     transaction_id: &stored.transaction_id,
                     external_subscription_id: id,
@@ -261,6 +267,8 @@ pub fn re_resolve_event(event: &[u8], ids: &CustomerIds, spec: &EventSpec) -> Op
                 Disposition::Pending {
                     external_subscription_id: id.to_owned(),
                     event: serde_json::to_vec(&event).unwrap_or_default(),
+                    code: spec.code.clone(),
+                    time_ms,
                 }
             }
             Err(reason) => Disposition::Held { reason },
@@ -414,9 +422,40 @@ pub fn lago_timestamp(millis: i64) -> String {
     format!("{sign}{}.{:03}", abs / 1000, abs % 1000)
 }
 
+/// The milliseconds of a [`lago_timestamp`] (`"1764237600.250"`), as stored events carry it.
+pub fn parse_lago_timestamp(text: &str) -> Option<i64> {
+    let (negative, digits) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let (secs, frac) = digits.split_once('.').unwrap_or((digits, "0"));
+    if secs.is_empty() || frac.is_empty() || frac.len() > 3 {
+        return None;
+    }
+    let secs: i64 = secs.parse().ok()?;
+    let frac: i64 = format!("{frac:0<3}").parse().ok()?;
+    let ms = secs.checked_mul(1000)?.checked_add(frac)?;
+    Some(if negative { -ms } else { ms })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lago_timestamps_read_back_to_their_milliseconds() {
+        for ms in [0, 1, 999, 1_000, 1_764_237_600_250, -1_500] {
+            assert_eq!(parse_lago_timestamp(&lago_timestamp(ms)), Some(ms), "{ms}");
+        }
+        assert_eq!(parse_lago_timestamp("1764237600"), Some(1_764_237_600_000));
+        assert_eq!(
+            parse_lago_timestamp("1764237600.5"),
+            Some(1_764_237_600_500)
+        );
+        for bad in ["", ".5", "1.", "1.2345", "x.250", "1.2x"] {
+            assert_eq!(parse_lago_timestamp(bad), None, "{bad}");
+        }
+    }
 
     fn record() -> SpendRecord {
         let line = br#"{"schema":1,"transaction_id":"tx-1","start_time":"2026-11-27T10:00:00.000Z","end_time":"2026-11-27T10:00:00.250Z","model":"gpt-4o","input_tokens":7,"output_tokens":15,"total_tokens":22,"response_cost":0.0001675,"end_user_id":"cust-1","user_id":null,"team_id":"team-a","status":"success"}"#;
@@ -437,11 +476,14 @@ mod tests {
         let Disposition::Pending {
             event,
             external_subscription_id,
+            code,
+            time_ms,
         } = p.disposition
         else {
             panic!("expected pending")
         };
         assert_eq!(external_subscription_id, "cust-1");
+        assert_eq!((code.as_str(), time_ms), ("llm_usage", 1_795_773_600_250));
         assert_eq!(
             String::from_utf8(event).unwrap(),
             r#"{"transaction_id":"tx-1","external_subscription_id":"cust-1","code":"llm_usage","timestamp":"1795773600.250","properties":{"model":"gpt-4o","response_cost":0.0001675,"input_tokens":7,"output_tokens":15,"total_tokens":22,"prompt_tokens":7,"completion_tokens":15,"cache_read_input_tokens":0,"cache_creation_input_tokens":0,"reasoning_tokens":0}}"#

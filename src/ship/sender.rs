@@ -578,7 +578,7 @@ async fn deliver(ctx: &Arc<Ctx>, batch: Vec<ClaimedEvent>) {
                 // stay in flight until then.
                 let acked = events
                     .into_iter()
-                    .map(|e| (e.rowid, e.transaction_id))
+                    .map(|e| (e.seq, e.transaction_id))
                     .collect();
                 match ctx.acks.send(acked).await {
                     Ok(()) => Ok(()),
@@ -709,7 +709,7 @@ async fn apply_per_index(
     let mut rest = Vec::new();
     for (i, e) in events.into_iter().enumerate() {
         match map.get(&i) {
-            Some(IndexError::AlreadyExists) => acked.push((e.rowid, e.transaction_id)),
+            Some(IndexError::AlreadyExists) => acked.push((e.seq, e.transaction_id)),
             Some(IndexError::Refused(why)) => {
                 tracing::warn!(transaction_id = %e.transaction_id, reason = %why, "Lago refused an event; it is dead");
                 refused.push((e.transaction_id, format!("Lago refused it: {why}")));
@@ -870,7 +870,7 @@ mod tests {
 
     fn event(id: &str, len: usize) -> ClaimedEvent {
         ClaimedEvent {
-            rowid: 0,
+            seq: 0,
             transaction_id: id.to_owned(),
             event: vec![b'x'; len],
         }

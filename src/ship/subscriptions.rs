@@ -3,8 +3,8 @@
 //!
 //! The shipper keeps sending (the subscription may be created later; Lago then bills what it
 //! stored in the period), and this task makes the gap visible: each external_subscription_id is
-//! looked up once with `GET /api/v1/subscriptions/{id}` as it first appears in the outbox (found
-//! by rowid, so each pass reads only new rows); an unknown one is warned about once, counted in
+//! looked up once with `GET /api/v1/subscriptions/{id}` as it first appears in the outbox (its
+//! `targets` table, in first-seen order, so each pass reads only new ids); an unknown one is warned about once, counted in
 //! `tally_ship_unknown_subscriptions` and kept in the outbox's `subscriptions` table, which
 //! `tally queue stats` shows. Unknown ones are looked up again every [`RECHECK_UNKNOWN`].
 //! Failures to ask (Lago down, a key without read access) are logged and tried again later;
@@ -130,14 +130,14 @@ pub async fn run_checker(
     }
 }
 
-/// Distinct subscription ids of rows after `after_rowid` (one page), and the last rowid read
-/// (`None` when there was nothing new).
+/// Subscription ids first seen after `after_rowid` (one page of `targets`), and the
+/// last rowid read (`None` when there was nothing new).
 fn new_ids(
     conn: &rusqlite::Connection,
     after_rowid: i64,
 ) -> Result<(Vec<String>, Option<i64>), OutboxError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT rowid, subscription_id FROM events WHERE rowid > ?1 ORDER BY rowid LIMIT ?2",
+        "SELECT id, subscription_id FROM targets WHERE id > ?1 ORDER BY id LIMIT ?2",
     )?;
     let mut rows = stmt.query(params![after_rowid, PAGE])?;
     let mut ids = Vec::new();

@@ -1,11 +1,11 @@
-//! What tally learns from Lago after the ack (issue 17): which external_subscription_ids Lago
+//! What tally learns from Lago after the ack (`tally audit`, docs/operations.md): which external_subscription_ids Lago
 //! does not know, which acked events Lago reported in `events.errors` (state lago-error), and
 //! the work list of `tally audit` (`audit_items`, so an interrupted audit resumes).
 
 use rusqlite::{OptionalExtension, TransactionBehavior, params};
 use serde::Serialize;
 
-use super::{Outbox, OutboxError, State, now_ms};
+use super::{EFFECTIVE_STATE, Outbox, OutboxError, now_ms};
 
 /// What [`Outbox::mark_lago_error`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -91,13 +91,18 @@ impl Outbox {
             .conn_mut()
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
+            let mut dequeue = tx.prepare_cached(
+                "DELETE FROM pending WHERE seq =
+                     (SELECT queue_seq FROM events WHERE transaction_id = ?1 AND state = 0)",
+            )?;
             let mut update = tx.prepare_cached(
-                "UPDATE events SET state = 6, reason = ?2, updated_ms = ?3,
+                "UPDATE events SET state = 6, reason = ?2, updated_ms = ?3, queue_seq = NULL,
                      event = NULL, record = NULL, customer_ids = NULL
                  WHERE transaction_id = ?1 AND state IN (0, 3)",
             )?;
             let mut exists = tx.prepare_cached("SELECT 1 FROM events WHERE transaction_id = ?1")?;
             for id in ids {
+                dequeue.execute([id])?;
                 let n = update.execute(params![id, category, now])?;
                 if n == 1 {
                     marks.marked.push((*id).to_owned());
@@ -135,14 +140,21 @@ impl Outbox {
         let order = if scope.sample.is_some() {
             "random()"
         } else {
-            "created_ms, rowid"
+            "e.created_ms, e.transaction_id"
         };
+        // The timestamp as it was sent ("1795773600.250"), from its milliseconds.
         let sql = format!(
             "INSERT INTO audit_items (transaction_id, subscription_id, lago_code, lago_timestamp)
-             SELECT transaction_id, subscription_id, lago_code, lago_timestamp FROM events
-             WHERE state = {} AND created_ms >= ?1 AND created_ms < ?2
-             ORDER BY {order} LIMIT ?3",
-            State::Acked.code()
+             SELECT e.transaction_id, t.subscription_id, t.code,
+                    CASE WHEN e.lago_time_ms IS NULL THEN NULL
+                         WHEN e.lago_time_ms < 0 THEN printf('-%d.%03d',
+                             (-e.lago_time_ms) / 1000, (-e.lago_time_ms) % 1000)
+                         ELSE printf('%d.%03d', e.lago_time_ms / 1000, e.lago_time_ms % 1000)
+                    END
+             FROM events AS e LEFT JOIN targets AS t ON t.id = e.target_id
+             WHERE e.state IN (0, 3) AND {EFFECTIVE_STATE} = 3
+               AND e.created_ms >= ?1 AND e.created_ms < ?2
+             ORDER BY {order} LIMIT ?3"
         );
         let n = tx.execute(
             &sql,
@@ -247,10 +259,12 @@ impl Outbox {
     pub fn acked_origin(&self, transaction_id: &str) -> Result<Option<AckedOrigin>, OutboxError> {
         Ok(self
             .conn()
-            .prepare_cached(
-                "SELECT source_file, source_offset, content_hash, subscription_id, lago_code
-                 FROM events WHERE transaction_id = ?1 AND state = 3",
-            )?
+            .prepare_cached(&format!(
+                "SELECT s.path, e.source_offset, e.content_hash, t.subscription_id, t.code
+                 FROM events AS e LEFT JOIN sources AS s ON s.id = e.source_id
+                 LEFT JOIN targets AS t ON t.id = e.target_id
+                 WHERE e.transaction_id = ?1 AND e.state IN (0, 3) AND {EFFECTIVE_STATE} = 3"
+            ))?
             .query_row([transaction_id], |r| {
                 Ok(AckedOrigin {
                     source_file: r.get(0)?,
@@ -275,20 +289,28 @@ impl Outbox {
             .conn_mut()
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
+            let mut acked = tx.prepare_cached(&format!(
+                "SELECT 1 FROM events AS e
+                 WHERE e.transaction_id = ?1 AND e.state IN (0, 3) AND {EFFECTIVE_STATE} = 3"
+            ))?;
+            let mut enqueue = tx.prepare_cached(
+                "INSERT INTO pending (transaction_id, event, reason) VALUES (?1, ?2, ?3)",
+            )?;
             let mut set = tx.prepare_cached(
-                "UPDATE events SET state = 0, event = ?2, reason = ?3, updated_ms = ?4
-                 WHERE transaction_id = ?1 AND state = 3",
+                "UPDATE events SET state = 0, queue_seq = ?2, updated_ms = ?3
+                 WHERE transaction_id = ?1",
             )?;
             for (id, event) in events {
-                let n = set.execute(params![
+                if acked.query_row([id], |_| Ok(())).optional()?.is_none() {
+                    continue;
+                }
+                enqueue.execute(params![
                     id,
                     event,
-                    "requeued by tally audit --fix: Lago did not have it",
-                    now
+                    "requeued by tally audit --fix: Lago did not have it"
                 ])?;
-                if n == 1 {
-                    done.push((*id).to_owned());
-                }
+                set.execute(params![id, tx.last_insert_rowid(), now])?;
+                done.push((*id).to_owned());
             }
         }
         tx.commit()?;

@@ -30,7 +30,7 @@ mod readonly;
 mod schema;
 mod task;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -49,18 +49,10 @@ pub use task::{OutboxTaskError, with_outbox};
 use crate::ship::resolve::{Disposition, PreparedRecord};
 use crate::ship::tail::{FileId, FilePosition};
 
-/// What an ack keeps of the event it slims (schema v5): its `code` and `timestamp`, for
-/// `tally audit`. SQLite evaluates every `SET` expression on the row as it was, so this reads the
-/// event the same statement sets to NULL. `json_valid` keeps a malformed event from failing the ack.
-macro_rules! keep_for_audit {
-    () => {
-        "lago_code = CASE WHEN json_valid(CAST(event AS TEXT))
-             THEN json_extract(CAST(event AS TEXT), '$.code') ELSE lago_code END,
-         lago_timestamp = CASE WHEN json_valid(CAST(event AS TEXT))
-             THEN CAST(json_extract(CAST(event AS TEXT), '$.timestamp') AS TEXT)
-             ELSE lago_timestamp END"
-    };
-}
+/// A queued row's effective state code, for queries over `events AS e`: a queued row (0) is
+/// acked once the sender has deleted its `pending` row (see `schema.rs`).
+pub(crate) const EFFECTIVE_STATE: &str = "CASE WHEN e.state = 0 AND NOT EXISTS
+     (SELECT 1 FROM pending WHERE pending.seq = e.queue_seq) THEN 3 ELSE e.state END";
 
 /// File name of the outbox in `TALLY_STATE_DIR`.
 pub const DB_FILE: &str = "shipper.db";
@@ -220,17 +212,16 @@ impl IngestReport {
 /// A pending event a sender has claimed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClaimedEvent {
-    /// Where the row is (what the ack updates); checked against the id, see [`Outbox::ack`].
-    pub rowid: i64,
+    /// Its place in the queue (`pending.seq`), which the ack deletes; see [`Outbox::ack`].
+    pub seq: i64,
     pub transaction_id: String,
     pub event: Vec<u8>,
 }
 
-/// Where the last claim stopped, in the pending index's order (`created_ms`, then rowid).
+/// Where the last claim stopped, in queue order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ClaimCursor {
-    pub created_ms: i64,
-    pub rowid: i64,
+    pub seq: i64,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -245,6 +236,10 @@ pub fn now_ms() -> i64 {
 pub struct Outbox {
     conn: Connection,
     path: PathBuf,
+    /// `sources` rows already committed, by path: each ingested line names its file by id.
+    sources: HashMap<String, i64>,
+    /// `targets` rows already committed, by code then subscription id.
+    targets: HashMap<String, HashMap<String, i64>>,
 }
 
 /// The outbox shared by the tasks of one process. One connection, one writer at a time.
@@ -367,6 +362,8 @@ impl Outbox {
         Ok(Self {
             conn,
             path: path.to_owned(),
+            sources: HashMap::new(),
+            targets: HashMap::new(),
         })
     }
 
@@ -407,6 +404,9 @@ impl Outbox {
     /// Records lines and the file positions reached, in ONE transaction: either both are
     /// committed or neither is, so a crash re-reads exactly the uncommitted lines. Re-recording a
     /// line is harmless (same transaction_id and content → `already_seen`).
+    ///
+    /// A billable record is one ledger row and one `pending` row; the ledger row is not written
+    /// again when Lago acks it (the ack deletes the `pending` row).
     pub fn ingest(
         &mut self,
         items: &[IngestItem],
@@ -414,20 +414,34 @@ impl Outbox {
     ) -> Result<IngestReport, OutboxError> {
         let now = now_ms();
         let mut report = IngestReport::default();
+        let mut new_sources: Vec<(String, i64)> = Vec::new();
+        let mut new_targets: Vec<NewTarget> = Vec::new();
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
+            // Queue places are numbered here, inside the write lock, so the ledger row is
+            // written once with its place: the next after the highest ever given out.
+            let mut next_seq: i64 = tx
+                .prepare_cached(
+                    "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'pending'), 0)",
+                )?
+                .query_row([], |r| r.get(0))?;
             let mut insert = tx.prepare_cached(
-                "INSERT INTO events (transaction_id, state, content_hash, record, event,
-                     subscription_id, reason, source_file, source_offset, created_ms, updated_ms,
+                "INSERT INTO events (transaction_id, state, content_hash, queue_seq, target_id,
+                     lago_time_ms, source_id, source_offset, created_ms, reason, record,
                      customer_ids)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?11)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
                  ON CONFLICT (transaction_id) DO NOTHING",
             )?;
-            let mut existing = tx.prepare_cached(
-                "SELECT content_hash, state FROM events WHERE transaction_id = ?1",
+            let mut enqueue = tx.prepare_cached(
+                "INSERT INTO pending (seq, transaction_id, event, customer_ids)
+                 VALUES (?1, ?2, ?3, ?4)",
             )?;
+            let mut existing = tx.prepare_cached(&format!(
+                "SELECT e.content_hash, {EFFECTIVE_STATE} FROM events AS e
+                 WHERE e.transaction_id = ?1"
+            ))?;
             let mut reject = tx.prepare_cached(
                 "INSERT INTO rejected (source_file, source_offset, transaction_id, reason, head, created_ms, line_key)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
@@ -436,45 +450,96 @@ impl Outbox {
             for item in items {
                 match item {
                     IngestItem::Record { prepared, source } => {
-                        let record = prepared.record_json.as_deref();
-                        let (state, event, sub, reason) = match &prepared.disposition {
+                        let source_id = match self.sources.get(&source.file) {
+                            Some(id) => *id,
+                            None => source_id(&tx, &source.file, &mut new_sources)?,
+                        };
+                        let ids = || prepared.customer_ids.to_json();
+                        let inserted = match &prepared.disposition {
                             Disposition::Pending {
                                 external_subscription_id,
                                 event,
-                            } => (
-                                State::Pending,
-                                Some(event.as_slice()),
-                                Some(external_subscription_id.as_str()),
-                                None,
-                            ),
+                                code,
+                                time_ms,
+                            } => {
+                                let seq = next_seq + 1;
+                                let target = match self
+                                    .targets
+                                    .get(code)
+                                    .and_then(|subs| subs.get(external_subscription_id))
+                                {
+                                    Some(id) => *id,
+                                    None => target_id(
+                                        &tx,
+                                        external_subscription_id,
+                                        code,
+                                        &mut new_targets,
+                                    )?,
+                                };
+                                let n = insert.execute(params![
+                                    prepared.transaction_id,
+                                    State::Pending.code(),
+                                    prepared.content_hash,
+                                    seq,
+                                    target,
+                                    time_ms,
+                                    source_id,
+                                    source.offset as i64,
+                                    now,
+                                    Option::<&str>::None,
+                                    Option::<&[u8]>::None,
+                                    Option::<String>::None,
+                                ])?;
+                                if n == 1 {
+                                    enqueue.execute(params![
+                                        seq,
+                                        prepared.transaction_id,
+                                        event,
+                                        ids()
+                                    ])?;
+                                    next_seq = seq;
+                                    report.pending += 1;
+                                }
+                                n
+                            }
                             Disposition::Held { reason } => {
-                                (State::Held, None, None, Some(reason.as_str()))
+                                let n = insert.execute(params![
+                                    prepared.transaction_id,
+                                    State::Held.code(),
+                                    prepared.content_hash,
+                                    Option::<i64>::None,
+                                    Option::<i64>::None,
+                                    Option::<i64>::None,
+                                    source_id,
+                                    source.offset as i64,
+                                    now,
+                                    reason,
+                                    prepared.record_json.as_deref(),
+                                    Some(ids()),
+                                ])?;
+                                report.held += n as u64;
+                                n
                             }
                             Disposition::NotBillable { .. } => {
-                                (State::NotBillable, None, None, None)
+                                let n = insert.execute(params![
+                                    prepared.transaction_id,
+                                    State::NotBillable.code(),
+                                    prepared.content_hash,
+                                    Option::<i64>::None,
+                                    Option::<i64>::None,
+                                    Option::<i64>::None,
+                                    source_id,
+                                    source.offset as i64,
+                                    now,
+                                    Option::<&str>::None,
+                                    Option::<&[u8]>::None,
+                                    Option::<String>::None,
+                                ])?;
+                                report.not_billable += n as u64;
+                                n
                             }
                         };
-                        let ids =
-                            (state != State::NotBillable).then(|| prepared.customer_ids.to_json());
-                        let inserted = insert.execute(params![
-                            prepared.transaction_id,
-                            state.code(),
-                            prepared.content_hash,
-                            record,
-                            event,
-                            sub,
-                            reason,
-                            source.file,
-                            source.offset as i64,
-                            now,
-                            ids,
-                        ])?;
                         if inserted == 1 {
-                            match state {
-                                State::Pending => report.pending += 1,
-                                State::Held => report.held += 1,
-                                _ => report.not_billable += 1,
-                            }
                             continue;
                         }
                         let (hash, old_state): (i64, i64) = existing
@@ -544,16 +609,24 @@ impl Outbox {
             }
         }
         tx.commit()?;
+        // Only ids that are committed are remembered (a rolled-back one may be given again).
+        self.sources.extend(new_sources);
+        for (subscription, code, id) in new_targets {
+            self.targets
+                .entry(code)
+                .or_default()
+                .insert(subscription, id);
+        }
         Ok(report)
     }
 
-    /// Up to `max` pending events after `after` (from the oldest when `None`), in ingest
-    /// order, leaving out those in `in_flight` (by transaction_id). A read: only the holder of
-    /// the [`SenderLock`] sends, so nothing needs to be written to keep another sender off them.
+    /// Up to `max` pending events after `after` (from the oldest when `None`), in queue order,
+    /// leaving out those in `in_flight` (by transaction_id). A read: only the holder of the
+    /// [`SenderLock`] sends, so nothing needs to be written to keep another sender off them.
     ///
-    /// Rows that become pending behind the cursor (an operator's `tally queue retry`, another
-    /// process's ingest with an earlier clock) are found when the caller starts again from `None`,
-    /// which the sender does whenever a claim comes back short.
+    /// Rows that become pending behind the cursor (an operator's `tally queue retry`, an audit's
+    /// requeue) are found when the caller starts again from `None`, which the sender does
+    /// whenever a claim comes back short.
     pub fn claim(
         &self,
         max: usize,
@@ -561,44 +634,39 @@ impl Outbox {
         in_flight: &HashSet<String>,
         _lock: &SenderLock,
     ) -> Result<(Vec<ClaimedEvent>, Option<ClaimCursor>), OutboxError> {
-        let after = after.unwrap_or(ClaimCursor {
-            created_ms: i64::MIN,
-            rowid: i64::MIN,
-        });
-        // Walks `events_pending` from the cursor; the rows in flight are skipped here rather than
+        let after = after.map_or(i64::MIN, |c| c.seq);
+        // The queue in order, from the cursor; the rows in flight are skipped here rather than
         // in SQL (at most batches in flight × batch size of them, and only after a restart from
         // the oldest).
         let mut stmt = self.conn.prepare_cached(
-            "SELECT rowid, created_ms, transaction_id, event FROM events
-             WHERE state = 0 AND (created_ms, rowid) > (?1, ?2)
-             ORDER BY created_ms, rowid LIMIT ?3",
+            "SELECT seq, transaction_id, event FROM pending WHERE seq > ?1 ORDER BY seq LIMIT ?2",
         )?;
         let limit = max.saturating_add(in_flight.len()).min(i64::MAX as usize) as i64;
-        let mut rows = stmt.query(params![after.created_ms, after.rowid, limit])?;
+        let mut rows = stmt.query(params![after, limit])?;
         let mut claimed = Vec::with_capacity(max.min(1024));
         let mut last = None;
         while claimed.len() < max
             && let Some(r) = rows.next()?
         {
-            let rowid: i64 = r.get(0)?;
-            let created_ms: i64 = r.get(1)?;
-            last = Some(ClaimCursor { created_ms, rowid });
-            let transaction_id: String = r.get(2)?;
+            let seq: i64 = r.get(0)?;
+            last = Some(ClaimCursor { seq });
+            let transaction_id: String = r.get(1)?;
             if in_flight.contains(&transaction_id) {
                 continue;
             }
             claimed.push(ClaimedEvent {
-                rowid,
+                seq,
                 transaction_id,
-                event: r.get::<_, Option<Vec<u8>>>(3)?.unwrap_or_default(),
+                event: r.get(2)?,
             });
         }
         Ok((claimed, last))
     }
 
-    /// Lago has these `(rowid, transaction_id)`: acked and slimmed, in one transaction. The rowid
-    /// finds the row without the id index; the id check makes a rowid that changed meanwhile
-    /// (a `VACUUM` renumbers them) fall back to the id. Lago's word wins over any state.
+    /// Lago has these `(seq, transaction_id)`: their queue rows are deleted, in one transaction,
+    /// which is what makes them acked (the ledger row is not touched). A row already gone from
+    /// the queue (dropped, dead or requeued meanwhile) is settled by id: Lago's word wins over
+    /// any state.
     ///
     /// `in_flight` is what the sender has in flight once these are done, noted in `meta` in the
     /// same commit for `tally queue stats` (one row per commit, not per event).
@@ -612,23 +680,11 @@ impl Outbox {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
-            let mut by_rowid = tx.prepare_cached(concat!(
-                "UPDATE events SET state = 3, record = NULL, event = NULL, customer_ids = NULL,
-                     reason = NULL, updated_ms = ?3, ",
-                keep_for_audit!(),
-                "
-                 WHERE rowid = ?1 AND transaction_id = ?2 AND state NOT IN (3, 6)"
-            ))?;
-            let mut by_id = tx.prepare_cached(concat!(
-                "UPDATE events SET state = 3, record = NULL, event = NULL, customer_ids = NULL,
-                     reason = NULL, updated_ms = ?2, ",
-                keep_for_audit!(),
-                "
-                 WHERE transaction_id = ?1 AND state NOT IN (3, 6)"
-            ))?;
-            for (rowid, id) in events {
-                if by_rowid.execute(params![rowid, id, now])? == 0 {
-                    by_id.execute(params![id, now])?;
+            let mut dequeue =
+                tx.prepare_cached("DELETE FROM pending WHERE seq = ?1 AND transaction_id = ?2")?;
+            for (seq, id) in events {
+                if dequeue.execute(params![seq, id])? == 0 {
+                    acked_by_id(&tx, id, now)?;
                 }
             }
             if let Some(n) = in_flight {
@@ -643,32 +699,45 @@ impl Outbox {
         Ok(())
     }
 
-    /// Lago has these: they become acked and are slimmed to id, hash, attempts and time. Whatever state a
-    /// row was in, Lago's word wins (it may have been dropped or retried meanwhile).
+    /// Lago has these: they become acked, whatever state a row was in (it may have been dropped
+    /// or retried meanwhile): Lago's word wins.
     pub fn mark_acked(&mut self, ids: &[&str]) -> Result<(), OutboxError> {
         let now = now_ms();
-        self.for_each_id(
-            ids,
-            concat!("UPDATE events SET state = 3, record = NULL, event = NULL, customer_ids = NULL, reason = NULL,
-                 updated_ms = ?2, ", keep_for_audit!(), "
-             WHERE transaction_id = ?1 AND state NOT IN (3, 6)"),
-            |stmt, id| stmt.execute(params![id, now]),
-        )
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for id in ids {
+            acked_by_id(&tx, id, now)?;
+        }
+        tx.commit()?;
+        Ok(())
     }
 
-    /// Lago refused these for good: dead, with Lago's words, until an operator acts.
+    /// Lago refused these for good: dead, with Lago's words, until an operator acts. The event
+    /// leaves the queue for the ledger row, where `tally queue` shows it and `retry` finds it.
     pub fn mark_dead(&mut self, dead: &[(&str, &str)]) -> Result<(), OutboxError> {
         let now = now_ms();
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
-            let mut stmt = tx.prepare_cached(
-                "UPDATE events SET state = 2, reason = ?2, attempts = attempts + 1, updated_ms = ?3
-                 WHERE transaction_id = ?1 AND state = 0",
+            let mut dequeue = tx.prepare_cached(
+                "DELETE FROM pending WHERE seq =
+                     (SELECT queue_seq FROM events WHERE transaction_id = ?1 AND state = 0)
+                 RETURNING event, customer_ids, attempts",
+            )?;
+            let mut bury = tx.prepare_cached(
+                "UPDATE events SET state = 2, reason = ?2, updated_ms = ?3, event = ?4,
+                     customer_ids = ?5, attempts = ?6 + 1, queue_seq = NULL
+                 WHERE transaction_id = ?1",
             )?;
             for (id, reason) in dead {
-                stmt.execute(params![id, reason, now])?;
+                let row: Option<(Vec<u8>, Option<String>, i64)> = dequeue
+                    .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    .optional()?;
+                if let Some((event, ids, attempts)) = row {
+                    bury.execute(params![id, reason, now, event, ids, attempts])?;
+                }
             }
         }
         tx.commit()?;
@@ -677,12 +746,11 @@ impl Outbox {
 
     /// A send attempt failed for a transient reason: count it and keep the error; still pending.
     pub fn record_failure(&mut self, ids: &[&str], error: &str) -> Result<(), OutboxError> {
-        let now = now_ms();
         self.for_each_id(
             ids,
-            "UPDATE events SET attempts = attempts + 1, reason = ?2, updated_ms = ?3
-             WHERE transaction_id = ?1 AND state = 0",
-            |stmt, id| stmt.execute(params![id, error, now]),
+            "UPDATE pending SET attempts = attempts + 1, reason = ?2
+             WHERE seq = (SELECT queue_seq FROM events WHERE transaction_id = ?1 AND state = 0)",
+            |stmt, id| stmt.execute(params![id, error]),
         )
     }
 
@@ -706,24 +774,27 @@ impl Outbox {
         Ok(())
     }
 
-    /// Forgets acked ids acked more than `older_than` ago (`TALLY_ACKED_RETENTION_DAYS`).
-    /// A log older than the retention replayed later could then bill again: the default keeps
-    /// them forever.
+    /// Forgets acked ids acked more than `older_than` ago (`TALLY_ACKED_RETENTION_DAYS`; an id
+    /// acked from the queue counts from when it was recorded, seconds before). A log older than
+    /// the retention replayed later could then bill again: the default keeps them forever.
     pub fn prune_acked(&mut self, older_than: Duration) -> Result<usize, OutboxError> {
         let cutoff = now_ms() - older_than.as_millis() as i64;
         Ok(self.conn.execute(
-            "DELETE FROM events WHERE state = 3 AND updated_ms < ?1",
+            &format!(
+                "DELETE FROM events WHERE transaction_id IN (
+                     SELECT e.transaction_id FROM events AS e
+                     WHERE e.state IN (0, 3) AND {EFFECTIVE_STATE} = 3
+                       AND coalesce(e.updated_ms, e.created_ms) < ?1)"
+            ),
             [cutoff],
         )?)
     }
 
     /// Number of pending events (in flight or not).
     pub fn pending_count(&self) -> Result<u64, OutboxError> {
-        let n: i64 =
-            self.conn
-                .query_row("SELECT count(*) FROM events WHERE state = 0", [], |r| {
-                    r.get(0)
-                })?;
+        let n: i64 = self
+            .conn
+            .query_row("SELECT count(*) FROM pending", [], |r| r.get(0))?;
         Ok(n as u64)
     }
 
@@ -731,7 +802,9 @@ impl Outbox {
     pub fn state_of(&self, transaction_id: &str) -> Result<Option<State>, OutboxError> {
         let code: Option<i64> = self
             .conn
-            .prepare_cached("SELECT state FROM events WHERE transaction_id = ?1")?
+            .prepare_cached(&format!(
+                "SELECT {EFFECTIVE_STATE} FROM events AS e WHERE e.transaction_id = ?1"
+            ))?
             .query_row([transaction_id], |r| r.get(0))
             .optional()?;
         Ok(code.and_then(State::from_code))
@@ -767,6 +840,63 @@ impl Outbox {
     pub(crate) fn conn_mut(&mut self) -> &mut Connection {
         &mut self.conn
     }
+}
+
+/// The `sources` id of `path`, inserting it (within the caller's transaction) when new.
+fn source_id(tx: &Connection, path: &str, new: &mut Vec<(String, i64)>) -> rusqlite::Result<i64> {
+    if let Some((_, id)) = new.iter().find(|(p, _)| p == path) {
+        return Ok(*id);
+    }
+    tx.prepare_cached("INSERT INTO sources (path) VALUES (?1) ON CONFLICT (path) DO NOTHING")?
+        .execute([path])?;
+    let id = tx
+        .prepare_cached("SELECT id FROM sources WHERE path = ?1")?
+        .query_row([path], |r| r.get(0))?;
+    new.push((path.to_owned(), id));
+    Ok(id)
+}
+
+/// A `targets` row made in an ingest not yet committed: (subscription id, code, id).
+type NewTarget = (String, String, i64);
+
+/// The `targets` id of (`subscription`, `code`), inserting it (within the caller's
+/// transaction) when new.
+pub(crate) fn target_id(
+    tx: &Connection,
+    subscription: &str,
+    code: &str,
+    new: &mut Vec<NewTarget>,
+) -> rusqlite::Result<i64> {
+    if let Some((.., id)) = new.iter().find(|(s, c, _)| s == subscription && c == code) {
+        return Ok(*id);
+    }
+    tx.prepare_cached(
+        "INSERT INTO targets (subscription_id, code) VALUES (?1, ?2)
+         ON CONFLICT (subscription_id, code) DO NOTHING",
+    )?
+    .execute([subscription, code])?;
+    let id = tx
+        .prepare_cached("SELECT id FROM targets WHERE subscription_id = ?1 AND code = ?2")?
+        .query_row([subscription, code], |r| r.get(0))?;
+    new.push((subscription.to_owned(), code.to_owned(), id));
+    Ok(id)
+}
+
+/// Lago has `id`: out of the queue if it is queued, acked (slimmed) if it was held, dead or
+/// dropped. An acked or lago-error row stays as it is.
+fn acked_by_id(tx: &Connection, id: &str, now: i64) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "DELETE FROM pending WHERE seq =
+             (SELECT queue_seq FROM events WHERE transaction_id = ?1 AND state = 0)",
+    )?
+    .execute([id])?;
+    tx.prepare_cached(
+        "UPDATE events SET state = 3, record = NULL, event = NULL, customer_ids = NULL,
+             reason = NULL, queue_seq = NULL, updated_ms = ?2
+         WHERE transaction_id = ?1 AND state NOT IN (0, 3, 6)",
+    )?
+    .execute(params![id, now])?;
+    Ok(())
 }
 
 /// The first bytes of a line, as text for an operator (lossy UTF-8).

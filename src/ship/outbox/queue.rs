@@ -4,7 +4,7 @@
 use rusqlite::{OptionalExtension, TransactionBehavior, params};
 use serde::Serialize;
 
-use super::{Outbox, OutboxError, State, now_ms};
+use super::{EFFECTIVE_STATE, Outbox, OutboxError, State, now_ms, target_id};
 use crate::ship::resolve::{CustomerIds, Disposition, EventSpec, disposition, re_resolve_event};
 use crate::ship::tail::{FileId, FilePosition};
 use crate::spend::SpendRecord;
@@ -147,7 +147,7 @@ pub const REJECTED_PREFIX: &str = "rejected:";
 
 impl Outbox {
     /// What the queue gauges need, cheaply enough to ask every few seconds whatever the outbox
-    /// size: the counts come from the partial indexes of pending, held and dead rows.
+    /// size: the counts come from the queue and the partial indexes of held and dead rows.
     pub fn depth(&self) -> Result<Depth, OutboxError> {
         let conn = self.conn();
         let count = |sql: &str| -> Result<u64, OutboxError> {
@@ -155,12 +155,17 @@ impl Outbox {
                 .prepare_cached(sql)?
                 .query_row([], |r| r.get::<_, i64>(0))? as u64)
         };
-        let pending = count("SELECT count(*) FROM events WHERE state = 0")?;
+        let pending = count("SELECT count(*) FROM pending")?;
         let held = count("SELECT count(*) FROM events WHERE state = 1")?;
         let dead = count("SELECT count(*) FROM events WHERE state = 2")?;
         let rejected = count("SELECT count(*) FROM rejected WHERE dropped_reason IS NULL")?;
+        // The queue's head is its oldest row (numbered in ingest order, retries at the end).
         let oldest_pending_ms: Option<i64> = conn
-            .prepare_cached("SELECT min(created_ms) FROM events WHERE state = 0")?
+            .prepare_cached(
+                "SELECT min(e.created_ms) FROM (SELECT transaction_id FROM pending
+                     ORDER BY seq LIMIT 64) AS p JOIN events AS e
+                     ON e.transaction_id = p.transaction_id",
+            )?
             .query_row([], |r| r.get(0))?;
         // What the sender last noted as in flight counts only while a sender holds the lock.
         let in_flight = if super::sender_running(self.path()) {
@@ -208,15 +213,11 @@ impl Outbox {
                 ])
             },
         )?;
-        let [
-            pending,
-            held,
-            dead,
-            acked,
-            not_billable,
-            dropped,
-            lago_error,
-        ] = counts.map(|n| n as u64);
+        let [queued, held, dead, acked, not_billable, dropped, lago_error] =
+            counts.map(|n| n as u64);
+        // A queued row is pending while it is in the queue, acked once it left it.
+        let pending = self.pending_count()?.min(queued);
+        let acked = acked + (queued - pending);
         stats.lago_error = lago_error;
         stats.unknown_subscriptions = self.unknown_subscriptions()?;
         stats.pending = pending;
@@ -296,13 +297,30 @@ impl Outbox {
                 .collect::<Result<_, _>>()?
             }
             ListFilter::State(state) => {
-                // `state = <literal>` lets SQLite use the partial index of that state.
-                let sql = format!(
-                    "SELECT transaction_id, reason, attempts, source_file, source_offset,
-                         created_ms, updated_ms FROM events
-                     WHERE state = {} ORDER BY created_ms LIMIT ?1",
-                    state.code()
-                );
+                const COLUMNS: &str = "e.transaction_id, e.reason, e.attempts, s.path,
+                    e.source_offset, e.created_ms, coalesce(e.updated_ms, e.created_ms)";
+                let sql = match state {
+                    // The queue in its order, with its attempts and last error.
+                    State::Pending => "SELECT p.transaction_id, p.reason, p.attempts, s.path,
+                             e.source_offset, e.created_ms, coalesce(e.updated_ms, e.created_ms)
+                         FROM pending AS p JOIN events AS e ON e.transaction_id = p.transaction_id
+                         LEFT JOIN sources AS s ON s.id = e.source_id
+                         ORDER BY p.seq LIMIT ?1"
+                        .to_owned(),
+                    State::Acked => format!(
+                        "SELECT {COLUMNS} FROM events AS e
+                         LEFT JOIN sources AS s ON s.id = e.source_id
+                         WHERE e.state IN (0, 3) AND {EFFECTIVE_STATE} = 3
+                         ORDER BY e.created_ms LIMIT ?1"
+                    ),
+                    // `state = <literal>` lets SQLite use the partial index of that state.
+                    other => format!(
+                        "SELECT {COLUMNS} FROM events AS e
+                         LEFT JOIN sources AS s ON s.id = e.source_id
+                         WHERE e.state = {} ORDER BY e.created_ms LIMIT ?1",
+                        other.code()
+                    ),
+                };
                 let mut stmt = conn.prepare_cached(&sql)?;
                 stmt.query_map([limit], |r| {
                     Ok(ItemSummary {
@@ -324,11 +342,17 @@ impl Outbox {
 
     /// Everything about one transaction_id, or `None` when it was never recorded.
     pub fn show(&self, transaction_id: &str) -> Result<Option<ItemDetail>, OutboxError> {
-        let mut stmt = self.conn().prepare_cached(
-            "SELECT state, record, event, subscription_id, reason, attempts, source_file,
-                 source_offset, created_ms, updated_ms, customer_ids
-             FROM events WHERE transaction_id = ?1",
-        )?;
+        let mut stmt = self.conn().prepare_cached(&format!(
+            "SELECT {EFFECTIVE_STATE}, e.record, coalesce(p.event, e.event), t.subscription_id,
+                 coalesce(p.reason, e.reason), coalesce(p.attempts, e.attempts), s.path,
+                 e.source_offset, e.created_ms, coalesce(e.updated_ms, e.created_ms),
+                 coalesce(p.customer_ids, e.customer_ids)
+             FROM events AS e
+             LEFT JOIN pending AS p ON p.seq = e.queue_seq
+             LEFT JOIN targets AS t ON t.id = e.target_id
+             LEFT JOIN sources AS s ON s.id = e.source_id
+             WHERE e.transaction_id = ?1"
+        ))?;
         let text = |b: Option<Vec<u8>>| b.map(|b| String::from_utf8_lossy(&b).into_owned());
         Ok(stmt
             .query_row([transaction_id], |r| {
@@ -438,13 +462,19 @@ impl Outbox {
                 }
                 out
             };
+            let mut enqueue = tx.prepare_cached(
+                "INSERT INTO pending (transaction_id, event, customer_ids, attempts)
+                 SELECT transaction_id, ?2, customer_ids, attempts FROM events
+                 WHERE transaction_id = ?1",
+            )?;
             let mut requeue = tx.prepare_cached(
-                "UPDATE events SET state = 0, event = ?2, subscription_id = ?3, reason = NULL,
-                     updated_ms = ?4
+                "UPDATE events SET state = 0, queue_seq = ?2, target_id = ?3, lago_time_ms = ?4,
+                     reason = NULL, record = NULL, event = NULL, customer_ids = NULL,
+                     updated_ms = ?5
                  WHERE transaction_id = ?1",
             )?;
             let mut hold = tx.prepare_cached(
-                "UPDATE events SET state = 1, subscription_id = NULL, reason = ?2, updated_ms = ?3
+                "UPDATE events SET state = 1, target_id = NULL, reason = ?2, updated_ms = ?3
                  WHERE transaction_id = ?1",
             )?;
             for (id, code, record, event, customer_ids) in candidates {
@@ -470,8 +500,15 @@ impl Outbox {
                     Disposition::Pending {
                         external_subscription_id,
                         event,
+                        code,
+                        time_ms,
                     } => {
-                        requeue.execute(params![id, event, external_subscription_id, now])?;
+                        enqueue.execute(params![id, event])?;
+                        let seq = tx.last_insert_rowid();
+                        // Not cached: the ingest's cache learns it from the table when needed.
+                        let target =
+                            target_id(&tx, &external_subscription_id, &code, &mut Vec::new())?;
+                        requeue.execute(params![id, seq, target, time_ms, now])?;
                         report.requeued.push(id);
                     }
                     Disposition::Held { reason } => {
@@ -496,9 +533,15 @@ impl Outbox {
             .conn_mut()
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
+            // A queued row is dropped only while it is still in the queue (not yet acked).
+            let mut dequeue = tx.prepare_cached(
+                "DELETE FROM pending WHERE seq =
+                     (SELECT queue_seq FROM events WHERE transaction_id = ?1 AND state = 0)",
+            )?;
             let mut event = tx.prepare_cached(
-                "UPDATE events SET state = 5, event = NULL, reason = ?2, updated_ms = ?3
-                 WHERE transaction_id = ?1 AND state IN (0, 1, 2)",
+                "UPDATE events SET state = 5, event = NULL, record = NULL, customer_ids = NULL,
+                     reason = ?2, updated_ms = ?3, queue_seq = NULL
+                 WHERE transaction_id = ?1 AND (state IN (1, 2) OR (state = 0 AND ?4))",
             )?;
             let mut rejected = tx.prepare_cached(
                 "UPDATE rejected SET dropped_reason = ?2 WHERE id = ?1 AND dropped_reason IS NULL",
@@ -510,7 +553,10 @@ impl Outbox {
                     .and_then(|n| n.parse::<i64>().ok())
                 {
                     Some(n) => rejected.execute(params![n, reason])?,
-                    None => event.execute(params![id, reason, now])?,
+                    None => {
+                        let dequeued = dequeue.execute([id])? == 1;
+                        event.execute(params![id, reason, now, dequeued])?
+                    }
                 };
                 if n == 1 {
                     dropped.push(id.clone());

@@ -52,7 +52,12 @@ impl Outbox {
                 });
             }
         }
-        Ok(Some(Self { conn, path }))
+        Ok(Some(Self {
+            conn,
+            path,
+            sources: Default::default(),
+            targets: Default::default(),
+        }))
     }
 
     /// State and content fingerprint of one transaction_id, if recorded: what `ingest` compares
@@ -60,7 +65,10 @@ impl Outbox {
     pub fn lookup(&self, transaction_id: &str) -> Result<Option<(State, i64)>, OutboxError> {
         let row: Option<(i64, i64)> = self
             .conn
-            .prepare_cached("SELECT state, content_hash FROM events WHERE transaction_id = ?1")?
+            .prepare_cached(&format!(
+                "SELECT {}, e.content_hash FROM events AS e WHERE e.transaction_id = ?1",
+                super::EFFECTIVE_STATE
+            ))?
             .query_row([transaction_id], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
         Ok(row.and_then(|(state, hash)| State::from_code(state).map(|s| (s, hash))))

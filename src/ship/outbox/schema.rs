@@ -6,11 +6,17 @@
 //! database from a newer tally (a higher version than this build knows) is refused rather than
 //! guessed at.
 //!
-//! States of `events.state` (see `docs/delivery.md`): 0 pending, 1 held, 2 dead, 3 acked,
-//! 4 not billable, 5 dropped, 6 lago-error (acked, then reported by Lago's `events.errors`
-//! webhook as not billable). Acked rows are slimmed to their id, hash, subscription, time, and
-//! (since v5) the event's code and timestamp: the id is what stops an old log replayed later from
-//! billing twice; code, subscription and timestamp are what `tally audit` compares with Lago.
+//! Since v6 the outbox is two tables (see `docs/delivery.md`, "The outbox"):
+//! - `events`, the ledger: one row per transaction_id ever recorded, written once at ingest and
+//!   keyed by the id itself (`WITHOUT ROWID`: the id is stored once, which is what keeps ten
+//!   million acked ids under a gigabyte). `state`: 0 queued, 1 held, 2 dead, 3 acked, 4 not
+//!   billable, 5 dropped, 6 lago-error (acked, then reported by Lago's `events.errors` webhook).
+//! - `pending`, the delivery queue: the Lago event of every queued row, in ingest order. A
+//!   queued event (state 0) is *pending* while its `pending` row (`queue_seq`) exists and
+//!   *acked* once the sender has deleted that row on Lago's word. The ack is that one delete,
+//!   in queue order: it never seeks the ledger, whose order is the ids' (random for uuid4).
+//!
+//! The view `event_states` spells the effective state out for a person at `sqlite3`.
 
 use rusqlite::{Connection, TransactionBehavior};
 
@@ -136,6 +142,107 @@ pub const MIGRATIONS: &[&str] = &[
         known       INTEGER NOT NULL,
         checked_ms  INTEGER NOT NULL
     );
+    "#,
+    // v6: the ledger (`events`, written once, WITHOUT ROWID) and the delivery queue (`pending`)
+    // apart; see the module doc. The v5 table is copied over: queued rows' events and send
+    // errors move to `pending`, source paths to `sources`, customer and code to `targets`, Lago
+    // timestamps ("1795773600.250") to integer milliseconds, and acked rows lose the columns
+    // they no longer need.
+    r#"
+    CREATE TABLE sources (
+        id   INTEGER PRIMARY KEY,
+        path TEXT NOT NULL UNIQUE
+    );
+    INSERT INTO sources (path)
+        SELECT DISTINCT source_file FROM events WHERE source_file IS NOT NULL;
+
+    -- Who an event bills and under which metric: each (external_subscription_id, code) pair
+    -- once, in first-seen order (what the subscription checker reads). A ledger row names its
+    -- pair by id, a byte or three instead of two strings.
+    CREATE TABLE targets (
+        id              INTEGER PRIMARY KEY,
+        subscription_id TEXT NOT NULL,
+        code            TEXT,               -- NULL for events acked before v5 kept it
+        UNIQUE (subscription_id, code)
+    );
+    INSERT INTO targets (subscription_id, code)
+        SELECT subscription_id,
+               coalesce(lago_code, CASE WHEN state IN (0, 2) AND json_valid(CAST(event AS TEXT))
+                   THEN json_extract(CAST(event AS TEXT), '$.code') END) AS code
+        FROM events WHERE subscription_id IS NOT NULL
+        GROUP BY 1, 2 ORDER BY min(rowid);
+
+    CREATE TABLE pending (
+        seq            INTEGER PRIMARY KEY AUTOINCREMENT, -- never reused: events.queue_seq
+        transaction_id TEXT NOT NULL,
+        event          BLOB NOT NULL,       -- the Lago event JSON, sent as it is
+        customer_ids   TEXT,                -- the record's ids (JSON), to re-resolve if it dies
+        attempts       INTEGER NOT NULL DEFAULT 0,
+        reason         TEXT                 -- the last send error
+    );
+    INSERT INTO pending (transaction_id, event, customer_ids, attempts, reason)
+        SELECT transaction_id, coalesce(event, X''), customer_ids, attempts, reason
+        FROM events WHERE state = 0 ORDER BY created_ms, rowid;
+    CREATE INDEX pending_v6_copy ON pending (transaction_id); -- for the copy below only
+
+    CREATE TABLE events_v6 (
+        transaction_id  TEXT PRIMARY KEY NOT NULL,
+        state           INTEGER NOT NULL,
+        content_hash    INTEGER NOT NULL,
+        queue_seq       INTEGER,            -- its `pending` row while queued
+        target_id       INTEGER,            -- targets.id: customer and code, as sent
+        lago_time_ms    INTEGER,            -- the event's timestamp, as sent (tally audit)
+        source_id       INTEGER,            -- sources.id
+        source_offset   INTEGER,
+        created_ms      INTEGER NOT NULL,
+        updated_ms      INTEGER,            -- NULL: not changed since created_ms
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        reason          TEXT,               -- why held / dead / dropped / lago-error
+        record          BLOB,               -- canonical record JSON, only while held
+        event           BLOB,               -- Lago event JSON, only while dead
+        customer_ids    TEXT                -- the record's ids (JSON), only while held or dead
+    ) WITHOUT ROWID;
+    INSERT INTO events_v6 (transaction_id, state, content_hash, queue_seq, target_id,
+                           lago_time_ms, source_id, source_offset, created_ms,
+                           updated_ms, attempts, reason, record, event, customer_ids)
+        SELECT e.transaction_id, e.state, e.content_hash, p.seq,
+               (SELECT t.id FROM targets AS t WHERE t.subscription_id = e.subscription_id
+                   AND t.code IS coalesce(e.lago_code,
+                       CASE WHEN e.state IN (0, 2) AND json_valid(CAST(e.event AS TEXT))
+                       THEN json_extract(CAST(e.event AS TEXT), '$.code') END)),
+               CAST(round(CAST(coalesce(e.lago_timestamp,
+                   CASE WHEN e.state = 0 AND json_valid(CAST(e.event AS TEXT))
+                   THEN json_extract(CAST(e.event AS TEXT), '$.timestamp') END) AS REAL) * 1000)
+                   AS INTEGER),
+               (SELECT id FROM sources WHERE path = e.source_file), e.source_offset,
+               e.created_ms, e.updated_ms,
+               CASE WHEN e.state = 0 THEN 0 ELSE e.attempts END,
+               CASE WHEN e.state = 0 THEN NULL ELSE e.reason END,
+               CASE WHEN e.state = 1 THEN e.record END,
+               CASE WHEN e.state = 2 THEN e.event END,
+               CASE WHEN e.state IN (1, 2) THEN e.customer_ids END
+        FROM events e LEFT JOIN pending p ON e.state = 0 AND p.transaction_id = e.transaction_id;
+    DROP INDEX pending_v6_copy;
+    DROP TABLE events;
+    ALTER TABLE events_v6 RENAME TO events;
+    CREATE INDEX events_held ON events (created_ms) WHERE state = 1;
+    CREATE INDEX events_dead ON events (created_ms) WHERE state = 2;
+
+    CREATE VIEW event_states AS
+        SELECT e.transaction_id,
+               CASE e.state
+                   WHEN 0 THEN CASE WHEN p.seq IS NULL THEN 'acked' ELSE 'pending' END
+                   WHEN 1 THEN 'held' WHEN 2 THEN 'dead' WHEN 3 THEN 'acked'
+                   WHEN 4 THEN 'not_billable' WHEN 5 THEN 'dropped' WHEN 6 THEN 'lago_error'
+               END AS state,
+               t.subscription_id, t.code AS lago_code, e.lago_time_ms,
+               coalesce(p.attempts, e.attempts) AS attempts, coalesce(p.reason, e.reason) AS reason,
+               s.path AS source_file, e.source_offset, e.created_ms,
+               coalesce(e.updated_ms, e.created_ms) AS updated_ms
+        FROM events e
+        LEFT JOIN pending p ON p.seq = e.queue_seq
+        LEFT JOIN targets t ON t.id = e.target_id
+        LEFT JOIN sources s ON s.id = e.source_id;
     "#,
 ];
 

@@ -157,7 +157,7 @@ fn claim_reads_in_order_skips_what_is_in_flight_and_ack_slims() {
 
     let acked: Vec<(i64, &str)> = first
         .iter()
-        .map(|c| (c.rowid, c.transaction_id.as_str()))
+        .map(|c| (c.seq, c.transaction_id.as_str()))
         .collect();
     ob.ack(&acked, Some(2)).unwrap();
     let shown = ob.show("t0").unwrap().unwrap();
@@ -177,7 +177,7 @@ fn claim_reads_in_order_skips_what_is_in_flight_and_ack_slims() {
 }
 
 #[test]
-fn an_ack_finds_its_row_by_id_when_the_rowid_changed() {
+fn an_ack_whose_queue_place_does_not_match_settles_by_id() {
     let (_dir, mut ob) = open();
     ob.ingest(
         &[
@@ -189,31 +189,32 @@ fn an_ack_finds_its_row_by_id_when_the_rowid_changed() {
     .unwrap();
     let lock = lock(&ob);
     let (claimed, _) = ob.claim(10, None, &HashSet::new(), &lock).unwrap();
-    let b_rowid = claimed[1].rowid;
-    // "a" with the rowid of "b" (as after a VACUUM renumbered them): "b" must stay pending.
-    ob.ack(&[(b_rowid, "a")], None).unwrap();
+    let b_seq = claimed[1].seq;
+    // "a" with the queue place of "b": "b" must stay pending, "a" is acked by its id.
+    ob.ack(&[(b_seq, "a")], None).unwrap();
     assert_eq!(ob.state_of("a").unwrap(), Some(State::Acked));
     assert_eq!(ob.state_of("b").unwrap(), Some(State::Pending));
 }
 
 #[test]
-fn the_claim_walks_the_pending_index() {
+fn the_claim_and_the_ack_walk_the_queue_by_its_key() {
     let (_dir, ob) = open();
-    let plan: Vec<String> = ob
-        .conn()
-        .prepare(
-            "EXPLAIN QUERY PLAN SELECT rowid, created_ms, transaction_id, event FROM events
-             WHERE state = 0 AND (created_ms, rowid) > (?1, ?2)
-             ORDER BY created_ms, rowid LIMIT ?3",
-        )
-        .unwrap()
-        .query_map(params![0, 0, 10], |r| r.get::<_, String>(3))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
-    let plan = plan.join("; ");
-    assert!(plan.contains("events_pending"), "{plan}");
-    assert!(!plan.contains("TEMP B-TREE"), "{plan}");
+    let plan = |sql: &str| -> String {
+        ob.conn()
+            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .unwrap()
+            .query_map([], |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap()
+            .join("; ")
+    };
+    let claim =
+        plan("SELECT seq, transaction_id, event FROM pending WHERE seq > 0 ORDER BY seq LIMIT 10");
+    assert!(claim.contains("INTEGER PRIMARY KEY"), "{claim}");
+    assert!(!claim.contains("TEMP B-TREE"), "{claim}");
+    let ack = plan("DELETE FROM pending WHERE seq = 1 AND transaction_id = 'a'");
+    assert!(ack.contains("INTEGER PRIMARY KEY"), "{ack}");
 }
 
 #[test]
@@ -246,16 +247,108 @@ fn a_v3_outbox_migrates_to_v4_with_its_leases_cleared() {
     let lock = lock(&ob);
     let (claimed, _) = ob.claim(10, None, &HashSet::new(), &lock).unwrap();
     assert_eq!(ids(&claimed), ["leased", "free"]);
-    let leased: i64 = ob
-        .conn()
-        .query_row(
-            "SELECT count(*) FROM events WHERE lease_until_ms <> 0 OR lease_owner IS NOT NULL",
-            [],
-            |r| r.get(0),
+    // (v6 dropped the lease columns with the v5 table: claimable is what is left to check.)
+    assert_eq!(ob.state_of("done").unwrap(), Some(State::Acked));
+}
+
+/// v5 → v6 splits the one table into the ledger and the queue: every state, event, record,
+/// error and audit field of a v5 row must come through, and the queue keeps its order.
+#[test]
+fn a_v5_outbox_migrates_to_the_ledger_and_the_queue_without_losing_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(DB_FILE);
+    {
+        let conn = Connection::open(&path).unwrap();
+        for (v, sql) in MIGRATIONS[..5].iter().enumerate() {
+            conn.execute_batch(sql).unwrap();
+            conn.pragma_update(None, "user_version", (v + 1) as i64)
+                .unwrap();
+        }
+        let event = r#"{"transaction_id":"p2","external_subscription_id":"c","code":"llm","timestamp":"1795773600.250","properties":{}}"#;
+        conn.execute(
+            "INSERT INTO events (transaction_id, state, content_hash, record, event, customer_ids,
+                 subscription_id, reason, attempts, source_file, source_offset, created_ms,
+                 updated_ms, lago_code, lago_timestamp)
+             VALUES ('p2', 0, 12, NULL, ?1, '{\"end_user_id\":\"c\"}', 'c', 'timeout', 4,
+                     '/log/a.jsonl', 10, 20, 21, NULL, NULL),
+                    ('p1', 0, 11, NULL, ?1, NULL, 'c', NULL, 0, '/log/a.jsonl', 0, 10, 10, NULL,
+                     NULL),
+                    ('h', 1, 13, X'7B7D', NULL, '{}', NULL, 'no end_user_id', 0, '/log/b.jsonl',
+                     5, 30, 30, NULL, NULL),
+                    ('d', 2, 14, NULL, ?1, '{}', 'c', 'Lago said no', 2, '/log/b.jsonl', 6, 40,
+                     41, NULL, NULL),
+                    ('a', 3, 15, NULL, NULL, NULL, 'c2', NULL, 1, '/log/a.jsonl', 20, 50, 51,
+                     'llm', '1795773600.005'),
+                    ('n', 4, 16, NULL, NULL, NULL, NULL, NULL, 0, '/log/a.jsonl', 30, 60, 60,
+                     NULL, NULL)",
+            [event.as_bytes()],
         )
         .unwrap();
-    assert_eq!(leased, 0);
-    assert_eq!(ob.state_of("done").unwrap(), Some(State::Acked));
+    }
+    let ob = Outbox::open(&path).unwrap();
+    let lock = lock(&ob);
+    let (claimed, _) = ob.claim(10, None, &HashSet::new(), &lock).unwrap();
+    // Queue order is the v5 pending index's: created_ms.
+    assert_eq!(ids(&claimed), ["p1", "p2"]);
+    assert!(claimed[1].event.starts_with(br#"{"transaction_id":"p2""#));
+    let want = [
+        ("p1", State::Pending),
+        ("p2", State::Pending),
+        ("h", State::Held),
+        ("d", State::Dead),
+        ("a", State::Acked),
+        ("n", State::NotBillable),
+    ];
+    for (id, state) in want {
+        assert_eq!(ob.state_of(id).unwrap(), Some(state), "{id}");
+    }
+    let p2 = ob.show("p2").unwrap().unwrap();
+    assert_eq!(p2.reason.as_deref(), Some("timeout"));
+    assert_eq!(p2.attempts, 4);
+    assert_eq!(p2.source_file.as_deref(), Some("/log/a.jsonl"));
+    assert_eq!(p2.customer_ids.as_deref(), Some(r#"{"end_user_id":"c"}"#));
+    let d = ob.show("d").unwrap().unwrap();
+    assert!(d.event.unwrap().contains("p2"));
+    assert_eq!(d.reason.as_deref(), Some("Lago said no"));
+    assert_eq!(d.source_file.as_deref(), Some("/log/b.jsonl"));
+    assert_eq!(ob.show("h").unwrap().unwrap().record.as_deref(), Some("{}"));
+    // The audit fields: v5's text timestamp and a pending event's own code and time.
+    assert_eq!(
+        kept_for_audit(&ob, "a"),
+        (
+            Some("c2".into()),
+            Some("llm".into()),
+            Some(1_795_773_600_005)
+        )
+    );
+    assert_eq!(
+        kept_for_audit(&ob, "p2"),
+        (
+            Some("c".into()),
+            Some("llm".into()),
+            Some(1_795_773_600_250)
+        )
+    );
+    let subs: Vec<String> = ob
+        .conn()
+        .prepare("SELECT subscription_id FROM targets ORDER BY id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(subs, ["c", "c2"]);
+    let stats = ob.stats().unwrap();
+    assert_eq!(
+        (stats.pending, stats.held, stats.dead, stats.acked),
+        (2, 1, 1, 1)
+    );
+    // New rows queue behind the migrated ones.
+    let mut ob = ob;
+    ob.ingest(&[item(&record("new", Some("c")), 99)], &[])
+        .unwrap();
+    let (claimed, _) = ob.claim(10, None, &HashSet::new(), &lock).unwrap();
+    assert_eq!(ids(&claimed), ["p1", "p2", "new"]);
 }
 
 #[test]
@@ -456,10 +549,11 @@ fn a_world_writable_state_directory_is_refused_and_the_outbox_is_tightened() {
     assert_eq!(mode, 0o600);
 }
 
-fn kept_for_audit(ob: &Outbox, id: &str) -> (Option<String>, Option<String>, Option<String>) {
+fn kept_for_audit(ob: &Outbox, id: &str) -> (Option<String>, Option<String>, Option<i64>) {
     ob.conn()
         .query_row(
-            "SELECT subscription_id, lago_code, lago_timestamp FROM events WHERE transaction_id = ?1",
+            "SELECT t.subscription_id, t.code, e.lago_time_ms FROM events AS e
+             LEFT JOIN targets AS t ON t.id = e.target_id WHERE e.transaction_id = ?1",
             [id],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
@@ -475,7 +569,7 @@ fn every_ack_keeps_the_code_subscription_and_timestamp_for_the_audit() {
     ob.ingest(&items, &[]).unwrap();
     let lock = lock(&ob);
     let (claimed, _) = ob.claim(10, None, &HashSet::new(), &lock).unwrap();
-    ob.ack(&[(claimed[0].rowid, "k0")], None).unwrap();
+    ob.ack(&[(claimed[0].seq, "k0")], None).unwrap();
     // A changed rowid: the ack falls back to the id.
     ob.ack(&[(-1, "k1")], None).unwrap();
     ob.mark_acked(&["k2"]).unwrap();
@@ -486,7 +580,7 @@ fn every_ack_keeps_the_code_subscription_and_timestamp_for_the_audit() {
             (
                 Some("c".into()),
                 Some("llm".into()),
-                Some("1795773600.250".into())
+                Some(1_795_773_600_250)
             ),
             "{id}"
         );
