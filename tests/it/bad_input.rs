@@ -129,9 +129,11 @@ async fn every_bad_input_is_rejected_with_its_reason_and_the_good_lines_around_i
                 .all(|want| rejected.iter().any(|(r, _)| r.contains(want)))
         })
     };
-    crate::support::wait_until(crate::reliability::support::PATIENCE, || {
-        all_said(&rig.rejected())
-    })
+    crate::support::wait_until(
+        "every case's rejection reasons",
+        crate::reliability::support::PATIENCE,
+        async || all_said(&rig.rejected()),
+    )
     .await;
     let rejected = rig.rejected();
     let reasons: Vec<&str> = rejected.iter().map(|(r, _)| r.as_str()).collect();

@@ -34,23 +34,85 @@ fn ended_early() -> Option<String> {
     })
 }
 
-/// Calls `probe` until it returns `Some`, or panics with `what` after `timeout`. For eventual
-/// conditions: no fixed sleeps as synchronisation.
-pub fn wait_for<T>(
-    what: &str,
+/// What a wait's probe answers: `true` or `Some(value)` once the condition holds.
+pub trait Ready {
+    type Value;
+    fn ready(self) -> Option<Self::Value>;
+}
+
+impl Ready for bool {
+    type Value = ();
+    fn ready(self) -> Option<()> {
+        self.then_some(())
+    }
+}
+
+impl<T> Ready for Option<T> {
+    type Value = T;
+    fn ready(self) -> Option<T> {
+        self
+    }
+}
+
+/// A failure message built only if a wait times out, so it can report the state at that moment
+/// (a child's stderr, the queue's stats): `Later(|| format!(...))`.
+pub struct Later<F>(pub F);
+
+impl<F: Fn() -> String> std::fmt::Display for Later<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&(self.0)())
+    }
+}
+
+/// How often the wait helpers ask again: short, since a probe only costs what it checks.
+const POLL_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
+
+fn timed_out(what: impl std::fmt::Display, timeout: std::time::Duration) -> ! {
+    panic!("timed out after {timeout:?} waiting for: {what}")
+}
+
+/// Calls `probe` on this thread until it answers `true` or `Some`, or panics naming `what` after
+/// `timeout`. For eventual conditions in synchronous code: no fixed sleeps as synchronisation.
+/// Async code uses [`wait_until`], which does not block the runtime.
+pub fn wait_for<R: Ready>(
+    what: impl std::fmt::Display,
     timeout: std::time::Duration,
-    mut probe: impl FnMut() -> Option<T>,
-) -> T {
+    mut probe: impl FnMut() -> R,
+) -> R::Value {
     let deadline = std::time::Instant::now() + timeout;
     loop {
-        if let Some(v) = probe() {
+        if let Some(v) = probe().ready() {
             return v;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(10));
+        if std::time::Instant::now() >= deadline {
+            timed_out(what, timeout);
+        }
+        std::thread::sleep(POLL_EVERY);
+    }
+}
+
+/// Awaits `probe` until it answers `true` or `Some`, or panics naming `what` after `timeout`.
+/// Generous timeouts are fine: this only waits as long as the condition takes. A service this
+/// test runs in-process (see [`watch_end`]) that ends with an error fails the wait at once.
+pub async fn wait_until<R: Ready>(
+    what: impl std::fmt::Display,
+    timeout: std::time::Duration,
+    mut probe: impl AsyncFnMut() -> R,
+) -> R::Value {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe().await.ready() {
+            return v;
+        }
+        if let Some(error) = ended_early() {
+            panic!(
+                "stopped waiting for {what}: a service this test runs in-process ended: {error}"
+            );
+        }
+        if std::time::Instant::now() >= deadline {
+            timed_out(what, timeout);
+        }
+        tokio::time::sleep(POLL_EVERY).await;
     }
 }
 
@@ -80,44 +142,6 @@ pub async fn spawn_lago_emulator(
     tally::lago_emulator::spawn(config, addr)
         .await
         .expect("the Lago emulator binds a free loopback port")
-}
-
-/// Polls `condition` every 20 ms until it holds; panics naming `what` after `timeout`.
-/// Generous timeouts are fine: this only waits as long as the condition takes.
-pub async fn poll_until<F, Fut>(what: &str, timeout: std::time::Duration, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if condition().await {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for: {what}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-}
-
-/// Polls `cond` every 20 ms until it holds or `timeout` passes; returns whether it held.
-/// Generous timeouts keep tests robust on a loaded machine; nothing is timed.
-pub async fn wait_until(timeout: std::time::Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if let Some(error) = ended_early() {
-            panic!("stopped waiting: a service this test runs in-process ended: {error}");
-        }
-        if std::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
 }
 
 /// A billable spend record for the shipper's tests: `end_user_id`, `team_id` as given, the
@@ -165,7 +189,7 @@ pub fn sigterm_when_handled(child: &std::process::Child) {
     let status_file = format!("/proc/{pid}/status");
     let sigterm_bit = 1u64 << (libc::SIGTERM - 1);
     wait_for(
-        &format!("process {pid} to handle SIGTERM"),
+        format!("process {pid} to handle SIGTERM"),
         std::time::Duration::from_secs(60),
         || {
             let status = std::fs::read_to_string(&status_file).ok()?;

@@ -3,7 +3,7 @@
 use super::Who::{EndUser, Team};
 use super::replay::stop;
 use super::{Bench, GENEROUS, line, u, write};
-use crate::support::poll_until;
+use crate::support::wait_until;
 
 /// Two pending events, one held (no end user), one malformed line, enqueued by a replay.
 async fn mixed_outbox(b: &Bench) -> std::path::PathBuf {
@@ -210,7 +210,7 @@ async fn held_events_are_delivered_after_a_retry_with_a_fixed_charge_by() {
         .command(&["ship", "--poll-interval-ms", "50", "--linger-ms", "5"])
         .spawn()
         .unwrap();
-    poll_until("the retried events reach Lago", GENEROUS, || async {
+    wait_until("the retried events reach Lago", GENEROUS, async || {
         b.lago.event_count() == 3
     })
     .await;
@@ -282,7 +282,7 @@ async fn a_dropped_event_is_recorded_and_never_billed() {
         .command(&["ship", "--poll-interval-ms", "50", "--linger-ms", "5"])
         .spawn()
         .unwrap();
-    poll_until("the pending event reaches Lago", GENEROUS, || async {
+    wait_until("the pending event reaches Lago", GENEROUS, async || {
         b.lago.event_count() >= 1
     })
     .await;
@@ -308,19 +308,15 @@ async fn stats_max_age_exits_3_while_the_oldest_pending_event_is_older() {
         .await
         .assert_code(0);
     // Pending events age by the clock: poll until one second has passed, by observation.
-    let deadline = tokio::time::Instant::now() + GENEROUS;
-    let stale = loop {
+    let stale = wait_until("queue stats to report too old", GENEROUS, async || {
         let run = b.run(&["queue", "stats", "--max-age", "0"]).await;
         if run.code == Some(3) {
-            break run;
+            return Some(run);
         }
         run.assert_code(0);
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never reported too old"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    };
+        None
+    })
+    .await;
     assert!(
         stale.stderr.contains("over --max-age 0s"),
         "{}",

@@ -8,7 +8,7 @@ use tally::lago_emulator::StoredEvent;
 
 use super::Who::{EndUser, Team, User};
 use super::{Bench, GENEROUS, customers, line, u, write};
-use crate::support::poll_until;
+use crate::support::wait_until;
 
 fn millis(t: &str) -> i64 {
     DateTime::parse_from_rfc3339(t).unwrap().timestamp_millis()
@@ -123,7 +123,7 @@ async fn a_rotated_copy_of_the_live_log_shipped_by_tally_ship_bills_nothing_new(
         .command(&["ship", "--poll-interval-ms", "50", "--linger-ms", "5"])
         .spawn()
         .unwrap();
-    poll_until("tally ship delivers the live log", GENEROUS, || async {
+    wait_until("tally ship delivers the live log", GENEROUS, async || {
         b.lago.event_count() == 3
     })
     .await;

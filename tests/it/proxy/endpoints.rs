@@ -3,7 +3,8 @@
 use serde_json::{Value, json};
 
 use super::fake_upstream::ANSWER;
-use super::{MASTER, Proxy, UPSTREAM_KEY, chat, error_of};
+use super::{MASTER, Proxy, UPSTREAM_KEY, WAIT, chat, error_of};
+use crate::support::wait_until;
 
 #[tokio::test]
 async fn chat_completion_is_forwarded_unchanged_and_billed_before_the_response() {
@@ -545,7 +546,7 @@ async fn a_client_that_hangs_up_on_a_plain_call_is_still_recorded() {
             .send()
             .await
     });
-    super::eventually("the upstream to receive the call", || async {
+    wait_until("the upstream to receive the call", WAIT, async || {
         (!proxy.upstream.bodies().is_empty()).then_some(())
     })
     .await;

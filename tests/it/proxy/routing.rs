@@ -16,7 +16,8 @@ use tally::proxy::ProxyConfig;
 use tally::spend::SpendRecord;
 use tokio_util::sync::CancellationToken;
 
-use super::{MASTER, chat, closed_port, eventually};
+use super::{MASTER, WAIT, chat, closed_port};
+use crate::support::wait_until;
 
 /// One request as an upstream received it.
 #[derive(Debug, Clone)]
@@ -173,7 +174,7 @@ impl Proxy {
         tokio::spawn(tally::proxy::serve(config, listener, shutdown.clone()));
         let http = reqwest::Client::new();
         let health = format!("{base}/health/liveliness");
-        eventually("proxy answers", || async {
+        wait_until("proxy answers", WAIT, async || {
             http.get(&health).send().await.is_ok().then_some(())
         })
         .await;
@@ -212,7 +213,7 @@ impl Proxy {
     }
 
     async fn wait_records(&self, n: usize) -> Vec<SpendRecord> {
-        eventually(&format!("{n} spend records"), || async {
+        wait_until(format!("{n} spend records"), WAIT, async || {
             let r = self.records();
             (r.len() >= n).then_some(r)
         })
@@ -726,7 +727,7 @@ async fn the_binary_takes_the_key_from_the_providers_variable() {
         .stderr(std::fs::File::create(&stderr_path).unwrap())
         .spawn()
         .unwrap();
-    let base = eventually("the proxy to listen", || async {
+    let base = wait_until("the proxy to listen", WAIT, async || {
         let text = std::fs::read_to_string(&stderr_path).unwrap_or_default();
         text.lines().find_map(|l| {
             let v: Value = serde_json::from_str(l).ok()?;

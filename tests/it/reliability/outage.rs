@@ -68,12 +68,15 @@ async fn outage(kind: Outage) {
     write(&mut writer, 200, 1_000);
     // During: the backlog is visible to an operator.
     let mut peak = 0;
-    let seen = wait_until(PATIENCE, || {
-        peak = peak.max(rig.pending());
-        peak > 0
-    })
+    wait_until(
+        format!("{name}: queue stats to show a backlog"),
+        PATIENCE,
+        async || {
+            peak = peak.max(rig.pending());
+            peak > 0
+        },
+    )
     .await;
-    assert!(seen, "{name}: queue stats never showed a backlog");
     // The outage lasts its time (this is the fault's length, not a wait for a condition).
     while started.elapsed() < outage_len {
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -99,8 +102,12 @@ async fn outage(kind: Outage) {
     let lasted = started.elapsed();
     let ids: Vec<String> = (0..1_000).map(|n| format!("{name}-{n:05}")).collect();
     rig.wait_stored(ids.len(), &name).await;
-    let drained = wait_until(PATIENCE, || rig.pending() == 0).await;
-    assert!(drained, "{name}: events still pending after recovery");
+    wait_until(
+        format!("{name}: no events pending after recovery"),
+        PATIENCE,
+        async || rig.pending() == 0,
+    )
+    .await;
     let status = ship.terminate().unwrap();
     assert!(status.success(), "{name}: SIGTERM exit {status}");
     rig.assert_exactly_once(&ids);

@@ -15,7 +15,7 @@ use serde_json::Value;
 use tally::lago_emulator::{EmulatorConfig, EmulatorHandle};
 use tempfile::TempDir;
 
-use crate::support::{spawn_lago_emulator, tally_bin};
+use crate::support::{Later, spawn_lago_emulator, tally_bin, wait_until};
 
 /// Long enough for anything on a loaded 2-core machine; only ever waited for a condition.
 pub const PATIENCE: Duration = Duration::from_secs(240);
@@ -163,13 +163,14 @@ impl Rig {
 
     /// Waits until Lago holds at least `n` events.
     pub async fn wait_stored(&self, n: usize, what: &str) {
-        let ok = crate::support::wait_until(PATIENCE, || self.lago.event_count() >= n).await;
-        assert!(
-            ok,
-            "{what}: Lago has {} of {n} events; shipper stderr tail:\n{}",
-            self.lago.event_count(),
-            tail(&self.stderr_text(), 40)
-        );
+        let what = Later(|| {
+            format!(
+                "{what}: Lago to hold {n} events; it has {}; shipper stderr tail:\n{}",
+                self.lago.event_count(),
+                tail(&self.stderr_text(), 40)
+            )
+        });
+        wait_until(what, PATIENCE, async || self.lago.event_count() >= n).await;
     }
 
     /// Waits until Lago holds at least `n` events while `ship` keeps running. A shipper that
@@ -177,44 +178,46 @@ impl Rig {
     /// timeout reports where the shipper is: `tally queue stats` (pending, positions, lag) and the
     /// spend-log files with their sizes.
     pub async fn wait_stored_running(&self, ship: &mut Shipper, n: usize, what: &str) {
-        let mut exited = None;
-        let ok = crate::support::wait_until(PATIENCE, || {
-            exited = ship.exited();
-            exited.is_some() || self.lago.event_count() >= n
+        let timeout = Later(|| self.where_the_shipper_is(what, n));
+        let exited = wait_until(timeout, PATIENCE, async || {
+            if self.lago.event_count() >= n {
+                return Some(None);
+            }
+            ship.exited().map(Some)
         })
         .await;
-        if let Some(status) = exited
-            && self.lago.event_count() < n
-        {
+        if let Some(status) = exited {
             panic!(
                 "{what}: the shipper exited ({status}) with {} of {n} events at Lago; stderr tail:\n{}",
                 self.lago.event_count(),
                 tail(&self.stderr_text(), 40)
             );
         }
-        if !ok {
-            let mut files: Vec<String> = std::fs::read_dir(self.dir.path())
-                .map(|d| {
-                    d.flatten()
-                        .map(|e| {
-                            let len = e.metadata().map(|m| m.len()).unwrap_or(0);
-                            format!("{} ({len} bytes)", e.file_name().to_string_lossy())
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            files.sort();
-            let stats = self
-                .command(&["queue", "stats", "--output-format", "json"])
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                .unwrap_or_default();
-            panic!(
-                "{what}: Lago has {} of {n} events after {PATIENCE:?}; queue stats: {stats}\nfiles: {files:#?}\nshipper stderr tail:\n{}",
-                self.lago.event_count(),
-                tail(&self.stderr_text(), 40)
-            );
-        }
+    }
+
+    /// For a wait for `n` events that timed out: Lago's count, `tally queue stats`, the files.
+    fn where_the_shipper_is(&self, what: &str, n: usize) -> String {
+        let mut files: Vec<String> = std::fs::read_dir(self.dir.path())
+            .map(|d| {
+                d.flatten()
+                    .map(|e| {
+                        let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+                        format!("{} ({len} bytes)", e.file_name().to_string_lossy())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        files.sort();
+        let stats = self
+            .command(&["queue", "stats", "--output-format", "json"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        format!(
+            "{what}: Lago to hold {n} events; it has {}; queue stats: {stats}\nfiles: {files:#?}\nshipper stderr tail:\n{}",
+            self.lago.event_count(),
+            tail(&self.stderr_text(), 40)
+        )
     }
 
     /// Asserts Lago holds exactly `ids`, each once.

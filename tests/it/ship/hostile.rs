@@ -17,7 +17,7 @@ use tally::ship::{ApiKey, ShipSettings, lago::LagoClient};
 use tally::spend::SpendRecord;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{spawn_lago_emulator, spend_record, wait_until};
+use crate::support::{Later, spawn_lago_emulator, spend_record, wait_until};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -170,14 +170,11 @@ async fn never_acked(
     let s = settings(base, dir.path());
     let ob = ingest(&s, &records("hostile", n));
     let sender = Running::start(&s);
-    assert!(
-        wait_until(LONG, || requests() >= attempts).await,
-        "the sender did not retry"
-    );
-    assert!(
-        wait_until(LONG, || ob.stats().unwrap().last_lago_error.is_some()).await,
-        "no Lago error recorded"
-    );
+    wait_until("the sender to retry", LONG, async || requests() >= attempts).await;
+    wait_until("a Lago error recorded", LONG, async || {
+        ob.stats().unwrap().last_lago_error.is_some()
+    })
+    .await;
     sender.stop().await;
     let stats = ob.stats().unwrap();
     assert_eq!(
@@ -298,15 +295,12 @@ async fn a_body_limit_splits_batches_and_kills_only_the_event_too_large_alone() 
     recs.insert(150, big);
     let ob = ingest(&s, &recs);
     let sender = Running::start(&s);
-    assert!(
-        wait_until(LONG, || {
-            let st = ob.stats().unwrap();
-            st.acked == 300 && st.dead == 1
-        })
-        .await,
-        "{:?}",
-        ob.stats().unwrap()
-    );
+    let what = Later(|| format!("300 acked and 1 dead: {:?}", ob.stats().unwrap()));
+    wait_until(what, LONG, async || {
+        let st = ob.stats().unwrap();
+        st.acked == 300 && st.dead == 1
+    })
+    .await;
     sender.stop().await;
     let stats = ob.stats().unwrap();
     assert_eq!((stats.pending, stats.acked, stats.dead), (0, 300, 1));
