@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::net::UnixDatagram;
 
-use crate::support::{Later, tally_bin, wait_until};
+use crate::support::{Later, SpendLine, tally_bin, wait_until};
 
 /// Long enough for a loaded 2-core machine; tests only wait as long as a condition takes.
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -348,23 +348,10 @@ async fn shipper_is_ready_pings_the_watchdog_and_counts_deliveries() {
     let records = 7;
     let mut lines = String::new();
     for i in 0..records {
-        let record = json!({
-            "schema": 1,
-            "transaction_id": format!("0193a0c0-0000-7000-8000-{i:012}"),
-            "start_time": "2026-11-27T10:00:00.000Z",
-            "end_time": "2026-11-27T10:00:00.250Z",
-            "call_type": "chat_completion",
-            "model": "gpt-4o",
-            "upstream_model": "gpt-4o",
-            "input_tokens": 7, "output_tokens": 15, "total_tokens": 22,
-            "response_cost": 0.0001675,
-            "end_user_id": format!("customer-{}", i % 2),
-            "user_id": null, "team_id": null, "key_alias": null,
-            "key_hash": "ab".repeat(32),
-            "stream": false, "status": "success", "duration_ms": 250
-        });
-        lines.push_str(&record.to_string());
-        lines.push('\n');
+        let line = SpendLine::new(format!("0193a0c0-0000-7000-8000-{i:012}"))
+            .end_user(format!("customer-{}", i % 2))
+            .to_line();
+        lines.push_str(&line);
     }
     lines.push_str("this is not a spend record\n");
     std::fs::write(&spend_log, lines).unwrap();

@@ -144,39 +144,112 @@ pub async fn spawn_lago_emulator(
         .expect("the Lago emulator binds a free loopback port")
 }
 
-/// A billable spend record for the shipper's tests: `end_user_id`, `team_id` as given, the
-/// end time `end_ms` milliseconds after 2026-11-27T10:00:00Z.
-pub fn spend_record(
-    transaction_id: &str,
-    end_user_id: Option<&str>,
-    end_ms: i64,
-) -> tally::spend::SpendRecord {
-    let base: chrono::DateTime<chrono::Utc> = "2026-11-27T10:00:00Z".parse().unwrap();
-    let end = base + chrono::Duration::milliseconds(end_ms);
-    tally::spend::SpendRecord {
-        schema: 1,
-        transaction_id: transaction_id.into(),
-        start_time: Some(end - chrono::Duration::milliseconds(250)),
-        end_time: end,
-        call_type: "chat_completion".into(),
-        model: "gpt-4o".into(),
-        upstream_model: Some("gpt-4o-2024-08-06".into()),
-        input_tokens: 7,
-        output_tokens: 15,
-        total_tokens: Some(22),
-        cache_read_input_tokens: 0,
-        cache_creation_input_tokens: 0,
-        reasoning_tokens: 0,
-        usage_estimated: false,
-        response_cost: Some(0.0001675),
-        end_user_id: end_user_id.map(Into::into),
-        user_id: Some("user-1".into()),
-        team_id: None,
-        key_alias: None,
-        key_hash: Some("ab".repeat(32)),
-        stream: false,
-        status: "success".into(),
-        duration_ms: Some(250),
+/// A spend-log record for a test, from a billable default: a successful gpt-4o chat call of 7 +
+/// 15 tokens costing $0.0001675, made with a virtual key (`key_hash`) and charged to nobody yet,
+/// that took 250 ms and ended at 2026-11-27T10:00:00.250Z. Each setter changes one thing:
+/// `SpendLine::new("tx-1").end_user("cust-1").tokens(3, 4).cost(0.5).to_line()`.
+#[derive(Debug, Clone)]
+pub struct SpendLine(tally::spend::SpendRecord);
+
+impl SpendLine {
+    /// The time every record's end is counted from ([`SpendLine::end_ms`]).
+    const BASE: &str = "2026-11-27T10:00:00Z";
+    const DURATION_MS: i64 = 250;
+
+    pub fn new(transaction_id: impl Into<String>) -> Self {
+        let line = Self(tally::spend::SpendRecord {
+            schema: tally::spend::SCHEMA_VERSION,
+            transaction_id: transaction_id.into(),
+            start_time: None,
+            end_time: chrono::DateTime::<chrono::Utc>::UNIX_EPOCH,
+            call_type: "chat_completion".into(),
+            model: "gpt-4o".into(),
+            upstream_model: Some("gpt-4o-2024-08-06".into()),
+            input_tokens: 7,
+            output_tokens: 15,
+            total_tokens: Some(22),
+            cache_read_input_tokens: 0,
+            cache_creation_input_tokens: 0,
+            reasoning_tokens: 0,
+            usage_estimated: false,
+            response_cost: Some(0.0001675),
+            end_user_id: None,
+            user_id: None,
+            team_id: None,
+            key_alias: None,
+            key_hash: Some("ab".repeat(32)),
+            stream: false,
+            status: "success".into(),
+            duration_ms: Some(Self::DURATION_MS as u64),
+        });
+        line.end_ms(Self::DURATION_MS)
+    }
+
+    /// Ends `ms` milliseconds after 2026-11-27T10:00:00Z (and started 250 ms before).
+    pub fn end_ms(self, ms: i64) -> Self {
+        let base: chrono::DateTime<chrono::Utc> = Self::BASE.parse().expect("a valid base time");
+        self.ended(base + chrono::Duration::milliseconds(ms))
+    }
+
+    /// Ends at `rfc3339` (and started 250 ms before).
+    pub fn end_time(self, rfc3339: &str) -> Self {
+        let end = chrono::DateTime::parse_from_rfc3339(rfc3339)
+            .unwrap_or_else(|e| panic!("{rfc3339}: {e}"))
+            .with_timezone(&chrono::Utc);
+        self.ended(end)
+    }
+
+    fn ended(mut self, end: chrono::DateTime<chrono::Utc>) -> Self {
+        self.0.end_time = end;
+        self.0.start_time = Some(end - chrono::Duration::milliseconds(Self::DURATION_MS));
+        self
+    }
+
+    pub fn end_user(mut self, id: impl Into<String>) -> Self {
+        self.0.end_user_id = Some(id.into());
+        self
+    }
+
+    pub fn user(mut self, id: impl Into<String>) -> Self {
+        self.0.user_id = Some(id.into());
+        self
+    }
+
+    pub fn team(mut self, id: impl Into<String>) -> Self {
+        self.0.team_id = Some(id.into());
+        self
+    }
+
+    pub fn key_alias(mut self, alias: impl Into<String>) -> Self {
+        self.0.key_alias = Some(alias.into());
+        self
+    }
+
+    pub fn model(mut self, model: impl Into<String>) -> Self {
+        self.0.model = model.into();
+        self
+    }
+
+    /// Input and output tokens; the total is their sum.
+    pub fn tokens(mut self, input: u64, output: u64) -> Self {
+        self.0.input_tokens = input;
+        self.0.output_tokens = output;
+        self.0.total_tokens = Some(input + output);
+        self
+    }
+
+    pub fn cost(mut self, usd: f64) -> Self {
+        self.0.response_cost = Some(usd);
+        self
+    }
+
+    pub fn record(self) -> tally::spend::SpendRecord {
+        self.0
+    }
+
+    /// The line as tally's proxy writes it, `\n` included.
+    pub fn to_line(&self) -> String {
+        String::from_utf8(self.0.to_line()).expect("a record is written as UTF-8")
     }
 }
 

@@ -7,10 +7,9 @@ use serde_json::Value;
 use tally::lago_emulator::{EmulatorConfig, Metric, WebhookConfig};
 use tally::ship::webhook::hmac_signature;
 
-use super::Who::EndUser;
-use super::{Bench, GENEROUS, line, u, write};
+use super::{Bench, GENEROUS, u, write};
 use crate::commands::replay::stop;
-use crate::support::wait_until;
+use crate::support::{SpendLine, wait_until};
 
 const HMAC_KEY: &str = "whsec-test-key";
 
@@ -26,14 +25,13 @@ fn lines(ids: &[(&str, &str)]) -> Vec<String> {
     ids.iter()
         .enumerate()
         .map(|(i, (id, who))| {
-            line(
-                id,
-                &format!("2026-11-27T10:00:0{i}.250Z"),
-                EndUser(who),
-                7,
-                15,
-                0.0002,
-            )
+            SpendLine::new(*id)
+                .end_time(&format!("2026-11-27T10:00:0{i}.250Z"))
+                .end_user(*who)
+                .team("team-x")
+                .tokens(7, 15)
+                .cost(0.0002)
+                .to_line()
         })
         .collect()
 }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 
 use super::{Bench, u};
+use crate::support::SpendLine;
 
 fn fixture(name: &str) -> String {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -81,14 +82,13 @@ async fn every_id_queue_list_prints_can_be_shown() {
         &log,
         format!(
             "{}not json at all\n{{\"schema\":1}}\n",
-            super::line(
-                "s-1",
-                "2026-11-05T10:00:00.000Z",
-                super::Who::EndUser("c-1"),
-                1,
-                2,
-                0.1
-            )
+            SpendLine::new("s-1")
+                .end_time("2026-11-05T10:00:00.000Z")
+                .end_user("c-1")
+                .team("team-x")
+                .tokens(1, 2)
+                .cost(0.1)
+                .to_line()
         ),
     )
     .unwrap();

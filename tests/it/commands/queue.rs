@@ -1,38 +1,33 @@
 //! `tally queue`: what it shows (text and JSON), and what retry and drop do.
 
-use super::Who::{EndUser, Team};
 use super::replay::stop;
-use super::{Bench, GENEROUS, line, u, write};
-use crate::support::wait_until;
+use super::{Bench, GENEROUS, u, write};
+use crate::support::{SpendLine, wait_until};
 
 /// Two pending events, one held (no end user), one malformed line, enqueued by a replay.
 async fn mixed_outbox(b: &Bench) -> std::path::PathBuf {
     let log = b.path("mixed.jsonl");
     let mut lines = vec![
-        line(
-            "q-1",
-            "2026-11-05T10:00:00.000Z",
-            EndUser("c-1"),
-            7,
-            15,
-            0.0002,
-        ),
-        line(
-            "q-2",
-            "2026-11-05T10:00:01.000Z",
-            EndUser("c-2"),
-            7,
-            15,
-            0.0002,
-        ),
-        line(
-            "q-3",
-            "2026-11-05T10:00:02.000Z",
-            Team("team-a"),
-            7,
-            15,
-            0.0002,
-        ),
+        SpendLine::new("q-1")
+            .end_time("2026-11-05T10:00:00.000Z")
+            .end_user("c-1")
+            .team("team-x")
+            .tokens(7, 15)
+            .cost(0.0002)
+            .to_line(),
+        SpendLine::new("q-2")
+            .end_time("2026-11-05T10:00:01.000Z")
+            .end_user("c-2")
+            .team("team-x")
+            .tokens(7, 15)
+            .cost(0.0002)
+            .to_line(),
+        SpendLine::new("q-3")
+            .end_time("2026-11-05T10:00:02.000Z")
+            .team("team-a")
+            .tokens(7, 15)
+            .cost(0.0002)
+            .to_line(),
     ];
     lines.push("not json at all\n".to_owned());
     write(&log, &lines);
@@ -148,30 +143,24 @@ async fn held_events_are_delivered_after_a_retry_with_a_fixed_charge_by() {
     write(
         &log,
         &[
-            line(
-                "h-1",
-                "2026-11-06T10:00:00.000Z",
-                Team("team-a"),
-                1,
-                2,
-                0.001,
-            ),
-            line(
-                "h-2",
-                "2026-11-06T10:00:01.000Z",
-                Team("team-a"),
-                3,
-                4,
-                0.002,
-            ),
-            line(
-                "h-3",
-                "2026-11-06T10:00:02.000Z",
-                Team("team-b"),
-                5,
-                6,
-                0.003,
-            ),
+            SpendLine::new("h-1")
+                .end_time("2026-11-06T10:00:00.000Z")
+                .team("team-a")
+                .tokens(1, 2)
+                .cost(0.001)
+                .to_line(),
+            SpendLine::new("h-2")
+                .end_time("2026-11-06T10:00:01.000Z")
+                .team("team-a")
+                .tokens(3, 4)
+                .cost(0.002)
+                .to_line(),
+            SpendLine::new("h-3")
+                .end_time("2026-11-06T10:00:02.000Z")
+                .team("team-b")
+                .tokens(5, 6)
+                .cost(0.003)
+                .to_line(),
         ],
     );
     let v = b.json(&["replay", log.to_str().unwrap()]).await;

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use crate::reliability::support::{LogWriter, Rig, figure, full_variant, good_line};
+use crate::reliability::support::{LogWriter, Rig, figure, full_variant};
+use crate::support::SpendLine;
 use crate::support::SplitMix;
 
 struct Plan {
@@ -60,7 +61,9 @@ async fn shipper_sigkilled_at_random_moments_under_rotation_bills_every_record_o
             let mut n = 0;
             while n < records {
                 for _ in 0..step.min(records - n) {
-                    let line = good_line(&format!("crash-{n:06}"), n);
+                    let line = SpendLine::new(format!("crash-{n:06}"))
+                        .end_user(format!("customer-{}", n % 7))
+                        .to_line();
                     if writer.size + line.len() as u64 > rotate_bytes {
                         writer.rotate();
                     }

@@ -13,8 +13,8 @@ use std::process::Command;
 
 use tally::lago_emulator::Fault;
 
-use crate::reliability::support::{LogWriter, PATIENCE, Rig, figure, good_line, tail};
-use crate::support::{Later, wait_until};
+use crate::reliability::support::{LogWriter, PATIENCE, Rig, figure, tail};
+use crate::support::{Later, SpendLine, wait_until};
 
 /// The log line the shipper writes when the outbox cannot be written.
 const BLOCKED: &str = "cannot write the outbox";
@@ -129,7 +129,10 @@ fn fill(path: &Path) {
 
 fn write_range(writer: &mut LogWriter, from: u64, to: u64) {
     for n in from..to {
-        writer.append(good_line(&format!("disk-{n:05}"), n).as_bytes());
+        let line = SpendLine::new(format!("disk-{n:05}"))
+            .end_user(format!("customer-{}", n % 7))
+            .to_line();
+        writer.append(line.as_bytes());
     }
 }
 

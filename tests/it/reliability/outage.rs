@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use tally::lago_emulator::Fault;
 
-use crate::reliability::support::{LogWriter, PATIENCE, Rig, figure, full_variant, good_line};
-use crate::support::wait_until;
+use crate::reliability::support::{LogWriter, PATIENCE, Rig, figure, full_variant};
+use crate::support::{SpendLine, wait_until};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Outage {
@@ -37,7 +37,10 @@ async fn outage(kind: Outage) {
     let name = format!("{kind:?}");
     let write = |writer: &mut LogWriter, from: u64, to: u64| {
         for n in from..to {
-            writer.append(good_line(&format!("{name}-{n:05}"), n).as_bytes());
+            let line = SpendLine::new(format!("{name}-{n:05}"))
+                .end_user(format!("customer-{}", n % 7))
+                .to_line();
+            writer.append(line.as_bytes());
         }
     };
 

@@ -276,22 +276,6 @@ impl Drop for Shipper {
     }
 }
 
-/// One billable spend-log line for transaction `id`, charged to one of a few customers.
-pub fn good_line(id: &str, n: u64) -> String {
-    let mut l = serde_json::json!({
-        "schema": 1, "transaction_id": id,
-        "start_time": "2026-11-27T10:00:00.000Z", "end_time": "2026-11-27T10:00:00.250Z",
-        "call_type": "chat_completion", "model": "gpt-4o", "upstream_model": "gpt-4o-2024-08-06",
-        "input_tokens": 7 + n % 13, "output_tokens": 15, "response_cost": 0.0001675,
-        "end_user_id": format!("customer-{}", n % 7), "team_id": "team-a",
-        "key_alias": "team-a-key", "key_hash": "ab".repeat(32),
-        "stream": false, "status": "success", "duration_ms": 250
-    })
-    .to_string();
-    l.push('\n');
-    l
-}
-
 /// Appends to the live spend log the way tally's proxy does: one `write(2)` per line on an
 /// `O_APPEND` file, rotation by renaming to `<name>.<UTC YYYYMMDDTHHMMSS.mmmZ>` and opening a
 /// fresh live file.

@@ -13,7 +13,7 @@ use tally::ship::{ApiKey, ShipSettings, run_with};
 use tally::spend::SpendRecord;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{Later, spawn_lago_emulator, spend_record, tally_bin, wait_until, watch_end};
+use crate::support::{Later, SpendLine, spawn_lago_emulator, tally_bin, wait_until, watch_end};
 
 const KEY: &str = "lago-e2e-key";
 const READ_ONLY_KEY: &str = "lago-e2e-read-only";
@@ -134,11 +134,10 @@ pub fn append(path: &Path, records: &[SpendRecord]) {
 pub fn records(prefix: &str, range: std::ops::Range<usize>) -> Vec<SpendRecord> {
     range
         .map(|i| {
-            spend_record(
-                &format!("{prefix}-{i:06}"),
-                Some(&format!("cust-{}", i % 7)),
-                i as i64 * 13,
-            )
+            SpendLine::new(format!("{prefix}-{i:06}"))
+                .end_user(format!("cust-{}", i % 7))
+                .end_ms(i as i64 * 13)
+                .record()
         })
         .collect()
 }

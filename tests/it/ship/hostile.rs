@@ -17,7 +17,7 @@ use tally::ship::{ApiKey, ShipSettings, lago::LagoClient};
 use tally::spend::SpendRecord;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{Later, spawn_lago_emulator, spend_record, wait_until};
+use crate::support::{Later, SpendLine, spawn_lago_emulator, wait_until};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -124,7 +124,12 @@ fn ingest(s: &ShipSettings, records: &[SpendRecord]) -> Outbox {
 
 fn records(prefix: &str, n: usize) -> Vec<SpendRecord> {
     (0..n)
-        .map(|i| spend_record(&format!("{prefix}-{i}"), Some("cust-1"), i as i64))
+        .map(|i| {
+            SpendLine::new(format!("{prefix}-{i}"))
+                .end_user("cust-1")
+                .end_ms(i as i64)
+                .record()
+        })
         .collect()
 }
 
@@ -290,8 +295,11 @@ async fn a_body_limit_splits_batches_and_kills_only_the_event_too_large_alone() 
         max_bytes: Some(16 * 1024),
     });
     let mut recs = records("cap", 300);
-    let mut big = spend_record("cap-too-big", Some("cust-1"), 1);
-    big.model = "m".repeat(20 * 1024);
+    let big = SpendLine::new("cap-too-big")
+        .end_user("cust-1")
+        .end_ms(1)
+        .model("m".repeat(20 * 1024))
+        .record();
     recs.insert(150, big);
     let ob = ingest(&s, &recs);
     let sender = Running::start(&s);

@@ -13,7 +13,7 @@ use tally::spend::SpendRecord;
 use tokio_util::sync::CancellationToken;
 
 use crate::ship::stub::{Scripted, Stub};
-use crate::support::{spend_record, wait_until};
+use crate::support::{SpendLine, wait_until};
 
 const KEY: &str = "stub-key-123";
 const LONG: Duration = Duration::from_secs(60);
@@ -43,7 +43,12 @@ fn spec() -> EventSpec {
 
 fn records(prefix: &str, n: usize) -> Vec<SpendRecord> {
     (0..n)
-        .map(|i| spend_record(&format!("{prefix}-{i}"), Some("cust-1"), i as i64))
+        .map(|i| {
+            SpendLine::new(format!("{prefix}-{i}"))
+                .end_user("cust-1")
+                .end_ms(i as i64)
+                .record()
+        })
         .collect()
 }
 
