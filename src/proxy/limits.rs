@@ -132,7 +132,7 @@ pub fn bounded_upstream_model(model: Option<String>) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spend::{SCHEMA_VERSION, SpendRecord};
+    use crate::spend::{SCHEMA_VERSION, SpendRecord, Status};
 
     #[test]
     fn ids_are_bounded_in_characters_and_refuse_control_characters() {
@@ -200,7 +200,7 @@ mod tests {
                 key_alias: widest(filler),
                 key_hash: Some("f".repeat(64)),
                 stream: true,
-                status: "success".into(),
+                status: Status::Success,
                 duration_ms: Some(u64::MAX),
             };
             for (field, value) in [

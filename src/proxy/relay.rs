@@ -39,7 +39,7 @@ use super::stream::{self, StreamOutcome, Wire};
 use super::tokens;
 use super::upstream::{Endpoint, UpstreamClient, Usage};
 use crate::metrics::proxy::UpstreamErrorKind;
-use crate::spend::{SCHEMA_VERSION, SpendRecord};
+use crate::spend::{SCHEMA_VERSION, SpendRecord, Status};
 
 /// LiteLLM's response headers (parsed once, not per response).
 const CALL_ID: HeaderName = HeaderName::from_static("x-litellm-call-id");
@@ -232,10 +232,10 @@ impl Call {
         &self,
         usage: Usage,
         estimated: bool,
-        status: &str,
+        status: Status,
         upstream_model: Option<String>,
     ) -> SpendRecord {
-        let billable = status == "success";
+        let billable = status == Status::Success;
         let key = self.caller.key();
         SpendRecord {
             schema: SCHEMA_VERSION,
@@ -270,7 +270,7 @@ impl Call {
             key_alias: key.and_then(|k| k.key_alias.clone()),
             key_hash: key.map(|k| k.token()),
             stream: self.stream,
-            status: status.to_owned(),
+            status,
             duration_ms: Some(self.started.elapsed().as_millis() as u64),
         }
     }
@@ -280,7 +280,7 @@ impl Call {
         let written = self.state.spend().append(record).await;
         let metrics = self.state.metrics();
         metrics.record_spend_record(written.is_ok());
-        if written.is_ok() && record.status == "success" {
+        if written.is_ok() && record.is_billable() {
             metrics.record_usage(
                 &record.model,
                 record.input_tokens,
@@ -334,7 +334,7 @@ impl Call {
         if self.call_type == CallType::CountTokens {
             return error;
         }
-        let record = self.record(Usage::default(), false, "failure", None);
+        let record = self.record(Usage::default(), false, Status::Failure, None);
         if let Err(e) = self.state.spend().append(&record).await {
             tracing::warn!(error = %e, "failure record not written");
         }
@@ -572,7 +572,7 @@ async fn handle(
         return Ok(response);
     }
     let (usage, estimated, upstream_model) = usage_of(&bytes, call_type, || prompt.tokens());
-    let record = call.record(usage, estimated, "success", upstream_model);
+    let record = call.record(usage, estimated, Status::Success, upstream_model);
     call.write(&record).await?;
     let mut response = (StatusCode::OK, bytes).into_response();
     response.headers_mut().insert(
@@ -970,7 +970,7 @@ where
                 Some(u) => (u, false),
                 None => (Usage::new(prompt_estimate(), outcome.estimated_completion_tokens), true),
             };
-            let status = if outcome.upstream_error.is_some() { "failure" } else { "success" };
+            let status = if outcome.upstream_error.is_some() { Status::Failure } else { Status::Success };
             if let Some(reason) = &outcome.upstream_error {
                 call.state.metrics().record_upstream_error(
                     &call.model,
@@ -1025,7 +1025,7 @@ async fn mock_answer(
             ));
         }
     };
-    let record = call.record(usage, false, "success", None);
+    let record = call.record(usage, false, Status::Success, None);
     call.write(&record).await?;
     let mut response = (StatusCode::OK, bytes).into_response();
     response.headers_mut().insert(

@@ -351,6 +351,7 @@ fn rotated_name(live: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spend::Status;
     use std::os::unix::fs::PermissionsExt;
 
     fn record(n: u32) -> SpendRecord {
@@ -376,7 +377,7 @@ mod tests {
             key_alias: None,
             key_hash: None,
             stream: false,
-            status: "success".into(),
+            status: Status::Success,
             duration_ms: Some(1),
         }
     }

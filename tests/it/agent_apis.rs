@@ -16,7 +16,7 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 use tally::lago_emulator::EmulatorConfig;
 use tally::proxy::ProxyConfig;
-use tally::spend::SpendRecord;
+use tally::spend::{SpendRecord, Status};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -211,7 +211,7 @@ general_settings:
             "anthropic_messages"
         };
         assert_eq!(r.call_type, expected);
-        assert_eq!(r.status, "success");
+        assert_eq!(r.status, Status::Success);
         assert!(r.stream && !r.usage_estimated);
         assert_eq!(
             (

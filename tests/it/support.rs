@@ -4,6 +4,8 @@
 
 use std::path::PathBuf;
 
+use tally::spend::Status;
+
 /// The `tally` binary cargo built for these tests.
 pub fn tally_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_tally"))
@@ -179,7 +181,7 @@ impl SpendLine {
             key_alias: None,
             key_hash: Some("ab".repeat(32)),
             stream: false,
-            status: "success".into(),
+            status: Status::Success,
             duration_ms: Some(Self::DURATION_MS as u64),
         });
         line.end_ms(Self::DURATION_MS)

@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tally::proxy::ProxyConfig;
-use tally::spend::SpendRecord;
+use tally::spend::{SpendRecord, Status};
 use tokio_util::sync::CancellationToken;
 
 use super::{MASTER, WAIT, chat, closed_port};
@@ -317,7 +317,7 @@ async fn each_provider_gets_its_url_auth_header_and_model() {
     assert_eq!(seen.body["model"], "gpt-4o-mini");
 
     let records = proxy.wait_records(providers.len() + 2).await;
-    assert!(records.iter().all(|r| r.status == "success"));
+    assert!(records.iter().all(|r| r.status == Status::Success));
 }
 
 #[tokio::test]
@@ -413,7 +413,7 @@ router_settings: {{num_retries: 3, fallbacks: [{{gpt-4o: [spare]}}]}}
     assert_eq!(spare.count(), 0, "nor sent to a fallback");
     let records = proxy.wait_records(1).await;
     assert_eq!(records.len(), 1);
-    assert_eq!(records[0].status, "failure");
+    assert_eq!(records[0].status, Status::Failure);
     assert_eq!(records[0].response_cost, None);
 }
 
@@ -454,7 +454,7 @@ router_settings: {{num_retries: 2, cooldown_time: 0}}
     let records = proxy.wait_records(CALLS).await;
     assert_eq!(records.len(), CALLS, "exactly one record per call");
     for r in &records {
-        assert_eq!(r.status, "success");
+        assert_eq!(r.status, Status::Success);
         assert_eq!(r.model, "g");
         assert_eq!(r.upstream_model.as_deref(), Some("live"));
         assert_eq!(r.response_cost, Some(0.0001675), "priced as gpt-4o");
@@ -600,7 +600,7 @@ router_settings: {{num_retries: 1, cooldown_time: 0}}
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
     let records = proxy.wait_records(1).await;
     assert_eq!(records.len(), 1);
-    assert_eq!(records[0].status, "success");
+    assert_eq!(records[0].status, Status::Success);
     assert_eq!(records[0].upstream_model.as_deref(), Some("live"));
     assert!(records[0].stream);
 }
@@ -689,7 +689,7 @@ router_settings:
         records.iter().map(|r| r.model.as_str()).collect::<Vec<_>>(),
         ["gpt-4o", "gpt-4", "strict"]
     );
-    assert!(records.iter().all(|r| r.status == "success"));
+    assert!(records.iter().all(|r| r.status == Status::Success));
     assert_eq!(
         records[0].response_cost,
         Some(0.0001675),

@@ -394,7 +394,7 @@ async fn held_records_are_not_sent_and_not_billable_ones_are_not_billed() {
     let s = settings(&stub, dir.path());
     let mut recs = records("mixed", 6);
     recs[0].end_user_id = None;
-    recs[1].status = "failure".into();
+    recs[1].status = tally::spend::Status::Failure;
     let ob = ingest(&s, &recs);
     let report = deliver(&s).await;
     assert_eq!(report.acked, 4);
