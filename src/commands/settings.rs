@@ -241,8 +241,8 @@ mod tests {
         assert!(err.starts_with("LAGO_API_BASE is not set"), "{err}");
     }
 
-    /// Regression (issue 12): a `LAGO_API_BASE` with a password was echoed in the start-up
-    /// error that refused it.
+    /// Regression (docs/reliability.md, "Findings"): a `LAGO_API_BASE` with a password was echoed
+    /// in the start-up error that refused it.
     #[test]
     fn a_password_in_lago_api_base_is_never_echoed() {
         for base in [

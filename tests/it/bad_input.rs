@@ -1,5 +1,5 @@
-//! Bad input (issue #6): every file in `fixtures/bad/` (plus an 8 MiB line and a larger binary
-//! file generated here) goes through the real `tally ship` between good lines, one case per
+//! Bad input (docs/reliability.md): every file in `fixtures/bad/` (plus an 8 MiB line and a larger
+//! binary file generated here) goes through the real `tally ship` between good lines, one case per
 //! rotated spend-log file. Each gets its reason in `tally queue list --state rejected`, the good
 //! lines around it are billed exactly once, and the shipper keeps running.
 

@@ -1,5 +1,5 @@
-//! The Lago emulator answers every case in shared/lago/BEHAVIOUR.md with the exact bodies, and
-//! its faults, counters and control endpoints do what they say.
+//! The Lago emulator answers every case docs/lago-emulator.md lists ("What it answers") with the
+//! exact bodies, and its faults, counters and control endpoints do what they say.
 
 use std::time::Duration;
 

@@ -1,10 +1,9 @@
-//! Many proxies, one key store (issue #16), end to end with the real binary: two `tally proxy`
-//! replicas on one PostgreSQL, each with its own spend log and its own `tally ship`, one
-//! `tally lago-emulator`.
-//! A key made on one replica works on the other at once; LiteLLM keys imported from a table
-//! created as LiteLLM's schema declares it work on both, billed to their team and user;
-//! PostgreSQL restarted under load loses no request; a key deleted on one replica is refused by
-//! the other within the revalidation bound; Lago holds every call exactly once.
+//! Many proxies, one key store (docs/scaling.md), end to end with the real binary: two `tally
+//! proxy` replicas on one PostgreSQL, each with its own spend log and its own `tally ship`, one
+//! `tally lago-emulator`. A key made on one replica works on the other at once; LiteLLM keys
+//! imported from a table created as LiteLLM's schema declares it work on both, billed to their team
+//! and user; PostgreSQL restarted under load loses no request; a key deleted on one replica is
+//! refused by the other within the revalidation bound; Lago holds every call exactly once.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -1,4 +1,4 @@
-//! Security checks (issue #6), on the real binaries with every log at `RUST_LOG=trace`:
+//! Security checks (docs/reliability.md), on the real binaries with every log at `RUST_LOG=trace`:
 //! - no raw key (master, virtual, Lago) and no prompt text in the spend log, the state databases
 //!   (with their WAL files) or the captured logs;
 //! - keys are compared in constant time (`subtle`), and a key differing only in its last byte is

@@ -1,5 +1,5 @@
 //! `tally audit`, Lago's `events.errors` webhooks and unknown subscriptions, end to end: the real
-//! binary, a real outbox, and the Lago emulator (issue 17).
+//! binary, a real outbox, and the Lago emulator (docs/operations.md, "Knowing that Lago bills it").
 
 use std::collections::HashSet;
 

@@ -449,7 +449,7 @@ async fn a_pattern_that_matches_nothing_is_an_error() {
     assert!(r.stderr.contains("matches no file"), "{}", r.stderr);
 }
 
-/// Regression (issue 19): `tally replay` and `tally queue retry` checked LAGO_API_EVENT_CODE
+/// Regression: `tally replay` and `tally queue retry` checked LAGO_API_EVENT_CODE
 /// apart from `tally ship` and wrote a code with surrounding whitespace into stored events,
 /// which Lago then matched to no billable metric. All three now build their events with the
 /// same checks, and refuse it before writing anything.

@@ -1,6 +1,7 @@
-//! Issue 12, proxy side: the files the proxy owns. A spend log that is a symbolic link is refused
-//! (the real binary says which path and what to do), a world-writable state directory is
-//! refused, and files found more open than tally creates them are tightened.
+//! Hostile input, proxy side (docs/reliability.md, "Findings"): the files the proxy owns. A spend
+//! log that is a symbolic link is refused (the real binary says which path and what to do), a
+//! world-writable state directory is refused, and files found more open than tally creates them are
+//! tightened.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;

@@ -1,7 +1,7 @@
-//! Shipper crashes (issue #6): a writer appends records at a steady rate while the live log is
-//! rotated every few hundred KB / MB, and the real `tally ship` is SIGKILLed at random moments and
-//! restarted. Lago must end with exactly the records written, each once; the duplicates Lago
-//! answered (`value_already_exist`) are the resends after restarts that it absorbed.
+//! Shipper crashes (docs/reliability.md): a writer appends records at a steady rate while the live
+//! log is rotated every few hundred KB / MB, and the real `tally ship` is SIGKILLed at random
+//! moments and restarted. Lago must end with exactly the records written, each once; the duplicates
+//! Lago answered (`value_already_exist`) are the resends after restarts that it absorbed.
 //!
 //! CI: 3,000 records, 5 kills. `TALLY_FAULT_FULL=1`: 50,000 records, 50 kills, rotation every 2 MB.
 

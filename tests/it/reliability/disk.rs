@@ -1,8 +1,9 @@
-//! Disk trouble (issue #6): the shipper's state directory full, then read-only, then fixed, while
-//! ONE shipper process keeps running. It stops advancing, says why (a log line naming the outbox
-//! path and the OS / SQLite reason, the `tally_ship_storage_blocked` gauge), `tally queue stats`
-//! shows the backlog, and once the disk is fixed it resumes by itself: every record arrives at
-//! Lago exactly once. A stop (SIGTERM) during the trouble exits 0 at once and loses nothing.
+//! Disk trouble (docs/reliability.md): the shipper's state directory full, then read-only, then
+//! fixed, while ONE shipper process keeps running. It stops advancing, says why (a log line naming
+//! the outbox path and the OS / SQLite reason, the `tally_ship_storage_blocked` gauge), `tally
+//! queue stats` shows the backlog, and once the disk is fixed it resumes by itself: every record
+//! arrives at Lago exactly once. A stop (SIGTERM) during the trouble exits 0 at once and loses
+//! nothing.
 //!
 //! Tests run as root, and root ignores permission bits, so the state directory is a small ext4
 //! image mounted for the test (filled to make it full, failed to read-only, see [`Disk`]). Where

@@ -1,7 +1,7 @@
-//! Lago outages (issue #6): 5xx, refused connections (the emulator stops listening), connection
-//! resets, 429 storms with `X-RateLimit-Reset`, answers slower than `--request-timeout-secs`, and
-//! answers lost after Lago stored the batch. During each, `tally queue stats` shows the backlog
-//! (pending > 0); after each, every record is at Lago exactly once.
+//! Lago outages (docs/reliability.md): 5xx, refused connections (the emulator stops listening),
+//! connection resets, 429 storms with `X-RateLimit-Reset`, answers slower than
+//! `--request-timeout-secs`, and answers lost after Lago stored the batch. During each, `tally
+//! queue stats` shows the backlog (pending > 0); after each, every record is at Lago exactly once.
 //!
 //! CI: each outage lasts 3 s. `TALLY_FAULT_FULL=1`: 60 s.
 

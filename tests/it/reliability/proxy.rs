@@ -1,8 +1,8 @@
-//! Proxy crashes (issue #6): the real `tally proxy` (mock model) is SIGKILLed under concurrent
-//! load, several times, and restarted on the same spend log, with a torn last line left behind
-//! once (what a writer stopped mid-record leaves). Every request the client got a 200 for has
-//! its record (by `x-litellm-call-id`); a shipper following the log all along keeps going, bills
-//! every record exactly once and files the torn fragment as a rejected line.
+//! Proxy crashes (docs/reliability.md): the real `tally proxy` (mock model) is SIGKILLed under
+//! concurrent load, several times, and restarted on the same spend log, with a torn last line left
+//! behind once (what a writer stopped mid-record leaves). Every request the client got a 200 for
+//! has its record (by `x-litellm-call-id`); a shipper following the log all along keeps going,
+//! bills every record exactly once and files the torn fragment as a rejected line.
 
 use std::collections::BTreeSet;
 use std::process::{Child, Stdio};

@@ -1,6 +1,6 @@
-//! Shared rig for the reliability tests (issue #6): a temporary directory with a live spend log and
-//! a state directory, the Lago emulator on a loopback port, and the real `tally ship` binary run as
-//! a child process so it can be SIGKILLed and restarted.
+//! Shared rig for the reliability tests (docs/reliability.md): a temporary directory with a live
+//! spend log and a state directory, the Lago emulator on a loopback port, and the real `tally ship`
+//! binary run as a child process so it can be SIGKILLed and restarted.
 //!
 //! `TALLY_FAULT_FULL=1` switches the fault tests to their long variants (`scripts/fault-suite.sh`).
 

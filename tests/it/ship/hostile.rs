@@ -1,6 +1,6 @@
 //! The sender against servers that are not (only) Lago: redirects, answers that are not Lago's
-//! acknowledgement, endless answers, body limits in front of Lago (issue 12). Every server is a
-//! real HTTP server on loopback.
+//! acknowledgement, endless answers, body limits in front of Lago (docs/reliability.md,
+//! "Findings"). Every server is a real HTTP server on loopback.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -191,8 +191,9 @@ async fn never_acked(
     (ob, error, dir)
 }
 
-/// Regression (issue 12): a 302 to another address that answers 200 was followed as a GET with
-/// no body and acked the batch (nothing reached Lago); a 307 sent the events to the other origin.
+/// Regression (docs/reliability.md, "Findings"): a 302 to another address that answers 200 was
+/// followed as a GET with no body and acked the batch (nothing reached Lago); a 307 sent the events
+/// to the other origin.
 #[tokio::test]
 async fn a_redirect_is_never_followed_and_never_acks() {
     for status in [StatusCode::FOUND, StatusCode::TEMPORARY_REDIRECT] {
@@ -250,8 +251,8 @@ async fn an_http_to_https_redirect_says_to_fix_lago_api_base() {
     );
 }
 
-/// Regression (issue 12): any 200 acked the batch, whatever its body (a captive portal, a web
-/// server's welcome page, a wrong path answered by another app).
+/// Regression (docs/reliability.md, "Findings"): any 200 acked the batch, whatever its body (a
+/// captive portal, a web server's welcome page, a wrong path answered by another app).
 #[tokio::test]
 async fn a_200_that_is_not_lagos_envelope_never_acks() {
     let server =
@@ -261,8 +262,8 @@ async fn a_200_that_is_not_lagos_envelope_never_acks() {
     assert!(error.contains("Welcome to nginx"), "{error}");
 }
 
-/// Regression (issue 12): the shipper read Lago's whole answer, however long (a 200 MB answer
-/// took 222 MB). Now it stops at a limit and the events stay pending.
+/// Regression (docs/reliability.md, "Findings"): the shipper read Lago's whole answer, however long
+/// (a 200 MB answer took 222 MB). Now it stops at a limit and the events stay pending.
 #[tokio::test]
 async fn an_endless_answer_is_cut_off_and_never_acks() {
     // 64 MiB without a length header, so the limit must hold while streaming.
@@ -281,9 +282,9 @@ async fn an_endless_answer_is_cut_off_and_never_acks() {
     assert!(error.contains("stay pending"), "{error}");
 }
 
-/// Regression (issue 12): a proxy in front of Lago that caps bodies answered 413, retried
-/// forever with the same batch, and every event behind it waited. Now batches are cut to the
-/// byte cap, a 413 splits them, and only an event too large alone is dead, with the reason.
+/// Regression (docs/reliability.md, "Findings"): a proxy in front of Lago that caps bodies answered
+/// 413, retried forever with the same batch, and every event behind it waited. Now batches are cut
+/// to the byte cap, a 413 splits them, and only an event too large alone is dead, with the reason.
 #[tokio::test]
 async fn a_body_limit_splits_batches_and_kills_only_the_event_too_large_alone() {
     let lago = spawn_lago_emulator(EmulatorConfig::default()).await;
