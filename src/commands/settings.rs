@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::cli::{LagoArgs, LagoEmulatorArgs, ShipArgs, ShipTuning};
+use crate::cli::{LagoArgs, LagoEmulatorArgs, ProxyArgs, ShipArgs, ShipTuning};
 use crate::lago_emulator::{DEFAULT_BATCH_MAX_LENGTH, EmulatorConfig, WebhookConfig};
+use crate::proxy::ProxyConfig;
 use crate::ship::amount::Markup;
 use crate::ship::settings::{
     self, ApiKey, EventArgs, LagoSettings, SettingsError, ShipSettings, Tuning, check_api_key,
@@ -106,6 +107,19 @@ pub fn tuning(t: &ShipTuning) -> Tuning {
         acked_retention: (t.acked_retention_days > 0)
             .then(|| Duration::from_secs(t.acked_retention_days * 86_400)),
     }
+}
+
+/// `tally proxy`'s command line: the config file with the command line's overrides, and the
+/// address to listen on (`host:port`).
+pub fn proxy(args: ProxyArgs) -> anyhow::Result<(ProxyConfig, String)> {
+    let mut config = ProxyConfig::load(&args.config)?;
+    if let Some(path) = args.spend_log {
+        config = config.with_spend_log(path);
+    }
+    if let Some(path) = args.state_dir {
+        config = config.with_state_dir(path);
+    }
+    Ok((config, format!("{}:{}", args.host, args.port)))
 }
 
 /// `tally lago-emulator`'s command line: the emulator's config and the address to serve on.

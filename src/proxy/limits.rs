@@ -160,17 +160,6 @@ mod tests {
         );
     }
 
-    /// The shipper's default line limit (`tally ship --max-line-bytes`, TALLY_MAX_LINE_BYTES), as
-    /// its command line defines it.
-    fn shipper_default_line_limit() -> usize {
-        use clap::Parser;
-        let cli = crate::cli::Cli::try_parse_from(["tally", "ship"]).unwrap();
-        let crate::cli::Command::Ship(ship) = cli.command else {
-            panic!("expected ship")
-        };
-        ship.tuning.max_line_bytes
-    }
-
     /// The largest record the proxy can write: every client-controlled field at its bound, made
     /// of the characters that take the most bytes once written (4-byte UTF-8, or `"` escaped).
     #[test]
@@ -213,7 +202,8 @@ mod tests {
             assert!(record.upstream_model.is_some());
             let line = record.to_line();
             eprintln!("widest record with {filler:?}: {} bytes", line.len());
-            let shipper_limit = shipper_default_line_limit();
+            // The default of `tally ship --max-line-bytes`.
+            let shipper_limit = crate::ship::settings::defaults::MAX_LINE_BYTES;
             assert!(
                 line.len() * 64 < shipper_limit,
                 "the largest record is {} bytes: not far below the shipper's {shipper_limit}",
