@@ -48,7 +48,7 @@ fn record(
         key_alias: Some("team-a-key".into()),
         key_hash: Some("5e".repeat(32)),
         stream: i.is_multiple_of(3),
-        status: "success".into(),
+        status: tally::spend::Status::Success,
         duration_ms: Some(420),
     }
 }

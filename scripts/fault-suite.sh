@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The full fault suite of issue #6, one command: the long variants of the reliability tests
-# (50,000 records and 50 SIGKILLs of the shipper, 20 proxy SIGKILLs, one-minute Lago outages),
-# the bad-input, disk and security tests, then a summary of their figures.
+# The full fault suite (docs/reliability.md), one command: the long variants of the reliability
+# tests (50,000 records and 50 SIGKILLs of the shipper, 20 proxy SIGKILLs, one-minute Lago
+# outages), the bad-input, disk and security tests, then a summary of their figures.
 #   scripts/fault-suite.sh            # everything (≈ 10 minutes on 2 cores)
 #   TALLY_FAULT_SEED=123 scripts/fault-suite.sh   # another kill schedule for the crash test
 # The fast variants of the same tests run in CI with the rest of `cargo test`.

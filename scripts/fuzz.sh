@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs each cargo-fuzz target for a bounded time and reports its executions (issue #6).
+# Runs each cargo-fuzz target for a bounded time and reports its executions (docs/reliability.md,
+# "Fuzzing").
 #   scripts/fuzz.sh [SECONDS_PER_TARGET]   (default 60)
 # Needs cargo-fuzz (`cargo install cargo-fuzz`). It uses the nightly toolchain when one is
 # installed; with only a stable toolchain the nightly-only flags cargo-fuzz passes are unlocked

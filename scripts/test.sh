@@ -7,7 +7,8 @@
 #   - Debian's systemd, for `systemd-analyze verify/security` on the units;
 #   - Debian's postgresql, whose binaries the key-store tests start a throwaway cluster with
 #     (initdb in a temp dir, a free port; the system service is not used).
-# Then: format check, clippy (warnings are errors), the Rust test suite, the client tests.
+# Then: format check, the check that only the command layer imports src/cli.rs, clippy (warnings
+# are errors), the Rust test suite, the client tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,6 +39,17 @@ fi
 
 step "cargo fmt --check"
 cargo fmt --check
+
+# The services take validated settings; only main.rs and src/commands/ (the command layer) know
+# the clap types of src/cli.rs (docs/architecture.md, "command line").
+step "no module outside the command layer imports src/cli.rs"
+cli_users=$(grep -rlE '\b(crate|super|tally)::cli\b|crate::\{[^}]*\bcli\b' src --include='*.rs' \
+  | grep -vE '^src/(cli\.rs|main\.rs|commands/)' || true)
+if [[ -n $cli_users ]]; then
+  echo "these import src/cli.rs; pass them settings from src/commands/settings.rs instead:" >&2
+  echo "$cli_users" >&2
+  exit 1
+fi
 
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --quiet -- -D warnings

@@ -8,6 +8,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::logging::LogFormat;
+use crate::ship::settings::accepted as ship_accepted;
 use crate::ship::settings::defaults as ship_defaults;
 
 #[derive(Debug, Parser)]
@@ -23,12 +25,6 @@ pub struct Cli {
 
     #[command(subcommand)]
     pub command: Command,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 /// For anything a script might read.
@@ -220,48 +216,109 @@ pub struct LagoArgs {
     pub cost_markup: String,
 }
 
-/// Shipper tuning; defaults suit a real Lago.
+/// A whole number clap accepts only within `range`: a value out of it is refused at parsing,
+/// naming the flag and the range (`--batch-size <BATCH_SIZE>': 0 is not in 1..=100`).
+fn in_range<T>(range: std::ops::RangeInclusive<u64>) -> clap::builder::RangedU64ValueParser<T>
+where
+    T: TryFrom<u64> + Clone + Send + Sync + 'static,
+    <T as TryFrom<u64>>::Error: Send + Sync + 'static + std::error::Error + ToString,
+{
+    clap::builder::RangedU64ValueParser::new().range(range)
+}
+
+/// Shipper tuning; defaults suit a real Lago, and clap checks each is in its accepted range
+/// ([`crate::ship::settings::accepted`]).
 #[derive(Debug, Clone, Args)]
 pub struct ShipTuning {
     /// Events per Lago batch request (1..=100; Lago's cap is 100).
-    #[arg(long, env = "TALLY_BATCH_SIZE", default_value_t = ship_defaults::BATCH_SIZE)]
+    #[arg(
+        long,
+        env = "TALLY_BATCH_SIZE",
+        default_value_t = ship_defaults::BATCH_SIZE,
+        value_parser = in_range::<usize>(ship_accepted::BATCH_SIZE)
+    )]
     pub batch_size: usize,
 
     /// How long to wait for a batch to fill before sending it anyway, in milliseconds.
-    #[arg(long, env = "TALLY_LINGER_MS", default_value_t = ship_defaults::LINGER_MS)]
+    #[arg(
+        long,
+        env = "TALLY_LINGER_MS",
+        default_value_t = ship_defaults::LINGER_MS,
+        value_parser = in_range::<u64>(ship_accepted::LINGER_MS)
+    )]
     pub linger_ms: u64,
 
     /// Batch requests in flight at once.
-    #[arg(long, env = "TALLY_BATCHES_IN_FLIGHT", default_value_t = ship_defaults::BATCHES_IN_FLIGHT)]
+    #[arg(
+        long,
+        env = "TALLY_BATCHES_IN_FLIGHT",
+        default_value_t = ship_defaults::BATCHES_IN_FLIGHT,
+        value_parser = in_range::<usize>(ship_accepted::BATCHES_IN_FLIGHT)
+    )]
     pub batches_in_flight: usize,
 
     /// Longest wait between retries of a failing request, in seconds.
-    #[arg(long, env = "TALLY_RETRY_CAP_SECS", default_value_t = ship_defaults::RETRY_CAP_SECS)]
+    #[arg(
+        long,
+        env = "TALLY_RETRY_CAP_SECS",
+        default_value_t = ship_defaults::RETRY_CAP_SECS,
+        value_parser = in_range::<u64>(ship_accepted::RETRY_CAP_SECS)
+    )]
     pub retry_cap_secs: u64,
 
     /// Timeout of one Lago request, in seconds.
-    #[arg(long, env = "TALLY_REQUEST_TIMEOUT_SECS", default_value_t = ship_defaults::REQUEST_TIMEOUT_SECS)]
+    #[arg(
+        long,
+        env = "TALLY_REQUEST_TIMEOUT_SECS",
+        default_value_t = ship_defaults::REQUEST_TIMEOUT_SECS,
+        value_parser = in_range::<u64>(ship_accepted::REQUEST_TIMEOUT_SECS)
+    )]
     pub request_timeout_secs: u64,
 
     /// On SIGTERM, how long in-flight requests may take before they are abandoned, in seconds.
-    #[arg(long, env = "TALLY_DRAIN_DEADLINE_SECS", default_value_t = ship_defaults::DRAIN_DEADLINE_SECS)]
+    #[arg(
+        long,
+        env = "TALLY_DRAIN_DEADLINE_SECS",
+        default_value_t = ship_defaults::DRAIN_DEADLINE_SECS,
+        value_parser = in_range::<u64>(ship_accepted::DRAIN_DEADLINE_SECS)
+    )]
     pub drain_deadline_secs: u64,
 
     /// Safety-net poll of the spend log when no file event arrives, in milliseconds.
-    #[arg(long, env = "TALLY_POLL_INTERVAL_MS", default_value_t = ship_defaults::POLL_INTERVAL_MS)]
+    #[arg(
+        long,
+        env = "TALLY_POLL_INTERVAL_MS",
+        default_value_t = ship_defaults::POLL_INTERVAL_MS,
+        value_parser = in_range::<u64>(ship_accepted::POLL_INTERVAL_MS)
+    )]
     pub poll_interval_ms: u64,
 
     /// Longest accepted spend-log line in bytes; longer lines are rejected.
-    #[arg(long, env = "TALLY_MAX_LINE_BYTES", default_value_t = ship_defaults::MAX_LINE_BYTES)]
+    #[arg(
+        long,
+        env = "TALLY_MAX_LINE_BYTES",
+        default_value_t = ship_defaults::MAX_LINE_BYTES,
+        value_parser = in_range::<usize>(ship_accepted::MAX_LINE_BYTES)
+    )]
     pub max_line_bytes: usize,
 
     /// Largest Lago request body in bytes: a batch is cut to fit (an event larger than this is
     /// sent alone). Below the 1 MiB body limit of nginx's default; a 413 splits a batch further.
-    #[arg(long, env = "TALLY_BATCH_MAX_BYTES", default_value_t = ship_defaults::BATCH_MAX_BYTES)]
+    #[arg(
+        long,
+        env = "TALLY_BATCH_MAX_BYTES",
+        default_value_t = ship_defaults::BATCH_MAX_BYTES,
+        value_parser = in_range::<usize>(ship_accepted::BATCH_MAX_BYTES)
+    )]
     pub batch_max_bytes: usize,
 
     /// Keep acked transaction ids this many days (0 = forever) so replays never bill twice.
-    #[arg(long, env = "TALLY_ACKED_RETENTION_DAYS", default_value_t = ship_defaults::ACKED_RETENTION_DAYS)]
+    #[arg(
+        long,
+        env = "TALLY_ACKED_RETENTION_DAYS",
+        default_value_t = ship_defaults::ACKED_RETENTION_DAYS,
+        value_parser = in_range::<u64>(ship_accepted::ACKED_RETENTION_DAYS)
+    )]
     pub acked_retention_days: u64,
 }
 
@@ -541,5 +598,39 @@ mod tests {
         };
         assert_eq!(ship.tuning.batch_size, 100);
         assert_eq!(ship.lago.lago_api_charge_by, "end_user_id");
+    }
+
+    #[test]
+    fn tuning_out_of_range_is_refused_naming_the_flag_and_the_range() {
+        for (flag, value, accepted) in [
+            ("--batch-size", "101", "1..=100"),
+            ("--batch-size", "0", "1..=100"),
+            ("--batches-in-flight", "0", "1..=256"),
+            ("--linger-ms", "60001", "0..=60000"),
+            ("--retry-cap-secs", "0", "1..=86400"),
+            ("--request-timeout-secs", "3601", "1..=3600"),
+            ("--drain-deadline-secs", "3601", "0..=3600"),
+            ("--poll-interval-ms", "9", "10..=3600000"),
+            ("--max-line-bytes", "1023", "1024..=67108864"),
+            ("--batch-max-bytes", "100", "1024..=67108864"),
+            ("--acked-retention-days", "36501", "0..=36500"),
+        ] {
+            let err = Cli::try_parse_from(["tally", "ship", flag, value]).unwrap_err();
+            assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation);
+            let text = err.to_string();
+            assert!(text.contains(flag), "{flag} {value}: {text}");
+            assert!(text.contains(accepted), "{flag} {value}: {text}");
+        }
+        for (flag, value) in [
+            ("--batch-size", "1"),
+            ("--batch-size", "100"),
+            ("--linger-ms", "0"),
+            ("--acked-retention-days", "0"),
+        ] {
+            assert!(
+                Cli::try_parse_from(["tally", "ship", flag, value]).is_ok(),
+                "{flag} {value}"
+            );
+        }
     }
 }

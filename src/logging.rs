@@ -17,7 +17,12 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::util::SubscriberInitExt;
 
-use crate::cli::LogFormat;
+/// The format of the log lines on stderr (`--log-format`, `TALLY_LOG_FORMAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
 
 /// How often an error is repeated while the condition behind it lasts.
 pub const REPEAT_EVERY: Duration = Duration::from_secs(60);

@@ -52,9 +52,12 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     let shutdown = shutdown_on_signals();
     match command {
-        Command::Proxy(args) => tally::proxy::run(args, shutdown)
-            .await
-            .map(|()| ExitCode::SUCCESS),
+        Command::Proxy(args) => {
+            let (config, address) = settings::proxy(args)?;
+            tally::proxy::run(config, &address, shutdown)
+                .await
+                .map(|()| ExitCode::SUCCESS)
+        }
         Command::Ship(args) => {
             let settings = settings::ship(&args).context("invalid shipper settings")?;
             tally::ship::run(settings, shutdown)

@@ -27,7 +27,7 @@ pub const MAX_COST_USD: f64 = 1_000_000.0;
 /// Longest accepted `transaction_id`; Lago stores it as a string column and echoes it in URLs.
 pub const MAX_TRANSACTION_ID_LEN: usize = 256;
 
-/// One completed (or failed) request as the proxy saw it. Only `status == "success"` is billed.
+/// One completed (or failed) request as the proxy saw it. Only [`Status::Success`] is billed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SpendRecord {
     pub schema: u32,
@@ -71,13 +71,75 @@ pub struct SpendRecord {
     pub key_hash: Option<String>,
     #[serde(default)]
     pub stream: bool,
-    pub status: String,
+    pub status: Status,
     #[serde(default)]
     pub duration_ms: Option<u64>,
 }
 
 fn default_call_type() -> String {
     "chat_completion".to_owned()
+}
+
+/// How the call ended, written as the word itself (`"success"`, `"failure"`). Only `Success` is
+/// billed; any other word a writer used (LiteLLM's exports have more) is kept as written, so a
+/// record reads and writes back byte for byte.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Status {
+    Success,
+    Failure,
+    Other(String),
+}
+
+impl Status {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Success => "success",
+            Self::Failure => "failure",
+            Self::Other(word) => word,
+        }
+    }
+}
+
+impl From<&str> for Status {
+    fn from(word: &str) -> Self {
+        match word {
+            "success" => Self::Success,
+            "failure" => Self::Failure,
+            other => Self::Other(other.to_owned()),
+        }
+    }
+}
+
+impl From<String> for Status {
+    fn from(word: String) -> Self {
+        match word.as_str() {
+            "success" => Self::Success,
+            "failure" => Self::Failure,
+            _ => Self::Other(word),
+        }
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for Status {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Status {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let word = std::borrow::Cow::<str>::deserialize(d)?;
+        Ok(match word {
+            std::borrow::Cow::Borrowed(w) => Self::from(w),
+            std::borrow::Cow::Owned(w) => Self::from(w),
+        })
+    }
 }
 
 /// Why a spend-log line was refused. The text is shown to operators by `tally queue`, so it says
@@ -228,7 +290,7 @@ impl SpendRecord {
 
     /// Only successful calls are billed; failures are logged for observability.
     pub fn is_billable(&self) -> bool {
-        self.status == "success"
+        self.status == Status::Success
     }
 
     /// `total_tokens` as reported, or input + output when the writer left it out.
@@ -293,7 +355,7 @@ impl SpendRecord {
         w.raw(",\"stream\":");
         w.bool(self.stream);
         w.raw(",\"status\":");
-        w.str(&self.status);
+        w.str(self.status.as_str());
         w.raw(",\"duration_ms\":");
         w.opt_uint(self.duration_ms);
         w.raw("}\n");
@@ -434,7 +496,7 @@ mod tests {
             key_alias: Some("team-a-key".into()),
             key_hash: Some("ab".repeat(32)),
             stream: false,
-            status: "success".into(),
+            status: Status::Success,
             duration_ms: Some(250),
         }
     }
@@ -516,7 +578,7 @@ mod tests {
                 key_alias: opt(pick(strings.len()), pick(2) == 0),
                 key_hash: opt(pick(strings.len()), pick(2) == 0),
                 stream: pick(2) == 0,
-                status: s(pick(strings.len())),
+                status: Status::from(s(pick(strings.len()))),
                 duration_ms: (pick(2) == 0).then(|| uints[pick(uints.len())]),
             };
             let mut expected = serde_json::to_vec(&record).unwrap();
@@ -637,7 +699,31 @@ mod tests {
         assert!(r.is_billable());
         r.total_tokens = None;
         assert_eq!(r.total_tokens(), 22);
-        r.status = "failure".into();
+        r.status = Status::Failure;
         assert!(!r.is_billable());
+        r.status = Status::Other("Success".into());
+        assert!(!r.is_billable());
+    }
+
+    #[test]
+    fn every_status_word_reads_and_writes_back_as_it_was() {
+        for (word, status) in [
+            ("success", Status::Success),
+            ("failure", Status::Failure),
+            ("timeout", Status::Other("timeout".into())),
+            ("", Status::Other(String::new())),
+            ("quote\"d", Status::Other("quote\"d".into())),
+        ] {
+            let line = with("status", word.into());
+            let r = parse(&line).unwrap();
+            assert_eq!(r.status, status, "{word}");
+            assert_eq!(r.status.as_str(), word);
+            let written: serde_json::Value = serde_json::from_slice(&r.to_line()).unwrap();
+            assert_eq!(written["status"], word);
+        }
+        // An escaped word in the line is read as the word it stands for.
+        let escaped =
+            with("status", "x".into()).replace("\"status\":\"x\"", "\"status\":\"succ\\u0065ss\"");
+        assert_eq!(parse(&escaped).unwrap().status, Status::Success);
     }
 }

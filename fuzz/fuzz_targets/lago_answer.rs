@@ -46,7 +46,8 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     match classify(status, &headers, rest, usize::from(sent)) {
-        // Only a 200 with Lago's envelope acks (issue 12: a redirect or any 2xx body did).
+        // Only a 200 with Lago's envelope acks (a redirect or any 2xx body did once:
+        // docs/reliability.md, "Findings").
         Answer::Accepted => assert_eq!(code, 200),
         Answer::NotAnAck { status, body } => {
             assert!((200..300).contains(&status));

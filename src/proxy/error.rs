@@ -86,6 +86,18 @@ impl ProxyError {
         }
     }
 
+    /// A `model` this proxy does not serve, with the models it does.
+    pub fn model_not_found(model: &str, available: &[String]) -> Self {
+        Self::BadRequest {
+            message: format!(
+                "model {model:?} is not served by this proxy; available models: {}",
+                available.join(", ")
+            ),
+            param: Some("model".into()),
+            code: "model_not_found",
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,

@@ -132,7 +132,7 @@ pub fn bounded_upstream_model(model: Option<String>) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spend::{SCHEMA_VERSION, SpendRecord};
+    use crate::spend::{SCHEMA_VERSION, SpendRecord, Status};
 
     #[test]
     fn ids_are_bounded_in_characters_and_refuse_control_characters() {
@@ -158,17 +158,6 @@ mod tests {
             e.to_string(),
             "`user` is 1048576 characters long; at most 256 are accepted"
         );
-    }
-
-    /// The shipper's default line limit (`tally ship --max-line-bytes`, TALLY_MAX_LINE_BYTES), as
-    /// its command line defines it.
-    fn shipper_default_line_limit() -> usize {
-        use clap::Parser;
-        let cli = crate::cli::Cli::try_parse_from(["tally", "ship"]).unwrap();
-        let crate::cli::Command::Ship(ship) = cli.command else {
-            panic!("expected ship")
-        };
-        ship.tuning.max_line_bytes
     }
 
     /// The largest record the proxy can write: every client-controlled field at its bound, made
@@ -200,7 +189,7 @@ mod tests {
                 key_alias: widest(filler),
                 key_hash: Some("f".repeat(64)),
                 stream: true,
-                status: "success".into(),
+                status: Status::Success,
                 duration_ms: Some(u64::MAX),
             };
             for (field, value) in [
@@ -213,7 +202,8 @@ mod tests {
             assert!(record.upstream_model.is_some());
             let line = record.to_line();
             eprintln!("widest record with {filler:?}: {} bytes", line.len());
-            let shipper_limit = shipper_default_line_limit();
+            // The default of `tally ship --max-line-bytes`.
+            let shipper_limit = crate::ship::settings::defaults::MAX_LINE_BYTES;
             assert!(
                 line.len() * 64 < shipper_limit,
                 "the largest record is {} bytes: not far below the shipper's {shipper_limit}",

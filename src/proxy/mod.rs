@@ -67,7 +67,6 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::cli::ProxyArgs;
 use crate::metrics::{Exposition, ProxyMetrics, Registry};
 use crate::service;
 
@@ -387,17 +386,13 @@ pub async fn open_keys(config: &ProxyConfig) -> Result<KeyStore, keystore::KeySt
     ))
 }
 
-/// `tally proxy`: loads the config, binds, serves until `shutdown`, then drains and flushes.
-pub async fn run(args: ProxyArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let mut config = ProxyConfig::load(&args.config)?;
-    if let Some(path) = args.spend_log {
-        config = config.with_spend_log(path);
-    }
-    if let Some(path) = args.state_dir {
-        config = config.with_state_dir(path);
-    }
-    let address = format!("{}:{}", args.host, args.port);
-    let listener = tokio::net::TcpListener::bind(&address)
+/// `tally proxy`: binds `address` (`host:port`), serves until `shutdown`, then drains and flushes.
+pub async fn run(
+    config: ProxyConfig,
+    address: &str,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(address)
         .await
         .with_context(|| format!("cannot listen on {address}; choose another --port / --host"))?;
     serve(config, listener, shutdown).await

@@ -61,7 +61,8 @@ async fn liveness() -> Json<serde_json::Value> {
 }
 
 /// Ready when the spend log is writable and the key store answers; 503 otherwise. Needs a key
-/// (master or virtual, as `/models`): only liveness answers without one (issue #6).
+/// (master or virtual, as `/models`): only liveness answers without one (docs/reliability.md,
+/// "Security").
 async fn readiness(
     State(state): State<AppState>,
     headers: HeaderMap,

@@ -7,10 +7,10 @@
 //!   and memory stays bounded by the requests in flight.
 //! - A write that fails (disk full, read-only, I/O error) is retried with a capped backoff until
 //!   it succeeds: the request waits for its record, and a full disk slows requests down instead of
-//!   answering them without a record or dropping one (issue #6). A partial write is cut off first
-//!   so the retry appends a whole line. Readiness reports `not writable` meanwhile; the writer
-//!   stays healthy (a restart would lose the records waiting in memory). At shutdown the retries
-//!   stop [`CLOSE_GRACE`] after `close` was called.
+//!   answering them without a record or dropping one (docs/reliability.md, "Findings"). A
+//!   partial write is cut off first so the retry appends a whole line. Readiness reports `not
+//!   writable` meanwhile; the writer stays healthy (a restart would lose the records waiting in
+//!   memory). At shutdown the retries stop [`CLOSE_GRACE`] after `close` was called.
 //! - No `fsync` per line (it would cap throughput at the disk's flush rate): a line is in the page
 //!   cache when the request completes, so it survives a proxy crash; a rotated file is synced (in
 //!   the background) and the live file at shutdown.
@@ -351,6 +351,7 @@ fn rotated_name(live: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::spend::Status;
     use std::os::unix::fs::PermissionsExt;
 
     fn record(n: u32) -> SpendRecord {
@@ -376,14 +377,14 @@ mod tests {
             key_alias: None,
             key_hash: None,
             stream: false,
-            status: "success".into(),
+            status: Status::Success,
             duration_ms: Some(1),
         }
     }
 
-    /// Regression (issue #6): a proxy killed mid-line (or stopped by a full disk) leaves a torn
-    /// last line; the next proxy's first record used to be appended onto it, so both were one
-    /// malformed line and that request was never billed.
+    /// Regression (docs/reliability.md, "Findings"): a proxy killed mid-line (or stopped by a full
+    /// disk) leaves a torn last line; the next proxy's first record used to be appended onto it, so
+    /// both were one malformed line and that request was never billed.
     #[tokio::test]
     async fn a_torn_last_line_is_ended_before_the_next_record() {
         let dir = tempfile::tempdir().unwrap();
@@ -458,7 +459,7 @@ mod tests {
         }
     }
 
-    /// Issue #6: a full spend-log disk makes requests wait for their records; none is answered
+    /// A full spend-log disk makes requests wait for their records; none is answered
     /// without its record, none is dropped or torn, and they all complete once there is room.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_full_disk_makes_appends_wait_and_loses_or_tears_nothing() {

@@ -45,14 +45,7 @@ pub async fn get_or_delete(
     let route = match query.model.as_deref().filter(|m| !m.is_empty()) {
         Some(model) => {
             let Some(target) = state.resolve(model) else {
-                return Err(ProxyError::BadRequest {
-                    message: format!(
-                        "model {model:?} is not served by this proxy; available models: {}",
-                        state.model_names().join(", ")
-                    ),
-                    param: Some("model".into()),
-                    code: "model_not_found",
-                });
+                return Err(ProxyError::model_not_found(model, state.model_names()));
             };
             target.group.routes[0].clone()
         }

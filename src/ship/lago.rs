@@ -436,7 +436,7 @@ mod tests {
         assert_eq!(answer(429, ""), Answer::RateLimited { wait: None });
     }
 
-    /// Regression (issue 12): any 2xx acked the batch, whatever its body.
+    /// Regression (docs/reliability.md, "Findings"): any 2xx acked the batch, whatever its body.
     #[test]
     fn only_lagos_envelope_for_the_batch_is_an_ack() {
         let at = |status: u16, body: &str, sent| {
@@ -555,7 +555,7 @@ mod tests {
         assert_eq!(batch_body(events), br#"{"events":[{"a":1},{"b":2}]}"#);
     }
 
-    /// Regression (issue #6, found by the `lago_answer` fuzz target): a body of invalid UTF-8
+    /// Regression (found by the `lago_answer` fuzz target): a body of invalid UTF-8
     /// made a reason three times over the limit (each byte became a 3-byte U+FFFD).
     #[test]
     fn invalid_utf8_bodies_are_cut_to_the_limit_too() {

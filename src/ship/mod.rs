@@ -1,4 +1,5 @@
-//! `tally ship`: tail the spend log, dedupe in SQLite, deliver to Lago exactly once (issue #3).
+//! `tally ship`: tail the spend log, dedupe in SQLite, deliver to Lago exactly once
+//! (docs/delivery.md).
 //!
 //! Data flows one way: **tail → reader → outbox → sender → Lago**.
 //! - [`settings`]: validated settings ([`ShipSettings`]), made from the command line by

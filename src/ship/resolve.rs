@@ -13,7 +13,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::ship::amount::{Markup, precise_total_amount_cents};
-use crate::spend::SpendRecord;
+use crate::spend::{SpendRecord, Status};
 
 /// One id field of the spend record that can name the Lago customer's subscription.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,7 +175,7 @@ pub enum Disposition {
     /// Billable, but no id for the charge-by setting: kept, not sent, until retried.
     Held { reason: String },
     /// Not billed (`status` other than `success`); remembered so a re-read is recognised.
-    NotBillable { status: String },
+    NotBillable { status: Status },
 }
 
 /// A parsed record, ready for [`crate::ship::outbox::Outbox::ingest`].
@@ -580,7 +580,7 @@ mod tests {
     #[test]
     fn failures_are_not_billable() {
         let mut r = record();
-        r.status = "failure".into();
+        r.status = Status::Failure;
         assert!(matches!(
             prepare(&r, &spec("end_user_id")).disposition,
             Disposition::NotBillable { .. }

@@ -41,6 +41,25 @@ pub mod defaults {
     pub const COST_MARKUP: &str = "1";
 }
 
+/// What the command line accepts for each tuning setting, in the units of [`defaults`]: clap
+/// refuses a value outside its range (src/cli.rs).
+pub mod accepted {
+    use std::ops::RangeInclusive;
+
+    /// Lago refuses larger batches.
+    pub const BATCH_SIZE: RangeInclusive<u64> = 1..=super::MAX_BATCH_SIZE as u64;
+    pub const LINGER_MS: RangeInclusive<u64> = 0..=60_000;
+    pub const BATCHES_IN_FLIGHT: RangeInclusive<u64> = 1..=256;
+    pub const RETRY_CAP_SECS: RangeInclusive<u64> = 1..=86_400;
+    pub const REQUEST_TIMEOUT_SECS: RangeInclusive<u64> = 1..=3_600;
+    pub const DRAIN_DEADLINE_SECS: RangeInclusive<u64> = 0..=3_600;
+    pub const POLL_INTERVAL_MS: RangeInclusive<u64> = 10..=3_600_000;
+    pub const MAX_LINE_BYTES: RangeInclusive<u64> = 1024..=64 * 1024 * 1024;
+    pub const BATCH_MAX_BYTES: RangeInclusive<u64> = 1024..=64 * 1024 * 1024;
+    /// 0 keeps acked ids forever.
+    pub const ACKED_RETENTION_DAYS: RangeInclusive<u64> = 0..=36_500;
+}
+
 /// The Lago API key. Its value is reachable only through [`ApiKey::expose`]; `Debug` and `Display`
 /// print a placeholder, so the key cannot leak through a log line, an error or a `{:?}` of the
 /// settings.

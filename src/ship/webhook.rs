@@ -1,5 +1,6 @@
 //! `tally ship --webhook-addr`: receives Lago's webhooks on `POST /lago/webhooks` and acts on
-//! `events.errors`, Lago's report of stored events it cannot bill (issue 17).
+//! `events.errors`, Lago's report of stored events it cannot bill (docs/operations.md, "Knowing
+//! that Lago bills it").
 //!
 //! - Signatures are checked before anything is read. `X-Lago-Signature-Algorithm: hmac`:
 //!   `X-Lago-Signature` = Base64(HMAC-SHA256(raw body, LAGO_WEBHOOK_HMAC_KEY)), compared in

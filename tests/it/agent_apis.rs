@@ -16,11 +16,11 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 use tally::lago_emulator::EmulatorConfig;
 use tally::proxy::ProxyConfig;
-use tally::spend::SpendRecord;
+use tally::spend::{SpendRecord, Status};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{poll_until, sigterm_when_handled, spawn_lago_emulator, tally_bin};
+use crate::support::{sigterm_when_handled, spawn_lago_emulator, tally_bin, wait_until};
 
 const MASTER: &str = "sk-agent-apis-0123456789abcdef";
 const LAGO_KEY: &str = "lago-agents-key";
@@ -115,7 +115,7 @@ general_settings:
     let stop = CancellationToken::new();
     let proxy = tokio::spawn(tally::proxy::serve(config, listener, stop.clone()));
     let http = reqwest::Client::new();
-    poll_until("the proxy answers", Duration::from_secs(60), || async {
+    wait_until("the proxy answers", Duration::from_secs(60), async || {
         http.get(format!("{base}/health/liveliness"))
             .send()
             .await
@@ -172,12 +172,13 @@ general_settings:
     assert!(String::from_utf8_lossy(&first).contains("message_start"));
     drop(hangup);
     gate.notify_one();
-    poll_until(
+    wait_until(
         "the hung-up call is recorded",
         Duration::from_secs(60),
-        || {
-            let text = std::fs::read_to_string(&spend_log).unwrap_or_default();
-            async move { text.contains("cust-hangup") }
+        async || {
+            std::fs::read_to_string(&spend_log)
+                .unwrap_or_default()
+                .contains("cust-hangup")
         },
     )
     .await;
@@ -210,7 +211,7 @@ general_settings:
             "anthropic_messages"
         };
         assert_eq!(r.call_type, expected);
-        assert_eq!(r.status, "success");
+        assert_eq!(r.status, Status::Success);
         assert!(r.stream && !r.usage_estimated);
         assert_eq!(
             (
@@ -259,13 +260,10 @@ general_settings:
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    poll_until(
+    wait_until(
         "Lago holds the four events",
         Duration::from_secs(60),
-        || {
-            let n = emu.event_count();
-            async move { n >= 4 }
-        },
+        async || emu.event_count() >= 4,
     )
     .await;
     sigterm_when_handled(&ship);

@@ -1,12 +1,12 @@
-//! Bad input (issue #6): every file in `fixtures/bad/` (plus an 8 MiB line and a larger binary
-//! file generated here) goes through the real `tally ship` between good lines, one case per
+//! Bad input (docs/reliability.md): every file in `fixtures/bad/` (plus an 8 MiB line and a larger
+//! binary file generated here) goes through the real `tally ship` between good lines, one case per
 //! rotated spend-log file. Each gets its reason in `tally queue list --state rejected`, the good
 //! lines around it are billed exactly once, and the shipper keeps running.
 
 use std::path::PathBuf;
 
-use crate::reliability::support::{LogWriter, Rig, figure, good_line};
-use crate::support::SplitMix;
+use crate::reliability::support::{LogWriter, Rig, figure};
+use crate::support::{SpendLine, SplitMix};
 
 /// A case: its name, its bytes, and what its rejection must say (reason, and the first bytes of
 /// the rejected line when they are text worth matching).
@@ -33,10 +33,11 @@ fn cases() -> Vec<Case> {
         })
         .collect();
     // An 8 MiB line: a record whose key_alias is 8 MiB long.
-    let mut eight_mib = good_line("bad-8mib-line", 0).into_bytes();
-    let padding = format!(",\"key_alias\":\"{}\"}}\n", "x".repeat(8 << 20));
-    eight_mib.truncate(eight_mib.len() - 2); // drop `}\n`
-    eight_mib.extend_from_slice(padding.as_bytes());
+    let eight_mib = SpendLine::new("bad-8mib-line")
+        .end_user("customer-0")
+        .key_alias("x".repeat(8 << 20))
+        .to_line()
+        .into_bytes();
     let c = |name, reasons: &[&'static str]| Case {
         name,
         bytes: fixture(name),
@@ -82,7 +83,12 @@ async fn every_bad_input_is_rejected_with_its_reason_and_the_good_lines_around_i
     let cases = cases();
     // The shipper has the live file open once this line is billed: on a first start it reads
     // the live file only, and the first case's file is rotated right after it is written.
-    writer.append(good_line("good-first", 98).as_bytes());
+    writer.append(
+        SpendLine::new("good-first")
+            .end_user("customer-1")
+            .to_line()
+            .as_bytes(),
+    );
     let mut good = vec!["good-first".to_owned()];
     rig.wait_stored_running(&mut ship, 1, "the first line")
         .await;
@@ -92,7 +98,12 @@ async fn every_bad_input_is_rejected_with_its_reason_and_the_good_lines_around_i
         // good, bad, (rotation), good: the case sits alone at the end of its file, so even a
         // last line without its newline is handed out once the file is rotated away.
         let id = format!("good-before-{i}");
-        writer.append(good_line(&id, i as u64).as_bytes());
+        writer.append(
+            SpendLine::new(&id)
+                .end_user("customer-1")
+                .to_line()
+                .as_bytes(),
+        );
         good.push(id);
         writer.append(&case.bytes);
         writer.rotate();
@@ -102,7 +113,12 @@ async fn every_bad_input_is_rejected_with_its_reason_and_the_good_lines_around_i
         rig.wait_stored_running(&mut ship, good.len() + extra, case.name)
             .await;
     }
-    writer.append(good_line("good-last", 99).as_bytes());
+    writer.append(
+        SpendLine::new("good-last")
+            .end_user("customer-1")
+            .to_line()
+            .as_bytes(),
+    );
     good.push("good-last".into());
     good.push("dup-conflict".into());
     rig.wait_stored_running(&mut ship, good.len(), "the last good line")
@@ -129,9 +145,11 @@ async fn every_bad_input_is_rejected_with_its_reason_and_the_good_lines_around_i
                 .all(|want| rejected.iter().any(|(r, _)| r.contains(want)))
         })
     };
-    crate::support::wait_until(crate::reliability::support::PATIENCE, || {
-        all_said(&rig.rejected())
-    })
+    crate::support::wait_until(
+        "every case's rejection reasons",
+        crate::reliability::support::PATIENCE,
+        async || all_said(&rig.rejected()),
+    )
     .await;
     let rejected = rig.rejected();
     let reasons: Vec<&str> = rejected.iter().map(|(r, _)| r.as_str()).collect();

@@ -18,7 +18,7 @@ use tally::proxy::ProxyConfig;
 use tally::spend::SpendRecord;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{poll_until, sigterm_when_handled, spawn_lago_emulator, tally_bin};
+use crate::support::{sigterm_when_handled, spawn_lago_emulator, tally_bin, wait_until};
 
 const MASTER: &str = "sk-billing-classes-0123456789abcdef";
 const LAGO_KEY: &str = "lago-classes-key";
@@ -116,7 +116,7 @@ general_settings:
             .json(&body)
             .send()
     };
-    poll_until("the proxy answers", Duration::from_secs(60), || async {
+    wait_until("the proxy answers", Duration::from_secs(60), async || {
         http.get(format!("{base}/health/liveliness"))
             .send()
             .await
@@ -200,13 +200,10 @@ general_settings:
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    poll_until(
+    wait_until(
         "Lago holds the three events",
         Duration::from_secs(60),
-        || {
-            let n = emu.event_count();
-            async move { n >= 3 }
-        },
+        async || emu.event_count() >= 3,
     )
     .await;
     sigterm_when_handled(&ship);

@@ -198,10 +198,11 @@ async fn a_database_outage_is_ridden_out_then_recovered_from() {
 
     // Back: the pool reconnects by itself; the next revalidation trusts the cache again.
     pg.start_server();
-    crate::support::poll_until("the store to reconnect", Duration::from_secs(60), || {
-        let store = store.clone();
-        async move { store.revalidate().await.is_ok() }
-    })
+    crate::support::wait_until(
+        "the store to reconnect",
+        Duration::from_secs(60),
+        async || store.revalidate().await.is_ok(),
+    )
     .await;
     assert!(store.is_usable() && store.is_reachable());
     assert!(store.find(&hash).await.unwrap().is_some());

@@ -1,5 +1,5 @@
-//! The Lago emulator answers every case in shared/lago/BEHAVIOUR.md with the exact bodies, and
-//! its faults, counters and control endpoints do what they say.
+//! The Lago emulator answers every case docs/lago-emulator.md lists ("What it answers") with the
+//! exact bodies, and its faults, counters and control endpoints do what they say.
 
 use std::time::Duration;
 
@@ -7,7 +7,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tally::lago_emulator::{EmulatorConfig, EmulatorHandle, Fault, StoreKind};
 
-use crate::support::{poll_until, spawn_lago_emulator};
+use crate::support::{spawn_lago_emulator, wait_until};
 
 const KEY: &str = "write-key";
 const READ_ONLY_KEY: &str = "read-only-key";
@@ -573,7 +573,7 @@ async fn clickhouse_store_always_answers_200_and_merges_identical_events() {
     );
     // Receipt times are milliseconds apart at least once the clock moves on.
     let first = lago.events()[2].timestamp_millis;
-    poll_until("the clock moves", WAIT, || async {
+    wait_until("the clock moves", WAIT, async || {
         chrono::Utc::now().timestamp_millis() > first
     })
     .await;
@@ -751,9 +751,9 @@ async fn stop_listening_refuses_connections_until_resumed_on_the_same_port() {
         .expect_err("refused");
     assert!(err.is_connect(), "{err:?}");
     // A client with a pooled keep-alive connection is cut off too.
-    poll_until("the pooled connection is closed", WAIT, || {
+    wait_until("the pooled connection is closed", WAIT, async || {
         let request = pooled.post(&url).bearer_auth(KEY).json(&batch(1, "during"));
-        async move { request.send().await.is_err() }
+        request.send().await.is_err()
     })
     .await;
 
@@ -786,7 +786,7 @@ async fn refuse_connections_listens_again_by_itself() {
         .await
         .expect_err("refused right after the fault");
     assert!(err.is_connect(), "{err:?}");
-    poll_until("the emulator listens again", WAIT, || async {
+    wait_until("the emulator listens again", WAIT, async || {
         send(&lago, "events/batch", Some(KEY), &batch(1, "r").to_string())
             .await
             .is_ok_and(|r| r.status() == StatusCode::OK)
@@ -903,7 +903,7 @@ async fn refuse_connections_over_http_answers_first() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
-    poll_until("connections are refused", WAIT, || async {
+    wait_until("connections are refused", WAIT, async || {
         send(&lago, "events", Some(KEY), "{}")
             .await
             .is_err_and(|e| e.is_connect())
@@ -1097,7 +1097,7 @@ async fn the_command_sends_signed_events_errors_for_events_no_metric_takes() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
-    poll_until("the webhook arrives", WAIT, || async {
+    wait_until("the webhook arrives", WAIT, async || {
         !got.lock().unwrap().is_empty()
     })
     .await;

@@ -1,10 +1,9 @@
-//! Many proxies, one key store (issue #16), end to end with the real binary: two `tally proxy`
-//! replicas on one PostgreSQL, each with its own spend log and its own `tally ship`, one
-//! `tally lago-emulator`.
-//! A key made on one replica works on the other at once; LiteLLM keys imported from a table
-//! created as LiteLLM's schema declares it work on both, billed to their team and user;
-//! PostgreSQL restarted under load loses no request; a key deleted on one replica is refused by
-//! the other within the revalidation bound; Lago holds every call exactly once.
+//! Many proxies, one key store (docs/scaling.md), end to end with the real binary: two `tally
+//! proxy` replicas on one PostgreSQL, each with its own spend log and its own `tally ship`, one
+//! `tally lago-emulator`. A key made on one replica works on the other at once; LiteLLM keys
+//! imported from a table created as LiteLLM's schema declares it work on both, billed to their team
+//! and user; PostgreSQL restarted under load loses no request; a key deleted on one replica is
+//! refused by the other within the revalidation bound; Lago holds every call exactly once.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -18,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::pg_support::{LITELLM_TABLE, Pg};
 use crate::reliability::support::{EVENT_CODE, PATIENCE, tail};
-use crate::support::tally_bin;
+use crate::support::{Later, tally_bin, wait_until};
 
 const MASTER: &str = "sk-replicas-master-0123456789abcdef";
 const LITELLM_KEY: &str = "sk-litellm-customer-key-0001";
@@ -96,23 +95,21 @@ tally_settings:
             .spawn()
             .unwrap();
         self.proxy = Some(child);
-        let mut base = None;
-        let ok = crate::support::wait_until(PATIENCE, || {
+        let what = Later(|| {
+            format!(
+                "the proxy to start; its stderr:\n{}",
+                std::fs::read_to_string(&stderr).unwrap_or_default()
+            )
+        });
+        self.base = wait_until(what, PATIENCE, async || {
             let text = std::fs::read_to_string(&stderr).unwrap_or_default();
-            base = text.lines().find_map(|l| {
+            text.lines().find_map(|l| {
                 let v: Value = serde_json::from_str(l).ok()?;
                 (v["message"] == "tally proxy listening")
                     .then(|| format!("http://{}", v["address"].as_str().unwrap_or_default()))
-            });
-            base.is_some()
+            })
         })
         .await;
-        assert!(
-            ok,
-            "proxy did not start:\n{}",
-            std::fs::read_to_string(&stderr).unwrap_or_default()
-        );
-        self.base = base.unwrap_or_default();
     }
 
     fn start_ship(&mut self, lago: &Lago) {
@@ -413,15 +410,12 @@ async fn two_replicas_share_keys_ride_out_a_database_restart_and_bill_every_call
     ids.extend(under_load);
 
     // The pool reconnected: readiness is back, and a key deleted on a is refused by b in time.
-    crate::support::poll_until("b ready again", PATIENCE, || {
-        let (http, url) = (http.clone(), format!("{}/health/readiness", b.base));
-        async move {
-            http.get(url)
-                .bearer_auth(MASTER)
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == 200)
-        }
+    wait_until("b ready again", PATIENCE, async || {
+        http.get(format!("{}/health/readiness", b.base))
+            .bearer_auth(MASTER)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
     })
     .await;
     let deleted = http
@@ -437,29 +431,21 @@ async fn two_replicas_share_keys_ride_out_a_database_restart_and_bill_every_call
         401,
         "refused where deleted"
     );
-    let refused_on_b = Arc::new(Mutex::new(Vec::new()));
-    crate::support::poll_until(
+    let mut refused_on_b = Vec::new();
+    wait_until(
         "b to refuse the deleted key",
         Duration::from_secs(60),
-        || {
-            let (http, base, fresh, refused) = (
-                http.clone(),
-                b.base.clone(),
-                fresh.clone(),
-                refused_on_b.clone(),
-            );
-            async move {
-                let (status, id) = chat(&http, &base, &fresh, "customer-0").await;
-                if let (200, Some(id)) = (status, id) {
-                    // Still within the bound: a real, billed call.
-                    refused.lock().unwrap().push(id);
-                }
-                status == 401
+        async || {
+            let (status, id) = chat(&http, &b.base, &fresh, "customer-0").await;
+            if let (200, Some(id)) = (status, id) {
+                // Still within the bound: a real, billed call.
+                refused_on_b.push(id);
             }
+            status == 401
         },
     )
     .await;
-    ids.extend(refused_on_b.lock().unwrap().clone());
+    ids.extend(refused_on_b);
 
     // Billed to the imported key's team and user.
     let imported: Vec<_> = a
@@ -477,29 +463,28 @@ async fn two_replicas_share_keys_ride_out_a_database_restart_and_bill_every_call
     );
 
     // Lago: every call exactly once, across both shippers.
-    let mut stored = Vec::new();
-    let deadline = std::time::Instant::now() + PATIENCE;
-    while std::time::Instant::now() < deadline {
-        stored = lago.transaction_ids(&http).await;
-        if stored.len() >= ids.len() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(
-        stored.len() >= ids.len(),
-        "Lago has {} of {} events; ship a:\n{}\nship b:\n{}",
-        stored.len(),
-        ids.len(),
-        tail(
-            &std::fs::read_to_string(a.dir.join("ship.stderr")).unwrap_or_default(),
-            20
-        ),
-        tail(
-            &std::fs::read_to_string(b.dir.join("ship.stderr")).unwrap_or_default(),
-            20
-        ),
-    );
+    let last_count = std::cell::Cell::new(0);
+    let what = Later(|| {
+        format!(
+            "Lago to hold every call: it has {} of {} events; ship a:\n{}\nship b:\n{}",
+            last_count.get(),
+            ids.len(),
+            tail(
+                &std::fs::read_to_string(a.dir.join("ship.stderr")).unwrap_or_default(),
+                20
+            ),
+            tail(
+                &std::fs::read_to_string(b.dir.join("ship.stderr")).unwrap_or_default(),
+                20
+            ),
+        )
+    });
+    let stored = wait_until(what, PATIENCE, async || {
+        let stored = lago.transaction_ids(&http).await;
+        last_count.set(stored.len());
+        (stored.len() >= ids.len()).then_some(stored)
+    })
+    .await;
     let mut counts = BTreeMap::new();
     for id in stored {
         *counts.entry(id).or_insert(0usize) += 1;

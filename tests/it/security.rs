@@ -1,4 +1,4 @@
-//! Security checks (issue #6), on the real binaries with every log at `RUST_LOG=trace`:
+//! Security checks (docs/reliability.md), on the real binaries with every log at `RUST_LOG=trace`:
 //! - no raw key (master, virtual, Lago) and no prompt text in the spend log, the state databases
 //!   (with their WAL files) or the captured logs;
 //! - keys are compared in constant time (`subtle`), and a key differing only in its last byte is
@@ -298,8 +298,10 @@ async fn no_secret_leaks_keys_are_checked_in_constant_time_and_only_liveness_is_
     }
 
     // Let the shipper bill the 6 completions, then stop both services.
-    let billed = crate::support::wait_until(PATIENCE, || rig.lago.event_count() >= 6).await;
-    assert!(billed, "the completions were not billed");
+    crate::support::wait_until("the completions to be billed", PATIENCE, async || {
+        rig.lago.event_count() >= 6
+    })
+    .await;
     assert!(proxy.terminate().unwrap().success());
     // SAFETY: signalling our own child.
     unsafe { libc::kill(ship.id() as i32, libc::SIGTERM) };

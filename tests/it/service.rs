@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::net::UnixDatagram;
 
-use crate::support::tally_bin;
+use crate::support::{Later, SpendLine, tally_bin, wait_until};
 
 /// Long enough for a loaded 2-core machine; tests only wait as long as a condition takes.
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -51,22 +51,14 @@ impl NotifySocket {
         self.seen.lock().unwrap().clone()
     }
 
-    /// Waits until a line starting with `prefix` has arrived; returns it.
-    async fn wait_for(&self, prefix: &str, child: &mut Child) -> String {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        loop {
-            if let Some(line) = self.seen().into_iter().find(|l| l.starts_with(prefix)) {
-                return line;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                let _ = child.kill();
-                panic!(
-                    "no {prefix} within {PATIENCE:?}; received: {:?}",
-                    self.seen()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+    /// Waits until a line starting with `prefix` has arrived; returns it. (A failed wait drops
+    /// the test's [`Service`], which kills the child.)
+    async fn wait_line(&self, prefix: &str) -> String {
+        let what = Later(|| format!("{prefix}; received: {:?}", self.seen()));
+        wait_until(what, PATIENCE, async || {
+            self.seen().into_iter().find(|l| l.starts_with(prefix))
+        })
+        .await
     }
 }
 
@@ -120,18 +112,11 @@ impl Service {
         let pid = i32::try_from(self.child.id()).unwrap();
         // SAFETY: signalling our own child process.
         assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-        notify.wait_for("STOPPING=1", &mut self.child).await;
-        let deadline = std::time::Instant::now() + PATIENCE;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no exit after SIGTERM"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        notify.wait_line("STOPPING=1").await;
+        wait_until("the exit after SIGTERM", PATIENCE, async || {
+            self.child.try_wait().unwrap()
+        })
+        .await
     }
 }
 
@@ -199,19 +184,18 @@ async fn scrape_until_all(
     bearer: Option<&str>,
     wanted: &[(&str, f64)],
 ) -> BTreeMap<String, f64> {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
+    let last = std::cell::RefCell::new(BTreeMap::new());
+    let what = Later(|| format!("all of {wanted:?}; last scrape: {:#?}", last.borrow()));
+    wait_until(what, PATIENCE, async || {
         let (status, samples) = scrape(url, bearer).await;
         assert_eq!(status, 200);
         if wanted.iter().all(|(k, v)| samples.get(*k) == Some(v)) {
-            return samples;
+            return Some(samples);
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never all of {wanted:?}; last scrape: {samples:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        *last.borrow_mut() = samples;
+        None
+    })
+    .await
 }
 
 fn get(samples: &BTreeMap<String, f64>, key: &str) -> f64 {
@@ -232,7 +216,7 @@ async fn proxy_is_ready_pings_the_watchdog_and_counts_requests() {
     .unwrap();
     let notify = NotifySocket::bind(dir.path());
     let dir_s = |p: &str| dir.path().join(p).to_string_lossy().into_owned();
-    let mut proxy = Service::start(
+    let proxy = Service::start(
         &[
             "proxy",
             "--config",
@@ -252,12 +236,10 @@ async fn proxy_is_ready_pings_the_watchdog_and_counts_requests() {
     );
 
     // STATUS names the bound address and comes before READY; then the watchdog pings.
-    let status = notify
-        .wait_for("STATUS=listening on ", &mut proxy.child)
-        .await;
+    let status = notify.wait_line("STATUS=listening on ").await;
     let addr = status.trim_start_matches("STATUS=listening on ").to_owned();
-    notify.wait_for("READY=1", &mut proxy.child).await;
-    notify.wait_for("WATCHDOG=1", &mut proxy.child).await;
+    notify.wait_line("READY=1").await;
+    notify.wait_line("WATCHDOG=1").await;
     let seen = notify.seen();
     let position = |line: &str| seen.iter().position(|l| l == line).unwrap();
     assert!(position("READY=1") < position("WATCHDOG=1"), "{seen:?}");
@@ -366,29 +348,16 @@ async fn shipper_is_ready_pings_the_watchdog_and_counts_deliveries() {
     let records = 7;
     let mut lines = String::new();
     for i in 0..records {
-        let record = json!({
-            "schema": 1,
-            "transaction_id": format!("0193a0c0-0000-7000-8000-{i:012}"),
-            "start_time": "2026-11-27T10:00:00.000Z",
-            "end_time": "2026-11-27T10:00:00.250Z",
-            "call_type": "chat_completion",
-            "model": "gpt-4o",
-            "upstream_model": "gpt-4o",
-            "input_tokens": 7, "output_tokens": 15, "total_tokens": 22,
-            "response_cost": 0.0001675,
-            "end_user_id": format!("customer-{}", i % 2),
-            "user_id": null, "team_id": null, "key_alias": null,
-            "key_hash": "ab".repeat(32),
-            "stream": false, "status": "success", "duration_ms": 250
-        });
-        lines.push_str(&record.to_string());
-        lines.push('\n');
+        let line = SpendLine::new(format!("0193a0c0-0000-7000-8000-{i:012}"))
+            .end_user(format!("customer-{}", i % 2))
+            .to_line();
+        lines.push_str(&line);
     }
     lines.push_str("this is not a spend record\n");
     std::fs::write(&spend_log, lines).unwrap();
 
     let notify = NotifySocket::bind(dir.path());
-    let mut ship = Service::start(
+    let ship = Service::start(
         &["ship"],
         dir.path(),
         &notify,
@@ -405,13 +374,13 @@ async fn shipper_is_ready_pings_the_watchdog_and_counts_deliveries() {
         ],
     );
 
-    let status = notify.wait_for("STATUS=", &mut ship.child).await;
+    let status = notify.wait_line("STATUS=").await;
     let addr = status
         .rsplit_once("metrics on ")
         .map(|(_, a)| a.to_owned())
         .unwrap_or_else(|| panic!("no metrics address in {status}"));
-    notify.wait_for("READY=1", &mut ship.child).await;
-    notify.wait_for("WATCHDOG=1", &mut ship.child).await;
+    notify.wait_line("READY=1").await;
+    notify.wait_line("WATCHDOG=1").await;
 
     let url = format!("http://{addr}/metrics");
     let acked = r#"tally_ship_events_total{outcome="acked"}"#;

@@ -4,6 +4,8 @@
 
 use std::path::PathBuf;
 
+use tally::spend::Status;
+
 /// The `tally` binary cargo built for these tests.
 pub fn tally_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_tally"))
@@ -34,23 +36,85 @@ fn ended_early() -> Option<String> {
     })
 }
 
-/// Calls `probe` until it returns `Some`, or panics with `what` after `timeout`. For eventual
-/// conditions: no fixed sleeps as synchronisation.
-pub fn wait_for<T>(
-    what: &str,
+/// What a wait's probe answers: `true` or `Some(value)` once the condition holds.
+pub trait Ready {
+    type Value;
+    fn ready(self) -> Option<Self::Value>;
+}
+
+impl Ready for bool {
+    type Value = ();
+    fn ready(self) -> Option<()> {
+        self.then_some(())
+    }
+}
+
+impl<T> Ready for Option<T> {
+    type Value = T;
+    fn ready(self) -> Option<T> {
+        self
+    }
+}
+
+/// A failure message built only if a wait times out, so it can report the state at that moment
+/// (a child's stderr, the queue's stats): `Later(|| format!(...))`.
+pub struct Later<F>(pub F);
+
+impl<F: Fn() -> String> std::fmt::Display for Later<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&(self.0)())
+    }
+}
+
+/// How often the wait helpers ask again: short, since a probe only costs what it checks.
+const POLL_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
+
+fn timed_out(what: impl std::fmt::Display, timeout: std::time::Duration) -> ! {
+    panic!("timed out after {timeout:?} waiting for: {what}")
+}
+
+/// Calls `probe` on this thread until it answers `true` or `Some`, or panics naming `what` after
+/// `timeout`. For eventual conditions in synchronous code: no fixed sleeps as synchronisation.
+/// Async code uses [`wait_until`], which does not block the runtime.
+pub fn wait_for<R: Ready>(
+    what: impl std::fmt::Display,
     timeout: std::time::Duration,
-    mut probe: impl FnMut() -> Option<T>,
-) -> T {
+    mut probe: impl FnMut() -> R,
+) -> R::Value {
     let deadline = std::time::Instant::now() + timeout;
     loop {
-        if let Some(v) = probe() {
+        if let Some(v) = probe().ready() {
             return v;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(10));
+        if std::time::Instant::now() >= deadline {
+            timed_out(what, timeout);
+        }
+        std::thread::sleep(POLL_EVERY);
+    }
+}
+
+/// Awaits `probe` until it answers `true` or `Some`, or panics naming `what` after `timeout`.
+/// Generous timeouts are fine: this only waits as long as the condition takes. A service this
+/// test runs in-process (see [`watch_end`]) that ends with an error fails the wait at once.
+pub async fn wait_until<R: Ready>(
+    what: impl std::fmt::Display,
+    timeout: std::time::Duration,
+    mut probe: impl AsyncFnMut() -> R,
+) -> R::Value {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe().await.ready() {
+            return v;
+        }
+        if let Some(error) = ended_early() {
+            panic!(
+                "stopped waiting for {what}: a service this test runs in-process ended: {error}"
+            );
+        }
+        if std::time::Instant::now() >= deadline {
+            timed_out(what, timeout);
+        }
+        tokio::time::sleep(POLL_EVERY).await;
     }
 }
 
@@ -82,77 +146,112 @@ pub async fn spawn_lago_emulator(
         .expect("the Lago emulator binds a free loopback port")
 }
 
-/// Polls `condition` every 20 ms until it holds; panics naming `what` after `timeout`.
-/// Generous timeouts are fine: this only waits as long as the condition takes.
-pub async fn poll_until<F, Fut>(what: &str, timeout: std::time::Duration, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if condition().await {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for: {what}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-}
+/// A spend-log record for a test, from a billable default: a successful gpt-4o chat call of 7 +
+/// 15 tokens costing $0.0001675, made with a virtual key (`key_hash`) and charged to nobody yet,
+/// that took 250 ms and ended at 2026-11-27T10:00:00.250Z. Each setter changes one thing:
+/// `SpendLine::new("tx-1").end_user("cust-1").tokens(3, 4).cost(0.5).to_line()`.
+#[derive(Debug, Clone)]
+pub struct SpendLine(tally::spend::SpendRecord);
 
-/// Polls `cond` every 20 ms until it holds or `timeout` passes; returns whether it held.
-/// Generous timeouts keep tests robust on a loaded machine; nothing is timed.
-pub async fn wait_until(timeout: std::time::Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if let Some(error) = ended_early() {
-            panic!("stopped waiting: a service this test runs in-process ended: {error}");
-        }
-        if std::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-}
+impl SpendLine {
+    /// The time every record's end is counted from ([`SpendLine::end_ms`]).
+    const BASE: &str = "2026-11-27T10:00:00Z";
+    const DURATION_MS: i64 = 250;
 
-/// A billable spend record for the shipper's tests: `end_user_id`, `team_id` as given, the
-/// end time `end_ms` milliseconds after 2026-11-27T10:00:00Z.
-pub fn spend_record(
-    transaction_id: &str,
-    end_user_id: Option<&str>,
-    end_ms: i64,
-) -> tally::spend::SpendRecord {
-    let base: chrono::DateTime<chrono::Utc> = "2026-11-27T10:00:00Z".parse().unwrap();
-    let end = base + chrono::Duration::milliseconds(end_ms);
-    tally::spend::SpendRecord {
-        schema: 1,
-        transaction_id: transaction_id.into(),
-        start_time: Some(end - chrono::Duration::milliseconds(250)),
-        end_time: end,
-        call_type: "chat_completion".into(),
-        model: "gpt-4o".into(),
-        upstream_model: Some("gpt-4o-2024-08-06".into()),
-        input_tokens: 7,
-        output_tokens: 15,
-        total_tokens: Some(22),
-        cache_read_input_tokens: 0,
-        cache_creation_input_tokens: 0,
-        reasoning_tokens: 0,
-        usage_estimated: false,
-        response_cost: Some(0.0001675),
-        end_user_id: end_user_id.map(Into::into),
-        user_id: Some("user-1".into()),
-        team_id: None,
-        key_alias: None,
-        key_hash: Some("ab".repeat(32)),
-        stream: false,
-        status: "success".into(),
-        duration_ms: Some(250),
+    pub fn new(transaction_id: impl Into<String>) -> Self {
+        let line = Self(tally::spend::SpendRecord {
+            schema: tally::spend::SCHEMA_VERSION,
+            transaction_id: transaction_id.into(),
+            start_time: None,
+            end_time: chrono::DateTime::<chrono::Utc>::UNIX_EPOCH,
+            call_type: "chat_completion".into(),
+            model: "gpt-4o".into(),
+            upstream_model: Some("gpt-4o-2024-08-06".into()),
+            input_tokens: 7,
+            output_tokens: 15,
+            total_tokens: Some(22),
+            cache_read_input_tokens: 0,
+            cache_creation_input_tokens: 0,
+            reasoning_tokens: 0,
+            usage_estimated: false,
+            response_cost: Some(0.0001675),
+            end_user_id: None,
+            user_id: None,
+            team_id: None,
+            key_alias: None,
+            key_hash: Some("ab".repeat(32)),
+            stream: false,
+            status: Status::Success,
+            duration_ms: Some(Self::DURATION_MS as u64),
+        });
+        line.end_ms(Self::DURATION_MS)
+    }
+
+    /// Ends `ms` milliseconds after 2026-11-27T10:00:00Z (and started 250 ms before).
+    pub fn end_ms(self, ms: i64) -> Self {
+        let base: chrono::DateTime<chrono::Utc> = Self::BASE.parse().expect("a valid base time");
+        self.ended(base + chrono::Duration::milliseconds(ms))
+    }
+
+    /// Ends at `rfc3339` (and started 250 ms before).
+    pub fn end_time(self, rfc3339: &str) -> Self {
+        let end = chrono::DateTime::parse_from_rfc3339(rfc3339)
+            .unwrap_or_else(|e| panic!("{rfc3339}: {e}"))
+            .with_timezone(&chrono::Utc);
+        self.ended(end)
+    }
+
+    fn ended(mut self, end: chrono::DateTime<chrono::Utc>) -> Self {
+        self.0.end_time = end;
+        self.0.start_time = Some(end - chrono::Duration::milliseconds(Self::DURATION_MS));
+        self
+    }
+
+    pub fn end_user(mut self, id: impl Into<String>) -> Self {
+        self.0.end_user_id = Some(id.into());
+        self
+    }
+
+    pub fn user(mut self, id: impl Into<String>) -> Self {
+        self.0.user_id = Some(id.into());
+        self
+    }
+
+    pub fn team(mut self, id: impl Into<String>) -> Self {
+        self.0.team_id = Some(id.into());
+        self
+    }
+
+    pub fn key_alias(mut self, alias: impl Into<String>) -> Self {
+        self.0.key_alias = Some(alias.into());
+        self
+    }
+
+    pub fn model(mut self, model: impl Into<String>) -> Self {
+        self.0.model = model.into();
+        self
+    }
+
+    /// Input and output tokens; the total is their sum.
+    pub fn tokens(mut self, input: u64, output: u64) -> Self {
+        self.0.input_tokens = input;
+        self.0.output_tokens = output;
+        self.0.total_tokens = Some(input + output);
+        self
+    }
+
+    pub fn cost(mut self, usd: f64) -> Self {
+        self.0.response_cost = Some(usd);
+        self
+    }
+
+    pub fn record(self) -> tally::spend::SpendRecord {
+        self.0
+    }
+
+    /// The line as tally's proxy writes it, `\n` included.
+    pub fn to_line(&self) -> String {
+        String::from_utf8(self.0.to_line()).expect("a record is written as UTF-8")
     }
 }
 
@@ -165,7 +264,7 @@ pub fn sigterm_when_handled(child: &std::process::Child) {
     let status_file = format!("/proc/{pid}/status");
     let sigterm_bit = 1u64 << (libc::SIGTERM - 1);
     wait_for(
-        &format!("process {pid} to handle SIGTERM"),
+        format!("process {pid} to handle SIGTERM"),
         std::time::Duration::from_secs(60),
         || {
             let status = std::fs::read_to_string(&status_file).ok()?;

@@ -1,4 +1,5 @@
-//! `tally audit`: does Lago really have what it acked, in a form it can bill? (issue 17)
+//! `tally audit`: does Lago really have what it acked, in a form it can bill? (docs/operations.md,
+//! "tally audit")
 //!
 //! Each acked event in scope is looked up with `GET /api/v1/events/{transaction_id}`: it must be
 //! there with the code, external_subscription_id and timestamp tally sent (kept at the ack since

@@ -323,7 +323,7 @@ mod tests {
             .collect();
         assert_eq!(names, vec!["spend.jsonl.1", "spend.jsonl.2"]);
 
-        // Regression (issue 12): a directory said "matches no file".
+        // Regression (docs/reliability.md, "Findings"): a directory said "matches no file".
         let err = expand(&[dir.path().display().to_string()])
             .unwrap_err()
             .to_string();

@@ -23,7 +23,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::proxy::usage::Usage;
-use crate::spend::{RecordError, SCHEMA_VERSION, SpendRecord};
+use crate::spend::{RecordError, SCHEMA_VERSION, SpendRecord, Status};
 
 /// Why a LiteLLM row could not be turned into a record.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -96,8 +96,8 @@ pub fn to_record(row: &Map<String, Value>) -> Result<SpendRecord, LitellmError> 
         Some(v) => Some(number(v).ok_or_else(|| field("spend", format!("{v} is not a number")))?),
     };
     let status = match non_empty_str(row.get("status")) {
-        None => "success".to_owned(),
-        Some(s) => s.to_ascii_lowercase(),
+        None => Status::Success,
+        Some(s) => Status::from(s.to_ascii_lowercase()),
     };
     let duration_ms = start_time
         .and_then(|s| (end_time - s).num_milliseconds().try_into().ok())

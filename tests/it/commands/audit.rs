@@ -1,5 +1,5 @@
 //! `tally audit`, Lago's `events.errors` webhooks and unknown subscriptions, end to end: the real
-//! binary, a real outbox, and the Lago emulator (issue 17).
+//! binary, a real outbox, and the Lago emulator (docs/operations.md, "Knowing that Lago bills it").
 
 use std::collections::HashSet;
 
@@ -7,10 +7,9 @@ use serde_json::Value;
 use tally::lago_emulator::{EmulatorConfig, Metric, WebhookConfig};
 use tally::ship::webhook::hmac_signature;
 
-use super::Who::EndUser;
-use super::{Bench, GENEROUS, line, u, write};
+use super::{Bench, GENEROUS, u, write};
 use crate::commands::replay::stop;
-use crate::support::poll_until;
+use crate::support::{SpendLine, wait_until};
 
 const HMAC_KEY: &str = "whsec-test-key";
 
@@ -26,14 +25,13 @@ fn lines(ids: &[(&str, &str)]) -> Vec<String> {
     ids.iter()
         .enumerate()
         .map(|(i, (id, who))| {
-            line(
-                id,
-                &format!("2026-11-27T10:00:0{i}.250Z"),
-                EndUser(who),
-                7,
-                15,
-                0.0002,
-            )
+            SpendLine::new(*id)
+                .end_time(&format!("2026-11-27T10:00:0{i}.250Z"))
+                .end_user(*who)
+                .team("team-x")
+                .tokens(7, 15)
+                .cost(0.0002)
+                .to_line()
         })
         .collect()
 }
@@ -65,11 +63,11 @@ async fn audit_finds_what_lago_lost_fixes_it_and_then_passes() {
         .command(&["ship", "--poll-interval-ms", "50", "--linger-ms", "5"])
         .spawn()
         .unwrap();
-    poll_until("tally ship delivers the log", GENEROUS, || async {
+    wait_until("tally ship delivers the log", GENEROUS, async || {
         b.lago.event_count() == 4
     })
     .await;
-    poll_until("every event acked", GENEROUS, || async {
+    wait_until("every event acked", GENEROUS, async || {
         u(&b.json(&["queue", "stats"]).await, "acked") == 4
     })
     .await;
@@ -101,13 +99,13 @@ async fn audit_finds_what_lago_lost_fixes_it_and_then_passes() {
     run.assert_code(3);
     let v = run.json();
     assert_eq!(ids(&v, "requeued"), ["a-2", "a/4?x#y"], "{v}");
-    poll_until(
+    wait_until(
         "the shipper resends the requeued events",
         GENEROUS,
-        || async { b.lago.event_count() == 4 },
+        async || b.lago.event_count() == 4,
     )
     .await;
-    poll_until("the resent events are acked", GENEROUS, || async {
+    wait_until("the resent events are acked", GENEROUS, async || {
         let s = b.json(&["queue", "stats"]).await;
         u(&s, "acked") == 4 && u(&s, "pending") == 0
     })
@@ -142,11 +140,11 @@ async fn audit_fix_resends_the_precise_amount_the_shipper_sent() {
     let mut args = vec!["ship", "--poll-interval-ms", "50", "--linger-ms", "5"];
     args.extend(precise);
     let mut ship = b.command(&args).spawn().unwrap();
-    poll_until("tally ship delivers the log", GENEROUS, || async {
+    wait_until("tally ship delivers the log", GENEROUS, async || {
         b.lago.event_count() == 2
     })
     .await;
-    poll_until("every event acked", GENEROUS, || async {
+    wait_until("every event acked", GENEROUS, async || {
         u(&b.json(&["queue", "stats"]).await, "acked") == 2
     })
     .await;
@@ -165,7 +163,7 @@ async fn audit_fix_resends_the_precise_amount_the_shipper_sent() {
     let run = b.run(&fix).await;
     run.assert_code(3);
     assert_eq!(ids(&run.json(), "requeued"), ["p-1"]);
-    poll_until("the shipper resends p-1", GENEROUS, || async {
+    wait_until("the shipper resends p-1", GENEROUS, async || {
         b.lago.event_count() == 2
     })
     .await;
@@ -301,7 +299,7 @@ async fn events_errors_webhooks_move_events_to_lago_error() {
     // The webhook listener must be up before the first event is sent: start with an empty log.
     write(&b.path("spend.jsonl"), &[]);
     let mut ship = cmd.spawn().unwrap();
-    poll_until("the webhook listener is up", GENEROUS, || async {
+    wait_until("the webhook listener is up", GENEROUS, async || {
         reqwest::Client::new().post(&url).send().await.is_ok()
     })
     .await;
@@ -344,10 +342,10 @@ async fn events_errors_webhooks_move_events_to_lago_error() {
     let mut log = lines(&[("w-1", "c-1"), ("w-2", "c-2")]);
     log.push(String::new());
     write(&b.path("spend.jsonl"), &log);
-    poll_until(
+    wait_until(
         "Lago's events.errors moves both events to lago-error",
         GENEROUS,
-        || async { u(&b.json(&["queue", "stats"]).await, "lago_error") == 2 },
+        async || u(&b.json(&["queue", "stats"]).await, "lago_error") == 2,
     )
     .await;
     let list = b.json(&["queue", "list", "--state", "lago-error"]).await;
@@ -405,10 +403,10 @@ async fn the_shipper_warns_once_about_a_subscription_lago_does_not_know_and_keep
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    poll_until(
+    wait_until(
         "queue stats names the unknown subscription",
         GENEROUS,
-        || async {
+        async || {
             let run = b.run(&["queue", "stats", "--output-format", "json"]).await;
             run.code == Some(0)
                 && run.json()["unknown_subscriptions"] == serde_json::json!(["ghost"])
@@ -416,15 +414,15 @@ async fn the_shipper_warns_once_about_a_subscription_lago_does_not_know_and_keep
     )
     .await;
     // Still sent: the subscription may be created later.
-    poll_until("every event delivered", GENEROUS, || async {
+    wait_until("every event delivered", GENEROUS, async || {
         b.lago.event_count() == 3
     })
     .await;
     // The gauge is set after the outbox row that `queue stats` reads: polled, not read once.
-    poll_until(
+    wait_until(
         "the unknown-subscriptions gauge reads 1",
         GENEROUS,
-        || async {
+        async || {
             let metrics = reqwest::get(format!("http://{metrics_addr}/metrics"))
                 .await
                 .unwrap()
@@ -443,7 +441,7 @@ async fn the_shipper_warns_once_about_a_subscription_lago_does_not_know_and_keep
             .map(|l| l.replace("10:00:00", "10:00:09")),
     );
     write(&b.path("spend.jsonl"), &more);
-    poll_until("the next event delivered", GENEROUS, || async {
+    wait_until("the next event delivered", GENEROUS, async || {
         b.lago.event_count() == 4
     })
     .await;
@@ -503,7 +501,7 @@ async fn audit_waits_out_429_and_resumes_where_it_was_interrupted() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    poll_until("the audit has looked up two events", GENEROUS, || async {
+    wait_until("the audit has looked up two events", GENEROUS, async || {
         gets() >= before + 2
     })
     .await;
@@ -563,7 +561,7 @@ async fn jwt_signed_webhooks_are_checked_with_lagos_public_key() {
         .env("LAGO_WEBHOOK_HMAC_KEY", "")
         .spawn()
         .unwrap();
-    poll_until("the webhook listener is up", GENEROUS, || async {
+    wait_until("the webhook listener is up", GENEROUS, async || {
         reqwest::Client::new().post(&url).send().await.is_ok()
     })
     .await;
@@ -596,10 +594,10 @@ async fn jwt_signed_webhooks_are_checked_with_lagos_public_key() {
         &b.path("spend.jsonl"),
         &lines(&[("j-1", "c-1"), ("j-2", "c-1")]),
     );
-    poll_until(
+    wait_until(
         "the jwt-signed events.errors is accepted",
         GENEROUS,
-        || async { u(&b.json(&["queue", "stats"]).await, "lago_error") == 2 },
+        async || u(&b.json(&["queue", "stats"]).await, "lago_error") == 2,
     )
     .await;
     let list = b.json(&["queue", "list", "--state", "lago-error"]).await;

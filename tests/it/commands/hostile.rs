@@ -1,11 +1,13 @@
-//! The operator commands on hostile input (issue 12): escape sequences in record text, a `.gz`
-//! of blank lines, ids `queue list` prints, a directory given to replay, a closed stdout. The
-//! inputs are files in `fixtures/bad/`; everything runs through the real `tally` binary.
+//! The operator commands on hostile input (docs/reliability.md, "Findings"): escape sequences in
+//! record text, a `.gz` of blank lines, ids `queue list` prints, a directory given to replay, a
+//! closed stdout. The inputs are files in `fixtures/bad/`; everything runs through the real `tally`
+//! binary.
 
 use std::path::PathBuf;
 use std::process::Stdio;
 
 use super::{Bench, u};
+use crate::support::SpendLine;
 
 fn fixture(name: &str) -> String {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -25,8 +27,9 @@ fn assert_no_terminal_controls(what: &str, text: &str) {
     }
 }
 
-/// Regression (issue 12): `tally replay --dry-run` and `tally queue show` printed ids from the
-/// log raw, so escape sequences in a client's `user` reached the operator's terminal.
+/// Regression (docs/reliability.md, "Findings"): `tally replay --dry-run` and `tally queue show`
+/// printed ids from the log raw, so escape sequences in a client's `user` reached the operator's
+/// terminal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn record_text_is_escaped_wherever_it_is_printed() {
     let b = Bench::new().await;
@@ -71,8 +74,8 @@ async fn record_text_is_escaped_wherever_it_is_printed() {
     );
 }
 
-/// Regression (issue 12): `tally queue show rejected:1` said "not in the outbox" for an id that
-/// `tally queue list` prints.
+/// Regression (docs/reliability.md, "Findings"): `tally queue show rejected:1` said "not in the
+/// outbox" for an id that `tally queue list` prints.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_id_queue_list_prints_can_be_shown() {
     let b = Bench::new().await;
@@ -81,14 +84,13 @@ async fn every_id_queue_list_prints_can_be_shown() {
         &log,
         format!(
             "{}not json at all\n{{\"schema\":1}}\n",
-            super::line(
-                "s-1",
-                "2026-11-05T10:00:00.000Z",
-                super::Who::EndUser("c-1"),
-                1,
-                2,
-                0.1
-            )
+            SpendLine::new("s-1")
+                .end_time("2026-11-05T10:00:00.000Z")
+                .end_user("c-1")
+                .team("team-x")
+                .tokens(1, 2)
+                .cost(0.1)
+                .to_line()
         ),
     )
     .unwrap();
@@ -126,8 +128,9 @@ async fn every_id_queue_list_prints_can_be_shown() {
     );
 }
 
-/// Regression (issue 12): a `.gz` that expands to a gigabyte of empty lines grew `shipper.db` by
-/// about 150 bytes per line (each stored as a rejected line). They are counted, not stored.
+/// Regression (docs/reliability.md, "Findings"): a `.gz` that expands to a gigabyte of empty lines
+/// grew `shipper.db` by about 150 bytes per line (each stored as a rejected line). They are
+/// counted, not stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blank_lines_of_a_replay_are_counted_not_stored() {
     let b = Bench::new().await;
@@ -147,7 +150,8 @@ async fn blank_lines_of_a_replay_are_counted_not_stored() {
     assert!(text.stdout.contains("1002000 blank"), "{}", text.stdout);
 }
 
-/// Regression (issue 12): `tally replay DIR` said the directory "matches no file".
+/// Regression (docs/reliability.md, "Findings"): `tally replay DIR` said the directory "matches no
+/// file".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replaying_a_directory_says_it_is_one() {
     let b = Bench::new().await;
@@ -161,9 +165,9 @@ async fn replaying_a_directory_says_it_is_one() {
     assert!(!run.stderr.contains("matches no file"), "{}", run.stderr);
 }
 
-/// Regression (issue 12): `tally … | head` ended with "Broken pipe" as an error (exit 1). A
-/// closed stdout ends the command quietly with exit 0, as ripgrep does. Each command writes to a
-/// pipe whose reading end is already closed, so the very first write fails.
+/// Regression (docs/reliability.md, "Findings"): `tally … | head` ended with "Broken pipe" as an
+/// error (exit 1). A closed stdout ends the command quietly with exit 0, as ripgrep does. Each
+/// command writes to a pipe whose reading end is already closed, so the very first write fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_stdout_ends_quietly_with_exit_0() {
     let b = Bench::new().await;
@@ -199,9 +203,9 @@ async fn a_closed_stdout_ends_quietly_with_exit_0() {
     }
 }
 
-/// Regression (issue 12): a state directory writable by every user was used silently. The
-/// command refuses it, and its one error line (which quotes the path) reaches the terminal with
-/// the path's control characters escaped.
+/// Regression (docs/reliability.md, "Findings"): a state directory writable by every user was used
+/// silently. The command refuses it, and its one error line (which quotes the path) reaches the
+/// terminal with the path's control characters escaped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_world_writable_state_directory_is_refused_with_an_escaped_error() {
     use std::os::unix::fs::PermissionsExt;

@@ -139,31 +139,6 @@ impl Run {
     }
 }
 
-/// One spend-log line (tally's format), with the ids and usage given.
-pub fn line(id: &str, end_time: &str, who: Who, input: u64, output: u64, cost: f64) -> String {
-    let (end_user, user, team) = match who {
-        Who::EndUser(c) => (Some(c), None, Some("team-x")),
-        Who::User(u) => (None, Some(u), None),
-        Who::Team(t) => (None, None, Some(t)),
-    };
-    let mut l = serde_json::json!({
-        "schema": 1, "transaction_id": id, "start_time": end_time, "end_time": end_time,
-        "call_type": "chat_completion", "model": "gpt-4o", "input_tokens": input,
-        "output_tokens": output, "total_tokens": input + output, "response_cost": cost,
-        "end_user_id": end_user, "user_id": user, "team_id": team, "status": "success"
-    })
-    .to_string();
-    l.push('\n');
-    l
-}
-
-#[derive(Debug, Clone, Copy)]
-pub enum Who<'a> {
-    EndUser(&'a str),
-    User(&'a str),
-    Team(&'a str),
-}
-
 pub fn write(path: &Path, lines: &[String]) {
     std::fs::write(path, lines.concat()).unwrap();
 }

@@ -1,38 +1,33 @@
 //! `tally queue`: what it shows (text and JSON), and what retry and drop do.
 
-use super::Who::{EndUser, Team};
 use super::replay::stop;
-use super::{Bench, GENEROUS, line, u, write};
-use crate::support::poll_until;
+use super::{Bench, GENEROUS, u, write};
+use crate::support::{SpendLine, wait_until};
 
 /// Two pending events, one held (no end user), one malformed line, enqueued by a replay.
 async fn mixed_outbox(b: &Bench) -> std::path::PathBuf {
     let log = b.path("mixed.jsonl");
     let mut lines = vec![
-        line(
-            "q-1",
-            "2026-11-05T10:00:00.000Z",
-            EndUser("c-1"),
-            7,
-            15,
-            0.0002,
-        ),
-        line(
-            "q-2",
-            "2026-11-05T10:00:01.000Z",
-            EndUser("c-2"),
-            7,
-            15,
-            0.0002,
-        ),
-        line(
-            "q-3",
-            "2026-11-05T10:00:02.000Z",
-            Team("team-a"),
-            7,
-            15,
-            0.0002,
-        ),
+        SpendLine::new("q-1")
+            .end_time("2026-11-05T10:00:00.000Z")
+            .end_user("c-1")
+            .team("team-x")
+            .tokens(7, 15)
+            .cost(0.0002)
+            .to_line(),
+        SpendLine::new("q-2")
+            .end_time("2026-11-05T10:00:01.000Z")
+            .end_user("c-2")
+            .team("team-x")
+            .tokens(7, 15)
+            .cost(0.0002)
+            .to_line(),
+        SpendLine::new("q-3")
+            .end_time("2026-11-05T10:00:02.000Z")
+            .team("team-a")
+            .tokens(7, 15)
+            .cost(0.0002)
+            .to_line(),
     ];
     lines.push("not json at all\n".to_owned());
     write(&log, &lines);
@@ -148,30 +143,24 @@ async fn held_events_are_delivered_after_a_retry_with_a_fixed_charge_by() {
     write(
         &log,
         &[
-            line(
-                "h-1",
-                "2026-11-06T10:00:00.000Z",
-                Team("team-a"),
-                1,
-                2,
-                0.001,
-            ),
-            line(
-                "h-2",
-                "2026-11-06T10:00:01.000Z",
-                Team("team-a"),
-                3,
-                4,
-                0.002,
-            ),
-            line(
-                "h-3",
-                "2026-11-06T10:00:02.000Z",
-                Team("team-b"),
-                5,
-                6,
-                0.003,
-            ),
+            SpendLine::new("h-1")
+                .end_time("2026-11-06T10:00:00.000Z")
+                .team("team-a")
+                .tokens(1, 2)
+                .cost(0.001)
+                .to_line(),
+            SpendLine::new("h-2")
+                .end_time("2026-11-06T10:00:01.000Z")
+                .team("team-a")
+                .tokens(3, 4)
+                .cost(0.002)
+                .to_line(),
+            SpendLine::new("h-3")
+                .end_time("2026-11-06T10:00:02.000Z")
+                .team("team-b")
+                .tokens(5, 6)
+                .cost(0.003)
+                .to_line(),
         ],
     );
     let v = b.json(&["replay", log.to_str().unwrap()]).await;
@@ -210,7 +199,7 @@ async fn held_events_are_delivered_after_a_retry_with_a_fixed_charge_by() {
         .command(&["ship", "--poll-interval-ms", "50", "--linger-ms", "5"])
         .spawn()
         .unwrap();
-    poll_until("the retried events reach Lago", GENEROUS, || async {
+    wait_until("the retried events reach Lago", GENEROUS, async || {
         b.lago.event_count() == 3
     })
     .await;
@@ -282,7 +271,7 @@ async fn a_dropped_event_is_recorded_and_never_billed() {
         .command(&["ship", "--poll-interval-ms", "50", "--linger-ms", "5"])
         .spawn()
         .unwrap();
-    poll_until("the pending event reaches Lago", GENEROUS, || async {
+    wait_until("the pending event reaches Lago", GENEROUS, async || {
         b.lago.event_count() >= 1
     })
     .await;
@@ -308,19 +297,15 @@ async fn stats_max_age_exits_3_while_the_oldest_pending_event_is_older() {
         .await
         .assert_code(0);
     // Pending events age by the clock: poll until one second has passed, by observation.
-    let deadline = tokio::time::Instant::now() + GENEROUS;
-    let stale = loop {
+    let stale = wait_until("queue stats to report too old", GENEROUS, async || {
         let run = b.run(&["queue", "stats", "--max-age", "0"]).await;
         if run.code == Some(3) {
-            break run;
+            return Some(run);
         }
         run.assert_code(0);
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never reported too old"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    };
+        None
+    })
+    .await;
     assert!(
         stale.stderr.contains("over --max-age 0s"),
         "{}",

@@ -6,9 +6,8 @@ use std::io::Write;
 use chrono::DateTime;
 use tally::lago_emulator::StoredEvent;
 
-use super::Who::{EndUser, Team, User};
-use super::{Bench, GENEROUS, customers, line, u, write};
-use crate::support::poll_until;
+use super::{Bench, GENEROUS, customers, u, write};
+use crate::support::{SpendLine, wait_until};
 
 fn millis(t: &str) -> i64 {
     DateTime::parse_from_rfc3339(t).unwrap().timestamp_millis()
@@ -34,30 +33,27 @@ async fn replay_twice_bills_once_and_keeps_the_records_timestamps() {
     write(
         &log,
         &[
-            line(
-                "r-1",
-                "2026-10-31T23:59:59.250Z",
-                EndUser("c-1"),
-                10,
-                20,
-                0.001,
-            ),
-            line(
-                "r-2",
-                "2026-10-30T08:00:00.000Z",
-                EndUser("c-1"),
-                5,
-                5,
-                0.0005,
-            ),
-            line(
-                "r-3",
-                "2026-10-29T08:00:00.000Z",
-                EndUser("c-2"),
-                1,
-                2,
-                0.0001,
-            ),
+            SpendLine::new("r-1")
+                .end_time("2026-10-31T23:59:59.250Z")
+                .end_user("c-1")
+                .team("team-x")
+                .tokens(10, 20)
+                .cost(0.001)
+                .to_line(),
+            SpendLine::new("r-2")
+                .end_time("2026-10-30T08:00:00.000Z")
+                .end_user("c-1")
+                .team("team-x")
+                .tokens(5, 5)
+                .cost(0.0005)
+                .to_line(),
+            SpendLine::new("r-3")
+                .end_time("2026-10-29T08:00:00.000Z")
+                .end_user("c-2")
+                .team("team-x")
+                .tokens(1, 2)
+                .cost(0.0001)
+                .to_line(),
         ],
     );
     let log = log.to_str().unwrap();
@@ -92,30 +88,26 @@ async fn a_rotated_copy_of_the_live_log_shipped_by_tally_ship_bills_nothing_new(
     let mut b = Bench::new().await;
     let live = b.path("spend.jsonl");
     let lines = [
-        line(
-            "live-1",
-            "2026-11-27T10:00:00.000Z",
-            EndUser("c-1"),
-            7,
-            15,
-            0.0002,
-        ),
-        line(
-            "live-2",
-            "2026-11-27T10:00:01.000Z",
-            User("u-1"),
-            7,
-            15,
-            0.0002,
-        ),
-        line(
-            "live-3",
-            "2026-11-27T10:00:02.000Z",
-            EndUser("c-2"),
-            7,
-            15,
-            0.0002,
-        ),
+        SpendLine::new("live-1")
+            .end_time("2026-11-27T10:00:00.000Z")
+            .end_user("c-1")
+            .team("team-x")
+            .tokens(7, 15)
+            .cost(0.0002)
+            .to_line(),
+        SpendLine::new("live-2")
+            .end_time("2026-11-27T10:00:01.000Z")
+            .user("u-1")
+            .tokens(7, 15)
+            .cost(0.0002)
+            .to_line(),
+        SpendLine::new("live-3")
+            .end_time("2026-11-27T10:00:02.000Z")
+            .end_user("c-2")
+            .team("team-x")
+            .tokens(7, 15)
+            .cost(0.0002)
+            .to_line(),
     ];
     write(&live, &lines);
     b.charge_by = "end_user_id,user_id".into();
@@ -123,7 +115,7 @@ async fn a_rotated_copy_of_the_live_log_shipped_by_tally_ship_bills_nothing_new(
         .command(&["ship", "--poll-interval-ms", "50", "--linger-ms", "5"])
         .spawn()
         .unwrap();
-    poll_until("tally ship delivers the live log", GENEROUS, || async {
+    wait_until("tally ship delivers the live log", GENEROUS, async || {
         b.lago.event_count() == 3
     })
     .await;
@@ -184,10 +176,34 @@ async fn since_and_until_pick_a_utc_window_and_bad_values_are_refused() {
     write(
         &log,
         &[
-            line("w-1", "2026-10-31T23:59:59.999Z", EndUser("c"), 1, 1, 0.0),
-            line("w-2", "2026-11-01T00:00:00.000Z", EndUser("c"), 2, 2, 0.0),
-            line("w-3", "2026-11-15T12:00:00.000Z", EndUser("c"), 3, 3, 0.0),
-            line("w-4", "2026-12-01T00:00:00.000Z", EndUser("c"), 4, 4, 0.0),
+            SpendLine::new("w-1")
+                .end_time("2026-10-31T23:59:59.999Z")
+                .end_user("c")
+                .team("team-x")
+                .tokens(1, 1)
+                .cost(0.0)
+                .to_line(),
+            SpendLine::new("w-2")
+                .end_time("2026-11-01T00:00:00.000Z")
+                .end_user("c")
+                .team("team-x")
+                .tokens(2, 2)
+                .cost(0.0)
+                .to_line(),
+            SpendLine::new("w-3")
+                .end_time("2026-11-15T12:00:00.000Z")
+                .end_user("c")
+                .team("team-x")
+                .tokens(3, 3)
+                .cost(0.0)
+                .to_line(),
+            SpendLine::new("w-4")
+                .end_time("2026-12-01T00:00:00.000Z")
+                .end_user("c")
+                .team("team-x")
+                .tokens(4, 4)
+                .cost(0.0)
+                .to_line(),
         ],
     );
     let log = log.to_str().unwrap();
@@ -262,38 +278,33 @@ async fn dry_run_writes_nothing_and_shows_per_customer_totals() {
     let b = Bench::new().await;
     let log = b.path("spend-2026-11.jsonl");
     let lines = [
-        line(
-            "d-1",
-            "2026-11-02T10:00:00.000Z",
-            EndUser("acme"),
-            10,
-            20,
-            0.25,
-        ),
-        line(
-            "d-2",
-            "2026-11-02T11:00:00.000Z",
-            EndUser("acme"),
-            5,
-            7,
-            0.5,
-        ),
-        line(
-            "d-3",
-            "2026-11-02T12:00:00.000Z",
-            EndUser("globex"),
-            1,
-            2,
-            0.125,
-        ),
-        line(
-            "d-4",
-            "2026-11-02T13:00:00.000Z",
-            Team("team-only"),
-            100,
-            100,
-            1.0,
-        ),
+        SpendLine::new("d-1")
+            .end_time("2026-11-02T10:00:00.000Z")
+            .end_user("acme")
+            .team("team-x")
+            .tokens(10, 20)
+            .cost(0.25)
+            .to_line(),
+        SpendLine::new("d-2")
+            .end_time("2026-11-02T11:00:00.000Z")
+            .end_user("acme")
+            .team("team-x")
+            .tokens(5, 7)
+            .cost(0.5)
+            .to_line(),
+        SpendLine::new("d-3")
+            .end_time("2026-11-02T12:00:00.000Z")
+            .end_user("globex")
+            .team("team-x")
+            .tokens(1, 2)
+            .cost(0.125)
+            .to_line(),
+        SpendLine::new("d-4")
+            .end_time("2026-11-02T13:00:00.000Z")
+            .team("team-only")
+            .tokens(100, 100)
+            .cost(1.0)
+            .to_line(),
     ];
     write(&log, &lines);
     let log_s = log.to_str().unwrap();
@@ -406,22 +417,20 @@ async fn litellm_spend_logs_are_backfilled() {
 async fn gzip_files_are_read() {
     let b = Bench::new().await;
     let text = [
-        line(
-            "g-1",
-            "2026-11-03T10:00:00.000Z",
-            EndUser("c-9"),
-            3,
-            4,
-            0.01,
-        ),
-        line(
-            "g-2",
-            "2026-11-03T10:00:01.000Z",
-            EndUser("c-9"),
-            5,
-            6,
-            0.02,
-        ),
+        SpendLine::new("g-1")
+            .end_time("2026-11-03T10:00:00.000Z")
+            .end_user("c-9")
+            .team("team-x")
+            .tokens(3, 4)
+            .cost(0.01)
+            .to_line(),
+        SpendLine::new("g-2")
+            .end_time("2026-11-03T10:00:01.000Z")
+            .end_user("c-9")
+            .team("team-x")
+            .tokens(5, 6)
+            .cost(0.02)
+            .to_line(),
     ]
     .concat();
     gzip(&b.path("spend.jsonl.3.gz"), text.as_bytes());
@@ -440,7 +449,7 @@ async fn a_pattern_that_matches_nothing_is_an_error() {
     assert!(r.stderr.contains("matches no file"), "{}", r.stderr);
 }
 
-/// Regression (issue 19): `tally replay` and `tally queue retry` checked LAGO_API_EVENT_CODE
+/// Regression: `tally replay` and `tally queue retry` checked LAGO_API_EVENT_CODE
 /// apart from `tally ship` and wrote a code with surrounding whitespace into stored events,
 /// which Lago then matched to no billable metric. All three now build their events with the
 /// same checks, and refuse it before writing anything.
@@ -450,14 +459,13 @@ async fn every_command_refuses_an_event_code_with_surrounding_whitespace() {
     let log = b.path("ws.jsonl");
     write(
         &log,
-        &[line(
-            "ws-1",
-            "2026-11-05T10:00:00.000Z",
-            EndUser("c-1"),
-            7,
-            15,
-            0.0002,
-        )],
+        &[SpendLine::new("ws-1")
+            .end_time("2026-11-05T10:00:00.000Z")
+            .end_user("c-1")
+            .team("team-x")
+            .tokens(7, 15)
+            .cost(0.0002)
+            .to_line()],
     );
     let log = log.to_str().unwrap();
     for args in [
@@ -490,8 +498,19 @@ async fn replay_ship_reports_what_lago_did_not_acknowledge_and_exits_3() {
     write(
         &log,
         &[
-            line("n-1", "2026-11-07T10:00:00.000Z", EndUser("c-1"), 1, 1, 0.0),
-            line("n-2", "2026-11-07T10:00:01.000Z", Team("team-z"), 1, 1, 0.0),
+            SpendLine::new("n-1")
+                .end_time("2026-11-07T10:00:00.000Z")
+                .end_user("c-1")
+                .team("team-x")
+                .tokens(1, 1)
+                .cost(0.0)
+                .to_line(),
+            SpendLine::new("n-2")
+                .end_time("2026-11-07T10:00:01.000Z")
+                .team("team-z")
+                .tokens(1, 1)
+                .cost(0.0)
+                .to_line(),
         ],
     );
     // Lago refuses connections: n-1 stays pending; n-2 has no end user and is held.

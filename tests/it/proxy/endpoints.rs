@@ -1,9 +1,11 @@
 //! Plain (non-streamed) calls, embeddings, models, health, and every error status.
 
 use serde_json::{Value, json};
+use tally::spend::Status;
 
 use super::fake_upstream::ANSWER;
-use super::{MASTER, Proxy, UPSTREAM_KEY, chat, error_of};
+use super::{MASTER, Proxy, UPSTREAM_KEY, WAIT, chat, error_of};
+use crate::support::wait_until;
 
 #[tokio::test]
 async fn chat_completion_is_forwarded_unchanged_and_billed_before_the_response() {
@@ -457,7 +459,7 @@ async fn upstream_failures_map_to_502_504_or_pass_through_and_are_not_billed() {
     let records = proxy.records();
     assert_eq!(records.len(), 3);
     for r in &records {
-        assert_eq!(r.status, "failure");
+        assert_eq!(r.status, Status::Failure);
         assert!(!r.is_billable());
         assert_eq!(
             (r.input_tokens, r.output_tokens, r.response_cost),
@@ -545,7 +547,7 @@ async fn a_client_that_hangs_up_on_a_plain_call_is_still_recorded() {
             .send()
             .await
     });
-    super::eventually("the upstream to receive the call", || async {
+    wait_until("the upstream to receive the call", WAIT, async || {
         (!proxy.upstream.bodies().is_empty()).then_some(())
     })
     .await;
@@ -553,7 +555,7 @@ async fn a_client_that_hangs_up_on_a_plain_call_is_still_recorded() {
     let _ = request.await;
     proxy.upstream.seen.gate.notify_one();
     let records = proxy.wait_records(1).await;
-    assert_eq!(records[0].status, "success");
+    assert_eq!(records[0].status, Status::Success);
     assert_eq!((records[0].input_tokens, records[0].output_tokens), (7, 15));
 }
 

@@ -1,6 +1,7 @@
-//! Issue 12, proxy side: what a client controls is bounded, so every call served is billable;
-//! a key's end-user guard; the small refusals (`user: ""`, a non-UTF-8 end-user header, a zero
-//! `duration`). The data cases are in `fixtures/bad/proxy_requests.json`.
+//! Hostile input, proxy side (docs/reliability.md, "Findings"): what a client controls is bounded,
+//! so every call served is billable; a key's end-user guard; the small refusals (`user: ""`, a
+//! non-UTF-8 end-user header, a zero `duration`). The data cases are in
+//! `fixtures/bad/proxy_requests.json`.
 
 use std::path::PathBuf;
 

@@ -4,7 +4,8 @@
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use super::{MASTER, Proxy, chat, error_of, eventually};
+use super::{MASTER, Proxy, WAIT, chat, error_of};
+use crate::support::wait_until;
 
 #[tokio::test]
 async fn generate_returns_litellm_fields_and_the_hash_as_token() {
@@ -161,7 +162,7 @@ async fn deleted_and_expired_keys_get_401() {
 
     let short = proxy.generate_key(json!({"duration": "1s"})).await;
     let short_key = short["key"].as_str().unwrap().to_owned();
-    let error = eventually("the 1s key to expire", || async {
+    let error = wait_until("the 1s key to expire", WAIT, async || {
         let r = proxy
             .post("/chat/completions", &short_key, &chat("mock"))
             .await;

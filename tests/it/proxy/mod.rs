@@ -19,10 +19,13 @@ use tally::proxy::ProxyConfig;
 use tally::spend::SpendRecord;
 use tokio_util::sync::CancellationToken;
 
+use crate::support::wait_until;
 use fake_upstream::FakeUpstream;
 
 pub const MASTER: &str = "sk-test-master-0123456789abcdef";
 pub const UPSTREAM_KEY: &str = "upstream-secret-key";
+/// How long the proxy tests wait for an eventual condition: generous, only ever waited out on failure.
+pub const WAIT: Duration = Duration::from_secs(30);
 
 /// A running proxy with its fake upstream and its own state directory.
 pub struct Proxy {
@@ -118,7 +121,7 @@ tally_settings:
             .pool_max_idle_per_host(0)
             .build()
             .unwrap();
-        eventually("proxy answers", || async {
+        wait_until("proxy answers", WAIT, async || {
             probe.get(&url).send().await.is_ok().then_some(())
         })
         .await;
@@ -165,7 +168,7 @@ tally_settings:
 
     /// Waits until the spend log holds `n` records.
     pub async fn wait_records(&self, n: usize) -> Vec<SpendRecord> {
-        eventually(&format!("{n} spend records"), || async {
+        wait_until(format!("{n} spend records"), WAIT, async || {
             let r = self.records();
             (r.len() >= n).then_some(r)
         })
@@ -188,25 +191,6 @@ tally_settings:
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.shutdown.cancel();
-    }
-}
-
-/// Polls `check` until it yields a value, failing after a generous timeout.
-pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -1,13 +1,16 @@
-//! Issue 12, proxy side: the files the proxy owns. A spend log that is a symbolic link is refused
-//! (the real binary says which path and what to do), a world-writable state directory is
-//! refused, and files found more open than tally creates them are tightened.
+//! Hostile input, proxy side (docs/reliability.md, "Findings"): the files the proxy owns. A spend
+//! log that is a symbolic link is refused (the real binary says which path and what to do), a
+//! world-writable state directory is refused, and files found more open than tally creates them are
+//! tightened.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::time::Duration;
 
 use tally::proxy::{AppState, ProxyConfig};
 
 use super::MASTER;
+use crate::support::{Later, wait_for};
 
 const CONFIG: &str =
     "model_list:\n  - model_name: m\n    litellm_params: {model: openai/m, mock_response: hi}\n";
@@ -24,7 +27,9 @@ fn mode(path: &Path) -> u32 {
 fn proxy_refuses(dir: &Path, spend_log: &Path, state_dir: &Path) -> String {
     let config = dir.join("config.yaml");
     std::fs::write(&config, CONFIG).unwrap();
-    let mut out = std::process::Command::new(crate::support::tally_bin())
+    // Outside `dir`, whose files the tests look at.
+    let stderr = tempfile::NamedTempFile::new().unwrap();
+    let child = std::process::Command::new(crate::support::tally_bin())
         .args(["proxy", "--port", "0", "--config"])
         .arg(&config)
         .arg("--spend-log")
@@ -34,25 +39,29 @@ fn proxy_refuses(dir: &Path, spend_log: &Path, state_dir: &Path) -> String {
         .env("LITELLM_MASTER_KEY", MASTER)
         .current_dir(dir)
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
+        .stderr(stderr.reopen().unwrap())
         .spawn()
         .unwrap();
-    // A proxy that accepted the setup would serve forever: give it a bounded while, then stop it.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while out.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    let started = out.try_wait().unwrap().is_none();
-    if started {
-        out.kill().unwrap();
-    }
-    let out = out.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        !started && !out.status.success(),
-        "the proxy started: {stderr}"
-    );
+    // A proxy that accepted the setup would serve forever: killed when the wait gives up.
+    let mut child = KillOnDrop(child);
+    let stderr_text = || std::fs::read_to_string(stderr.path()).unwrap();
+    let what = Later(|| format!("the proxy to exit; it started: {}", stderr_text()));
+    let status = wait_for(what, Duration::from_secs(20), || {
+        child.0.try_wait().unwrap()
+    });
+    let stderr = stderr_text();
+    assert!(!status.success(), "the proxy exited 0: {stderr}");
     stderr
+}
+
+/// A child process killed when dropped: a failed test leaves nothing running.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[test]

@@ -13,10 +13,11 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tally::proxy::ProxyConfig;
-use tally::spend::SpendRecord;
+use tally::spend::{SpendRecord, Status};
 use tokio_util::sync::CancellationToken;
 
-use super::{MASTER, chat, closed_port, eventually};
+use super::{MASTER, WAIT, chat, closed_port};
+use crate::support::wait_until;
 
 /// One request as an upstream received it.
 #[derive(Debug, Clone)]
@@ -173,7 +174,7 @@ impl Proxy {
         tokio::spawn(tally::proxy::serve(config, listener, shutdown.clone()));
         let http = reqwest::Client::new();
         let health = format!("{base}/health/liveliness");
-        eventually("proxy answers", || async {
+        wait_until("proxy answers", WAIT, async || {
             http.get(&health).send().await.is_ok().then_some(())
         })
         .await;
@@ -212,7 +213,7 @@ impl Proxy {
     }
 
     async fn wait_records(&self, n: usize) -> Vec<SpendRecord> {
-        eventually(&format!("{n} spend records"), || async {
+        wait_until(format!("{n} spend records"), WAIT, async || {
             let r = self.records();
             (r.len() >= n).then_some(r)
         })
@@ -316,7 +317,7 @@ async fn each_provider_gets_its_url_auth_header_and_model() {
     assert_eq!(seen.body["model"], "gpt-4o-mini");
 
     let records = proxy.wait_records(providers.len() + 2).await;
-    assert!(records.iter().all(|r| r.status == "success"));
+    assert!(records.iter().all(|r| r.status == Status::Success));
 }
 
 #[tokio::test]
@@ -412,7 +413,7 @@ router_settings: {{num_retries: 3, fallbacks: [{{gpt-4o: [spare]}}]}}
     assert_eq!(spare.count(), 0, "nor sent to a fallback");
     let records = proxy.wait_records(1).await;
     assert_eq!(records.len(), 1);
-    assert_eq!(records[0].status, "failure");
+    assert_eq!(records[0].status, Status::Failure);
     assert_eq!(records[0].response_cost, None);
 }
 
@@ -453,7 +454,7 @@ router_settings: {{num_retries: 2, cooldown_time: 0}}
     let records = proxy.wait_records(CALLS).await;
     assert_eq!(records.len(), CALLS, "exactly one record per call");
     for r in &records {
-        assert_eq!(r.status, "success");
+        assert_eq!(r.status, Status::Success);
         assert_eq!(r.model, "g");
         assert_eq!(r.upstream_model.as_deref(), Some("live"));
         assert_eq!(r.response_cost, Some(0.0001675), "priced as gpt-4o");
@@ -599,7 +600,7 @@ router_settings: {{num_retries: 1, cooldown_time: 0}}
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
     let records = proxy.wait_records(1).await;
     assert_eq!(records.len(), 1);
-    assert_eq!(records[0].status, "success");
+    assert_eq!(records[0].status, Status::Success);
     assert_eq!(records[0].upstream_model.as_deref(), Some("live"));
     assert!(records[0].stream);
 }
@@ -688,7 +689,7 @@ router_settings:
         records.iter().map(|r| r.model.as_str()).collect::<Vec<_>>(),
         ["gpt-4o", "gpt-4", "strict"]
     );
-    assert!(records.iter().all(|r| r.status == "success"));
+    assert!(records.iter().all(|r| r.status == Status::Success));
     assert_eq!(
         records[0].response_cost,
         Some(0.0001675),
@@ -726,7 +727,7 @@ async fn the_binary_takes_the_key_from_the_providers_variable() {
         .stderr(std::fs::File::create(&stderr_path).unwrap())
         .spawn()
         .unwrap();
-    let base = eventually("the proxy to listen", || async {
+    let base = wait_until("the proxy to listen", WAIT, async || {
         let text = std::fs::read_to_string(&stderr_path).unwrap_or_default();
         text.lines().find_map(|l| {
             let v: Value = serde_json::from_str(l).ok()?;

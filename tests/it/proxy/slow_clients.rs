@@ -1,6 +1,6 @@
-//! Issue 12, proxy side: slow and idle clients cannot hold connections forever, and connections
-//! beyond `max_connections` wait until one closes. Raw TCP sockets, so the test controls exactly
-//! what is sent and when.
+//! Hostile input, proxy side (docs/reliability.md, "Findings"): slow and idle clients cannot hold
+//! connections forever, and connections beyond `max_connections` wait until one closes. Raw TCP
+//! sockets, so the test controls exactly what is sent and when.
 
 use std::time::Duration;
 

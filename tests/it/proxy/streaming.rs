@@ -3,6 +3,7 @@
 
 use futures::StreamExt;
 use serde_json::{Value, json};
+use tally::spend::Status;
 
 use super::fake_upstream::ANSWER;
 use super::{MASTER, Proxy, chat};
@@ -137,7 +138,7 @@ async fn a_client_disconnect_mid_stream_still_records_the_tokens() {
     let records = proxy.wait_records(1).await;
     let r = &records[0];
     assert_eq!(r.transaction_id, call_id);
-    assert_eq!(r.status, "success");
+    assert_eq!(r.status, Status::Success);
     // The proxy read the upstream to its end, so the usage is the upstream's own, not a guess.
     assert_eq!(
         (r.input_tokens, r.output_tokens, r.usage_estimated),

@@ -12,7 +12,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use super::{MASTER, chat, eventually};
+use super::{MASTER, WAIT, chat};
+use crate::support::wait_until;
 
 /// How the upstream treats a connection after an answer.
 #[derive(Clone, Copy)]
@@ -141,7 +142,7 @@ general_settings:
     let stop = CancellationToken::new();
     tokio::spawn(tally::proxy::serve(config, listener, stop.clone()));
     let http = reqwest::Client::new();
-    eventually("proxy answers", || async {
+    wait_until("proxy answers", WAIT, async || {
         http.get(format!("{base}/health/liveliness"))
             .send()
             .await
@@ -239,7 +240,7 @@ async fn connections_the_upstream_closed_are_not_reused_and_nothing_is_sent_twic
         for n in 1..=5 {
             assert_eq!(call(&http, &base).await, 200, "request {n}");
             // The next request starts once the upstream has closed this connection.
-            eventually("the upstream closed the connection", || async {
+            wait_until("the upstream closed the connection", WAIT, async || {
                 (upstream.count(|c| &c.closed) == n).then_some(())
             })
             .await;

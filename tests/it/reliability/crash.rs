@@ -1,7 +1,7 @@
-//! Shipper crashes (issue #6): a writer appends records at a steady rate while the live log is
-//! rotated every few hundred KB / MB, and the real `tally ship` is SIGKILLed at random moments and
-//! restarted. Lago must end with exactly the records written, each once; the duplicates Lago
-//! answered (`value_already_exist`) are the resends after restarts that it absorbed.
+//! Shipper crashes (docs/reliability.md): a writer appends records at a steady rate while the live
+//! log is rotated every few hundred KB / MB, and the real `tally ship` is SIGKILLed at random
+//! moments and restarted. Lago must end with exactly the records written, each once; the duplicates
+//! Lago answered (`value_already_exist`) are the resends after restarts that it absorbed.
 //!
 //! CI: 3,000 records, 5 kills. `TALLY_FAULT_FULL=1`: 50,000 records, 50 kills, rotation every 2 MB.
 
@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use crate::reliability::support::{LogWriter, Rig, figure, full_variant, good_line};
+use crate::reliability::support::{LogWriter, Rig, figure, full_variant};
+use crate::support::SpendLine;
 use crate::support::SplitMix;
 
 struct Plan {
@@ -60,7 +61,9 @@ async fn shipper_sigkilled_at_random_moments_under_rotation_bills_every_record_o
             let mut n = 0;
             while n < records {
                 for _ in 0..step.min(records - n) {
-                    let line = good_line(&format!("crash-{n:06}"), n);
+                    let line = SpendLine::new(format!("crash-{n:06}"))
+                        .end_user(format!("customer-{}", n % 7))
+                        .to_line();
                     if writer.size + line.len() as u64 > rotate_bytes {
                         writer.rotate();
                     }

@@ -1,8 +1,9 @@
-//! Disk trouble (issue #6): the shipper's state directory full, then read-only, then fixed, while
-//! ONE shipper process keeps running. It stops advancing, says why (a log line naming the outbox
-//! path and the OS / SQLite reason, the `tally_ship_storage_blocked` gauge), `tally queue stats`
-//! shows the backlog, and once the disk is fixed it resumes by itself: every record arrives at
-//! Lago exactly once. A stop (SIGTERM) during the trouble exits 0 at once and loses nothing.
+//! Disk trouble (docs/reliability.md): the shipper's state directory full, then read-only, then
+//! fixed, while ONE shipper process keeps running. It stops advancing, says why (a log line naming
+//! the outbox path and the OS / SQLite reason, the `tally_ship_storage_blocked` gauge), `tally
+//! queue stats` shows the backlog, and once the disk is fixed it resumes by itself: every record
+//! arrives at Lago exactly once. A stop (SIGTERM) during the trouble exits 0 at once and loses
+//! nothing.
 //!
 //! Tests run as root, and root ignores permission bits, so the state directory is a small ext4
 //! image mounted for the test (filled to make it full, failed to read-only, see [`Disk`]). Where
@@ -13,8 +14,8 @@ use std::process::Command;
 
 use tally::lago_emulator::Fault;
 
-use crate::reliability::support::{LogWriter, PATIENCE, Rig, figure, good_line, tail};
-use crate::support::wait_until;
+use crate::reliability::support::{LogWriter, PATIENCE, Rig, figure, tail};
+use crate::support::{Later, SpendLine, wait_until};
 
 /// The log line the shipper writes when the outbox cannot be written.
 const BLOCKED: &str = "cannot write the outbox";
@@ -129,7 +130,10 @@ fn fill(path: &Path) {
 
 fn write_range(writer: &mut LogWriter, from: u64, to: u64) {
     for n in from..to {
-        writer.append(good_line(&format!("disk-{n:05}"), n).as_bytes());
+        let line = SpendLine::new(format!("disk-{n:05}"))
+            .end_user(format!("customer-{}", n % 7))
+            .to_line();
+        writer.append(line.as_bytes());
     }
 }
 
@@ -190,21 +194,26 @@ async fn trouble(
         count: 1_000_000_000,
     });
     write_range(writer, from, mid);
-    let queued = wait_until(PATIENCE, || rig.pending() >= mid - from).await;
-    assert!(queued, "records never reached the outbox as pending");
+    wait_until(
+        "the records as pending in the outbox",
+        PATIENCE,
+        async || rig.pending() >= mid - from,
+    )
+    .await;
     break_disk();
     // Lago takes them again: the shipper may send, but cannot record the acks; more records come.
     rig.lago.clear_faults();
     write_range(writer, mid, to);
-    let said = wait_until(PATIENCE, || {
+    let what = Later(|| {
+        format!(
+            "the shipper to say it cannot write the outbox; its stderr:\n{}",
+            tail(&rig.stderr_text(), 30)
+        )
+    });
+    wait_until(what, PATIENCE, async || {
         count(&rig.stderr_text(), BLOCKED) > blocked_before
     })
     .await;
-    assert!(
-        said,
-        "the shipper never said it cannot write the outbox:\n{}",
-        tail(&rig.stderr_text(), 30)
-    );
     let line = rig
         .stderr_text()
         .lines()
@@ -294,8 +303,10 @@ async fn state_dir_full_then_read_only_is_ridden_through_by_one_shipper() {
     disk.repair();
     rig.wait_stored(3_000, "after the state dir is writable again")
         .await;
-    let drained = wait_until(PATIENCE, || rig.pending() == 0).await;
-    assert!(drained, "events left pending after the fixes");
+    wait_until("no events pending after the fixes", PATIENCE, async || {
+        rig.pending() == 0
+    })
+    .await;
     assert!(count(&rig.stderr_text(), RESUMED) >= 2);
     assert_eq!(storage_blocked(&metrics).await, Some(0.0));
     assert!(ship.exited().is_none(), "the shipper restarted or exited");
@@ -307,11 +318,16 @@ async fn state_dir_full_then_read_only_is_ridden_through_by_one_shipper() {
     fill(&filler);
     let blocked_before = count(&rig.stderr_text(), BLOCKED);
     write_range(&mut writer, 3_000, 3_200);
-    let said = wait_until(PATIENCE, || {
+    let what = Later(|| {
+        format!(
+            "the shipper to say it cannot write the outbox; its stderr:\n{}",
+            tail(&rig.stderr_text(), 30)
+        )
+    });
+    wait_until(what, PATIENCE, async || {
         count(&rig.stderr_text(), BLOCKED) > blocked_before
     })
     .await;
-    assert!(said, "{}", tail(&rig.stderr_text(), 30));
     let status = ship.terminate().unwrap();
     assert!(
         status.success(),
@@ -325,8 +341,7 @@ async fn state_dir_full_then_read_only_is_ridden_through_by_one_shipper() {
         "after a restart that followed a stop during the trouble",
     )
     .await;
-    let drained = wait_until(PATIENCE, || rig.pending() == 0).await;
-    assert!(drained);
+    wait_until("no events pending", PATIENCE, async || rig.pending() == 0).await;
     assert!(ship.terminate().unwrap().success());
     let ids: Vec<String> = (0..3_200).map(|n| format!("disk-{n:05}")).collect();
     rig.assert_exactly_once(&ids);
@@ -336,7 +351,13 @@ async fn state_dir_full_then_read_only_is_ridden_through_by_one_shipper() {
     disk.fail_read_only();
     let mut ship = rig.spawn_ship(&[]);
     write_range(&mut writer, 3_200, 3_400);
-    let said = wait_until(PATIENCE, || {
+    let what = Later(|| {
+        format!(
+            "the shipper to say it cannot open the outbox; its stderr:\n{}",
+            tail(&rig.stderr_text(), 20)
+        )
+    });
+    wait_until(what, PATIENCE, async || {
         rig.stderr_text()
             .lines()
             .any(|l| l.contains("cannot open the outbox") && l.contains("Read-only file system"))
@@ -344,7 +365,7 @@ async fn state_dir_full_then_read_only_is_ridden_through_by_one_shipper() {
     })
     .await;
     assert!(
-        said && ship.exited().is_none(),
+        ship.exited().is_none(),
         "a start on a read-only state dir did not wait:\n{}",
         tail(&rig.stderr_text(), 20)
     );
@@ -366,8 +387,7 @@ async fn state_dir_full_then_read_only_is_ridden_through_by_one_shipper() {
         "after the state dir was fixed under a waiting start",
     )
     .await;
-    let drained = wait_until(PATIENCE, || rig.pending() == 0).await;
-    assert!(drained);
+    wait_until("no events pending", PATIENCE, async || rig.pending() == 0).await;
     assert!(ship.terminate().unwrap().success());
     let ids: Vec<String> = (0..3_400).map(|n| format!("disk-{n:05}")).collect();
     rig.assert_exactly_once(&ids);

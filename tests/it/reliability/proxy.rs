@@ -1,8 +1,8 @@
-//! Proxy crashes (issue #6): the real `tally proxy` (mock model) is SIGKILLed under concurrent
-//! load, several times, and restarted on the same spend log, with a torn last line left behind
-//! once (what a writer stopped mid-record leaves). Every request the client got a 200 for has
-//! its record (by `x-litellm-call-id`); a shipper following the log all along keeps going, bills
-//! every record exactly once and files the torn fragment as a rejected line.
+//! Proxy crashes (docs/reliability.md): the real `tally proxy` (mock model) is SIGKILLed under
+//! concurrent load, several times, and restarted on the same spend log, with a torn last line left
+//! behind once (what a writer stopped mid-record leaves). Every request the client got a 200 for
+//! has its record (by `x-litellm-call-id`); a shipper following the log all along keeps going,
+//! bills every record exactly once and files the torn fragment as a rejected line.
 
 use std::collections::BTreeSet;
 use std::process::{Child, Stdio};
@@ -13,7 +13,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::reliability::support::{PATIENCE, Rig, figure, full_variant, tail};
-use crate::support::SplitMix;
+use crate::support::{Later, SplitMix, wait_until};
 
 pub const MASTER: &str = "sk-reliability-master-0123456789abcdef";
 
@@ -85,26 +85,22 @@ impl ProxyChild {
             child: Some(child),
             base: String::new(),
         };
-        let ok = crate::support::wait_until(PATIENCE, || {
+        let what = Later(|| {
+            format!(
+                "the proxy to start; its stderr:\n{}",
+                std::fs::read_to_string(stderr_file).unwrap_or_default()
+            )
+        });
+        proxy.base = wait_until(what, PATIENCE, async || {
             let text = std::fs::read_to_string(stderr_file).unwrap_or_default();
             let fresh = text.get(before..).unwrap_or_default();
-            for line in fresh.lines() {
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(line)
-                    && v["message"] == "tally proxy listening"
-                    && let Some(a) = v["address"].as_str()
-                {
-                    proxy.base = format!("http://{a}");
-                    return true;
-                }
-            }
-            false
+            fresh.lines().find_map(|line| {
+                let v = serde_json::from_str::<serde_json::Value>(line).ok()?;
+                let a = v["address"].as_str()?;
+                (v["message"] == "tally proxy listening").then(|| format!("http://{a}"))
+            })
         })
         .await;
-        assert!(
-            ok,
-            "the proxy did not start:\n{}",
-            std::fs::read_to_string(stderr_file).unwrap_or_default()
-        );
         proxy
     }
 
@@ -266,15 +262,16 @@ async fn proxy_sigkilled_under_load_loses_no_acknowledged_record_and_a_torn_line
         "the shipper stopped:\n{}",
         tail(&rig.stderr_text(), 20)
     );
-    let rejected = crate::support::wait_until(PATIENCE, || {
+    let what = Later(|| {
+        format!(
+            "the torn fragment as a rejected line; rejected: {:?}",
+            rig.rejected()
+        )
+    });
+    wait_until(what, PATIENCE, async || {
         rig.rejected().iter().any(|(_, head)| head == &torn)
     })
     .await;
-    assert!(
-        rejected,
-        "the torn fragment is not a rejected line: {:?}",
-        rig.rejected()
-    );
     assert!(ship.terminate().unwrap().success());
     rig.assert_exactly_once(&all);
     figure(

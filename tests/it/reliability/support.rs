@@ -1,6 +1,6 @@
-//! Shared rig for the reliability tests (issue #6): a temporary directory with a live spend log and
-//! a state directory, the Lago emulator on a loopback port, and the real `tally ship` binary run as
-//! a child process so it can be SIGKILLed and restarted.
+//! Shared rig for the reliability tests (docs/reliability.md): a temporary directory with a live
+//! spend log and a state directory, the Lago emulator on a loopback port, and the real `tally ship`
+//! binary run as a child process so it can be SIGKILLed and restarted.
 //!
 //! `TALLY_FAULT_FULL=1` switches the fault tests to their long variants (`scripts/fault-suite.sh`).
 
@@ -15,7 +15,7 @@ use serde_json::Value;
 use tally::lago_emulator::{EmulatorConfig, EmulatorHandle};
 use tempfile::TempDir;
 
-use crate::support::{spawn_lago_emulator, tally_bin};
+use crate::support::{Later, spawn_lago_emulator, tally_bin, wait_until};
 
 /// Long enough for anything on a loaded 2-core machine; only ever waited for a condition.
 pub const PATIENCE: Duration = Duration::from_secs(240);
@@ -163,13 +163,14 @@ impl Rig {
 
     /// Waits until Lago holds at least `n` events.
     pub async fn wait_stored(&self, n: usize, what: &str) {
-        let ok = crate::support::wait_until(PATIENCE, || self.lago.event_count() >= n).await;
-        assert!(
-            ok,
-            "{what}: Lago has {} of {n} events; shipper stderr tail:\n{}",
-            self.lago.event_count(),
-            tail(&self.stderr_text(), 40)
-        );
+        let what = Later(|| {
+            format!(
+                "{what}: Lago to hold {n} events; it has {}; shipper stderr tail:\n{}",
+                self.lago.event_count(),
+                tail(&self.stderr_text(), 40)
+            )
+        });
+        wait_until(what, PATIENCE, async || self.lago.event_count() >= n).await;
     }
 
     /// Waits until Lago holds at least `n` events while `ship` keeps running. A shipper that
@@ -177,44 +178,46 @@ impl Rig {
     /// timeout reports where the shipper is: `tally queue stats` (pending, positions, lag) and the
     /// spend-log files with their sizes.
     pub async fn wait_stored_running(&self, ship: &mut Shipper, n: usize, what: &str) {
-        let mut exited = None;
-        let ok = crate::support::wait_until(PATIENCE, || {
-            exited = ship.exited();
-            exited.is_some() || self.lago.event_count() >= n
+        let timeout = Later(|| self.where_the_shipper_is(what, n));
+        let exited = wait_until(timeout, PATIENCE, async || {
+            if self.lago.event_count() >= n {
+                return Some(None);
+            }
+            ship.exited().map(Some)
         })
         .await;
-        if let Some(status) = exited
-            && self.lago.event_count() < n
-        {
+        if let Some(status) = exited {
             panic!(
                 "{what}: the shipper exited ({status}) with {} of {n} events at Lago; stderr tail:\n{}",
                 self.lago.event_count(),
                 tail(&self.stderr_text(), 40)
             );
         }
-        if !ok {
-            let mut files: Vec<String> = std::fs::read_dir(self.dir.path())
-                .map(|d| {
-                    d.flatten()
-                        .map(|e| {
-                            let len = e.metadata().map(|m| m.len()).unwrap_or(0);
-                            format!("{} ({len} bytes)", e.file_name().to_string_lossy())
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            files.sort();
-            let stats = self
-                .command(&["queue", "stats", "--output-format", "json"])
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                .unwrap_or_default();
-            panic!(
-                "{what}: Lago has {} of {n} events after {PATIENCE:?}; queue stats: {stats}\nfiles: {files:#?}\nshipper stderr tail:\n{}",
-                self.lago.event_count(),
-                tail(&self.stderr_text(), 40)
-            );
-        }
+    }
+
+    /// For a wait for `n` events that timed out: Lago's count, `tally queue stats`, the files.
+    fn where_the_shipper_is(&self, what: &str, n: usize) -> String {
+        let mut files: Vec<String> = std::fs::read_dir(self.dir.path())
+            .map(|d| {
+                d.flatten()
+                    .map(|e| {
+                        let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+                        format!("{} ({len} bytes)", e.file_name().to_string_lossy())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        files.sort();
+        let stats = self
+            .command(&["queue", "stats", "--output-format", "json"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        format!(
+            "{what}: Lago to hold {n} events; it has {}; queue stats: {stats}\nfiles: {files:#?}\nshipper stderr tail:\n{}",
+            self.lago.event_count(),
+            tail(&self.stderr_text(), 40)
+        )
     }
 
     /// Asserts Lago holds exactly `ids`, each once.
@@ -271,22 +274,6 @@ impl Drop for Shipper {
     fn drop(&mut self) {
         self.kill9();
     }
-}
-
-/// One billable spend-log line for transaction `id`, charged to one of a few customers.
-pub fn good_line(id: &str, n: u64) -> String {
-    let mut l = serde_json::json!({
-        "schema": 1, "transaction_id": id,
-        "start_time": "2026-11-27T10:00:00.000Z", "end_time": "2026-11-27T10:00:00.250Z",
-        "call_type": "chat_completion", "model": "gpt-4o", "upstream_model": "gpt-4o-2024-08-06",
-        "input_tokens": 7 + n % 13, "output_tokens": 15, "response_cost": 0.0001675,
-        "end_user_id": format!("customer-{}", n % 7), "team_id": "team-a",
-        "key_alias": "team-a-key", "key_hash": "ab".repeat(32),
-        "stream": false, "status": "success", "duration_ms": 250
-    })
-    .to_string();
-    l.push('\n');
-    l
 }
 
 /// Appends to the live spend log the way tally's proxy does: one `write(2)` per line on an

@@ -13,7 +13,7 @@ use tally::ship::{ApiKey, ShipSettings, run_with};
 use tally::spend::SpendRecord;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{spawn_lago_emulator, spend_record, tally_bin, wait_until, watch_end};
+use crate::support::{Later, SpendLine, spawn_lago_emulator, tally_bin, wait_until, watch_end};
 
 const KEY: &str = "lago-e2e-key";
 const READ_ONLY_KEY: &str = "lago-e2e-read-only";
@@ -86,12 +86,24 @@ impl Env {
 
     /// Waits until Lago holds `n` events.
     pub async fn wait_at_lago(&self, n: usize) {
-        let emu = self.emu.clone();
-        assert!(
-            wait_until(LONG, || emu.event_count() >= n).await,
-            "Lago holds {} events, expected {n}",
-            self.emu.event_count()
-        );
+        let what = Later(|| {
+            format!(
+                "Lago to hold {n} events; it holds {}",
+                self.emu.event_count()
+            )
+        });
+        wait_until(what, LONG, async || self.emu.event_count() >= n).await;
+    }
+
+    /// Waits until the outbox (opened afresh each time, as another process writes it) says `done`.
+    pub async fn wait_outbox(&self, what: &str, done: impl Fn(&Stats) -> bool) {
+        let state = self.state();
+        wait_until(format!("the outbox: {what}"), LONG, async || {
+            Outbox::open_in(&state)
+                .and_then(|o| o.stats())
+                .is_ok_and(|s| done(&s))
+        })
+        .await;
     }
 
     /// Every record in `records` is at Lago exactly once, with its end time; nothing else is.
@@ -122,11 +134,10 @@ pub fn append(path: &Path, records: &[SpendRecord]) {
 pub fn records(prefix: &str, range: std::ops::Range<usize>) -> Vec<SpendRecord> {
     range
         .map(|i| {
-            spend_record(
-                &format!("{prefix}-{i:06}"),
-                Some(&format!("cust-{}", i % 7)),
-                i as i64 * 13,
-            )
+            SpendLine::new(format!("{prefix}-{i:06}"))
+                .end_user(format!("cust-{}", i % 7))
+                .end_ms(i as i64 * 13)
+                .record()
         })
         .collect()
 }
@@ -198,13 +209,8 @@ async fn held_malformed_and_conflicting_lines_are_kept_and_not_billed() {
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/spend");
     std::fs::copy(fixtures.join("malformed.jsonl"), env.log()).unwrap();
     let ship = Running::start(env.settings());
-    let state = env.state();
-    assert!(
-        wait_until(LONG, || Outbox::open_in(&state)
-            .and_then(|o| o.stats())
-            .is_ok_and(|s| s.rejected == 7 && s.acked == 1))
-        .await
-    );
+    env.wait_outbox("7 rejected, 1 acked", |s| s.rejected == 7 && s.acked == 1)
+        .await;
     ship.stop().await;
     let at = env.at_lago();
     assert_eq!(at.len(), 1);
@@ -241,14 +247,12 @@ async fn a_clean_restart_resends_nothing_and_replays_never_bill_twice() {
     let requests_before = env.emu.counters().batch_requests;
     let ship = Running::start(env.settings());
     let state = env.state();
-    assert!(
-        wait_until(LONG, || Outbox::open_in(&state)
+    wait_until("a read position in the live log", LONG, async || {
+        Outbox::open_in(&state)
             .and_then(|o| o.positions())
-            .is_ok_and(|p| p
-                .iter()
-                .any(|p| p.offset > 0 && p.path == env.log())))
-        .await
-    );
+            .is_ok_and(|p| p.iter().any(|p| p.offset > 0 && p.path == env.log()))
+    })
+    .await;
     ship.stop().await;
     assert_eq!(env.emu.counters().batch_requests, requests_before);
 
@@ -256,13 +260,10 @@ async fn a_clean_restart_resends_nothing_and_replays_never_bill_twice() {
     // acked, and still holds each event once.
     std::fs::remove_dir_all(env.state()).unwrap();
     let ship = Running::start(env.settings());
-    let state = env.state();
-    assert!(
-        wait_until(LONG, || Outbox::open_in(&state)
-            .and_then(|o| o.stats())
-            .is_ok_and(|s| s.acked == 400 && s.pending == 0))
-        .await
-    );
+    env.wait_outbox("400 acked, none pending", |s| {
+        s.acked == 400 && s.pending == 0
+    })
+    .await;
     ship.stop().await;
     assert!(env.emu.counters().duplicates >= 400);
     let all: Vec<_> = first.into_iter().chain(second).collect();
@@ -276,21 +277,22 @@ async fn a_refused_key_stops_sending_until_the_key_is_fixed() {
     append(&env.log(), &all);
     for (key, status) in [("wrong-key", "401"), (READ_ONLY_KEY, "403")] {
         let ship = Running::start(env.settings_with_key(key));
-        let state = env.state();
-        assert!(
-            wait_until(LONG, || Outbox::open_in(&state)
-                .and_then(|o| o.stats())
-                .is_ok_and(|s| s
-                    .last_lago_error
+        env.wait_outbox(
+            &format!("{status} as the last Lago error, 150 pending"),
+            |s| {
+                s.last_lago_error
+                    .as_ref()
                     .is_some_and(|e| e.message.contains(status))
-                    && s.pending == 150))
-            .await,
-            "{status}"
-        );
+                    && s.pending == 150
+            },
+        )
+        .await;
         // Keeps probing, dead-letters nothing, sends nothing through.
         let before = env.emu.counters().requests;
-        let emu = env.emu.clone();
-        assert!(wait_until(LONG, || emu.counters().requests > before).await);
+        wait_until("another request at Lago", LONG, async || {
+            env.emu.counters().requests > before
+        })
+        .await;
         ship.stop().await;
         let stats = env.stats();
         assert_eq!((stats.pending, stats.dead, stats.acked), (150, 0, 0));
@@ -332,13 +334,7 @@ async fn server_errors_resets_rate_limits_and_refused_connections_are_ridden_out
         duration: Duration::from_millis(800),
     });
     env.wait_at_lago(500).await;
-    let state = env.state();
-    assert!(
-        wait_until(LONG, || Outbox::open_in(&state)
-            .and_then(|o| o.stats())
-            .is_ok_and(|s| s.acked == 500))
-        .await
-    );
+    env.wait_outbox("500 acked", |s| s.acked == 500).await;
     ship.stop().await;
     env.assert_exactly_once(&all);
     assert_eq!(env.emu.pending_faults(), 0);
@@ -383,17 +379,10 @@ impl Child {
 
     async fn terminate(mut self) -> std::process::ExitStatus {
         crate::support::sigterm_when_handled(&self.child);
-        let deadline = std::time::Instant::now() + LONG;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "tally ship did not exit"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_until("tally ship to exit after SIGTERM", LONG, async || {
+            self.child.try_wait().unwrap()
+        })
+        .await
     }
 }
 
@@ -412,8 +401,8 @@ async fn kill_9_at_any_point_still_bills_every_record_exactly_once() {
 
     // 1. Mid-read: killed as soon as it started reading (maybe before its first commit).
     let ship = Child::spawn(&env);
-    let state = env.state();
-    assert!(wait_until(LONG, || state.join("shipper.db").exists()).await);
+    let outbox = env.state().join("shipper.db");
+    wait_until("the outbox file", LONG, async || outbox.exists()).await;
     ship.kill9();
 
     // 2. Mid-batch: requests held by the server when the process dies (nothing stored yet).
@@ -422,17 +411,18 @@ async fn kill_9_at_any_point_still_bills_every_record_exactly_once() {
         count: 4,
     });
     let ship = Child::spawn(&env);
-    let emu = env.emu.clone();
     let held_before = env.emu.counters().requests;
-    assert!(wait_until(LONG, || emu.counters().requests > held_before).await);
+    wait_until("a request held at Lago", LONG, async || {
+        env.emu.counters().requests > held_before
+    })
+    .await;
     ship.kill9();
     env.emu.clear_faults();
 
     // 3. After Lago stored a batch but before the outbox heard of it.
     env.emu.inject(Fault::DropResponse { count: 1_000 });
     let ship = Child::spawn(&env);
-    let emu = env.emu.clone();
-    assert!(wait_until(LONG, || emu.event_count() > 0).await);
+    wait_until("an event at Lago", LONG, async || env.emu.event_count() > 0).await;
     ship.kill9();
     env.emu.clear_faults();
     let stored_unheard = env.emu.event_count();
@@ -441,21 +431,18 @@ async fn kill_9_at_any_point_still_bills_every_record_exactly_once() {
     // 4. Mid-stream, while lines are still being appended.
     let ship = Child::spawn(&env);
     append(&env.log(), &all[15_000..17_000]);
-    let emu = env.emu.clone();
-    assert!(wait_until(LONG, || emu.event_count() > stored_unheard + 1_000).await);
+    wait_until("1,000 more events at Lago", LONG, async || {
+        env.emu.event_count() > stored_unheard + 1_000
+    })
+    .await;
     ship.kill9();
     append(&env.log(), &all[17_000..]);
 
     // Finally a run to completion and a clean stop (exit status 0).
     let ship = Child::spawn(&env);
     env.wait_at_lago(all.len()).await;
-    let state = env.state();
-    assert!(
-        wait_until(LONG, || Outbox::open_in(&state)
-            .and_then(|o| o.stats())
-            .is_ok_and(|s| s.acked == all.len() as u64))
-        .await
-    );
+    env.wait_outbox("every event acked", |s| s.acked == all.len() as u64)
+        .await;
     let status = ship.terminate().await;
     assert!(status.success(), "{status:?}");
     env.assert_exactly_once(&all);
@@ -471,8 +458,8 @@ async fn two_shippers_on_one_state_dir_send_each_event_once_and_take_over() {
     let env = Env::new().await;
     let all = records("pair", 0..8_000);
     let first = Child::spawn(&env);
-    let state = env.state();
-    assert!(wait_until(LONG, || state.join("shipper.db").exists()).await);
+    let outbox = env.state().join("shipper.db");
+    wait_until("the outbox file", LONG, async || outbox.exists()).await;
     let second = Child::spawn(&env);
     // Slow answers keep batches in flight for seconds while both processes read the same lines:
     // two senders would both send the oldest pending events.
@@ -482,22 +469,15 @@ async fn two_shippers_on_one_state_dir_send_each_event_once_and_take_over() {
     });
     append(&env.log(), &all[..5_000]);
     env.wait_at_lago(5_000).await;
-    let acked = |n: u64| {
-        let state = env.state();
-        move || {
-            Outbox::open_in(&state)
-                .and_then(|o| o.stats())
-                .is_ok_and(|s| s.acked == n)
-        }
-    };
-    assert!(wait_until(LONG, acked(5_000)).await);
+    env.wait_outbox("5,000 acked", |s| s.acked == 5_000).await;
     assert_eq!(env.emu.counters().duplicates, 0, "an event was sent twice");
 
     // Whichever was sending, kill the first: the second (reading all along) delivers the rest.
     first.kill9();
     append(&env.log(), &all[5_000..]);
     env.wait_at_lago(all.len()).await;
-    assert!(wait_until(LONG, acked(all.len() as u64)).await);
+    env.wait_outbox("every event acked", |s| s.acked == all.len() as u64)
+        .await;
     assert!(second.terminate().await.success());
     env.assert_exactly_once(&all);
     assert_eq!(env.emu.counters().duplicates, 0, "an event was sent twice");
@@ -509,8 +489,7 @@ async fn sigterm_drains_and_exits_zero() {
     let all = records("term", 0..2_000);
     append(&env.log(), &all);
     let ship = Child::spawn(&env);
-    let emu = env.emu.clone();
-    assert!(wait_until(LONG, || emu.event_count() > 0).await);
+    wait_until("an event at Lago", LONG, async || env.emu.event_count() > 0).await;
     let status = ship.terminate().await;
     assert!(status.success(), "{status:?}");
     let ship = Child::spawn(&env);

@@ -1,6 +1,6 @@
 //! The sender against servers that are not (only) Lago: redirects, answers that are not Lago's
-//! acknowledgement, endless answers, body limits in front of Lago (issue 12). Every server is a
-//! real HTTP server on loopback.
+//! acknowledgement, endless answers, body limits in front of Lago (docs/reliability.md,
+//! "Findings"). Every server is a real HTTP server on loopback.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,7 +17,7 @@ use tally::ship::{ApiKey, ShipSettings, lago::LagoClient};
 use tally::spend::SpendRecord;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{spawn_lago_emulator, spend_record, wait_until};
+use crate::support::{Later, SpendLine, spawn_lago_emulator, wait_until};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -124,7 +124,12 @@ fn ingest(s: &ShipSettings, records: &[SpendRecord]) -> Outbox {
 
 fn records(prefix: &str, n: usize) -> Vec<SpendRecord> {
     (0..n)
-        .map(|i| spend_record(&format!("{prefix}-{i}"), Some("cust-1"), i as i64))
+        .map(|i| {
+            SpendLine::new(format!("{prefix}-{i}"))
+                .end_user("cust-1")
+                .end_ms(i as i64)
+                .record()
+        })
         .collect()
 }
 
@@ -170,14 +175,11 @@ async fn never_acked(
     let s = settings(base, dir.path());
     let ob = ingest(&s, &records("hostile", n));
     let sender = Running::start(&s);
-    assert!(
-        wait_until(LONG, || requests() >= attempts).await,
-        "the sender did not retry"
-    );
-    assert!(
-        wait_until(LONG, || ob.stats().unwrap().last_lago_error.is_some()).await,
-        "no Lago error recorded"
-    );
+    wait_until("the sender to retry", LONG, async || requests() >= attempts).await;
+    wait_until("a Lago error recorded", LONG, async || {
+        ob.stats().unwrap().last_lago_error.is_some()
+    })
+    .await;
     sender.stop().await;
     let stats = ob.stats().unwrap();
     assert_eq!(
@@ -189,8 +191,9 @@ async fn never_acked(
     (ob, error, dir)
 }
 
-/// Regression (issue 12): a 302 to another address that answers 200 was followed as a GET with
-/// no body and acked the batch (nothing reached Lago); a 307 sent the events to the other origin.
+/// Regression (docs/reliability.md, "Findings"): a 302 to another address that answers 200 was
+/// followed as a GET with no body and acked the batch (nothing reached Lago); a 307 sent the events
+/// to the other origin.
 #[tokio::test]
 async fn a_redirect_is_never_followed_and_never_acks() {
     for status in [StatusCode::FOUND, StatusCode::TEMPORARY_REDIRECT] {
@@ -248,8 +251,8 @@ async fn an_http_to_https_redirect_says_to_fix_lago_api_base() {
     );
 }
 
-/// Regression (issue 12): any 200 acked the batch, whatever its body (a captive portal, a web
-/// server's welcome page, a wrong path answered by another app).
+/// Regression (docs/reliability.md, "Findings"): any 200 acked the batch, whatever its body (a
+/// captive portal, a web server's welcome page, a wrong path answered by another app).
 #[tokio::test]
 async fn a_200_that_is_not_lagos_envelope_never_acks() {
     let server =
@@ -259,8 +262,8 @@ async fn a_200_that_is_not_lagos_envelope_never_acks() {
     assert!(error.contains("Welcome to nginx"), "{error}");
 }
 
-/// Regression (issue 12): the shipper read Lago's whole answer, however long (a 200 MB answer
-/// took 222 MB). Now it stops at a limit and the events stay pending.
+/// Regression (docs/reliability.md, "Findings"): the shipper read Lago's whole answer, however long
+/// (a 200 MB answer took 222 MB). Now it stops at a limit and the events stay pending.
 #[tokio::test]
 async fn an_endless_answer_is_cut_off_and_never_acks() {
     // 64 MiB without a length header, so the limit must hold while streaming.
@@ -279,9 +282,9 @@ async fn an_endless_answer_is_cut_off_and_never_acks() {
     assert!(error.contains("stay pending"), "{error}");
 }
 
-/// Regression (issue 12): a proxy in front of Lago that caps bodies answered 413, retried
-/// forever with the same batch, and every event behind it waited. Now batches are cut to the
-/// byte cap, a 413 splits them, and only an event too large alone is dead, with the reason.
+/// Regression (docs/reliability.md, "Findings"): a proxy in front of Lago that caps bodies answered
+/// 413, retried forever with the same batch, and every event behind it waited. Now batches are cut
+/// to the byte cap, a 413 splits them, and only an event too large alone is dead, with the reason.
 #[tokio::test]
 async fn a_body_limit_splits_batches_and_kills_only_the_event_too_large_alone() {
     let lago = spawn_lago_emulator(EmulatorConfig::default()).await;
@@ -293,20 +296,20 @@ async fn a_body_limit_splits_batches_and_kills_only_the_event_too_large_alone() 
         max_bytes: Some(16 * 1024),
     });
     let mut recs = records("cap", 300);
-    let mut big = spend_record("cap-too-big", Some("cust-1"), 1);
-    big.model = "m".repeat(20 * 1024);
+    let big = SpendLine::new("cap-too-big")
+        .end_user("cust-1")
+        .end_ms(1)
+        .model("m".repeat(20 * 1024))
+        .record();
     recs.insert(150, big);
     let ob = ingest(&s, &recs);
     let sender = Running::start(&s);
-    assert!(
-        wait_until(LONG, || {
-            let st = ob.stats().unwrap();
-            st.acked == 300 && st.dead == 1
-        })
-        .await,
-        "{:?}",
-        ob.stats().unwrap()
-    );
+    let what = Later(|| format!("300 acked and 1 dead: {:?}", ob.stats().unwrap()));
+    wait_until(what, LONG, async || {
+        let st = ob.stats().unwrap();
+        st.acked == 300 && st.dead == 1
+    })
+    .await;
     sender.stop().await;
     let stats = ob.stats().unwrap();
     assert_eq!((stats.pending, stats.acked, stats.dead), (0, 300, 1));

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use crate::ship::e2e::{Env, Running, append, records};
-use crate::support::SplitMix;
+use crate::support::{Later, SplitMix, wait_until};
 
 #[derive(Debug, Clone, Copy)]
 enum Op {
@@ -107,17 +107,8 @@ async fn run_seed(seed: u64, steps: usize) {
                 if ship.is_none() {
                     ship = Some(Running::start(env.settings()));
                 }
-                let emu = env.emu.clone();
-                let n = written.len();
-                let caught_up =
-                    crate::support::wait_until(Duration::from_secs(60), || emu.event_count() >= n)
-                        .await;
-                assert!(
-                    caught_up,
-                    "seed {seed}: before copytruncate Lago holds {} of {n}; missing {:?}; ops {trace:?}",
-                    env.emu.event_count(),
-                    missing(&env, &written)
-                );
+                let context = format!("seed {seed}, before copytruncate, ops {trace:?}");
+                wait_caught_up(&env, &written, &context, Duration::from_secs(60)).await;
                 rotations += 1;
                 let copy = env.dir.path().join(format!("spend.jsonl.{rotations:04}"));
                 if env.log().exists() {
@@ -150,16 +141,8 @@ async fn run_seed(seed: u64, steps: usize) {
     if ship.is_none() {
         ship = Some(Running::start(env.settings()));
     }
-    let emu = env.emu.clone();
-    let n = written.len();
-    let arrived =
-        crate::support::wait_until(Duration::from_secs(120), || emu.event_count() >= n).await;
-    assert!(
-        arrived,
-        "seed {seed}: Lago holds {} of {n} events; missing {:?}; ops {trace:?}",
-        env.emu.event_count(),
-        missing(&env, &written)
-    );
+    let context = format!("seed {seed}, ops {trace:?}");
+    wait_caught_up(&env, &written, &context, Duration::from_secs(120)).await;
     if let Some(s) = ship.take() {
         s.stop().await;
     }
@@ -173,10 +156,32 @@ async fn run_seed(seed: u64, steps: usize) {
             r.transaction_id
         );
     }
-    assert_eq!(at.len(), n, "seed {seed}: unexpected events; ops {trace:?}");
+    assert_eq!(
+        at.len(),
+        written.len(),
+        "seed {seed}: unexpected events; ops {trace:?}"
+    );
 }
 
 /// The first and last missing transaction ids and how many are missing.
+/// Waits until Lago holds every record `written`; a timeout names the missing ones.
+async fn wait_caught_up(
+    env: &Env,
+    written: &[tally::spend::SpendRecord],
+    context: &str,
+    timeout: Duration,
+) {
+    let n = written.len();
+    let what = Later(|| {
+        format!(
+            "{context}: Lago to hold {n} events; it holds {}; missing {:?}",
+            env.emu.event_count(),
+            missing(env, written)
+        )
+    });
+    wait_until(what, timeout, async || env.emu.event_count() >= n).await;
+}
+
 fn missing(
     env: &Env,
     written: &[tally::spend::SpendRecord],

@@ -13,7 +13,7 @@ use tally::spend::SpendRecord;
 use tokio_util::sync::CancellationToken;
 
 use crate::ship::stub::{Scripted, Stub};
-use crate::support::{spend_record, wait_until};
+use crate::support::{SpendLine, wait_until};
 
 const KEY: &str = "stub-key-123";
 const LONG: Duration = Duration::from_secs(60);
@@ -43,7 +43,12 @@ fn spec() -> EventSpec {
 
 fn records(prefix: &str, n: usize) -> Vec<SpendRecord> {
     (0..n)
-        .map(|i| spend_record(&format!("{prefix}-{i}"), Some("cust-1"), i as i64))
+        .map(|i| {
+            SpendLine::new(format!("{prefix}-{i}"))
+                .end_user("cust-1")
+                .end_ms(i as i64)
+                .record()
+        })
         .collect()
 }
 
@@ -223,22 +228,27 @@ async fn unauthorized_pauses_keeps_everything_pending_and_resumes_once_accepted(
     let s = settings(&stub, dir.path());
     let ob = ingest(&s, &records("auth", 150));
     let (stop, handle) = spawn_sender(&s);
-    assert!(
-        wait_until(LONG, || ob
-            .stats()
+    wait_until("a 401 as the last Lago error", LONG, async || {
+        ob.stats()
             .unwrap()
             .last_lago_error
-            .is_some_and(|e| e.message.contains("401")))
-        .await
-    );
+            .is_some_and(|e| e.message.contains("401"))
+    })
+    .await;
     // Probing, not dead-lettering: everything is still pending, nothing stored.
-    assert!(wait_until(LONG, || stub.requests().len() >= 4).await);
+    wait_until("4 requests at the stub", LONG, async || {
+        stub.requests().len() >= 4
+    })
+    .await;
     let stats = ob.stats().unwrap();
     assert_eq!((stats.pending, stats.dead, stats.acked), (150, 0, 0));
     assert!(!stats.last_lago_error.unwrap().message.contains(KEY));
     // "Fix the key": the server accepts again.
     stub.state.lock().unwrap().script.clear();
-    assert!(wait_until(LONG, || ob.stats().unwrap().acked == 150).await);
+    wait_until("150 events acked", LONG, async || {
+        ob.stats().unwrap().acked == 150
+    })
+    .await;
     assert!(ob.stats().unwrap().last_lago_error.is_none());
     stop.cancel();
     handle.await.unwrap().unwrap();
@@ -318,14 +328,13 @@ async fn refused_connections_are_retried_until_lago_listens() {
     s.lago.api_base = format!("http://{addr}").parse().unwrap();
     let ob = ingest(&s, &records("refused", 5));
     let (stop, handle) = spawn_sender(&s);
-    assert!(
-        wait_until(LONG, || ob
-            .stats()
+    wait_until("a connect error as the last Lago error", LONG, async || {
+        ob.stats()
             .unwrap()
             .last_lago_error
-            .is_some_and(|e| e.message.contains("connect")))
-        .await
-    );
+            .is_some_and(|e| e.message.contains("connect"))
+    })
+    .await;
     assert_eq!(ob.stats().unwrap().pending, 5);
     // Now Lago comes up on that port.
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
@@ -343,7 +352,10 @@ async fn refused_connections_are_retried_until_lago_listens() {
         }),
     );
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
-    assert!(wait_until(LONG, || ob.stats().unwrap().acked == 5).await);
+    wait_until("5 events acked", LONG, async || {
+        ob.stats().unwrap().acked == 5
+    })
+    .await;
     assert_eq!(*stored.lock().unwrap(), 5);
     stop.cancel();
     handle.await.unwrap().unwrap();
@@ -358,7 +370,10 @@ async fn shutdown_abandons_a_slow_request_at_the_drain_deadline_and_keeps_it_pen
     let s = settings(&stub, dir.path());
     let ob = ingest(&s, &records("slow", 10));
     let (stop, handle) = spawn_sender(&s);
-    assert!(wait_until(LONG, || stub.requests().len() == 1).await);
+    wait_until("1 request at the stub", LONG, async || {
+        stub.requests().len() == 1
+    })
+    .await;
     stop.cancel();
     tokio::time::timeout(LONG, handle)
         .await
@@ -379,7 +394,7 @@ async fn held_records_are_not_sent_and_not_billable_ones_are_not_billed() {
     let s = settings(&stub, dir.path());
     let mut recs = records("mixed", 6);
     recs[0].end_user_id = None;
-    recs[1].status = "failure".into();
+    recs[1].status = tally::spend::Status::Failure;
     let ob = ingest(&s, &recs);
     let report = deliver(&s).await;
     assert_eq!(report.acked, 4);

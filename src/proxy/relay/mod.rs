@@ -1,9 +1,10 @@
 //! `/chat/completions` and `/embeddings`: authenticate, resolve the model, forward (or mock),
 //! and append the spend record before the response finishes.
 //!
-//! The client's body is parsed once, the `model` substituted (and `stream_options.include_usage`
-//! forced on for streams), and serialised once for the upstream. The upstream's answer is
-//! returned byte for byte; only `usage` and `model` are read out of it.
+//! The client's body is parsed once and checked ([`parse`]: model, end user, `stream`,
+//! `messages`), the `model` substituted (and `stream_options.include_usage` forced on for
+//! streams), and serialised once for the upstream. The upstream's answer is returned byte for
+//! byte; only `usage` and `model` are read out of it.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -25,9 +26,7 @@ use super::AppState;
 use super::Route;
 use super::anthropic_chat;
 use super::auth::Caller;
-use super::end_user;
 use super::error::ProxyError;
-use super::json_body::Kind;
 use super::limits;
 use super::mock;
 use super::observe;
@@ -39,7 +38,9 @@ use super::stream::{self, StreamOutcome, Wire};
 use super::tokens;
 use super::upstream::{Endpoint, UpstreamClient, Usage};
 use crate::metrics::proxy::UpstreamErrorKind;
-use crate::spend::{SCHEMA_VERSION, SpendRecord};
+use crate::spend::{SCHEMA_VERSION, SpendRecord, Status};
+
+mod parse;
 
 /// LiteLLM's response headers (parsed once, not per response).
 const CALL_ID: HeaderName = HeaderName::from_static("x-litellm-call-id");
@@ -232,10 +233,10 @@ impl Call {
         &self,
         usage: Usage,
         estimated: bool,
-        status: &str,
+        status: Status,
         upstream_model: Option<String>,
     ) -> SpendRecord {
-        let billable = status == "success";
+        let billable = status == Status::Success;
         let key = self.caller.key();
         SpendRecord {
             schema: SCHEMA_VERSION,
@@ -270,7 +271,7 @@ impl Call {
             key_alias: key.and_then(|k| k.key_alias.clone()),
             key_hash: key.map(|k| k.token()),
             stream: self.stream,
-            status: status.to_owned(),
+            status,
             duration_ms: Some(self.started.elapsed().as_millis() as u64),
         }
     }
@@ -280,7 +281,7 @@ impl Call {
         let written = self.state.spend().append(record).await;
         let metrics = self.state.metrics();
         metrics.record_spend_record(written.is_ok());
-        if written.is_ok() && record.status == "success" {
+        if written.is_ok() && record.is_billable() {
             metrics.record_usage(
                 &record.model,
                 record.input_tokens,
@@ -334,7 +335,7 @@ impl Call {
         if self.call_type == CallType::CountTokens {
             return error;
         }
-        let record = self.record(Usage::default(), false, "failure", None);
+        let record = self.record(Usage::default(), false, Status::Failure, None);
         if let Err(e) = self.state.spend().append(&record).await {
             tracing::warn!(error = %e, "failure record not written");
         }
@@ -371,6 +372,8 @@ impl Call {
     }
 }
 
+/// One call: the caller authenticated and the request read ([`parse::request`]), then forwarded
+/// (with retries and fallbacks, or mocked) and its spend record written.
 async fn handle(
     state: AppState,
     headers: HeaderMap,
@@ -381,104 +384,26 @@ async fn handle(
     let start_time = Utc::now();
     let caller = state.auth().authenticate(&headers).await?;
     let body = read_json_body(&headers, body, state.max_body_bytes()).await?;
-
-    let model = match body.get("model") {
-        Some(Value::String(m)) if !m.is_empty() => m,
-        _ => {
-            return Err(ProxyError::bad_param(
-                "model",
-                format!(
-                    "the request has no `model`; available models: {}",
-                    state.model_names().join(", ")
-                ),
-            ));
-        }
-    };
-    observe::tag(&model, caller.key());
-    let Some(target) = state.resolve(&model) else {
-        return Err(ProxyError::BadRequest {
-            message: format!(
-                "model {model:?} is not served by this proxy; available models: {}",
-                state.model_names().join(", ")
-            ),
-            param: Some("model".into()),
-            code: "model_not_found",
-        });
-    };
-    let group = target.group.clone();
-    let matched = target.matched.map(str::to_owned);
-    if let Some(key) = caller.key()
-        && !key.allows_model(&model)
-    {
-        return Err(ProxyError::Forbidden {
-            message: format!(
-                "key {} may not use model {model:?}; it may use: {}",
-                key.key_name,
-                key.models.join(", ")
-            ),
-            param: Some("model"),
-        });
-    }
-    let end_user_id = match call_type {
-        CallType::Chat | CallType::Embedding => end_user::of_request(body.get("user"), &headers)?,
-        CallType::Messages => end_user::of_request(
-            body.get("metadata").and_then(|m| m.get("user_id").cloned()),
-            &headers,
-        )?,
-        // Not billed: nobody to bill.
-        CallType::CountTokens => None,
-        CallType::Responses => end_user::of_request(
-            body.get("user")
-                .filter(|u| !u.is_null())
-                .or_else(|| body.get("safety_identifier")),
-            &headers,
-        )?,
-    };
-    if let Some(key) = caller.key()
-        && call_type != CallType::CountTokens
-    {
-        limits::require_billable_key(key)?;
-        end_user::check_guard(key, end_user_id.as_deref())?;
-    }
-    let extra_headers = if call_type.anthropic() {
-        anthropic_headers(&headers)
-    } else {
-        Vec::new()
-    };
+    let request = parse::request(&state, &caller, call_type, &headers, body)?;
     // Not needed past here: not kept in the call's future across the upstream's answer.
     drop(headers);
-    let stream = call_type.streams()
-        && match body.get("stream") {
-            Some(Value::Bool(b)) => b,
-            Some(Value::Null) | None => false,
-            Some(_) => {
-                return Err(ProxyError::bad_param(
-                    "stream",
-                    "`stream` must be a boolean",
-                ));
-            }
-        };
-    if matches!(
-        call_type,
-        CallType::Chat | CallType::Messages | CallType::CountTokens
-    ) && body.kind("messages") != Some(Kind::Array)
-    {
-        return Err(ProxyError::bad_param(
-            "messages",
-            "`messages` must be an array of chat messages",
-        ));
-    }
-    if call_type == CallType::Embedding && matches!(body.kind("input"), None | Some(Kind::Null)) {
-        return Err(ProxyError::bad_param("input", "`input` is required"));
-    }
 
+    let group = request.group;
     let first = group.pick(0, rand::random::<f64>);
     let route = group.routes[first].clone();
-    answers(&route, call_type, &model)?;
-    let wildcard = wildcard_of(&state, &route, matched.as_deref(), &model, call_type);
+    answers(&route, call_type, &request.model)?;
+    let matched = request.matched;
+    let wildcard = wildcard_of(
+        &state,
+        &route,
+        matched.as_deref(),
+        &request.model,
+        call_type,
+    );
+    let stream = request.stream;
     let mut call = Call {
         state,
-        model,
+        model: request.model,
         route,
         wildcard,
         call_type,
@@ -486,9 +411,10 @@ async fn handle(
         start_time,
         started,
         caller,
-        end_user_id,
+        end_user_id: request.end_user_id,
         stream,
     };
+    let body = request.body;
     let stream_options = body.get("stream_options");
     let client_wants_usage =
         call_type == CallType::Chat && stream && wants_usage(stream_options.as_ref());
@@ -508,7 +434,7 @@ async fn handle(
     let payload = Payload {
         body: &body,
         stream_options: options.as_deref(),
-        headers: &extra_headers,
+        headers: &request.extra_headers,
     };
     let response = match send(&mut call, group, first, matched, &payload).await {
         Ok(Answer::Upstream(r)) => r,
@@ -572,7 +498,7 @@ async fn handle(
         return Ok(response);
     }
     let (usage, estimated, upstream_model) = usage_of(&bytes, call_type, || prompt.tokens());
-    let record = call.record(usage, estimated, "success", upstream_model);
+    let record = call.record(usage, estimated, Status::Success, upstream_model);
     call.write(&record).await?;
     let mut response = (StatusCode::OK, bytes).into_response();
     response.headers_mut().insert(
@@ -633,21 +559,6 @@ fn openai_error(e: ProxyError) -> ProxyError {
         },
         other => other,
     }
-}
-
-/// The client's `anthropic-version` (or the default) and `anthropic-beta`, to pass on.
-fn anthropic_headers(headers: &HeaderMap) -> Vec<(HeaderName, HeaderValue)> {
-    let version = headers
-        .get(&ANTHROPIC_VERSION)
-        .cloned()
-        .unwrap_or(HeaderValue::from_static(
-            provider::anthropic::DEFAULT_VERSION,
-        ));
-    let mut out = vec![(ANTHROPIC_VERSION, version)];
-    for beta in headers.get_all(&ANTHROPIC_BETA) {
-        out.push((ANTHROPIC_BETA, beta.clone()));
-    }
-    out
 }
 
 /// A wildcard deployment's upstream model for a request, with its price (looked up per call:
@@ -970,7 +881,7 @@ where
                 Some(u) => (u, false),
                 None => (Usage::new(prompt_estimate(), outcome.estimated_completion_tokens), true),
             };
-            let status = if outcome.upstream_error.is_some() { "failure" } else { "success" };
+            let status = if outcome.upstream_error.is_some() { Status::Failure } else { Status::Success };
             if let Some(reason) = &outcome.upstream_error {
                 call.state.metrics().record_upstream_error(
                     &call.model,
@@ -1025,7 +936,7 @@ async fn mock_answer(
             ));
         }
     };
-    let record = call.record(usage, false, "success", None);
+    let record = call.record(usage, false, Status::Success, None);
     call.write(&record).await?;
     let mut response = (StatusCode::OK, bytes).into_response();
     response.headers_mut().insert(
