@@ -680,11 +680,23 @@ impl Outbox {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
-            let mut dequeue =
-                tx.prepare_cached("DELETE FROM pending WHERE seq = ?1 AND transaction_id = ?2")?;
+            let mut dequeue = tx.prepare_cached(
+                "DELETE FROM pending WHERE seq = ?1 AND transaction_id = ?2 RETURNING attempts",
+            )?;
+            // Only an event that needed retries has its ledger row written, to keep the count.
+            let mut keep_attempts = tx.prepare_cached(
+                "UPDATE events SET attempts = ?2, updated_ms = ?3 WHERE transaction_id = ?1",
+            )?;
             for (seq, id) in events {
-                if dequeue.execute(params![seq, id])? == 0 {
-                    acked_by_id(&tx, id, now)?;
+                let attempts: Option<i64> = dequeue
+                    .query_row(params![seq, id], |r| r.get(0))
+                    .optional()?;
+                match attempts {
+                    None => acked_by_id(&tx, id, now)?,
+                    Some(0) => {}
+                    Some(n) => {
+                        keep_attempts.execute(params![id, n, now])?;
+                    }
                 }
             }
             if let Some(n) = in_flight {
@@ -885,11 +897,20 @@ pub(crate) fn target_id(
 /// Lago has `id`: out of the queue if it is queued, acked (slimmed) if it was held, dead or
 /// dropped. An acked or lago-error row stays as it is.
 fn acked_by_id(tx: &Connection, id: &str, now: i64) -> rusqlite::Result<()> {
-    tx.prepare_cached(
-        "DELETE FROM pending WHERE seq =
-             (SELECT queue_seq FROM events WHERE transaction_id = ?1 AND state = 0)",
-    )?
-    .execute([id])?;
+    let attempts: Option<i64> = tx
+        .prepare_cached(
+            "DELETE FROM pending WHERE seq =
+                 (SELECT queue_seq FROM events WHERE transaction_id = ?1 AND state = 0)
+             RETURNING attempts",
+        )?
+        .query_row([id], |r| r.get(0))
+        .optional()?;
+    if let Some(n) = attempts.filter(|n| *n > 0) {
+        tx.prepare_cached(
+            "UPDATE events SET attempts = ?2, updated_ms = ?3 WHERE transaction_id = ?1",
+        )?
+        .execute(params![id, n, now])?;
+    }
     tx.prepare_cached(
         "UPDATE events SET state = 3, record = NULL, event = NULL, customer_ids = NULL,
              reason = NULL, queue_seq = NULL, updated_ms = ?2
