@@ -13,10 +13,12 @@ use tokio_util::sync::CancellationToken;
 use crate::cli::ReplayFormat;
 use crate::ship::CHUNK_LINES;
 use crate::ship::outbox::{
-    IngestItem, IngestReport, Outbox, OutboxError, REJECTED_HEAD_BYTES, Source,
+    IngestItem, IngestReport, Outbox, OutboxError, REJECTED_HEAD_BYTES, Recorded, Source,
+    conflict_reason,
 };
-use crate::ship::resolve::{Disposition, EventSpec, prepare, prepare_line};
+use crate::ship::resolve::{Disposition, EventSpec, PreparedRecord, prepare, prepare_line};
 use crate::ship::tail::{LineContent, RawLine};
+use crate::spend::SpendRecord;
 
 use super::input::InputError;
 use super::reader::{Decoded, ReplayReader};
@@ -37,15 +39,6 @@ pub enum Target {
     DryRun(Option<Outbox>),
     /// Record into this outbox.
     Write(Outbox),
-}
-
-impl Target {
-    fn outbox(&self) -> Option<&Outbox> {
-        match self {
-            Target::DryRun(o) => o.as_ref(),
-            Target::Write(o) => Some(o),
-        }
-    }
 }
 
 pub struct FeedOptions {
@@ -86,12 +79,18 @@ pub fn feed(
         options.window,
         options.max_line_bytes,
     );
-    let mut totals = Totals::default();
-    let mut new_ids = Vec::new();
-    // New ids of this run not yet in the outbox (all of them in a dry run), with their content
-    // fingerprint: a file replayed together with its rotated copy dedupes within the run too.
+    let mut counts = Counts {
+        totals: Totals::default(),
+        new_ids: Vec::new(),
+        keep_new_ids: options.keep_new_ids,
+    };
+    // Dry run: new ids of this run not yet in the outbox, with their content fingerprint, so a
+    // file replayed together with its rotated copy dedupes within the run too.
     let mut unrecorded: HashMap<String, i64> = HashMap::new();
     let mut batch: Vec<IngestItem> = Vec::with_capacity(CHUNK_LINES);
+    // Writing: each batched line's record and place, counted once the outbox says it was new.
+    let mut pending: Vec<Place> = Vec::with_capacity(CHUNK_LINES);
+    let mut outcomes: Vec<Recorded> = Vec::with_capacity(CHUNK_LINES);
     let mut written = IngestReport::default();
     let mut sources = SourceNames::default();
     let mut interrupted = false;
@@ -111,6 +110,7 @@ pub fn feed(
                         reason,
                         head: head(&source),
                     });
+                    pending.push(None);
                 }
             }
             Decoded::Record { source, record } => {
@@ -123,58 +123,54 @@ pub fn feed(
                     // A converted LiteLLM row: fingerprint of the record it becomes.
                     _ => prepare(&record, &options.spec),
                 };
-                let known = match unrecorded.get(&prepared.transaction_id) {
-                    Some(hash) => Some(*hash),
-                    None => match target.outbox() {
-                        Some(ob) => ob.lookup(&prepared.transaction_id)?.map(|(_, h)| h),
-                        None => None,
-                    },
-                };
-                match known {
-                    Some(hash) if hash == prepared.content_hash => summary.already_billed += 1,
-                    Some(_) => summary.reject(
-                        &source.path,
-                        source.offset,
-                        crate::ship::outbox::conflict_reason(&prepared.transaction_id, None),
-                    ),
-                    None => {
-                        unrecorded.insert(prepared.transaction_id.clone(), prepared.content_hash);
-                        match &prepared.disposition {
-                            Disposition::Pending {
-                                external_subscription_id,
-                                ..
-                            } => {
-                                summary.new_events += 1;
-                                totals.add(external_subscription_id, &record);
-                                if options.keep_new_ids {
-                                    new_ids.push(prepared.transaction_id.clone());
-                                }
+                match &target {
+                    Target::DryRun(outbox) => {
+                        let known = match unrecorded.get(&prepared.transaction_id) {
+                            Some(hash) => Some(*hash),
+                            None => match outbox {
+                                Some(ob) => ob.lookup(&prepared.transaction_id)?.map(|(_, h)| h),
+                                None => None,
+                            },
+                        };
+                        match known {
+                            Some(hash) if hash == prepared.content_hash => {
+                                summary.already_billed += 1
                             }
-                            Disposition::Held { .. } => {
-                                summary.held += 1;
-                                if options.keep_new_ids {
-                                    new_ids.push(prepared.transaction_id.clone());
-                                }
+                            Some(_) => summary.reject(
+                                &source.path,
+                                source.offset,
+                                conflict_reason(&prepared.transaction_id, None),
+                            ),
+                            None => {
+                                unrecorded
+                                    .insert(prepared.transaction_id.clone(), prepared.content_hash);
+                                counts.first_seen(&mut summary, &prepared, &record);
                             }
-                            Disposition::NotBillable { .. } => summary.not_billable += 1,
                         }
                     }
-                }
-                if !dry_run {
-                    batch.push(IngestItem::Record {
-                        prepared,
-                        source: sources.source(&source),
-                    });
+                    Target::Write(_) => {
+                        let place = (record, source.path.clone(), source.offset);
+                        batch.push(IngestItem::Record {
+                            prepared,
+                            source: sources.source(&source),
+                        });
+                        pending.push(Some(place));
+                    }
                 }
             }
         }
-        if batch.len() >= CHUNK_LINES {
-            if let Target::Write(ob) = &mut target {
-                written.add(&ob.ingest(&batch, &[])?);
-            }
-            batch.clear();
-            // Recorded now: the outbox answers for them from here on.
-            unrecorded.clear();
+        if batch.len() >= CHUNK_LINES
+            && let Target::Write(ob) = &mut target
+        {
+            record_batch(
+                ob,
+                &mut batch,
+                &mut pending,
+                &mut outcomes,
+                &mut counts,
+                &mut summary,
+                &mut written,
+            )?;
         }
         if cancel.is_cancelled() {
             interrupted = true;
@@ -184,8 +180,19 @@ pub fn feed(
     if let Target::Write(ob) = &mut target
         && !batch.is_empty()
     {
-        written.add(&ob.ingest(&batch, &[])?);
+        record_batch(
+            ob,
+            &mut batch,
+            &mut pending,
+            &mut outcomes,
+            &mut counts,
+            &mut summary,
+            &mut written,
+        )?;
     }
+    let Counts {
+        totals, new_ids, ..
+    } = counts;
     summary.lines_read = reader.lines_read;
     summary.customers = totals.into_vec();
     if !dry_run {
@@ -201,6 +208,79 @@ pub fn feed(
         new_ids,
         interrupted,
     })
+}
+
+/// A batched line's record and where it was read (`None` for a rejected line).
+type Place = Option<(Box<SpendRecord>, Arc<Path>, u64)>;
+
+/// What the summary counts of new events: per customer, and their ids for `--ship`.
+struct Counts {
+    totals: Totals,
+    new_ids: Vec<String>,
+    keep_new_ids: bool,
+}
+
+impl Counts {
+    /// A record seen for the first time.
+    fn first_seen(
+        &mut self,
+        summary: &mut ReplaySummary,
+        prepared: &PreparedRecord,
+        record: &SpendRecord,
+    ) {
+        match &prepared.disposition {
+            Disposition::Pending {
+                external_subscription_id,
+                ..
+            } => {
+                summary.new_events += 1;
+                self.totals.add(external_subscription_id, record);
+                if self.keep_new_ids {
+                    self.new_ids.push(prepared.transaction_id.clone());
+                }
+            }
+            Disposition::Held { .. } => {
+                summary.held += 1;
+                if self.keep_new_ids {
+                    self.new_ids.push(prepared.transaction_id.clone());
+                }
+            }
+            Disposition::NotBillable { .. } => summary.not_billable += 1,
+        }
+    }
+}
+
+/// Records a batch in one transaction and counts what the outbox found new (the outbox is the
+/// judge: another process may have recorded the same lines meanwhile).
+fn record_batch(
+    ob: &mut Outbox,
+    batch: &mut Vec<IngestItem>,
+    places: &mut Vec<Place>,
+    outcomes: &mut Vec<Recorded>,
+    counts: &mut Counts,
+    summary: &mut ReplaySummary,
+    written: &mut IngestReport,
+) -> Result<(), OutboxError> {
+    outcomes.clear();
+    written.add(&ob.ingest_noting(batch, &[], Some(outcomes))?);
+    for ((item, place), outcome) in batch.iter().zip(places.iter()).zip(outcomes.iter()) {
+        let (IngestItem::Record { prepared, .. }, Some((record, path, offset))) = (item, place)
+        else {
+            continue;
+        };
+        match outcome {
+            Recorded::New => counts.first_seen(summary, prepared, record),
+            Recorded::Conflict => summary.reject(
+                path,
+                *offset,
+                conflict_reason(&prepared.transaction_id, None),
+            ),
+            Recorded::AlreadySeen | Recorded::Rejected => {}
+        }
+    }
+    batch.clear();
+    places.clear();
+    Ok(())
 }
 
 /// The first bytes of a rejected line, as the outbox keeps them.

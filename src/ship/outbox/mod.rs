@@ -209,6 +209,19 @@ impl IngestReport {
     }
 }
 
+/// What [`Outbox::ingest_noting`] did with one item, in the items' order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// A new transaction_id, recorded in its state.
+    New,
+    /// Recorded before with the same content.
+    AlreadySeen,
+    /// Recorded before with other content: kept as a rejected line.
+    Conflict,
+    /// A malformed line, kept as rejected (or already kept at the same place).
+    Rejected,
+}
+
 /// A pending event a sender has claimed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClaimedEvent {
@@ -412,6 +425,22 @@ impl Outbox {
         items: &[IngestItem],
         positions: &[FilePosition],
     ) -> Result<IngestReport, OutboxError> {
+        self.ingest_noting(items, positions, None)
+    }
+
+    /// [`Outbox::ingest`], also noting in `outcomes` what became of each item (what `tally
+    /// replay` counts per customer, without asking the outbox about each line first).
+    pub fn ingest_noting(
+        &mut self,
+        items: &[IngestItem],
+        positions: &[FilePosition],
+        mut outcomes: Option<&mut Vec<Recorded>>,
+    ) -> Result<IngestReport, OutboxError> {
+        let mut note = |r: Recorded| {
+            if let Some(o) = outcomes.as_deref_mut() {
+                o.push(r);
+            }
+        };
         let now = now_ms();
         let mut report = IngestReport::default();
         let mut new_sources: Vec<(String, i64)> = Vec::new();
@@ -540,6 +569,7 @@ impl Outbox {
                             }
                         };
                         if inserted == 1 {
+                            note(Recorded::New);
                             continue;
                         }
                         let (hash, old_state): (i64, i64) = existing
@@ -548,8 +578,10 @@ impl Outbox {
                             })?;
                         if hash == prepared.content_hash {
                             report.already_seen += 1;
+                            note(Recorded::AlreadySeen);
                             continue;
                         }
+                        note(Recorded::Conflict);
                         let old_state = State::from_code(old_state).map_or("unknown", State::name);
                         let reason = conflict_reason(&prepared.transaction_id, Some(old_state));
                         let head = prepared.transaction_id.clone();
@@ -572,6 +604,7 @@ impl Outbox {
                         reason,
                         head,
                     } => {
+                        note(Recorded::Rejected);
                         let head = head_text(head);
                         let key = rejected_line_key(reason, head.as_bytes());
                         if reject.execute(params![
