@@ -217,13 +217,38 @@ pub struct LagoArgs {
 }
 
 /// A whole number clap accepts only within `range`: a value out of it is refused at parsing,
-/// naming the flag and the range (`--batch-size <BATCH_SIZE>': 0 is not in 1..=100`).
-fn in_range<T>(range: std::ops::RangeInclusive<u64>) -> clap::builder::RangedU64ValueParser<T>
+/// naming the range and both ways of setting it, since a service sets it through the variable
+/// (`--batch-size <BATCH_SIZE>': 0 is not in 1..=100; set --batch-size or TALLY_BATCH_SIZE
+/// within it`).
+fn in_range<T>(
+    range: std::ops::RangeInclusive<u64>,
+    flag: &'static str,
+    env: &'static str,
+) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync + 'static
 where
     T: TryFrom<u64> + Clone + Send + Sync + 'static,
-    <T as TryFrom<u64>>::Error: Send + Sync + 'static + std::error::Error + ToString,
 {
-    clap::builder::RangedU64ValueParser::new().range(range)
+    move |text: &str| {
+        let refused = |what: String| {
+            format!(
+                "{what}; set {flag} or {env} within {}..={}",
+                range.start(),
+                range.end()
+            )
+        };
+        let n: u64 = text
+            .trim()
+            .parse()
+            .map_err(|_| refused(format!("{text:?} is not a whole number")))?;
+        if !range.contains(&n) {
+            return Err(refused(format!(
+                "{n} is not in {}..={}",
+                range.start(),
+                range.end()
+            )));
+        }
+        T::try_from(n).map_err(|_| refused(format!("{n} is too large for this machine")))
+    }
 }
 
 /// Shipper tuning; defaults suit a real Lago, and clap checks each is in its accepted range
@@ -235,7 +260,7 @@ pub struct ShipTuning {
         long,
         env = "TALLY_BATCH_SIZE",
         default_value_t = ship_defaults::BATCH_SIZE,
-        value_parser = in_range::<usize>(ship_accepted::BATCH_SIZE)
+        value_parser = in_range::<usize>(ship_accepted::BATCH_SIZE, "--batch-size", "TALLY_BATCH_SIZE")
     )]
     pub batch_size: usize,
 
@@ -244,7 +269,7 @@ pub struct ShipTuning {
         long,
         env = "TALLY_LINGER_MS",
         default_value_t = ship_defaults::LINGER_MS,
-        value_parser = in_range::<u64>(ship_accepted::LINGER_MS)
+        value_parser = in_range::<u64>(ship_accepted::LINGER_MS, "--linger-ms", "TALLY_LINGER_MS")
     )]
     pub linger_ms: u64,
 
@@ -253,7 +278,7 @@ pub struct ShipTuning {
         long,
         env = "TALLY_BATCHES_IN_FLIGHT",
         default_value_t = ship_defaults::BATCHES_IN_FLIGHT,
-        value_parser = in_range::<usize>(ship_accepted::BATCHES_IN_FLIGHT)
+        value_parser = in_range::<usize>(ship_accepted::BATCHES_IN_FLIGHT, "--batches-in-flight", "TALLY_BATCHES_IN_FLIGHT")
     )]
     pub batches_in_flight: usize,
 
@@ -262,7 +287,7 @@ pub struct ShipTuning {
         long,
         env = "TALLY_RETRY_CAP_SECS",
         default_value_t = ship_defaults::RETRY_CAP_SECS,
-        value_parser = in_range::<u64>(ship_accepted::RETRY_CAP_SECS)
+        value_parser = in_range::<u64>(ship_accepted::RETRY_CAP_SECS, "--retry-cap-secs", "TALLY_RETRY_CAP_SECS")
     )]
     pub retry_cap_secs: u64,
 
@@ -271,7 +296,7 @@ pub struct ShipTuning {
         long,
         env = "TALLY_REQUEST_TIMEOUT_SECS",
         default_value_t = ship_defaults::REQUEST_TIMEOUT_SECS,
-        value_parser = in_range::<u64>(ship_accepted::REQUEST_TIMEOUT_SECS)
+        value_parser = in_range::<u64>(ship_accepted::REQUEST_TIMEOUT_SECS, "--request-timeout-secs", "TALLY_REQUEST_TIMEOUT_SECS")
     )]
     pub request_timeout_secs: u64,
 
@@ -280,7 +305,7 @@ pub struct ShipTuning {
         long,
         env = "TALLY_DRAIN_DEADLINE_SECS",
         default_value_t = ship_defaults::DRAIN_DEADLINE_SECS,
-        value_parser = in_range::<u64>(ship_accepted::DRAIN_DEADLINE_SECS)
+        value_parser = in_range::<u64>(ship_accepted::DRAIN_DEADLINE_SECS, "--drain-deadline-secs", "TALLY_DRAIN_DEADLINE_SECS")
     )]
     pub drain_deadline_secs: u64,
 
@@ -289,7 +314,7 @@ pub struct ShipTuning {
         long,
         env = "TALLY_POLL_INTERVAL_MS",
         default_value_t = ship_defaults::POLL_INTERVAL_MS,
-        value_parser = in_range::<u64>(ship_accepted::POLL_INTERVAL_MS)
+        value_parser = in_range::<u64>(ship_accepted::POLL_INTERVAL_MS, "--poll-interval-ms", "TALLY_POLL_INTERVAL_MS")
     )]
     pub poll_interval_ms: u64,
 
@@ -298,7 +323,7 @@ pub struct ShipTuning {
         long,
         env = "TALLY_MAX_LINE_BYTES",
         default_value_t = ship_defaults::MAX_LINE_BYTES,
-        value_parser = in_range::<usize>(ship_accepted::MAX_LINE_BYTES)
+        value_parser = in_range::<usize>(ship_accepted::MAX_LINE_BYTES, "--max-line-bytes", "TALLY_MAX_LINE_BYTES")
     )]
     pub max_line_bytes: usize,
 
@@ -308,7 +333,7 @@ pub struct ShipTuning {
         long,
         env = "TALLY_BATCH_MAX_BYTES",
         default_value_t = ship_defaults::BATCH_MAX_BYTES,
-        value_parser = in_range::<usize>(ship_accepted::BATCH_MAX_BYTES)
+        value_parser = in_range::<usize>(ship_accepted::BATCH_MAX_BYTES, "--batch-max-bytes", "TALLY_BATCH_MAX_BYTES")
     )]
     pub batch_max_bytes: usize,
 
@@ -317,7 +342,7 @@ pub struct ShipTuning {
         long,
         env = "TALLY_ACKED_RETENTION_DAYS",
         default_value_t = ship_defaults::ACKED_RETENTION_DAYS,
-        value_parser = in_range::<u64>(ship_accepted::ACKED_RETENTION_DAYS)
+        value_parser = in_range::<u64>(ship_accepted::ACKED_RETENTION_DAYS, "--acked-retention-days", "TALLY_ACKED_RETENTION_DAYS")
     )]
     pub acked_retention_days: u64,
 }
@@ -620,6 +645,8 @@ mod tests {
             let text = err.to_string();
             assert!(text.contains(flag), "{flag} {value}: {text}");
             assert!(text.contains(accepted), "{flag} {value}: {text}");
+            let env = format!("TALLY_{}", flag[2..].replace('-', "_").to_uppercase());
+            assert!(text.contains(&env), "{flag} {value}: {text}");
         }
         for (flag, value) in [
             ("--batch-size", "1"),
