@@ -4,7 +4,8 @@
 It costs what a small Python web server costs: the standard library's threading HTTP/1.1 server,
 `json` to read each batch and to write Lago's answer (every event echoed back with a `lago_id`,
 as Lago's `POST /api/v1/events/batch` does). It keeps no store and does not dedupe; it counts the
-events it acknowledged, which the benchmark reads from GET /count.
+events it acknowledged, which the benchmark reads from GET /count, and knows every
+subscription (GET /api/v1/subscriptions/ID).
 
     bench/lago_sink.py PORT_FILE      # listens on a free loopback port, writes it to PORT_FILE
 """
@@ -36,6 +37,10 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == "/count":
             with LOCK:
                 self._answer(200, {"events": COUNT})
+        elif self.path.startswith("/api/v1/subscriptions/"):
+            # Every subscription exists here: the shipper's check stays quiet.
+            external_id = self.path.rsplit("/", 1)[1]
+            self._answer(200, {"subscription": {"external_id": external_id, "status": "active"}})
         else:
             self._answer(404, {"status": 404, "error": "Not Found", "code": "not_found"})
 
