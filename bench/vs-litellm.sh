@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# tally vs LiteLLM, side by side (issue #7): one run, the same machine, the same fixed-answer
+# tally vs LiteLLM, side by side: one run, the same machine, the same fixed-answer
 # upstream, the same kind of Lago (tally's emulator), the same load. Not a test: a benchmark.
 #
 #   bench/vs-litellm.sh

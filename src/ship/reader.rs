@@ -284,7 +284,7 @@ mod tests {
         assert_eq!(count_unpriced(&items), 1);
     }
 
-    /// Regression (issue 12): every empty line of the spend log became a rejected row.
+    /// Regression (docs/reliability.md): every empty line of the spend log became a rejected row.
     #[test]
     fn blank_lines_are_skipped_not_rejected() {
         let path: Arc<Path> = Arc::from(Path::new("spend.jsonl"));

@@ -1,6 +1,6 @@
 //! Waiting out storage trouble: when the outbox cannot be written because the state directory is
 //! full, read-only or failing, the shipper stops advancing, says why, retries with a capped
-//! backoff and carries on in the same process once the disk is fixed (issue #6).
+//! backoff and carries on in the same process once the disk is fixed (docs/reliability.md).
 //!
 //! - [`trouble`] tells storage trouble (SQLite `FULL`, `READONLY*`, `IOERR*`, `CANTOPEN`, which
 //!   is how SQLite reports the OS's `ENOSPC`, `EROFS`, `EDQUOT`, `EIO`; the same errors from the OS

@@ -87,10 +87,7 @@ pub fn feed(
     // Dry run: new ids of this run not yet in the outbox, with their content fingerprint, so a
     // file replayed together with its rotated copy dedupes within the run too.
     let mut unrecorded: HashMap<String, i64> = HashMap::new();
-    let mut batch: Vec<IngestItem> = Vec::with_capacity(CHUNK_LINES);
-    // Writing: each batched line's record and place, counted once the outbox says it was new.
-    let mut pending: Vec<Place> = Vec::with_capacity(CHUNK_LINES);
-    let mut outcomes: Vec<Recorded> = Vec::with_capacity(CHUNK_LINES);
+    let mut batch = Batch::default();
     let mut written = IngestReport::default();
     let mut sources = SourceNames::default();
     let mut interrupted = false;
@@ -105,12 +102,12 @@ pub fn feed(
             Decoded::Rejected { source, reason } => {
                 summary.reject(&source.path, source.offset, reason.clone());
                 if !dry_run {
-                    batch.push(IngestItem::Rejected {
+                    batch.items.push(IngestItem::Rejected {
                         source: sources.source(&source),
                         reason,
                         head: head(&source),
                     });
-                    pending.push(None);
+                    batch.places.push(None);
                 }
             }
             Decoded::Record { source, record } => {
@@ -150,27 +147,19 @@ pub fn feed(
                     }
                     Target::Write(_) => {
                         let place = (record, source.path.clone(), source.offset);
-                        batch.push(IngestItem::Record {
+                        batch.items.push(IngestItem::Record {
                             prepared,
                             source: sources.source(&source),
                         });
-                        pending.push(Some(place));
+                        batch.places.push(Some(place));
                     }
                 }
             }
         }
-        if batch.len() >= CHUNK_LINES
+        if batch.items.len() >= CHUNK_LINES
             && let Target::Write(ob) = &mut target
         {
-            record_batch(
-                ob,
-                &mut batch,
-                &mut pending,
-                &mut outcomes,
-                &mut counts,
-                &mut summary,
-                &mut written,
-            )?;
+            batch.record(ob, &mut counts, &mut summary, &mut written)?;
         }
         if cancel.is_cancelled() {
             interrupted = true;
@@ -178,17 +167,9 @@ pub fn feed(
         }
     }
     if let Target::Write(ob) = &mut target
-        && !batch.is_empty()
+        && !batch.items.is_empty()
     {
-        record_batch(
-            ob,
-            &mut batch,
-            &mut pending,
-            &mut outcomes,
-            &mut counts,
-            &mut summary,
-            &mut written,
-        )?;
+        batch.record(ob, &mut counts, &mut summary, &mut written)?;
     }
     let Counts {
         totals, new_ids, ..
@@ -250,37 +231,47 @@ impl Counts {
     }
 }
 
-/// Records a batch in one transaction and counts what the outbox found new (the outbox is the
-/// judge: another process may have recorded the same lines meanwhile).
-fn record_batch(
-    ob: &mut Outbox,
-    batch: &mut Vec<IngestItem>,
-    places: &mut Vec<Place>,
-    outcomes: &mut Vec<Recorded>,
-    counts: &mut Counts,
-    summary: &mut ReplaySummary,
-    written: &mut IngestReport,
-) -> Result<(), OutboxError> {
-    outcomes.clear();
-    written.add(&ob.ingest_noting(batch, &[], Some(outcomes))?);
-    for ((item, place), outcome) in batch.iter().zip(places.iter()).zip(outcomes.iter()) {
-        let (IngestItem::Record { prepared, .. }, Some((record, path, offset))) = (item, place)
-        else {
-            continue;
-        };
-        match outcome {
-            Recorded::New => counts.first_seen(summary, prepared, record),
-            Recorded::Conflict => summary.reject(
-                path,
-                *offset,
-                conflict_reason(&prepared.transaction_id, None),
-            ),
-            Recorded::AlreadySeen | Recorded::Rejected => {}
+/// Lines on their way into the outbox, with what the summary needs of each once the outbox
+/// says whether it was new.
+#[derive(Default)]
+struct Batch {
+    items: Vec<IngestItem>,
+    places: Vec<Place>,
+    outcomes: Vec<Recorded>,
+}
+
+impl Batch {
+    /// Records the batch in one transaction and counts what the outbox found new (the outbox is
+    /// the judge: another process may have recorded the same lines meanwhile).
+    fn record(
+        &mut self,
+        ob: &mut Outbox,
+        counts: &mut Counts,
+        summary: &mut ReplaySummary,
+        written: &mut IngestReport,
+    ) -> Result<(), OutboxError> {
+        self.outcomes.clear();
+        written.add(&ob.ingest_noting(&self.items, &[], Some(&mut self.outcomes))?);
+        let lines = self.items.iter().zip(&self.places).zip(&self.outcomes);
+        for ((item, place), outcome) in lines {
+            let (IngestItem::Record { prepared, .. }, Some((record, path, offset))) = (item, place)
+            else {
+                continue;
+            };
+            match outcome {
+                Recorded::New => counts.first_seen(summary, prepared, record),
+                Recorded::Conflict => summary.reject(
+                    path,
+                    *offset,
+                    conflict_reason(&prepared.transaction_id, None),
+                ),
+                Recorded::AlreadySeen | Recorded::Rejected => {}
+            }
         }
+        self.items.clear();
+        self.places.clear();
+        Ok(())
     }
-    batch.clear();
-    places.clear();
-    Ok(())
 }
 
 /// The first bytes of a rejected line, as the outbox keeps them.

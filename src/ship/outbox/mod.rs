@@ -531,10 +531,21 @@ impl Outbox {
                                 }
                                 n
                             }
-                            Disposition::Held { reason } => {
+                            // Held: kept with its record and ids to resolve again later;
+                            // not billable: only remembered.
+                            other => {
+                                let (state, reason, record, ids) = match other {
+                                    Disposition::Held { reason } => (
+                                        State::Held,
+                                        Some(reason.as_str()),
+                                        prepared.record_json.as_deref(),
+                                        Some(ids()),
+                                    ),
+                                    _ => (State::NotBillable, None, None, None),
+                                };
                                 let n = insert.execute(params![
                                     prepared.transaction_id,
-                                    State::Held.code(),
+                                    state.code(),
                                     prepared.content_hash,
                                     Option::<i64>::None,
                                     Option::<i64>::None,
@@ -543,28 +554,13 @@ impl Outbox {
                                     source.offset as i64,
                                     now,
                                     reason,
-                                    prepared.record_json.as_deref(),
-                                    Some(ids()),
+                                    record,
+                                    ids,
                                 ])?;
-                                report.held += n as u64;
-                                n
-                            }
-                            Disposition::NotBillable { .. } => {
-                                let n = insert.execute(params![
-                                    prepared.transaction_id,
-                                    State::NotBillable.code(),
-                                    prepared.content_hash,
-                                    Option::<i64>::None,
-                                    Option::<i64>::None,
-                                    Option::<i64>::None,
-                                    source_id,
-                                    source.offset as i64,
-                                    now,
-                                    Option::<&str>::None,
-                                    Option::<&[u8]>::None,
-                                    Option::<String>::None,
-                                ])?;
-                                report.not_billable += n as u64;
+                                match state {
+                                    State::Held => report.held += n as u64,
+                                    _ => report.not_billable += n as u64,
+                                }
                                 n
                             }
                         };

@@ -1,7 +1,7 @@
 //! Read-only access to `shipper.db`, for what must not write: `tally replay --dry-run` (which
 //! must not even create the file) and the reading `tally queue` subcommands.
 //!
-//! (Added for the operator commands, issue #4.)
+//! (Added for the operator commands, `tally queue` and `tally replay --dry-run`.)
 
 use std::path::Path;
 

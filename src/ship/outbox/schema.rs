@@ -118,7 +118,7 @@ pub const MIGRATIONS: &[&str] = &[
     UPDATE events SET lease_until_ms = 0, lease_owner = NULL, lease_pid = NULL
         WHERE state = 0 AND (lease_until_ms <> 0 OR lease_owner IS NOT NULL);
     "#,
-    // v5 (issue 17, `tally audit`): what an audit compares with Lago's copy of an acked event.
+    // v5 (`tally audit`, docs/operations.md): what an audit compares with Lago's copy of an acked event.
     // The ack slims the row and drops the event JSON; it now keeps the event's `code` and
     // `timestamp` (as sent, e.g. "1795773600.250") first. Adding nullable columns does not
     // rewrite the table; rows acked before v5 have NULL there and are checked for presence and

@@ -429,7 +429,7 @@ fn a_second_connection_sees_and_waits_for_writes() {
     assert!(b.stats().unwrap().last_lago_error.is_none());
 }
 
-/// Regression (issue #6, found by the bad-input test): after a rotation the new live file has the
+/// Regression (found by the bad-input test): after a rotation the new live file has the
 /// same path, so a malformed line at the offset of an earlier malformed line used to be dropped
 /// silently by the (file, offset) uniqueness. A re-read of the same line still counts once.
 #[test]
@@ -457,7 +457,7 @@ fn rejected_lines_at_the_same_place_of_a_reused_path_are_all_kept() {
     assert_eq!(ob.stats().unwrap().rejected, 2);
 }
 
-/// Regression (issue #6, found by the security test): `shipper.db` was created 0644, readable by
+/// Regression (found by the security test): `shipper.db` was created 0644, readable by
 /// every user; it holds usage per customer.
 #[test]
 fn the_outbox_and_its_directory_are_not_readable_by_other_users() {
@@ -519,7 +519,7 @@ fn a_reader_during_creation_sees_nothing_or_the_whole_schema() {
     });
 }
 
-/// Regression (issue 12): a pre-existing state directory writable by every user was used
+/// Regression (docs/operations.md, "Files and permissions"): a pre-existing state directory writable by every user was used
 /// silently; a shipper.db left readable by others stayed so.
 #[test]
 fn a_world_writable_state_directory_is_refused_and_the_outbox_is_tightened() {
