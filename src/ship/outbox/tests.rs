@@ -656,3 +656,89 @@ fn the_audit_work_list_resumes_and_requeues_only_acked_events() {
     assert_eq!(requeued, ["w1"], "w3 was never acked: untouched");
     assert_eq!(ob.state_of("w1").unwrap(), Some(State::Pending));
 }
+
+/// The ack is one delete in the queue: the ledger row stays as the ingest wrote it (that is what
+/// keeps an ack from seeking a random page for a uuid4 id), and the event's bytes are gone.
+#[test]
+fn an_ack_deletes_the_queue_row_and_leaves_the_ledger_row_as_written() {
+    let (_dir, mut ob) = open();
+    ob.ingest(&[item(&record("q0", Some("c")), 0)], &[])
+        .unwrap();
+    let ledger = |ob: &Outbox| -> (i64, Option<i64>, i64) {
+        ob.conn()
+            .query_row(
+                "SELECT state, updated_ms, queue_seq FROM events WHERE transaction_id = 'q0'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap()
+    };
+    let before = ledger(&ob);
+    let lock = lock(&ob);
+    let (claimed, _) = ob.claim(10, None, &HashSet::new(), &lock).unwrap();
+    assert_eq!(claimed[0].seq, before.2);
+    ob.ack(&[(claimed[0].seq, "q0")], None).unwrap();
+    assert_eq!(ledger(&ob), before);
+    assert_eq!(ob.pending_count().unwrap(), 0);
+    assert_eq!(ob.state_of("q0").unwrap(), Some(State::Acked));
+}
+
+/// `event_states` is how a person at `sqlite3` reads the outbox: every state by its name, the
+/// queued-and-acked one included.
+#[test]
+fn the_event_states_view_names_every_state() {
+    let (_dir, mut ob) = open();
+    let mut failed = record("s-not-billable", Some("c"));
+    failed.status = "failure".into();
+    ob.ingest(
+        &[
+            item(&record("s-pending", Some("c")), 0),
+            item(&record("s-acked", Some("c")), 1),
+            item(&record("s-held", None), 2),
+            item(&record("s-dead", Some("c")), 3),
+            item(&record("s-dropped", Some("c")), 4),
+            item(&record("s-lago-error", Some("c")), 5),
+            item(&failed, 6),
+        ],
+        &[],
+    )
+    .unwrap();
+    let lock = lock(&ob);
+    let (claimed, _) = ob.claim(10, None, &HashSet::new(), &lock).unwrap();
+    let seq = |id: &str| claimed.iter().find(|c| c.transaction_id == id).unwrap().seq;
+    ob.ack(&[(seq("s-acked"), "s-acked")], None).unwrap();
+    ob.mark_dead(&[("s-dead", "Lago said no")]).unwrap();
+    ob.drop_items(&["s-dropped".to_owned()], "test").unwrap();
+    ob.mark_lago_error(&["s-lago-error"], "invalid_code")
+        .unwrap();
+    let rows: Vec<(String, String, Option<String>, Option<String>)> = ob
+        .conn()
+        .prepare(
+            "SELECT transaction_id, state, subscription_id, source_file FROM event_states
+             ORDER BY transaction_id",
+        )
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let states: Vec<(&str, &str)> = rows
+        .iter()
+        .map(|(id, state, ..)| (id.as_str(), state.as_str()))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("s-acked", "acked"),
+            ("s-dead", "dead"),
+            ("s-dropped", "dropped"),
+            ("s-held", "held"),
+            ("s-lago-error", "lago_error"),
+            ("s-not-billable", "not_billable"),
+            ("s-pending", "pending"),
+        ]
+    );
+    let pending = rows.iter().find(|r| r.0 == "s-pending").unwrap();
+    assert_eq!(pending.2.as_deref(), Some("c"));
+    assert_eq!(pending.3.as_deref(), Some("spend.jsonl"));
+}
