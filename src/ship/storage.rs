@@ -82,7 +82,9 @@ pub fn trouble(e: &OutboxTaskError, os_errno: i32) -> Option<Trouble> {
             OutboxError::CreateDir { source, .. } | OutboxError::Lock { source, .. },
         ) => source.raw_os_error().is_some_and(is_storage_errno),
         OutboxTaskError::Outbox(
-            OutboxError::NewerSchema { .. } | OutboxError::UnsafeDir { .. },
+            OutboxError::NewerSchema { .. }
+            | OutboxError::OlderSchema { .. }
+            | OutboxError::UnsafeDir { .. },
         )
         | OutboxTaskError::Task(_) => false,
     };
@@ -108,7 +110,9 @@ pub fn is_full_or_failing(e: &OutboxError) -> bool {
         OutboxError::CreateDir { source, .. } | OutboxError::Lock { source, .. } => {
             source.raw_os_error().is_some_and(is_storage_errno)
         }
-        OutboxError::NewerSchema { .. } | OutboxError::UnsafeDir { .. } => false,
+        OutboxError::NewerSchema { .. }
+        | OutboxError::OlderSchema { .. }
+        | OutboxError::UnsafeDir { .. } => false,
     }
 }
 

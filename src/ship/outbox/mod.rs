@@ -141,6 +141,16 @@ pub enum OutboxError {
         "shipper.db has schema version {found}, newer than this tally knows ({known}); run the newer tally, or move the file away to start afresh"
     )]
     NewerSchema { found: usize, known: usize },
+    /// Read-only commands do not migrate: the shipper does, once, when it starts.
+    #[error(
+        "{path} has schema version {found}, older than this tally's ({known}); start `tally ship` \
+         once (with this tally) to migrate it, then run this again"
+    )]
+    OlderSchema {
+        path: PathBuf,
+        found: usize,
+        known: usize,
+    },
     #[error(
         "cannot lock {path} (the one-sender-per-outbox lock): {source}; check TALLY_STATE_DIR is writable"
     )]

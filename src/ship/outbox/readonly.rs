@@ -38,11 +38,10 @@ impl Outbox {
             Ok(v) if v < known => {
                 // Reading an older schema with this build's queries could misreport; the
                 // shipper migrates it on its next start.
-                return Err(OutboxError::Open {
+                return Err(OutboxError::OlderSchema {
                     path: path.clone(),
-                    source: rusqlite::Error::InvalidParameterName(format!(
-                        "schema version {v} is older than this tally's ({known}); start `tally ship` once to migrate it"
-                    )),
+                    found: v,
+                    known,
                 });
             }
             _ => {
