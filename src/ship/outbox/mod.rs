@@ -486,98 +486,125 @@ impl Outbox {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                  ON CONFLICT (source_file, source_offset, line_key) DO NOTHING",
             )?;
-            for item in items {
-                match item {
-                    IngestItem::Record { prepared, source } => {
-                        let source_id = match self.sources.get(&source.file) {
+            // Queue places in file order, given before the ledger pass (a line whose id is
+            // already recorded leaves a gap, which the queue does not mind).
+            let mut seqs = vec![0i64; items.len()];
+            for (i, item) in items.iter().enumerate() {
+                if let IngestItem::Record { prepared, .. } = item
+                    && matches!(prepared.disposition, Disposition::Pending { .. })
+                {
+                    next_seq += 1;
+                    seqs[i] = next_seq;
+                }
+            }
+            // Ledger rows in id order: consecutive inserts land on neighbouring pages, where
+            // uuid4 ids in file order would each seek a random one. The sort is stable, so of
+            // two lines with one id the first in the file is still the one recorded.
+            let id_of = |i: usize| match &items[i] {
+                IngestItem::Record { prepared, .. } => prepared.transaction_id.as_str(),
+                IngestItem::Rejected { .. } => "",
+            };
+            let mut order: Vec<usize> = (0..items.len())
+                .filter(|&i| matches!(items[i], IngestItem::Record { .. }))
+                .collect();
+            order.sort_by(|&a, &b| id_of(a).cmp(id_of(b)));
+            let mut found = vec![Found::Malformed; items.len()];
+            for i in order {
+                let IngestItem::Record { prepared, source } = &items[i] else {
+                    continue;
+                };
+                let source_id = match self.sources.get(&source.file) {
+                    Some(id) => *id,
+                    None => source_id(&tx, &source.file, &mut new_sources)?,
+                };
+                let inserted = match &prepared.disposition {
+                    Disposition::Pending {
+                        external_subscription_id,
+                        code,
+                        time_ms,
+                        ..
+                    } => {
+                        let target = match self
+                            .targets
+                            .get(code)
+                            .and_then(|subs| subs.get(external_subscription_id))
+                        {
                             Some(id) => *id,
-                            None => source_id(&tx, &source.file, &mut new_sources)?,
-                        };
-                        let ids = || prepared.customer_ids.to_json();
-                        let inserted = match &prepared.disposition {
-                            Disposition::Pending {
-                                external_subscription_id,
-                                event,
-                                code,
-                                time_ms,
-                            } => {
-                                let seq = next_seq + 1;
-                                let target = match self
-                                    .targets
-                                    .get(code)
-                                    .and_then(|subs| subs.get(external_subscription_id))
-                                {
-                                    Some(id) => *id,
-                                    None => target_id(
-                                        &tx,
-                                        external_subscription_id,
-                                        code,
-                                        &mut new_targets,
-                                    )?,
-                                };
-                                let n = insert.execute(params![
-                                    prepared.transaction_id,
-                                    State::Pending.code(),
-                                    prepared.content_hash,
-                                    seq,
-                                    target,
-                                    time_ms,
-                                    source_id,
-                                    source.offset as i64,
-                                    now,
-                                    Option::<&str>::None,
-                                    Option::<&[u8]>::None,
-                                    Option::<String>::None,
-                                ])?;
-                                if n == 1 {
-                                    enqueue.execute(params![
-                                        seq,
-                                        prepared.transaction_id,
-                                        event,
-                                        ids()
-                                    ])?;
-                                    next_seq = seq;
-                                    report.pending += 1;
-                                }
-                                n
-                            }
-                            // Held: kept with its record and ids to resolve again later;
-                            // not billable: only remembered.
-                            other => {
-                                let (state, reason, record, ids) = match other {
-                                    Disposition::Held { reason } => (
-                                        State::Held,
-                                        Some(reason.as_str()),
-                                        prepared.record_json.as_deref(),
-                                        Some(ids()),
-                                    ),
-                                    _ => (State::NotBillable, None, None, None),
-                                };
-                                let n = insert.execute(params![
-                                    prepared.transaction_id,
-                                    state.code(),
-                                    prepared.content_hash,
-                                    Option::<i64>::None,
-                                    Option::<i64>::None,
-                                    Option::<i64>::None,
-                                    source_id,
-                                    source.offset as i64,
-                                    now,
-                                    reason,
-                                    record,
-                                    ids,
-                                ])?;
-                                match state {
-                                    State::Held => report.held += n as u64,
-                                    _ => report.not_billable += n as u64,
-                                }
-                                n
+                            None => {
+                                target_id(&tx, external_subscription_id, code, &mut new_targets)?
                             }
                         };
-                        if inserted == 1 {
-                            note(Recorded::New);
-                            continue;
+                        insert.execute(params![
+                            prepared.transaction_id,
+                            State::Pending.code(),
+                            prepared.content_hash,
+                            seqs[i],
+                            target,
+                            time_ms,
+                            source_id,
+                            source.offset as i64,
+                            now,
+                            Option::<&str>::None,
+                            Option::<&[u8]>::None,
+                            Option::<String>::None,
+                        ])?
+                    }
+                    // Held: kept with its record and ids to resolve again later; not billable:
+                    // only remembered.
+                    other => {
+                        let (state, reason, record, ids) = match other {
+                            Disposition::Held { reason } => (
+                                State::Held,
+                                Some(reason.as_str()),
+                                prepared.record_json.as_deref(),
+                                Some(prepared.customer_ids.to_json()),
+                            ),
+                            _ => (State::NotBillable, None, None, None),
+                        };
+                        insert.execute(params![
+                            prepared.transaction_id,
+                            state.code(),
+                            prepared.content_hash,
+                            Option::<i64>::None,
+                            Option::<i64>::None,
+                            Option::<i64>::None,
+                            source_id,
+                            source.offset as i64,
+                            now,
+                            reason,
+                            record,
+                            ids,
+                        ])?
+                    }
+                };
+                found[i] = if inserted == 1 {
+                    Found::New
+                } else {
+                    Found::Recorded
+                };
+            }
+            // The queue and the rejected lines in file order.
+            for (i, item) in items.iter().enumerate() {
+                match (item, found[i]) {
+                    (IngestItem::Record { prepared, .. }, Found::New) => {
+                        note(Recorded::New);
+                        match &prepared.disposition {
+                            Disposition::Pending { event, .. } => {
+                                enqueue.execute(params![
+                                    seqs[i],
+                                    prepared.transaction_id,
+                                    event,
+                                    prepared.customer_ids.to_json()
+                                ])?;
+                                report.pending += 1;
+                            }
+                            Disposition::Held { .. } => report.held += 1,
+                            Disposition::NotBillable { .. } => report.not_billable += 1,
                         }
+                    }
+                    (IngestItem::Record { prepared, source }, Found::Recorded) => {
+                        // Compared here, in file order: a line recorded earlier in this chunk
+                        // is in the queue by now, and its state reads as it will be committed.
                         let (hash, old_state): (i64, i64) = existing
                             .query_row([&prepared.transaction_id], |r| {
                                 Ok((r.get(0)?, r.get(1)?))
@@ -605,11 +632,14 @@ impl Outbox {
                             report.conflicts += 1;
                         }
                     }
-                    IngestItem::Rejected {
-                        source,
-                        reason,
-                        head,
-                    } => {
+                    (
+                        IngestItem::Rejected {
+                            source,
+                            reason,
+                            head,
+                        },
+                        _,
+                    ) => {
                         note(Recorded::Rejected);
                         let head = head_text(head);
                         let key = rejected_line_key(reason, head.as_bytes());
@@ -626,6 +656,7 @@ impl Outbox {
                             report.rejected += 1;
                         }
                     }
+                    (IngestItem::Record { .. }, Found::Malformed) => {}
                 }
             }
             let mut position = tx.prepare_cached(
@@ -905,6 +936,17 @@ fn source_id(tx: &Connection, path: &str, new: &mut Vec<(String, i64)>) -> rusql
         .query_row([path], |r| r.get(0))?;
     new.push((path.to_owned(), id));
     Ok(id)
+}
+
+/// What the ledger pass of an ingest found for one item.
+#[derive(Debug, Clone, Copy)]
+enum Found {
+    /// Recorded now.
+    New,
+    /// Recorded before (in an earlier ingest, or earlier in this one).
+    Recorded,
+    /// Not a record (a malformed line).
+    Malformed,
 }
 
 /// A `targets` row made in an ingest not yet committed: (subscription id, code, id).

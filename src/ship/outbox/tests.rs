@@ -742,3 +742,39 @@ fn the_event_states_view_names_every_state() {
     assert_eq!(pending.2.as_deref(), Some("c"));
     assert_eq!(pending.3.as_deref(), Some("spend.jsonl"));
 }
+
+/// The ledger pass writes in id order; the queue, the rejected lines and "who came first" stay
+/// in file order.
+#[test]
+fn one_chunk_queues_in_file_order_and_its_first_line_of_an_id_wins() {
+    let (_dir, mut ob) = open();
+    let first = record("zz", Some("c"));
+    let mut other = record("zz", Some("c"));
+    other.input_tokens = 99;
+    let report = ob
+        .ingest(
+            &[
+                item(&first, 0),
+                item(&record("mm", Some("c")), 1),
+                item(&other, 2),
+                item(&record("aa", Some("c")), 3),
+            ],
+            &[],
+        )
+        .unwrap();
+    assert_eq!((report.pending, report.conflicts), (3, 1));
+    let lock = lock(&ob);
+    let (claimed, _) = ob.claim(10, None, &HashSet::new(), &lock).unwrap();
+    assert_eq!(ids(&claimed), ["zz", "mm", "aa"]);
+    assert!(claimed[0].seq < claimed[1].seq && claimed[1].seq < claimed[2].seq);
+    // The event of "zz" is the first line's (input_tokens 1), the second is the conflict.
+    assert!(
+        String::from_utf8_lossy(&claimed[0].event).contains("\"input_tokens\":1,"),
+        "{}",
+        String::from_utf8_lossy(&claimed[0].event)
+    );
+    let rejected = ob.list(ListFilter::Rejected, 10).unwrap();
+    assert_eq!(rejected.len(), 1);
+    assert_eq!(rejected[0].source_offset, Some(2));
+    assert!(rejected[0].reason.as_deref().unwrap().contains("(now pending)"));
+}
