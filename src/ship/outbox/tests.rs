@@ -776,5 +776,11 @@ fn one_chunk_queues_in_file_order_and_its_first_line_of_an_id_wins() {
     let rejected = ob.list(ListFilter::Rejected, 10).unwrap();
     assert_eq!(rejected.len(), 1);
     assert_eq!(rejected[0].source_offset, Some(2));
-    assert!(rejected[0].reason.as_deref().unwrap().contains("(now pending)"));
+    assert!(
+        rejected[0]
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("(now pending)")
+    );
 }
