@@ -5,7 +5,7 @@
 use rusqlite::{OptionalExtension, TransactionBehavior, params};
 use serde::Serialize;
 
-use super::{EFFECTIVE_STATE, Outbox, OutboxError, now_ms};
+use super::{EFFECTIVE_STATE, Outbox, OutboxError, dequeue, now_ms};
 
 /// What [`Outbox::mark_lago_error`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -91,10 +91,6 @@ impl Outbox {
             .conn_mut()
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
-            let mut dequeue = tx.prepare_cached(
-                "DELETE FROM pending WHERE seq =
-                     (SELECT queue_seq FROM events WHERE transaction_id = ?1 AND state = 0)",
-            )?;
             let mut update = tx.prepare_cached(
                 "UPDATE events SET state = 6, reason = ?2, updated_ms = ?3, queue_seq = NULL,
                      event = NULL, record = NULL, customer_ids = NULL
@@ -102,7 +98,7 @@ impl Outbox {
             )?;
             let mut exists = tx.prepare_cached("SELECT 1 FROM events WHERE transaction_id = ?1")?;
             for id in ids {
-                dequeue.execute([id])?;
+                dequeue(&tx, id)?;
                 let n = update.execute(params![id, category, now])?;
                 if n == 1 {
                     marks.marked.push((*id).to_owned());

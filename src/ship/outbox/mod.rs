@@ -49,6 +49,13 @@ pub use task::{OutboxTaskError, with_outbox};
 use crate::ship::resolve::{Disposition, PreparedRecord};
 use crate::ship::tail::{FileId, FilePosition};
 
+/// The queue place of the queued row with id `?1` (none once it left the queue).
+macro_rules! queue_place_of_id {
+    () => {
+        "(SELECT queue_seq FROM events WHERE transaction_id = ?1 AND state = 0)"
+    };
+}
+
 /// A queued row's effective state code, for queries over `events AS e`: a queued row (0) is
 /// acked once the sender has deleted its `pending` row (see `schema.rs`).
 pub(crate) const EFFECTIVE_STATE: &str = "CASE WHEN e.state = 0 AND NOT EXISTS
@@ -750,7 +757,7 @@ impl Outbox {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
-            let mut dequeue = tx.prepare_cached(
+            let mut by_place = tx.prepare_cached(
                 "DELETE FROM pending WHERE seq = ?1 AND transaction_id = ?2 RETURNING attempts",
             )?;
             // Only an event that needed retries has its ledger row written, to keep the count.
@@ -758,7 +765,7 @@ impl Outbox {
                 "UPDATE events SET attempts = ?2, updated_ms = ?3 WHERE transaction_id = ?1",
             )?;
             for (seq, id) in events {
-                let attempts: Option<i64> = dequeue
+                let attempts: Option<i64> = by_place
                     .query_row(params![seq, id], |r| r.get(0))
                     .optional()?;
                 match attempts {
@@ -803,18 +810,18 @@ impl Outbox {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
-            let mut dequeue = tx.prepare_cached(
-                "DELETE FROM pending WHERE seq =
-                     (SELECT queue_seq FROM events WHERE transaction_id = ?1 AND state = 0)
-                 RETURNING event, customer_ids, attempts",
-            )?;
+            let mut take = tx.prepare_cached(concat!(
+                "DELETE FROM pending WHERE seq = ",
+                queue_place_of_id!(),
+                " RETURNING event, customer_ids, attempts"
+            ))?;
             let mut bury = tx.prepare_cached(
                 "UPDATE events SET state = 2, reason = ?2, updated_ms = ?3, event = ?4,
                      customer_ids = ?5, attempts = ?6 + 1, queue_seq = NULL
                  WHERE transaction_id = ?1",
             )?;
             for (id, reason) in dead {
-                let row: Option<(Vec<u8>, Option<String>, i64)> = dequeue
+                let row: Option<(Vec<u8>, Option<String>, i64)> = take
                     .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                     .optional()?;
                 if let Some((event, ids, attempts)) = row {
@@ -830,8 +837,10 @@ impl Outbox {
     pub fn record_failure(&mut self, ids: &[&str], error: &str) -> Result<(), OutboxError> {
         self.for_each_id(
             ids,
-            "UPDATE pending SET attempts = attempts + 1, reason = ?2
-             WHERE seq = (SELECT queue_seq FROM events WHERE transaction_id = ?1 AND state = 0)",
+            concat!(
+                "UPDATE pending SET attempts = attempts + 1, reason = ?2 WHERE seq = ",
+                queue_place_of_id!()
+            ),
             |stmt, id| stmt.execute(params![id, error]),
         )
     }
@@ -975,17 +984,21 @@ pub(crate) fn target_id(
     Ok(id)
 }
 
+/// Takes the queued row with id `id` out of the queue; its send attempts when it was there.
+pub(crate) fn dequeue(tx: &Connection, id: &str) -> rusqlite::Result<Option<i64>> {
+    tx.prepare_cached(concat!(
+        "DELETE FROM pending WHERE seq = ",
+        queue_place_of_id!(),
+        " RETURNING attempts"
+    ))?
+    .query_row([id], |r| r.get(0))
+    .optional()
+}
+
 /// Lago has `id`: out of the queue if it is queued, acked (slimmed) if it was held, dead or
 /// dropped. An acked or lago-error row stays as it is.
 fn acked_by_id(tx: &Connection, id: &str, now: i64) -> rusqlite::Result<()> {
-    let attempts: Option<i64> = tx
-        .prepare_cached(
-            "DELETE FROM pending WHERE seq =
-                 (SELECT queue_seq FROM events WHERE transaction_id = ?1 AND state = 0)
-             RETURNING attempts",
-        )?
-        .query_row([id], |r| r.get(0))
-        .optional()?;
+    let attempts = dequeue(tx, id)?;
     if let Some(n) = attempts.filter(|n| *n > 0) {
         tx.prepare_cached(
             "UPDATE events SET attempts = ?2, updated_ms = ?3 WHERE transaction_id = ?1",

@@ -4,7 +4,7 @@
 use rusqlite::{OptionalExtension, TransactionBehavior, params};
 use serde::Serialize;
 
-use super::{EFFECTIVE_STATE, Outbox, OutboxError, State, now_ms, target_id};
+use super::{EFFECTIVE_STATE, Outbox, OutboxError, State, dequeue, now_ms, target_id};
 use crate::ship::resolve::{CustomerIds, Disposition, EventSpec, disposition, re_resolve_event};
 use crate::ship::tail::{FileId, FilePosition};
 use crate::spend::SpendRecord;
@@ -533,11 +533,6 @@ impl Outbox {
             .conn_mut()
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
-            // A queued row is dropped only while it is still in the queue (not yet acked).
-            let mut dequeue = tx.prepare_cached(
-                "DELETE FROM pending WHERE seq =
-                     (SELECT queue_seq FROM events WHERE transaction_id = ?1 AND state = 0)",
-            )?;
             let mut event = tx.prepare_cached(
                 "UPDATE events SET state = 5, event = NULL, record = NULL, customer_ids = NULL,
                      reason = ?2, updated_ms = ?3, queue_seq = NULL
@@ -554,7 +549,8 @@ impl Outbox {
                 {
                     Some(n) => rejected.execute(params![n, reason])?,
                     None => {
-                        let dequeued = dequeue.execute([id])? == 1;
+                        // A queued row is dropped only while it is still in the queue.
+                        let dequeued = dequeue(&tx, id)?.is_some();
                         event.execute(params![id, reason, now, dequeued])?
                     }
                 };
