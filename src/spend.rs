@@ -162,6 +162,33 @@ pub enum RecordError {
     Field { field: &'static str, reason: String },
 }
 
+/// The `schema` check alone, for a line that did not parse as a record: a missing, newer or
+/// malformed `schema` is named before any other field.
+fn check_schema(text: &str) -> Result<(), RecordError> {
+    #[derive(Deserialize)]
+    struct Probe {
+        schema: Option<serde_json::Value>,
+    }
+    let probe: Probe = serde_json::from_str(text).map_err(|e| RecordError::Json(e.to_string()))?;
+    match probe.schema {
+        None | Some(serde_json::Value::Null) => {
+            Err(RecordError::Json("missing field `schema`".into()))
+        }
+        Some(serde_json::Value::Number(n)) if n.as_u64() == Some(u64::from(SCHEMA_VERSION)) => {
+            Ok(())
+        }
+        Some(serde_json::Value::Number(n)) if n.as_u64().is_some() => {
+            Err(RecordError::UnsupportedSchema {
+                found: n.as_u64().unwrap_or_default(),
+            })
+        }
+        Some(other) => Err(RecordError::Field {
+            field: "schema",
+            reason: format!("expected the integer {SCHEMA_VERSION}, found {other}"),
+        }),
+    }
+}
+
 impl SpendRecord {
     /// Parses and validates one line (without its trailing newline).
     pub fn parse_line(line: &[u8]) -> Result<Self, RecordError> {
@@ -172,36 +199,21 @@ impl SpendRecord {
         if text.trim().is_empty() {
             return Err(RecordError::Empty);
         }
-        // Look at `schema` first, so a record from a newer writer gets the clear "upgrade"
-        // message instead of whatever field error its new shape would trigger.
-        #[derive(Deserialize)]
-        struct Probe {
-            schema: Option<serde_json::Value>,
-        }
-        let probe: Probe =
-            serde_json::from_str(text).map_err(|e| RecordError::Json(e.to_string()))?;
-        match probe.schema {
-            None | Some(serde_json::Value::Null) => {
-                return Err(RecordError::Json("missing field `schema`".into()));
-            }
-            Some(serde_json::Value::Number(n)) if n.as_u64() == Some(u64::from(SCHEMA_VERSION)) => {
-            }
-            Some(serde_json::Value::Number(n)) if n.as_u64().is_some() => {
+        // One parse on the common path. Only when it fails, or reads another schema, is `schema`
+        // looked at on its own: a record from a newer writer gets the clear "upgrade" message
+        // instead of whatever field error its new shape would trigger.
+        let record = match serde_json::from_str::<SpendRecord>(text) {
+            Ok(r) if r.schema == SCHEMA_VERSION => r,
+            Ok(r) => {
                 return Err(RecordError::UnsupportedSchema {
-                    found: n.as_u64().unwrap_or_default(),
+                    found: u64::from(r.schema),
                 });
             }
-            Some(other) => {
-                return Err(RecordError::Field {
-                    field: "schema",
-                    reason: format!("expected the integer {SCHEMA_VERSION}, found {other}"),
-                });
+            Err(e) => {
+                check_schema(text)?;
+                // Parse again, slowly, only to name the field that is wrong.
+                return Err(RecordError::Json(describe_json_error(text, e)));
             }
-        }
-        let record: SpendRecord = match serde_json::from_str(text) {
-            Ok(r) => r,
-            // Parse again, slowly, only to name the field that is wrong.
-            Err(e) => return Err(RecordError::Json(describe_json_error(text, e))),
         };
         record.validate()?;
         Ok(record)
@@ -621,6 +633,29 @@ mod tests {
         let err = parse(&with("schema", 2.into())).unwrap_err();
         assert_eq!(err, RecordError::UnsupportedSchema { found: 2 });
         assert!(err.to_string().contains("upgrade tally"));
+        // A newer record whose shape changed too: the schema is still what is named.
+        let mut v = serde_json::to_value(sample()).unwrap();
+        v["schema"] = 7.into();
+        v.as_object_mut().unwrap().remove("model");
+        v["input_tokens"] = "many".into();
+        assert_eq!(
+            parse(&v.to_string()).unwrap_err(),
+            RecordError::UnsupportedSchema { found: 7 }
+        );
+        // A missing or malformed schema is named before the other fields' errors.
+        v.as_object_mut().unwrap().remove("schema");
+        assert_eq!(
+            parse(&v.to_string()).unwrap_err(),
+            RecordError::Json("missing field `schema`".into())
+        );
+        v["schema"] = "1".into();
+        assert!(matches!(
+            parse(&v.to_string()).unwrap_err(),
+            RecordError::Field {
+                field: "schema",
+                ..
+            }
+        ));
     }
 
     #[test]
