@@ -266,7 +266,7 @@ pub fn re_resolve_event(event: &[u8], ids: &CustomerIds, spec: &EventSpec) -> Op
                 };
                 Disposition::Pending {
                     external_subscription_id: id.to_owned(),
-                    event: serde_json::to_vec(&event).unwrap_or_default(),
+                    event: event.to_json(),
                     code: spec.code.clone(),
                     time_ms,
                 }
@@ -344,32 +344,34 @@ impl OwnedProperties {
     }
 }
 
-#[derive(Serialize)]
+/// A Lago event, written by [`LagoEvent::to_json`] (serde's derive would give the same bytes,
+/// which a test checks, at about twice the cost: every key goes through its escaper).
+#[cfg_attr(test, derive(Serialize))]
 struct LagoEvent<'a> {
     transaction_id: &'a str,
     external_subscription_id: &'a str,
     code: &'a str,
     timestamp: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(test, serde(skip_serializing_if = "Option::is_none"))]
     precise_total_amount_cents: Option<String>,
     properties: Properties<'a>,
 }
 
-#[derive(Serialize)]
+#[cfg_attr(test, derive(Serialize))]
 struct Properties<'a> {
     model: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(test, serde(skip_serializing_if = "Option::is_none"))]
     response_cost: Option<f64>,
     input_tokens: u64,
     output_tokens: u64,
     total_tokens: u64,
     prompt_tokens: u64,
     completion_tokens: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(test, serde(skip_serializing_if = "Option::is_none"))]
     cache_read_input_tokens: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(test, serde(skip_serializing_if = "Option::is_none"))]
     cache_creation_input_tokens: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(test, serde(skip_serializing_if = "Option::is_none"))]
     reasoning_tokens: Option<u64>,
 }
 
@@ -409,8 +411,66 @@ pub fn event_bytes_with(
             reasoning_tokens: Some(record.reasoning_tokens),
         },
     };
-    // Only strings, integers and finite floats (validated at parse): cannot fail.
-    serde_json::to_vec(&event).unwrap_or_default()
+    event.to_json()
+}
+
+impl LagoEvent<'_> {
+    /// The event's JSON: fields in declaration order, absent options left out, strings escaped
+    /// and floats printed as serde_json does.
+    fn to_json(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(512);
+        out.extend_from_slice(b"{\"transaction_id\":");
+        json_str(&mut out, self.transaction_id);
+        out.extend_from_slice(b",\"external_subscription_id\":");
+        json_str(&mut out, self.external_subscription_id);
+        out.extend_from_slice(b",\"code\":");
+        json_str(&mut out, self.code);
+        out.extend_from_slice(b",\"timestamp\":");
+        json_str(&mut out, &self.timestamp);
+        if let Some(cents) = &self.precise_total_amount_cents {
+            out.extend_from_slice(b",\"precise_total_amount_cents\":");
+            json_str(&mut out, cents);
+        }
+        let p = &self.properties;
+        out.extend_from_slice(b",\"properties\":{\"model\":");
+        json_str(&mut out, p.model);
+        if let Some(cost) = p.response_cost {
+            out.extend_from_slice(b",\"response_cost\":");
+            // Finite (validated at parse); serde_json writes a non-finite one as null anyway.
+            let _ = serde_json::to_writer(&mut out, &cost);
+        }
+        let mut int = |key: &[u8], v: Option<u64>| {
+            if let Some(v) = v {
+                out.extend_from_slice(key);
+                out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
+            }
+        };
+        int(b",\"input_tokens\":", Some(p.input_tokens));
+        int(b",\"output_tokens\":", Some(p.output_tokens));
+        int(b",\"total_tokens\":", Some(p.total_tokens));
+        int(b",\"prompt_tokens\":", Some(p.prompt_tokens));
+        int(b",\"completion_tokens\":", Some(p.completion_tokens));
+        int(b",\"cache_read_input_tokens\":", p.cache_read_input_tokens);
+        int(
+            b",\"cache_creation_input_tokens\":",
+            p.cache_creation_input_tokens,
+        );
+        int(b",\"reasoning_tokens\":", p.reasoning_tokens);
+        out.extend_from_slice(b"}}");
+        out
+    }
+}
+
+/// `s` as a JSON string. Ids and model names rarely need escaping: those are copied as they are,
+/// the rest go through serde_json's escaper.
+fn json_str(out: &mut Vec<u8>, s: &str) {
+    if s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        let _ = serde_json::to_writer(&mut *out, s);
+    } else {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    }
 }
 
 /// Unix seconds with exactly three decimals, as a string: `"1764237600.250"`. Lago reads a
@@ -441,6 +501,56 @@ pub fn parse_lago_timestamp(text: &str) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_event_writer_gives_serdes_bytes() {
+        let strings = [
+            "tx-1",
+            "",
+            "quote\" and backslash \\",
+            "tab\tnewline\ncontrol\u{1}\u{1f}",
+            "ünïcödé 日本 🦀",
+            "slash / and del \u{7f}",
+        ];
+        let costs = [
+            None,
+            Some(0.0),
+            Some(0.0001675),
+            Some(1e-7),
+            Some(123.0),
+            Some(1e21),
+        ];
+        let counts = [None, Some(0), Some(u64::MAX)];
+        for (i, s) in strings.iter().enumerate() {
+            for (j, cost) in costs.iter().enumerate() {
+                let count = counts[(i + j) % counts.len()];
+                let event = LagoEvent {
+                    transaction_id: s,
+                    external_subscription_id: strings[(i + 1) % strings.len()],
+                    code: strings[(i + 2) % strings.len()],
+                    timestamp: lago_timestamp(1_764_237_600_250 - i as i64),
+                    precise_total_amount_cents: (j % 2 == 0).then(|| format!("{j}.5")),
+                    properties: Properties {
+                        model: strings[(i + j) % strings.len()],
+                        response_cost: *cost,
+                        input_tokens: i as u64,
+                        output_tokens: j as u64,
+                        total_tokens: u64::MAX,
+                        prompt_tokens: 0,
+                        completion_tokens: 7,
+                        cache_read_input_tokens: count,
+                        cache_creation_input_tokens: counts[j % counts.len()],
+                        reasoning_tokens: count.map(|c| c / 2),
+                    },
+                };
+                assert_eq!(
+                    String::from_utf8(event.to_json()).unwrap(),
+                    serde_json::to_string(&event).unwrap(),
+                    "string {i}, cost {j}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn lago_timestamps_read_back_to_their_milliseconds() {
