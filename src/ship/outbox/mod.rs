@@ -35,6 +35,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 pub use lago_checks::{AckedOrigin, AuditItem, AuditProgress, AuditScope, LagoErrorMarks};
@@ -757,24 +758,23 @@ impl Outbox {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
-            let mut by_place = tx.prepare_cached(
-                "DELETE FROM pending WHERE seq = ?1 AND transaction_id = ?2 RETURNING attempts",
-            )?;
+            let found = acked_places(&tx, events)?;
+            // Each run of queue places holding only acked rows goes in one delete: a statement
+            // per row cost 2 µs of the shipper's CPU per event (docs/benchmarks.md).
+            let mut delete =
+                tx.prepare_cached("DELETE FROM pending WHERE seq BETWEEN ?1 AND ?2")?;
+            for (first, last) in found.runs {
+                delete.execute(params![first, last])?;
+            }
             // Only an event that needed retries has its ledger row written, to keep the count.
             let mut keep_attempts = tx.prepare_cached(
                 "UPDATE events SET attempts = ?2, updated_ms = ?3 WHERE transaction_id = ?1",
             )?;
-            for (seq, id) in events {
-                let attempts: Option<i64> = by_place
-                    .query_row(params![seq, id], |r| r.get(0))
-                    .optional()?;
-                match attempts {
-                    None => acked_by_id(&tx, id, now)?,
-                    Some(0) => {}
-                    Some(n) => {
-                        keep_attempts.execute(params![id, n, now])?;
-                    }
-                }
+            for (id, n) in found.retried {
+                keep_attempts.execute(params![id, n, now])?;
+            }
+            for id in found.gone {
+                acked_by_id(&tx, id, now)?;
             }
             if let Some(n) = in_flight {
                 tx.prepare_cached(
@@ -993,6 +993,72 @@ pub(crate) fn dequeue(tx: &Connection, id: &str) -> rusqlite::Result<Option<i64>
     ))?
     .query_row([id], |r| r.get(0))
     .optional()
+}
+
+/// Where the acked `(seq, transaction_id)`s are in the queue.
+struct AckedPlaces<'a> {
+    /// Runs of queue places, first to last, that hold acked rows and nothing else.
+    runs: Vec<(i64, i64)>,
+    /// Acked rows found in the queue that had been tried before, with their attempts.
+    retried: Vec<(&'a str, i64)>,
+    /// Acked events no longer at their place (dropped, dead or requeued meanwhile).
+    gone: Vec<&'a str>,
+}
+
+/// One ordered scan of the queue between the lowest and the highest acked place. A row there that
+/// was not acked (still in flight in another batch) ends a run, so the deletes never reach it.
+fn acked_places<'a>(
+    tx: &Connection,
+    events: &[(i64, &'a str)],
+) -> rusqlite::Result<AckedPlaces<'a>> {
+    let mut ours = events.to_vec();
+    ours.sort_unstable_by_key(|(seq, _)| *seq);
+    ours.dedup();
+    let mut found = AckedPlaces {
+        runs: Vec::new(),
+        retried: Vec::new(),
+        gone: Vec::new(),
+    };
+    let (Some(&(low, _)), Some(&(high, _))) = (ours.first(), ours.last()) else {
+        return Ok(found);
+    };
+    let mut scan = tx.prepare_cached(
+        "SELECT seq, transaction_id, attempts FROM pending WHERE seq BETWEEN ?1 AND ?2 ORDER BY seq",
+    )?;
+    let mut rows = scan.query(params![low, high])?;
+    let mut next = ours.iter().peekable();
+    let mut run: Option<(i64, i64)> = None;
+    while let Some(row) = rows.next()? {
+        let seq: i64 = row.get(0)?;
+        while let Some((_, id)) = next.next_if(|(s, _)| *s < seq) {
+            found.gone.push(id);
+        }
+        let acked = match next.peek() {
+            Some((s, id)) if *s == seq => {
+                let same = matches!(row.get_ref(1)?, ValueRef::Text(t) if t == id.as_bytes());
+                if !same {
+                    // The place holds another id: this one is gone, the row stays.
+                    found.gone.push(id);
+                }
+                next.next();
+                same.then_some(*id)
+            }
+            _ => None,
+        };
+        match acked {
+            Some(id) => {
+                let attempts: i64 = row.get(2)?;
+                if attempts > 0 {
+                    found.retried.push((id, attempts));
+                }
+                run = Some(run.map_or((seq, seq), |(first, _)| (first, seq)));
+            }
+            None => found.runs.extend(run.take()),
+        }
+    }
+    found.runs.extend(run);
+    found.gone.extend(next.map(|(_, id)| *id));
+    Ok(found)
 }
 
 /// Lago has `id`: out of the queue if it is queued, acked (slimmed) if it was held, dead or

@@ -13,8 +13,9 @@
 //!   billable, 5 dropped, 6 lago-error (acked, then reported by Lago's `events.errors` webhook).
 //! - `pending`, the delivery queue: the Lago event of every queued row, in ingest order. A
 //!   queued event (state 0) is *pending* while its `pending` row (`queue_seq`) exists and
-//!   *acked* once the sender has deleted that row on Lago's word. The ack is that one delete,
-//!   in queue order: it never seeks the ledger, whose order is the ids' (random for uuid4).
+//!   *acked* once the sender has deleted that row on Lago's word. The ack is that delete, in
+//!   queue order (a run of acked places at a time): it never seeks the ledger, whose order is
+//!   the ids' (random for uuid4).
 //!
 //! The view `event_states` spells the effective state out for a person at `sqlite3`.
 
