@@ -322,6 +322,7 @@ async fn refresh_queue_gauges(
     stop: CancellationToken,
 ) {
     loop {
+        let started = std::time::Instant::now();
         // `depth`, not `stats`: counting acked rows scans the whole outbox.
         match outbox::with_outbox(&outbox, |ob| ob.depth()).await {
             Ok(depth) => {
@@ -340,8 +341,11 @@ async fn refresh_queue_gauges(
             }
             Err(e) => tracing::warn!(error = %e, "cannot count the outbox for the metrics"),
         }
+        // Counting the queue walks all of it, holding the outbox meanwhile: on a large backlog
+        // that takes a while, so the next count waits at least 50 times as long (2 % at most).
+        let wait = QUEUE_GAUGES_EVERY.max(started.elapsed() * 50);
         tokio::select! {
-            _ = tokio::time::sleep(QUEUE_GAUGES_EVERY) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = stop.cancelled() => return,
         }
     }
