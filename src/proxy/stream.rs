@@ -28,8 +28,11 @@ pub struct StreamOutcome {
     /// Estimated tokens of the text received (used when `usage` is `None`).
     pub estimated_completion_tokens: u64,
     pub upstream_model: Option<String>,
-    /// The upstream stream broke off with an error (not billed).
+    /// The upstream stream broke off with an error, or sent an `error` event (not billed).
     pub upstream_error: Option<String>,
+    /// The error came as the upstream's own `error` event, which the client has already been
+    /// sent: the stream then ends as the upstream ended it.
+    pub error_event_sent: bool,
     pub client_gone: bool,
 }
 
@@ -95,15 +98,22 @@ where
                     &mut usage_fields,
                     &mut completion_text,
                 );
-                if terminal && held.is_none() {
+                if terminal && held.is_none() && outcome.upstream_error.is_none() {
                     held = Some(event);
                 } else {
+                    let error_event = outcome.upstream_error.is_some() && !outcome.error_event_sent;
                     forward(event, &mut outcome).await;
+                    outcome.error_event_sent |= error_event;
                 }
                 continue;
             }
             match inspect(&event) {
                 Seen::Done => {}
+                Seen::Chunk(c) if c.error.is_some() => {
+                    outcome.upstream_error = Some(chunk_error_text(c.error.as_ref()));
+                    forward(event, &mut outcome).await;
+                    outcome.error_event_sent = true;
+                }
                 Seen::Chunk(c) => {
                     let usage_only = c.choices.is_empty() && c.usage.is_some();
                     if let Some(usage) = c.usage {
@@ -133,12 +143,15 @@ where
     }
     outcome.estimated_completion_tokens = tokens::estimate_text(&completion_text);
     let failed = outcome.upstream_error.clone();
+    let error_event_sent = outcome.error_event_sent;
     let client_gone = outcome.client_gone;
     let recorded = finish(outcome).await;
     if client_gone {
         return;
     }
-    if let Some(reason) = failed {
+    if error_event_sent {
+        // The client has the upstream's own error event: the stream ends as the upstream's did.
+    } else if let Some(reason) = failed {
         // Break the response off so the client sees an incomplete stream, not a clean end.
         let _ = client
             .send(Err(std::io::Error::other(format!(
@@ -167,6 +180,10 @@ struct Chunk {
     usage: Option<Usage>,
     #[serde(default)]
     model: Option<String>,
+    /// `data: {"error": {...}}`: OpenAI's mid-stream error, and an Anthropic `error` event
+    /// translated to chat.
+    #[serde(default)]
+    error: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -193,9 +210,15 @@ enum Seen {
 struct TypedEvent {
     #[serde(rename = "type", default)]
     kind: String,
-    /// Anthropic `message_start`.
+    /// Anthropic `message_start` (an object), or a Responses `error` event's text (a string).
     #[serde(default)]
-    message: Option<EventBody>,
+    message: Option<Value>,
+    /// Anthropic `error`: `{"type": "overloaded_error", "message": "..."}`.
+    #[serde(default)]
+    error: Option<Value>,
+    /// Responses `error`.
+    #[serde(default)]
+    code: Option<Value>,
     /// Anthropic `message_delta`.
     #[serde(default)]
     usage: Option<Map<String, Value>>,
@@ -213,6 +236,39 @@ struct EventBody {
     model: Option<String>,
     #[serde(default)]
     usage: Option<Map<String, Value>>,
+}
+
+/// What a chat stream's error chunk says, for the log.
+fn chunk_error_text(error: Option<&Value>) -> String {
+    let field = |name: &str| match error.and_then(|e| e.get(name)) {
+        Some(Value::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    format!(
+        "the upstream sent an error chunk mid-stream: {}: {}",
+        field("type")
+            .or_else(|| field("code"))
+            .as_deref()
+            .unwrap_or("error"),
+        field("message").as_deref().unwrap_or("(no message)")
+    )
+}
+
+/// What an `error` event says, for the log: its type or code, and its message.
+fn error_event_text(e: &TypedEvent) -> String {
+    let text = |v: Option<&Value>| match v {
+        Some(Value::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    let (kind, message) = match &e.error {
+        Some(Value::Object(err)) => (text(err.get("type")), text(err.get("message"))),
+        _ => (text(e.code.as_ref()), text(e.message.as_ref())),
+    };
+    format!(
+        "the upstream sent an error event mid-stream: {}: {}",
+        kind.as_deref().unwrap_or("error"),
+        message.as_deref().unwrap_or("(no message)")
+    )
 }
 
 /// Reads an Anthropic or Responses event into `outcome`, `usage` and `text`; true when it is the
@@ -238,7 +294,10 @@ fn inspect_typed(
     };
     match e.kind.as_str() {
         "message_start" => {
-            if let Some(m) = e.message {
+            if let Some(m) = e
+                .message
+                .and_then(|m| serde_json::from_value::<EventBody>(m).ok())
+            {
                 outcome.upstream_model = outcome.upstream_model.take().or(m.model);
                 if let Some(u) = m.usage {
                     merge(usage, u);
@@ -263,6 +322,12 @@ fn inspect_typed(
             false
         }
         "message_stop" => true,
+        // Anthropic's mid-stream error (`overloaded_error`, `api_error`) or a Responses `error`:
+        // the call failed, whatever usage came before it.
+        "error" => {
+            outcome.upstream_error = Some(error_event_text(&e));
+            false
+        }
         "response.output_text.delta" | "response.function_call_arguments.delta" => {
             if let Some(Value::String(t)) = e.delta {
                 text.push_str(&t);
@@ -462,6 +527,61 @@ mod tests {
         // The record could not be written: message_stop is not sent, the stream breaks off.
         let (body, _) = run(Wire::Anthropic, &events, false).await;
         assert!(!body.contains("message_stop"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn an_error_event_mid_stream_fails_the_call_and_reaches_the_client_as_sent() {
+        let anthropic = [
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude-x\",\"usage\":{\"input_tokens\":5,\"output_tokens\":1}}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\n",
+            "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n",
+        ];
+        let responses = [
+            "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"model\":\"gpt-x\"}}\n\n",
+            "event: error\ndata: {\"type\":\"error\",\"code\":\"server_error\",\"message\":\"boom\",\"param\":null,\"sequence_number\":2}\n\n",
+        ];
+        let chat = [
+            "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n",
+            "data: {\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n",
+        ];
+        for (wire, events, said) in [
+            (
+                Wire::Anthropic,
+                &anthropic[..],
+                "overloaded_error: Overloaded",
+            ),
+            (Wire::Responses, &responses[..], "server_error: boom"),
+            (
+                Wire::Chat {
+                    client_wants_usage: false,
+                },
+                &chat[..],
+                "overloaded_error: Overloaded",
+            ),
+        ] {
+            let source = futures::stream::iter(
+                events
+                    .iter()
+                    .map(|e| Ok::<_, std::io::Error>(Bytes::from(e.to_string()))),
+            );
+            let (tx, mut rx) = mpsc::channel(64);
+            let seen = std::sync::Arc::new(std::sync::Mutex::new(None));
+            let sink = seen.clone();
+            relay(source, tx, wire, async move |o: StreamOutcome| {
+                *sink.lock().unwrap() = Some(o);
+                true
+            })
+            .await;
+            let mut body = Vec::new();
+            while let Some(item) = rx.recv().await {
+                // Nothing is appended after the upstream's own error event.
+                body.extend_from_slice(&item.expect("the stream ends as the upstream's did"));
+            }
+            assert_eq!(String::from_utf8(body).unwrap(), events.concat());
+            let outcome = seen.lock().unwrap().take().unwrap();
+            let error = outcome.upstream_error.expect("the call failed");
+            assert!(error.ends_with(said), "{error}");
+        }
     }
 
     #[tokio::test]

@@ -29,8 +29,9 @@ fn sse(event: &str, data: Value) -> Result<Bytes, Infallible> {
     Ok(Bytes::from(format!("event: {event}\ndata: {data}\n\n")))
 }
 
-/// Anthropic's Messages API, streamed. With `"hold": true` in the metadata, the rest of the
-/// stream after `message_start` waits until the test says the client is gone.
+/// Anthropic's Messages API, streamed. For the user `cust-hangup`, the rest of the stream after
+/// `message_start` waits until the test says the client is gone; for `cust-overloaded*`, Anthropic
+/// gives up mid-stream with an `error` event, after a `message_start` that already had usage.
 async fn messages(State(gate): State<Arc<Notify>>, body: String) -> Response {
     let body: Value = serde_json::from_str(&body).unwrap();
     let model = body["model"].as_str().unwrap_or_default().to_owned();
@@ -40,11 +41,21 @@ async fn messages(State(gate): State<Arc<Notify>>, body: String) -> Response {
         "stop_sequence": null, "usage": {"input_tokens": 50, "output_tokens": 1,
         "cache_read_input_tokens": 10000, "cache_creation_input_tokens": 2000}}});
     let first = futures::stream::iter([sse("message_start", start)]);
+    let overloaded = body["metadata"]["user_id"]
+        .as_str()
+        .is_some_and(|u| u.starts_with("cust-overloaded"));
     let rest = futures::stream::once(async move {
+        if overloaded {
+            return futures::stream::iter(vec![sse(
+                "error",
+                json!({"type": "error",
+                       "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+            )]);
+        }
         if hold {
             gate.notified().await;
         }
-        futures::stream::iter([
+        futures::stream::iter(vec![
             sse(
                 "content_block_delta",
                 json!({"type": "content_block_delta", "index": 0,
@@ -139,6 +150,20 @@ general_settings:
         "{text}"
     );
     assert!(!text.contains("[DONE]"), "{text}");
+    // Overloaded mid-stream: the client gets Anthropic's error event as it was sent, and the
+    // call is recorded as failed, not billed for the usage its message_start announced.
+    let overloaded = message("cust-overloaded").await.unwrap();
+    assert_eq!(overloaded.status(), 200);
+    let text = String::from_utf8(overloaded.bytes().await.unwrap().to_vec()).unwrap();
+    let (_, last) = text
+        .rsplit_once("event: error\ndata: ")
+        .expect("the error event");
+    let last: Value = serde_json::from_str(last.trim_end()).unwrap();
+    assert_eq!(last["error"]["type"], "overloaded_error", "{text}");
+    assert!(
+        text.ends_with("\n\n") && !text.contains("message_stop"),
+        "{text}"
+    );
     let response = http
         .post(format!("{base}/v1/responses"))
         .bearer_auth(MASTER)
@@ -163,6 +188,22 @@ general_settings:
     let text = String::from_utf8(chat.bytes().await.unwrap().to_vec()).unwrap();
     assert!(text.contains("\"content\":\"Hi\""), "{text}");
     assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    // The same overload through the translation: the client gets it as an OpenAI error chunk,
+    // without [DONE], and the call is recorded as failed.
+    let chat = http
+        .post(format!("{base}/chat/completions"))
+        .bearer_auth(MASTER)
+        .json(
+            &json!({"model": "sonnet", "user": "cust-overloaded-chat", "stream": true,
+                      "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(chat.status(), 200);
+    let text = String::from_utf8(chat.bytes().await.unwrap().to_vec()).unwrap();
+    assert!(text.contains("\"overloaded_error\""), "{text}");
+    assert!(!text.contains("[DONE]"), "{text}");
 
     // A client that reads the first event and hangs up: the upstream goes on generating, and
     // the call is billed with the upstream's final usage.
@@ -195,7 +236,7 @@ general_settings:
         .lines()
         .map(|l| SpendRecord::parse_line(l.as_bytes()).unwrap())
         .collect();
-    assert_eq!(records.len(), 4, "{text}");
+    assert_eq!(records.len(), 6, "{text}");
     let by_user = |u: &str| {
         records
             .iter()
@@ -225,6 +266,9 @@ general_settings:
         );
         // 50 × 3e-6 + 10000 × 3e-7 + 2000 × 3.75e-6 + 100 × 1.5e-5
         assert_eq!(r.response_cost, Some(0.01215), "{user}");
+    }
+    for user in ["cust-overloaded", "cust-overloaded-chat"] {
+        assert_eq!(by_user(user).status, Status::Failure, "{user}");
     }
     let r = by_user("cust-responses");
     assert_eq!(r.call_type, "responses");
@@ -269,7 +313,7 @@ general_settings:
     sigterm_when_handled(&ship);
     assert!(ship.wait().unwrap().success());
     let events = emu.events();
-    assert_eq!(events.len(), 4);
+    assert_eq!(events.len(), 4, "the overloaded call is not billed");
     let at_lago = |user: &str| {
         events
             .iter()
