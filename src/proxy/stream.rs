@@ -482,6 +482,7 @@ mod tests {
         }
     }
 
+    /// Relays `events`; the body the client got, where a break-off shows as `<broken off: …>`.
     async fn run(wire: Wire, events: &[&str], recorded: bool) -> (String, StreamOutcome) {
         let source = futures::stream::iter(
             events
@@ -497,8 +498,11 @@ mod tests {
         })
         .await;
         let mut body = Vec::new();
-        while let Some(Ok(b)) = rx.recv().await {
-            body.extend_from_slice(&b);
+        while let Some(item) = rx.recv().await {
+            match item {
+                Ok(b) => body.extend_from_slice(&b),
+                Err(e) => body.extend_from_slice(format!("<broken off: {e}>").as_bytes()),
+            }
         }
         let outcome = seen.lock().unwrap().take().unwrap();
         (String::from_utf8(body).unwrap(), outcome)
@@ -559,26 +563,9 @@ mod tests {
                 "overloaded_error: Overloaded",
             ),
         ] {
-            let source = futures::stream::iter(
-                events
-                    .iter()
-                    .map(|e| Ok::<_, std::io::Error>(Bytes::from(e.to_string()))),
-            );
-            let (tx, mut rx) = mpsc::channel(64);
-            let seen = std::sync::Arc::new(std::sync::Mutex::new(None));
-            let sink = seen.clone();
-            relay(source, tx, wire, async move |o: StreamOutcome| {
-                *sink.lock().unwrap() = Some(o);
-                true
-            })
-            .await;
-            let mut body = Vec::new();
-            while let Some(item) = rx.recv().await {
-                // Nothing is appended after the upstream's own error event.
-                body.extend_from_slice(&item.expect("the stream ends as the upstream's did"));
-            }
-            assert_eq!(String::from_utf8(body).unwrap(), events.concat());
-            let outcome = seen.lock().unwrap().take().unwrap();
+            let (body, outcome) = run(wire, events, true).await;
+            // Nothing is appended after the upstream's own error event, no break-off either.
+            assert_eq!(body, events.concat());
             let error = outcome.upstream_error.expect("the call failed");
             assert!(error.ends_with(said), "{error}");
         }

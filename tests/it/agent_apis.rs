@@ -174,34 +174,23 @@ general_settings:
     assert_eq!(response.status(), 200);
     let _ = response.bytes().await.unwrap();
     // OpenAI-format chat to the anthropic/ deployment, translated, streamed.
-    let chat = http
-        .post(format!("{base}/chat/completions"))
-        .bearer_auth(MASTER)
-        .json(
-            &json!({"model": "sonnet", "user": "cust-chat", "stream": true,
-                      "messages": [{"role": "user", "content": "hi"}]}),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(chat.status(), 200);
-    let text = String::from_utf8(chat.bytes().await.unwrap().to_vec()).unwrap();
+    let chat = |user: &str| {
+        http.post(format!("{base}/chat/completions"))
+            .bearer_auth(MASTER)
+            .json(&json!({"model": "sonnet", "user": user, "stream": true,
+                          "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+    };
+    let chat_reply = chat("cust-chat").await.unwrap();
+    assert_eq!(chat_reply.status(), 200);
+    let text = String::from_utf8(chat_reply.bytes().await.unwrap().to_vec()).unwrap();
     assert!(text.contains("\"content\":\"Hi\""), "{text}");
     assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
     // The same overload through the translation: the client gets it as an OpenAI error chunk,
     // without [DONE], and the call is recorded as failed.
-    let chat = http
-        .post(format!("{base}/chat/completions"))
-        .bearer_auth(MASTER)
-        .json(
-            &json!({"model": "sonnet", "user": "cust-overloaded-chat", "stream": true,
-                      "messages": [{"role": "user", "content": "hi"}]}),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(chat.status(), 200);
-    let text = String::from_utf8(chat.bytes().await.unwrap().to_vec()).unwrap();
+    let chat_reply = chat("cust-overloaded-chat").await.unwrap();
+    assert_eq!(chat_reply.status(), 200);
+    let text = String::from_utf8(chat_reply.bytes().await.unwrap().to_vec()).unwrap();
     assert!(text.contains("\"overloaded_error\""), "{text}");
     assert!(!text.contains("[DONE]"), "{text}");
 
