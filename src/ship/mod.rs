@@ -20,6 +20,8 @@
 //! - [`subscriptions`]: looks up each new external_subscription_id in Lago; unknown ones are
 //!   warned about, counted and shown by `tally queue stats` (their events are never billed).
 //! - [`webhook`]: `--webhook-addr`, Lago's signed webhooks; `events.errors` → state lago-error.
+//! - [`supervise`]: a panic in any of the shipper's tasks stops it with that error (exit 1), so
+//!   it never runs on without its reader or with events stuck in flight.
 //! - [`storage`]: waits out a full or read-only state directory (retry, reopen, say why) so the
 //!   shipper resumes in the same process once the disk is fixed.
 //!
@@ -36,6 +38,7 @@ pub mod settings;
 pub mod signal;
 pub mod storage;
 pub mod subscriptions;
+pub mod supervise;
 pub mod tail;
 pub mod webhook;
 
@@ -45,6 +48,8 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use crate::ship::supervise::Supervisor;
 
 use crate::metrics::ship::QueueDepth;
 use crate::metrics::{MetricsServer, Registry, ShipMetrics};
@@ -148,20 +153,21 @@ pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> an
         None => None,
     };
     let webhook_addr = webhooks.as_ref().map(|(addr, _)| *addr);
+    // Stops everything when either half fails or a task panics; a parent shutdown stops it too.
+    let stop = shutdown.child_token();
+    let sup = Supervisor::new(stop.clone());
     // Every task beside the reader and the sender; all are waited for before returning.
     let tasks = TaskTracker::new();
     if let Some((_, served)) = webhooks {
-        tasks.spawn(async move {
+        tasks.spawn(sup.guard("webhook listener", async move {
             if let Err(e) = served.await {
                 tracing::warn!(error = %e, "the webhook listener failed");
             }
-        });
+        }));
     }
     // A full or read-only state directory is waited out by the reader and the sender alike.
     let storage = Arc::new(StorageGate::new(db_path.clone(), Some(metrics.clone())));
     let signal = Arc::new(WorkSignal::default());
-    // Stops everything when either half fails; a parent shutdown stops it too.
-    let stop = shutdown.child_token();
 
     tracing::info!(
         spend_log = %settings.spend_log.display(),
@@ -187,22 +193,21 @@ pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> an
     storage.set_normal_status(status);
     service::notify_ready();
     if let Some(watchdog) = service::spawn_watchdog(stop.clone(), || true) {
-        tasks.spawn(async move {
+        tasks.spawn(sup.guard("watchdog", async move {
             let _ = watchdog.await;
-        });
+        }));
     }
     if let Some(server) = metrics_server {
         let stop = stop.clone();
-        tasks.spawn(async move {
+        tasks.spawn(sup.guard("metrics listener", async move {
             if let Err(e) = server.run(stop).await {
                 tracing::warn!(error = %e, "the metrics listener failed");
             }
-        });
+        }));
     }
-    tasks.spawn(refresh_queue_gauges(
-        outbox.clone(),
-        metrics.clone(),
-        stop.clone(),
+    tasks.spawn(sup.guard(
+        "queue gauges",
+        refresh_queue_gauges(outbox.clone(), metrics.clone(), stop.clone()),
     ));
     match lago_read::LagoReader::new(
         &settings.lago.api_base,
@@ -210,11 +215,14 @@ pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> an
         subscriptions::RATE,
     ) {
         Ok(reader) => {
-            tasks.spawn(subscriptions::run_checker(
-                outbox.clone(),
-                reader,
-                Some(metrics.clone()),
-                stop.clone(),
+            tasks.spawn(sup.guard(
+                "subscription checker",
+                subscriptions::run_checker(
+                    outbox.clone(),
+                    reader,
+                    Some(metrics.clone()),
+                    stop.clone(),
+                ),
             ));
         }
         Err(e) => {
@@ -229,7 +237,7 @@ pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> an
         }
     });
 
-    let reader = tokio::spawn({
+    let reader = tokio::spawn(sup.guard("reader", {
         let (outbox, signal, stop) = (outbox.clone(), signal.clone(), stop.clone());
         let spec = Arc::new(settings.lago.spec.clone());
         let max = settings.tuning.max_line_bytes;
@@ -250,10 +258,10 @@ pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> an
             }
             r
         }
-    });
+    }));
     if let Some(retention) = settings.tuning.acked_retention {
         let (outbox, stop) = (outbox.clone(), stop.clone());
-        tasks.spawn(async move {
+        tasks.spawn(sup.guard("acked-id pruning", async move {
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(PRUNE_EVERY) => {}
@@ -265,7 +273,7 @@ pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> an
                     Err(e) => tracing::warn!(error = %e, "cannot prune acked ids"),
                 }
             }
-        });
+        }));
     }
 
     let totals = Arc::new(SendTotals {
@@ -288,6 +296,10 @@ pub async fn run_with(settings: ShipSettings, shutdown: CancellationToken) -> an
     let read = reader.await.context("the reader task failed")?;
     tasks.close();
     tasks.wait().await;
+    if let Some(panic) = sup.panic() {
+        anyhow::bail!("{panic}; tally ship stopped (nothing is lost: start it again)");
+    }
+    let read = read.context("the reader task panicked")?;
     // An outbox error (disk full, read-only) must name the file, so the operator knows where.
     let read = read.with_context(|| {
         format!(

@@ -47,6 +47,7 @@ use crate::ship::outbox::{
 use crate::ship::settings::Tuning;
 use crate::ship::signal::WorkSignal;
 use crate::ship::storage::{StorageGate, trouble, with_outbox_waiting};
+use crate::ship::supervise;
 
 /// With nothing signalled, look for claimable rows this often anyway (rows written by another
 /// process, requeued by an operator).
@@ -216,7 +217,7 @@ struct Ctx {
 
 impl Ctx {
     fn fail(&self, e: SenderError) {
-        tracing::error!(error = %e, "the sender cannot write to the outbox; stopping");
+        tracing::error!(error = %e, "the sender cannot go on; stopping");
         if let Ok(mut slot) = self.error.lock()
             && slot.is_none()
         {
@@ -346,7 +347,16 @@ pub async fn run_sender(
         tuning,
     });
     let acks_done = CancellationToken::new();
-    let acker = tokio::spawn(run_acker(ctx.clone(), acks_rx, acks_done.clone()));
+    let acker = tokio::spawn({
+        let ctx = ctx.clone();
+        let done = acks_done.clone();
+        async move {
+            if let Err(panic) = supervise::catch(run_acker(ctx.clone(), acks_rx, done)).await {
+                // Accepted batches would wait for it forever, their events in flight.
+                ctx.fail(SenderError::Task(format!("the acker panicked: {panic}")));
+            }
+        }
+    });
     // Dropped before the end (the caller's task aborted): the workers give up their batches and
     // the acker commits what it has, then both stop.
     let _stop_workers = (
@@ -432,7 +442,7 @@ pub async fn run_sender(
                 };
                 let ctx = ctx.clone();
                 tracker.spawn(async move {
-                    deliver(&ctx, again).await;
+                    deliver_guarded(&ctx, again).await;
                     drop(permit);
                 });
             }
@@ -440,7 +450,7 @@ pub async fn run_sender(
         }
         let worker_ctx = ctx.clone();
         tracker.spawn(async move {
-            deliver(&worker_ctx, batch).await;
+            deliver_guarded(&worker_ctx, batch).await;
             drop(permit);
         });
     }
@@ -536,6 +546,16 @@ async fn run_acker(
                 return;
             }
         }
+    }
+}
+
+/// [`deliver`]; a panic in it stops the sender with that error, since the batch's events would
+/// otherwise stay in flight, never claimed again while this sender runs.
+async fn deliver_guarded(ctx: &Arc<Ctx>, batch: Vec<ClaimedEvent>) {
+    if let Err(panic) = supervise::catch(deliver(ctx, batch)).await {
+        ctx.fail(SenderError::Task(format!(
+            "a delivery worker panicked: {panic}"
+        )));
     }
 }
 
