@@ -101,9 +101,9 @@ where
                 if terminal && held.is_none() && outcome.upstream_error.is_none() {
                     held = Some(event);
                 } else {
-                    let error_event = outcome.upstream_error.is_some() && !outcome.error_event_sent;
                     forward(event, &mut outcome).await;
-                    outcome.error_event_sent |= error_event;
+                    // Only an `error` event sets it inside the loop.
+                    outcome.error_event_sent |= outcome.upstream_error.is_some();
                 }
                 continue;
             }
@@ -238,37 +238,28 @@ struct EventBody {
     usage: Option<Map<String, Value>>,
 }
 
-/// What a chat stream's error chunk says, for the log.
-fn chunk_error_text(error: Option<&Value>) -> String {
-    let field = |name: &str| match error.and_then(|e| e.get(name)) {
-        Some(Value::String(s)) => Some(s.clone()),
-        _ => None,
-    };
+/// What an upstream's mid-stream error says, for the log: its type (or code) and its message.
+fn error_text(kind: Option<&Value>, message: Option<&Value>) -> String {
     format!(
-        "the upstream sent an error chunk mid-stream: {}: {}",
-        field("type")
-            .or_else(|| field("code"))
-            .as_deref()
-            .unwrap_or("error"),
-        field("message").as_deref().unwrap_or("(no message)")
+        "the upstream sent an error mid-stream: {}: {}",
+        kind.and_then(Value::as_str).unwrap_or("error"),
+        message.and_then(Value::as_str).unwrap_or("(no message)")
     )
 }
 
-/// What an `error` event says, for the log: its type or code, and its message.
+/// A chat chunk's `error` object: `{"type" or "code", "message"}`.
+fn chunk_error_text(error: Option<&Value>) -> String {
+    let field = |name: &str| error.and_then(|e| e.get(name));
+    error_text(field("type").or_else(|| field("code")), field("message"))
+}
+
+/// An `error` event: Anthropic's nests `{"type", "message"}` under `error`; a Responses one has
+/// `code` and `message` at the top.
 fn error_event_text(e: &TypedEvent) -> String {
-    let text = |v: Option<&Value>| match v {
-        Some(Value::String(s)) => Some(s.clone()),
-        _ => None,
-    };
-    let (kind, message) = match &e.error {
-        Some(Value::Object(err)) => (text(err.get("type")), text(err.get("message"))),
-        _ => (text(e.code.as_ref()), text(e.message.as_ref())),
-    };
-    format!(
-        "the upstream sent an error event mid-stream: {}: {}",
-        kind.as_deref().unwrap_or("error"),
-        message.as_deref().unwrap_or("(no message)")
-    )
+    match &e.error {
+        Some(Value::Object(err)) => error_text(err.get("type"), err.get("message")),
+        _ => error_text(e.code.as_ref(), e.message.as_ref()),
+    }
 }
 
 /// Reads an Anthropic or Responses event into `outcome`, `usage` and `text`; true when it is the

@@ -49,11 +49,10 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::ship::supervise::Supervisor;
-
 use crate::metrics::ship::QueueDepth;
 use crate::metrics::{MetricsServer, Registry, ShipMetrics};
 use crate::service;
+use crate::ship::supervise::Supervisor;
 use outbox::Outbox;
 use sender::{SendMode, SendTotals};
 pub use settings::{ApiKey, ShipSettings};
