@@ -1,8 +1,8 @@
 //! The Lago events client: one `POST /api/v1/events/batch` per call, and the classification of
 //! Lago's answer into what the sender must do (docs/lago-emulator.md).
 //!
-//! The request body is assembled from the event bytes stored in the outbox, without parsing
-//! them again. The API key goes only into a header marked sensitive; reqwest's errors carry the
+//! The request body is assembled from the event bytes the claim wrote (`ship::event`), without
+//! parsing them again. The API key goes only into a header marked sensitive; reqwest's errors carry the
 //! URL at most, never headers, so no error or log line can contain the key.
 //!
 //! Only Lago's own success acks a batch: a 200 whose body is the `{"events": [...]}` envelope

@@ -7,7 +7,8 @@
 //! - [`tail`]: follows the live spend log across rotation and truncation, yielding lines and
 //!   file positions.
 //! - [`amount`]: `precise_total_amount_cents` (cost × 100 × markup) in exact decimal.
-//! - [`resolve`]: a record → who is charged (`LAGO_API_CHARGE_BY`) and the exact Lago event bytes.
+//! - [`resolve`]: a record → who is charged (`LAGO_API_CHARGE_BY`) and what its Lago event says.
+//! - [`event`]: the Lago event: its content, as the outbox queues it, and its exact bytes.
 //! - [`outbox`]: `shipper.db` (SQLite, WAL, migrated schema): records, their delivery state,
 //!   rejected lines, file positions; plus what `tally queue` reads and does, and
 //!   [`outbox::with_outbox`], an outbox operation from async code.
@@ -28,6 +29,7 @@
 //! [`run`] is the command; [`run_with`] runs the same shipper from code (the demo, tests).
 
 pub mod amount;
+pub mod event;
 pub mod lago;
 pub mod lago_read;
 pub mod outbox;

@@ -307,7 +307,7 @@ pub async fn audit(
             let mut not_fixable = Vec::new();
             for id in &ids {
                 match rebuild::missing_event(ob, id, fix.precise_amount)? {
-                    Ok(event) => rebuilt.push((id.as_str(), event)),
+                    Ok(event) => rebuilt.push(event),
                     Err(why) => not_fixable.push(Difference {
                         transaction_id: id.clone(),
                         detail: why,

@@ -9,8 +9,9 @@
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 
 use crate::ship::amount::Markup;
-use crate::ship::outbox::{Outbox, OutboxError};
-use crate::ship::resolve::{content_hash, event_bytes_with};
+use crate::ship::event::EventBody;
+use crate::ship::outbox::{Outbox, OutboxError, Rebuilt};
+use crate::ship::resolve::{CustomerIds, content_hash};
 use crate::spend::SpendRecord;
 
 /// Longest line read back (the shipper's default line limit).
@@ -22,7 +23,7 @@ pub fn missing_event(
     ob: &Outbox,
     transaction_id: &str,
     precise_amount: Option<Markup>,
-) -> Result<Result<Vec<u8>, String>, OutboxError> {
+) -> Result<Result<Rebuilt, String>, OutboxError> {
     let Some(origin) = ob.acked_origin(transaction_id)? else {
         return Ok(Err("no longer acked in the outbox".into()));
     };
@@ -65,7 +66,13 @@ pub fn missing_event(
             )));
         }
     };
-    Ok(Ok(event_bytes_with(&record, &code, &sub, precise_amount)))
+    Ok(Ok(Rebuilt {
+        transaction_id: record.transaction_id.clone(),
+        external_subscription_id: sub,
+        code,
+        body: EventBody::of(&record, precise_amount),
+        customer_ids: CustomerIds::of(&record),
+    }))
 }
 
 fn read_line(path: &str, offset: u64) -> std::io::Result<Vec<u8>> {

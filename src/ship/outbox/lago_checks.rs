@@ -5,7 +5,10 @@
 use rusqlite::{OptionalExtension, TransactionBehavior, params};
 use serde::Serialize;
 
-use super::{EFFECTIVE_STATE, Outbox, OutboxError, dequeue, now_ms};
+use super::pending::{Enqueue, Queued};
+use super::{EFFECTIVE_STATE, Outbox, OutboxError, dequeue, now_ms, target_id};
+use crate::ship::event::EventBody;
+use crate::ship::resolve::CustomerIds;
 
 /// What [`Outbox::mark_lago_error`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -273,12 +276,10 @@ impl Outbox {
             .optional()?)
     }
 
-    /// `--fix`: acked events Lago does not have go back to pending with their rebuilt event
-    /// bytes, so the shipper sends them again. Only rows still acked; returns those requeued.
-    pub fn requeue_acked(
-        &mut self,
-        events: &[(&str, Vec<u8>)],
-    ) -> Result<Vec<String>, OutboxError> {
+    /// `--fix`: acked events Lago does not have go back to pending, rebuilt from their
+    /// spend-log lines, so the shipper sends them again. Only rows still acked; returns those
+    /// requeued.
+    pub fn requeue_acked(&mut self, events: &[Rebuilt]) -> Result<Vec<String>, OutboxError> {
         let now = now_ms();
         let mut done = Vec::new();
         let tx = self
@@ -289,29 +290,44 @@ impl Outbox {
                 "SELECT 1 FROM events AS e
                  WHERE e.transaction_id = ?1 AND e.state IN (0, 3) AND {EFFECTIVE_STATE} = 3"
             ))?;
-            let mut enqueue = tx.prepare_cached(
-                "INSERT INTO pending (transaction_id, event, reason) VALUES (?1, ?2, ?3)",
-            )?;
             let mut set = tx.prepare_cached(
                 "UPDATE events SET state = 0, queue_seq = ?2, updated_ms = ?3
                  WHERE transaction_id = ?1",
             )?;
-            for (id, event) in events {
+            for e in events {
+                let id = e.transaction_id.as_str();
                 if acked.query_row([id], |_| Ok(())).optional()?.is_none() {
                     continue;
                 }
-                enqueue.execute(params![
-                    id,
-                    event,
-                    "requeued by tally audit --fix: Lago did not have it"
-                ])?;
-                set.execute(params![id, tx.last_insert_rowid(), now])?;
-                done.push((*id).to_owned());
+                let target = target_id(&tx, &e.external_subscription_id, &e.code, &mut Vec::new())?;
+                let seq = Enqueue::new(&tx)?.push(
+                    None,
+                    &Queued {
+                        transaction_id: id,
+                        target_id: target,
+                        body: &e.body,
+                        ids: &e.customer_ids,
+                        attempts: 0,
+                        reason: Some("requeued by tally audit --fix: Lago did not have it"),
+                    },
+                )?;
+                set.execute(params![id, seq, now])?;
+                done.push(id.to_owned());
             }
         }
         tx.commit()?;
         Ok(done)
     }
+}
+
+/// An acked event rebuilt from its spend-log line, for [`Outbox::requeue_acked`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rebuilt {
+    pub transaction_id: String,
+    pub external_subscription_id: String,
+    pub code: String,
+    pub body: EventBody,
+    pub customer_ids: CustomerIds,
 }
 
 /// See [`Outbox::acked_origin`].

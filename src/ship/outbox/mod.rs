@@ -25,6 +25,7 @@
 
 mod lago_checks;
 mod lock;
+mod pending;
 mod queue;
 mod readonly;
 mod schema;
@@ -38,7 +39,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-pub use lago_checks::{AckedOrigin, AuditItem, AuditProgress, AuditScope, LagoErrorMarks};
+pub use lago_checks::{AckedOrigin, AuditItem, AuditProgress, AuditScope, LagoErrorMarks, Rebuilt};
 pub use lock::{SenderLock, sender_running};
 pub use queue::{
     Depth, ItemDetail, ItemSummary, LagoErrorNote, ListFilter, REJECTED_PREFIX, RejectedDetail,
@@ -49,6 +50,7 @@ pub use task::{OutboxTaskError, with_outbox};
 
 use crate::ship::resolve::{Disposition, PreparedRecord};
 use crate::ship::tail::{FileId, FilePosition};
+use pending::{EVENT_COLUMN_COUNT, EVENT_COLUMNS, Enqueue, ID_COLUMNS, Queued};
 
 /// The queue place of the queued row with id `?1` (none once it left the queue).
 macro_rules! queue_place_of_id {
@@ -187,6 +189,9 @@ pub struct Source {
 }
 
 /// One line to record, from the tailer or from any other reader (`tally replay`).
+// Nearly every item is a record: boxing it would cost an allocation per line to save space only
+// on the rare rejected line.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum IngestItem {
     Record {
@@ -481,10 +486,7 @@ impl Outbox {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
                  ON CONFLICT (transaction_id) DO NOTHING",
             )?;
-            let mut enqueue = tx.prepare_cached(
-                "INSERT INTO pending (seq, transaction_id, event, customer_ids)
-                 VALUES (?1, ?2, ?3, ?4)",
-            )?;
+            let mut enqueue = Enqueue::new(&tx)?;
             let mut existing = tx.prepare_cached(&format!(
                 "SELECT e.content_hash, {EFFECTIVE_STATE} FROM events AS e
                  WHERE e.transaction_id = ?1"
@@ -517,6 +519,8 @@ impl Outbox {
                 .collect();
             order.sort_by(|&a, &b| id_of(a).cmp(id_of(b)));
             let mut found = vec![Found::Malformed; items.len()];
+            // The target of each pending item, for its queue row.
+            let mut targets = vec![0i64; items.len()];
             for i in order {
                 let IngestItem::Record { prepared, source } = &items[i] else {
                     continue;
@@ -529,8 +533,7 @@ impl Outbox {
                     Disposition::Pending {
                         external_subscription_id,
                         code,
-                        time_ms,
-                        ..
+                        body,
                     } => {
                         let target = match self
                             .targets
@@ -542,13 +545,14 @@ impl Outbox {
                                 target_id(&tx, external_subscription_id, code, &mut new_targets)?
                             }
                         };
+                        targets[i] = target;
                         insert.execute(params![
                             prepared.transaction_id,
                             State::Pending.code(),
                             prepared.content_hash,
                             seqs[i],
                             target,
-                            time_ms,
+                            body.time_ms,
                             source_id,
                             source.offset as i64,
                             now,
@@ -597,13 +601,18 @@ impl Outbox {
                     (IngestItem::Record { prepared, .. }, Found::New) => {
                         note(Recorded::New);
                         match &prepared.disposition {
-                            Disposition::Pending { event, .. } => {
-                                enqueue.execute(params![
-                                    seqs[i],
-                                    prepared.transaction_id,
-                                    event,
-                                    prepared.customer_ids.to_json()
-                                ])?;
+                            Disposition::Pending { body, .. } => {
+                                enqueue.push(
+                                    Some(seqs[i]),
+                                    &Queued {
+                                        transaction_id: &prepared.transaction_id,
+                                        target_id: targets[i],
+                                        body,
+                                        ids: &prepared.customer_ids,
+                                        attempts: 0,
+                                        reason: None,
+                                    },
+                                )?;
                                 report.pending += 1;
                             }
                             Disposition::Held { .. } => report.held += 1,
@@ -713,14 +722,16 @@ impl Outbox {
         _lock: &SenderLock,
     ) -> Result<(Vec<ClaimedEvent>, Option<ClaimCursor>), OutboxError> {
         let after = after.map_or(i64::MIN, |c| c.seq);
-        // The queue in order, from the cursor; the rows in flight are skipped here rather than
-        // in SQL (at most batches in flight × batch size of them, and only after a restart from
-        // the oldest).
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, transaction_id, event FROM pending WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-        )?;
-        let limit = max.saturating_add(in_flight.len()).min(i64::MAX as usize) as i64;
-        let mut rows = stmt.query(params![after, limit])?;
+        // The queue in order, from the cursor, read only as far as needed (no LIMIT: with the
+        // join, a bound LIMIT made SQLite prepare the statement again on every claim). The rows
+        // in flight are skipped here rather than in SQL (at most batches in flight × batch size
+        // of them, and only after a restart from the oldest).
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT p.seq, p.transaction_id, {EVENT_COLUMNS}
+             FROM pending AS p LEFT JOIN targets AS qt ON qt.id = p.target_id
+             WHERE p.seq > ?1 ORDER BY p.seq"
+        ))?;
+        let mut rows = stmt.query([after])?;
         let mut claimed = Vec::with_capacity(max.min(1024));
         let mut last = None;
         while claimed.len() < max
@@ -734,8 +745,8 @@ impl Outbox {
             }
             claimed.push(ClaimedEvent {
                 seq,
+                event: pending::event_json(r, 2, &transaction_id)?,
                 transaction_id,
-                event: r.get(2)?,
             });
         }
         Ok((claimed, last))
@@ -810,22 +821,33 @@ impl Outbox {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
-            let mut take = tx.prepare_cached(concat!(
-                "DELETE FROM pending WHERE seq = ",
-                queue_place_of_id!(),
-                " RETURNING event, customer_ids, attempts"
+            let mut take = tx.prepare_cached(&format!(
+                "SELECT p.seq, {EVENT_COLUMNS}, {ID_COLUMNS}, p.attempts
+                 FROM pending AS p LEFT JOIN targets AS qt ON qt.id = p.target_id
+                 WHERE p.seq = {}",
+                queue_place_of_id!()
             ))?;
+            let mut delete = tx.prepare_cached("DELETE FROM pending WHERE seq = ?1")?;
             let mut bury = tx.prepare_cached(
                 "UPDATE events SET state = 2, reason = ?2, updated_ms = ?3, event = ?4,
                      customer_ids = ?5, attempts = ?6 + 1, queue_seq = NULL
                  WHERE transaction_id = ?1",
             )?;
             for (id, reason) in dead {
-                let row: Option<(Vec<u8>, Option<String>, i64)> = take
-                    .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                let row = take
+                    .query_row([id], |r| {
+                        let ids = pending::customer_ids(r, 1 + EVENT_COLUMN_COUNT)?;
+                        Ok((
+                            r.get::<_, i64>(0)?,
+                            pending::event_json(r, 1, id)?,
+                            ids,
+                            r.get::<_, i64>(4 + EVENT_COLUMN_COUNT)?,
+                        ))
+                    })
                     .optional()?;
-                if let Some((event, ids, attempts)) = row {
-                    bury.execute(params![id, reason, now, event, ids, attempts])?;
+                if let Some((seq, event, ids, attempts)) = row {
+                    delete.execute([seq])?;
+                    bury.execute(params![id, reason, now, event, ids.to_json(), attempts])?;
                 }
             }
         }

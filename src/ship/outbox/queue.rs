@@ -4,8 +4,10 @@
 use rusqlite::{OptionalExtension, TransactionBehavior, params};
 use serde::Serialize;
 
+use super::pending::{self, EVENT_COLUMN_COUNT, EVENT_COLUMNS, Enqueue, ID_COLUMNS, Queued};
 use super::{EFFECTIVE_STATE, Outbox, OutboxError, State, dequeue, now_ms, target_id};
-use crate::ship::resolve::{CustomerIds, Disposition, EventSpec, disposition, re_resolve_event};
+use crate::ship::event::EventBody;
+use crate::ship::resolve::{CustomerIds, Disposition, EventSpec, disposition, re_resolve};
 use crate::ship::tail::{FileId, FilePosition};
 use crate::spend::SpendRecord;
 
@@ -343,12 +345,13 @@ impl Outbox {
     /// Everything about one transaction_id, or `None` when it was never recorded.
     pub fn show(&self, transaction_id: &str) -> Result<Option<ItemDetail>, OutboxError> {
         let mut stmt = self.conn().prepare_cached(&format!(
-            "SELECT {EFFECTIVE_STATE}, e.record, coalesce(p.event, e.event), t.subscription_id,
+            "SELECT {EFFECTIVE_STATE}, e.record, e.event, t.subscription_id,
                  coalesce(p.reason, e.reason), coalesce(p.attempts, e.attempts), s.path,
                  e.source_offset, e.created_ms, coalesce(e.updated_ms, e.created_ms),
-                 coalesce(p.customer_ids, e.customer_ids)
+                 e.customer_ids, p.seq, {EVENT_COLUMNS}, {ID_COLUMNS}
              FROM events AS e
              LEFT JOIN pending AS p ON p.seq = e.queue_seq
+             LEFT JOIN targets AS qt ON qt.id = p.target_id
              LEFT JOIN targets AS t ON t.id = e.target_id
              LEFT JOIN sources AS s ON s.id = e.source_id
              WHERE e.transaction_id = ?1"
@@ -356,11 +359,21 @@ impl Outbox {
         let text = |b: Option<Vec<u8>>| b.map(|b| String::from_utf8_lossy(&b).into_owned());
         Ok(stmt
             .query_row([transaction_id], |r| {
+                // A queued row's event and ids are in its `pending` row, the others' in the ledger.
+                let queued = r.get::<_, Option<i64>>(11)?.is_some();
+                let (event, customer_ids) = if queued {
+                    (
+                        Some(pending::event_json(r, 12, transaction_id)?),
+                        Some(pending::customer_ids(r, 12 + EVENT_COLUMN_COUNT)?.to_json()),
+                    )
+                } else {
+                    (r.get(2)?, r.get(10)?)
+                };
                 Ok(ItemDetail {
                     transaction_id: transaction_id.to_owned(),
                     state: State::from_code(r.get(0)?).unwrap_or(State::Pending),
                     record: text(r.get(1)?),
-                    event: text(r.get(2)?),
+                    event: text(event),
                     external_subscription_id: r.get(3)?,
                     reason: r.get(4)?,
                     attempts: r.get::<_, i64>(5)? as u64,
@@ -369,7 +382,7 @@ impl Outbox {
                     created_ms: r.get(8)?,
                     updated_ms: r.get(9)?,
                     leased_until_ms: None,
-                    customer_ids: r.get(10)?,
+                    customer_ids,
                 })
             })
             .optional()?)
@@ -426,10 +439,9 @@ impl Outbox {
                 Option<Vec<u8>>,
                 Option<Vec<u8>>,
                 Option<String>,
+                i64,
             );
-            let row = |r: &rusqlite::Row<'_>| -> rusqlite::Result<Row> {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-            };
+            let row = |r: &rusqlite::Row<'_>| Row::try_from(r);
             let candidates: Vec<Row> = if ids.is_empty() {
                 let states: Vec<i64> = match state {
                     Some(s) => vec![s.code()],
@@ -438,8 +450,8 @@ impl Outbox {
                 let mut out = Vec::new();
                 for code in states {
                     let sql = format!(
-                        "SELECT transaction_id, state, record, event, customer_ids FROM events
-                         WHERE state = {code}"
+                        "SELECT transaction_id, state, record, event, customer_ids, attempts
+                         FROM events WHERE state = {code}"
                     );
                     let mut stmt = tx.prepare(&sql)?;
                     let rows = stmt.query_map([], row)?;
@@ -450,8 +462,8 @@ impl Outbox {
                 out
             } else {
                 let mut stmt = tx.prepare_cached(
-                    "SELECT transaction_id, state, record, event, customer_ids FROM events
-                     WHERE transaction_id = ?1",
+                    "SELECT transaction_id, state, record, event, customer_ids, attempts
+                     FROM events WHERE transaction_id = ?1",
                 )?;
                 let mut out = Vec::new();
                 for id in ids {
@@ -462,11 +474,6 @@ impl Outbox {
                 }
                 out
             };
-            let mut enqueue = tx.prepare_cached(
-                "INSERT INTO pending (transaction_id, event, customer_ids, attempts)
-                 SELECT transaction_id, ?2, customer_ids, attempts FROM events
-                 WHERE transaction_id = ?1",
-            )?;
             let mut requeue = tx.prepare_cached(
                 "UPDATE events SET state = 0, queue_seq = ?2, target_id = ?3, lago_time_ms = ?4,
                      reason = NULL, record = NULL, event = NULL, customer_ids = NULL,
@@ -477,38 +484,47 @@ impl Outbox {
                 "UPDATE events SET state = 1, target_id = NULL, reason = ?2, updated_ms = ?3
                  WHERE transaction_id = ?1",
             )?;
-            for (id, code, record, event, customer_ids) in candidates {
-                // A held row has its record; a dead one its event and customer ids.
+            for (id, code, record, event, customer_ids, attempts) in candidates {
+                // A held row has its record and ids; a dead one its event and ids.
+                let ids: CustomerIds = customer_ids
+                    .and_then(|c| serde_json::from_str(&c).ok())
+                    .unwrap_or_default();
                 let from_record = record
                     .and_then(|r| serde_json::from_slice::<SpendRecord>(&r).ok())
-                    .map(|r| disposition(&r, spec));
+                    .map(|r| (disposition(&r, spec), CustomerIds::of(&r)));
                 let outcome = match State::from_code(code) {
                     Some(State::Held) if from_record.is_some() => from_record,
-                    Some(State::Held | State::Dead) => event.and_then(|e| {
-                        let ids: CustomerIds = customer_ids
-                            .and_then(|c| serde_json::from_str(&c).ok())
-                            .unwrap_or_default();
-                        re_resolve_event(&e, &ids, spec)
-                    }),
+                    Some(State::Held | State::Dead) => event
+                        .as_deref()
+                        .and_then(EventBody::from_json)
+                        .map(|(_, body)| (re_resolve(body, &ids, spec), ids)),
                     _ => None,
                 };
-                let Some(outcome) = outcome else {
+                let Some((outcome, ids)) = outcome else {
                     report.skipped.push(id);
                     continue;
                 };
                 match outcome {
                     Disposition::Pending {
                         external_subscription_id,
-                        event,
                         code,
-                        time_ms,
+                        body,
                     } => {
-                        enqueue.execute(params![id, event])?;
-                        let seq = tx.last_insert_rowid();
                         // Not cached: the ingest's cache learns it from the table when needed.
                         let target =
                             target_id(&tx, &external_subscription_id, &code, &mut Vec::new())?;
-                        requeue.execute(params![id, seq, target, time_ms, now])?;
+                        let seq = Enqueue::new(&tx)?.push(
+                            None,
+                            &Queued {
+                                transaction_id: &id,
+                                target_id: target,
+                                body: &body,
+                                ids: &ids,
+                                attempts,
+                                reason: None,
+                            },
+                        )?;
+                        requeue.execute(params![id, seq, target, body.time_ms, now])?;
                         report.requeued.push(id);
                     }
                     Disposition::Held { reason } => {

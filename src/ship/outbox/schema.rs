@@ -11,17 +11,40 @@
 //!   keyed by the id itself (`WITHOUT ROWID`: the id is stored once, which is what keeps ten
 //!   million acked ids under a gigabyte). `state`: 0 queued, 1 held, 2 dead, 3 acked, 4 not
 //!   billable, 5 dropped, 6 lago-error (acked, then reported by Lago's `events.errors` webhook).
-//! - `pending`, the delivery queue: the Lago event of every queued row, in ingest order. A
-//!   queued event (state 0) is *pending* while its `pending` row (`queue_seq`) exists and
-//!   *acked* once the sender has deleted that row on Lago's word. The ack is that delete, in
-//!   queue order (a run of acked places at a time): it never seeks the ledger, whose order is
-//!   the ids' (random for uuid4).
+//! - `pending`, the delivery queue: the Lago event of every queued row, in ingest order, as its
+//!   fields (since v7; `ship::event` writes the JSON when it is claimed). A queued event (state
+//!   0) is *pending* while its `pending` row (`queue_seq`) exists and *acked* once the sender has
+//!   deleted that row on Lago's word. The ack is that delete, in queue order (a run of acked
+//!   places at a time): it never seeks the ledger, whose order is the ids' (random for uuid4).
 //!
 //! The view `event_states` spells the effective state out for a person at `sqlite3`.
 
 use rusqlite::{Connection, TransactionBehavior};
 
 use super::OutboxError;
+
+/// The view `event_states` (v6; made again over v7's queue).
+macro_rules! event_states_view {
+    () => {
+        r#"
+    CREATE VIEW event_states AS
+        SELECT e.transaction_id,
+               CASE e.state
+                   WHEN 0 THEN CASE WHEN p.seq IS NULL THEN 'acked' ELSE 'pending' END
+                   WHEN 1 THEN 'held' WHEN 2 THEN 'dead' WHEN 3 THEN 'acked'
+                   WHEN 4 THEN 'not_billable' WHEN 5 THEN 'dropped' WHEN 6 THEN 'lago_error'
+               END AS state,
+               t.subscription_id, t.code AS lago_code, e.lago_time_ms,
+               coalesce(p.attempts, e.attempts) AS attempts, coalesce(p.reason, e.reason) AS reason,
+               s.path AS source_file, e.source_offset, e.created_ms,
+               coalesce(e.updated_ms, e.created_ms) AS updated_ms
+        FROM events e
+        LEFT JOIN pending p ON p.seq = e.queue_seq
+        LEFT JOIN targets t ON t.id = e.target_id
+        LEFT JOIN sources s ON s.id = e.source_id;
+    "#
+    };
+}
 
 /// Migration *i* takes the schema from version *i* to *i + 1*.
 pub const MIGRATIONS: &[&str] = &[
@@ -149,7 +172,8 @@ pub const MIGRATIONS: &[&str] = &[
     // errors move to `pending`, source paths to `sources`, customer and code to `targets`, Lago
     // timestamps ("1795773600.250") to integer milliseconds, and acked rows lose the columns
     // they no longer need.
-    r#"
+    concat!(
+        r#"
     CREATE TABLE sources (
         id   INTEGER PRIMARY KEY,
         path TEXT NOT NULL UNIQUE
@@ -229,22 +253,55 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE INDEX events_held ON events (created_ms) WHERE state = 1;
     CREATE INDEX events_dead ON events (created_ms) WHERE state = 2;
 
-    CREATE VIEW event_states AS
-        SELECT e.transaction_id,
-               CASE e.state
-                   WHEN 0 THEN CASE WHEN p.seq IS NULL THEN 'acked' ELSE 'pending' END
-                   WHEN 1 THEN 'held' WHEN 2 THEN 'dead' WHEN 3 THEN 'acked'
-                   WHEN 4 THEN 'not_billable' WHEN 5 THEN 'dropped' WHEN 6 THEN 'lago_error'
-               END AS state,
-               t.subscription_id, t.code AS lago_code, e.lago_time_ms,
-               coalesce(p.attempts, e.attempts) AS attempts, coalesce(p.reason, e.reason) AS reason,
-               s.path AS source_file, e.source_offset, e.created_ms,
-               coalesce(e.updated_ms, e.created_ms) AS updated_ms
-        FROM events e
-        LEFT JOIN pending p ON p.seq = e.queue_seq
-        LEFT JOIN targets t ON t.id = e.target_id
-        LEFT JOIN sources s ON s.id = e.source_id;
     "#,
+        event_states_view!()
+    ),
+    // v7: a queued event is kept as its fields, not its JSON (written when it is claimed, by
+    // `ship::event`): about a fifth of the bytes, so a fifth of the pages written at ingest,
+    // checkpointed and rewritten by the ack's delete. The customer ids become three columns.
+    // Rows queued by an older tally keep their JSON in `event` and are sent as they are. The
+    // queue's sequence carries over (an acked ledger row names its old place, which must never
+    // be given out again), and the view is made again over the new table.
+    concat!(
+        r#"
+    DROP VIEW event_states;
+    CREATE TABLE pending_v7 (
+        seq                   INTEGER PRIMARY KEY AUTOINCREMENT, -- never reused: events.queue_seq
+        transaction_id        TEXT NOT NULL,
+        target_id             INTEGER,     -- targets.id: external_subscription_id and code
+        time_ms               INTEGER,     -- the event's timestamp
+        amount_cents          TEXT,        -- precise_total_amount_cents, when sent
+        model                 TEXT,
+        response_cost         REAL,
+        input_tokens          INTEGER,
+        output_tokens         INTEGER,
+        total_tokens          INTEGER,
+        cache_read_tokens     INTEGER,
+        cache_creation_tokens INTEGER,
+        reasoning_tokens      INTEGER,
+        end_user_id           TEXT,        -- the record's ids, to re-resolve if it dies
+        user_id               TEXT,
+        team_id               TEXT,
+        attempts              INTEGER NOT NULL DEFAULT 0,
+        reason                TEXT,        -- the last send error
+        event                 BLOB         -- queued before v7: the event JSON, sent as it is
+    );
+    INSERT INTO pending_v7 (seq, transaction_id, end_user_id, user_id, team_id, attempts, reason,
+                            event)
+        SELECT seq, transaction_id,
+               CASE WHEN json_valid(customer_ids) THEN customer_ids ->> '$.end_user_id' END,
+               CASE WHEN json_valid(customer_ids) THEN customer_ids ->> '$.user_id' END,
+               CASE WHEN json_valid(customer_ids) THEN customer_ids ->> '$.team_id' END,
+               attempts, reason, event
+        FROM pending ORDER BY seq;
+    DELETE FROM sqlite_sequence WHERE name = 'pending_v7';
+    INSERT INTO sqlite_sequence (name, seq)
+        SELECT 'pending_v7', seq FROM sqlite_sequence WHERE name = 'pending';
+    DROP TABLE pending;
+    ALTER TABLE pending_v7 RENAME TO pending;
+    "#,
+        event_states_view!()
+    ),
 ];
 
 /// Brings the schema up to date; returns the version now in place.

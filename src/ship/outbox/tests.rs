@@ -1,7 +1,8 @@
 use std::time::Duration;
 
 use super::*;
-use crate::ship::resolve::{EventSpec, prepare};
+use crate::ship::event::EventBody;
+use crate::ship::resolve::{CustomerIds, EventSpec, event_bytes, prepare};
 use crate::spend::SpendRecord;
 
 fn record(id: &str, user: Option<&str>) -> SpendRecord {
@@ -209,8 +210,11 @@ fn the_claim_and_the_ack_walk_the_queue_by_its_key() {
             .unwrap()
             .join("; ")
     };
-    let claim =
-        plan("SELECT seq, transaction_id, event FROM pending WHERE seq > 0 ORDER BY seq LIMIT 10");
+    let claim = plan(&format!(
+        "SELECT p.seq, p.transaction_id, {EVENT_COLUMNS}
+         FROM pending AS p LEFT JOIN targets AS qt ON qt.id = p.target_id
+         WHERE p.seq > 0 ORDER BY p.seq"
+    ));
     assert!(claim.contains("INTEGER PRIMARY KEY"), "{claim}");
     assert!(!claim.contains("TEMP B-TREE"), "{claim}");
     for ack in [
@@ -395,6 +399,122 @@ fn a_v5_outbox_migrates_to_the_ledger_and_the_queue_without_losing_anything() {
         .unwrap();
     let (claimed, _) = ob.claim(10, None, &HashSet::new(), &lock).unwrap();
     assert_eq!(ids(&claimed), ["p1", "p2", "new"]);
+}
+
+/// v6 → v7 turns the queue's event JSON into columns for new rows: a row queued by an older
+/// tally is sent byte for byte as it was stored, keeps its ids, attempts and error, dies with its
+/// JSON, and the queue's places carry on past every place ever given out (an acked ledger row
+/// names its old one).
+#[test]
+fn a_v6_queue_migrates_keeping_its_events_bytes_and_its_places() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(DB_FILE);
+    let legacy = r#"{"transaction_id":"p1","external_subscription_id":"c","code":"llm","timestamp":"1795773600.250","properties":{"model":"old","input_tokens":1}}"#;
+    {
+        let conn = Connection::open(&path).unwrap();
+        for (v, sql) in MIGRATIONS[..6].iter().enumerate() {
+            conn.execute_batch(sql).unwrap();
+            conn.pragma_update(None, "user_version", (v + 1) as i64)
+                .unwrap();
+        }
+        conn.execute_batch(
+            "INSERT INTO targets (subscription_id, code) VALUES ('c', 'llm');
+             INSERT INTO events (transaction_id, state, content_hash, queue_seq, target_id,
+                 lago_time_ms, created_ms)
+             VALUES ('p1', 0, 1, 7, 1, 1795773600250, 10), ('a', 0, 2, 3, 1, 1795773600250, 5);
+             UPDATE sqlite_sequence SET seq = 9 WHERE name = 'pending';",
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO pending (seq, transaction_id, event, customer_ids, attempts, reason)
+             VALUES (7, 'p1', ?1, '{\"end_user_id\":\"c\",\"team_id\":\"t\"}', 2, 'timeout')",
+            [legacy.as_bytes()],
+        )
+        .unwrap();
+        let seq: i64 = conn
+            .query_row(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'pending'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(seq, 9, "the v6 queue has given out places up to 9");
+    }
+    let mut ob = Outbox::open(&path).unwrap();
+    assert_eq!(ob.state_of("a").unwrap(), Some(State::Acked));
+    let p1 = ob.show("p1").unwrap().unwrap();
+    assert_eq!(p1.state, State::Pending);
+    assert_eq!(p1.event.as_deref(), Some(legacy));
+    assert_eq!(
+        p1.customer_ids.as_deref(),
+        Some(r#"{"end_user_id":"c","team_id":"t"}"#)
+    );
+    assert_eq!((p1.attempts, p1.reason.as_deref()), (2, Some("timeout")));
+
+    let new = record("new", Some("c"));
+    ob.ingest(&[item(&new, 0)], &[]).unwrap();
+    let place: i64 = ob
+        .conn()
+        .query_row(
+            "SELECT queue_seq FROM events WHERE transaction_id = 'new'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(place, 10, "never a place given out before");
+    assert_eq!(ob.state_of("a").unwrap(), Some(State::Acked));
+    let lock = lock(&ob);
+    let (claimed, _) = ob.claim(10, None, &HashSet::new(), &lock).unwrap();
+    assert_eq!(ids(&claimed), ["p1", "new"]);
+    assert_eq!(claimed[0].event, legacy.as_bytes());
+    assert_eq!(claimed[1].event, event_bytes(&new, "llm", "c"));
+    let states: Vec<(String, String)> = ob
+        .conn()
+        .prepare("SELECT transaction_id, state FROM event_states ORDER BY transaction_id")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let states: Vec<(&str, &str)> = states
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    assert_eq!(
+        states,
+        [("a", "acked"), ("new", "pending"), ("p1", "pending")]
+    );
+
+    // Dead, it keeps its JSON and ids in the ledger; a retry sends the same event again.
+    ob.mark_dead(&[("p1", "Lago said no")]).unwrap();
+    let d = ob.show("p1").unwrap().unwrap();
+    assert_eq!(d.state, State::Dead);
+    assert_eq!(d.event.as_deref(), Some(legacy));
+    assert_eq!(d.attempts, 3);
+    assert_eq!(
+        d.customer_ids.as_deref(),
+        Some(r#"{"end_user_id":"c","team_id":"t"}"#)
+    );
+}
+
+/// The queue keeps an event as columns and writes its JSON when claimed: the bytes are the
+/// writer's, whatever the counts (SQLite's integers are signed; a count past `i64::MAX` comes
+/// back as itself).
+#[test]
+fn a_queued_event_is_claimed_as_the_bytes_its_record_makes() {
+    let (_dir, mut ob) = open();
+    let mut big = record("big", Some("c"));
+    big.input_tokens = u64::MAX;
+    big.reasoning_tokens = u64::MAX - 1;
+    big.response_cost = Some(0.0001675);
+    big.model = "quote\" model".into();
+    let plain = record("plain", Some("c2"));
+    ob.ingest(&[item(&big, 0), item(&plain, 1)], &[]).unwrap();
+    let lock = lock(&ob);
+    let (claimed, _) = ob.claim(10, None, &HashSet::new(), &lock).unwrap();
+    assert_eq!(claimed[0].event, event_bytes(&big, "llm", "c"));
+    assert!(String::from_utf8_lossy(&claimed[0].event).contains("18446744073709551615"));
+    assert_eq!(claimed[1].event, event_bytes(&plain, "llm", "c2"));
 }
 
 #[test]
@@ -696,11 +816,27 @@ fn the_audit_work_list_resumes_and_requeues_only_acked_events() {
     };
     assert_eq!(ob.start_audit(&sample).unwrap(), 1);
 
-    let requeued = ob
-        .requeue_acked(&[("w1", b"{}".to_vec()), ("w3", b"{}".to_vec())])
-        .unwrap();
+    let rebuilt = |id: &str| {
+        let r = record(id, Some("c"));
+        Rebuilt {
+            transaction_id: id.into(),
+            external_subscription_id: "c".into(),
+            code: "llm".into(),
+            body: EventBody::of(&r, None),
+            customer_ids: CustomerIds::of(&r),
+        }
+    };
+    let requeued = ob.requeue_acked(&[rebuilt("w1"), rebuilt("w3")]).unwrap();
     assert_eq!(requeued, ["w1"], "w3 was never acked: untouched");
     assert_eq!(ob.state_of("w1").unwrap(), Some(State::Pending));
+    // It goes out as the event first sent, behind w3 in the queue.
+    let lock = lock(&ob);
+    let (claimed, _) = ob.claim(10, None, &HashSet::new(), &lock).unwrap();
+    assert_eq!(ids(&claimed), ["w3", "w1"]);
+    assert_eq!(
+        claimed[1].event,
+        event_bytes(&record("w1", Some("c")), "llm", "c")
+    );
 }
 
 /// The ack is one delete in the queue: the ledger row stays as the ingest wrote it (that is what

@@ -1,0 +1,132 @@
+//! A row of `pending`, the delivery queue: a queued event as its fields (schema v7), written by
+//! ingest, retry and audit, read back as the event's JSON by the claim, the dead letter and
+//! `tally queue show`.
+//!
+//! Token counts are `u64` and SQLite's integers `i64`: they are stored bit for bit (`as i64`)
+//! and read back the same way, so no count can fail an ingest (a count past `i64::MAX` reads as
+//! negative at `sqlite3`, and as itself here).
+
+use rusqlite::{CachedStatement, Connection, Row, params};
+
+use crate::ship::event::EventBody;
+use crate::ship::resolve::CustomerIds;
+
+/// The columns [`event_json`] reads, in its order, from `pending AS p` joined with its target as
+/// `qt` (`LEFT JOIN targets AS qt ON qt.id = p.target_id`).
+pub(crate) const EVENT_COLUMNS: &str = "p.event, qt.subscription_id, qt.code, p.time_ms,
+     p.amount_cents, p.model, p.response_cost, p.input_tokens, p.output_tokens, p.total_tokens,
+     p.cache_read_tokens, p.cache_creation_tokens, p.reasoning_tokens";
+
+/// How many columns [`EVENT_COLUMNS`] is.
+pub(crate) const EVENT_COLUMN_COUNT: usize = 13;
+
+/// The columns of the customer ids, as [`customer_ids`] reads them.
+pub(crate) const ID_COLUMNS: &str = "p.end_user_id, p.user_id, p.team_id";
+
+/// A queued event, as [`Enqueue`] writes it.
+pub(crate) struct Queued<'a> {
+    pub transaction_id: &'a str,
+    /// `targets.id`: its customer and code.
+    pub target_id: i64,
+    pub body: &'a EventBody,
+    pub ids: &'a CustomerIds,
+    /// Send attempts so far (kept across a requeue).
+    pub attempts: i64,
+    pub reason: Option<&'a str>,
+}
+
+/// The queue's insert, prepared once for all the rows a transaction queues.
+pub(crate) struct Enqueue<'conn>(CachedStatement<'conn>);
+
+impl<'conn> Enqueue<'conn> {
+    pub(crate) fn new(tx: &'conn Connection) -> rusqlite::Result<Self> {
+        Ok(Self(tx.prepare_cached(
+            "INSERT INTO pending (seq, transaction_id, target_id, time_ms, amount_cents, model,
+                 response_cost, input_tokens, output_tokens, total_tokens, cache_read_tokens,
+                 cache_creation_tokens, reasoning_tokens, end_user_id, user_id, team_id,
+                 attempts, reason)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
+                 ?18)",
+        )?))
+    }
+
+    /// Queues `q` at place `seq` (the next place when `None`); returns its place.
+    pub(crate) fn push(&mut self, seq: Option<i64>, q: &Queued<'_>) -> rusqlite::Result<i64> {
+        let b = q.body;
+        self.0.insert(params![
+            seq,
+            q.transaction_id,
+            q.target_id,
+            b.time_ms,
+            b.precise_total_amount_cents,
+            b.model,
+            b.response_cost,
+            b.input_tokens as i64,
+            b.output_tokens as i64,
+            b.total_tokens as i64,
+            b.cache_read_input_tokens.map(|n| n as i64),
+            b.cache_creation_input_tokens.map(|n| n as i64),
+            b.reasoning_tokens.map(|n| n as i64),
+            q.ids.end_user_id,
+            q.ids.user_id,
+            q.ids.team_id,
+            q.attempts,
+            q.reason,
+        ])
+    }
+}
+
+/// The event JSON of a row read with [`EVENT_COLUMNS`] from column `at` on: the stored JSON of
+/// a row queued before v7, else written from its fields.
+pub(crate) fn event_json(
+    r: &Row<'_>,
+    at: usize,
+    transaction_id: &str,
+) -> rusqlite::Result<Vec<u8>> {
+    if let Some(event) = r.get::<_, Option<Vec<u8>>>(at)? {
+        return Ok(event);
+    }
+    let (subscription, code, body) = event_fields(r, at)?;
+    Ok(body.to_json(transaction_id, &subscription, &code))
+}
+
+/// The customer, code and body of a row read with [`EVENT_COLUMNS`] (a row queued since v7).
+/// A missing target reads as empty strings: Lago refuses that event, and the sender keeps it as
+/// dead with Lago's reason, where an operator sees it.
+pub(crate) fn event_fields(
+    r: &Row<'_>,
+    at: usize,
+) -> rusqlite::Result<(String, String, EventBody)> {
+    let count = |i: usize| -> rusqlite::Result<u64> {
+        Ok(r.get::<_, Option<i64>>(at + i)?.unwrap_or(0) as u64)
+    };
+    let class = |i: usize| -> rusqlite::Result<Option<u64>> {
+        Ok(r.get::<_, Option<i64>>(at + i)?.map(|n| n as u64))
+    };
+    let body = EventBody {
+        time_ms: r.get::<_, Option<i64>>(at + 3)?.unwrap_or(0),
+        precise_total_amount_cents: r.get(at + 4)?,
+        model: r.get::<_, Option<String>>(at + 5)?.unwrap_or_default(),
+        response_cost: r.get(at + 6)?,
+        input_tokens: count(7)?,
+        output_tokens: count(8)?,
+        total_tokens: count(9)?,
+        cache_read_input_tokens: class(10)?,
+        cache_creation_input_tokens: class(11)?,
+        reasoning_tokens: class(12)?,
+    };
+    Ok((
+        r.get::<_, Option<String>>(at + 1)?.unwrap_or_default(),
+        r.get::<_, Option<String>>(at + 2)?.unwrap_or_default(),
+        body,
+    ))
+}
+
+/// The customer ids of a row read with [`ID_COLUMNS`] from column `at` on.
+pub(crate) fn customer_ids(r: &Row<'_>, at: usize) -> rusqlite::Result<CustomerIds> {
+    Ok(CustomerIds {
+        end_user_id: r.get(at)?,
+        user_id: r.get(at + 1)?,
+        team_id: r.get(at + 2)?,
+    })
+}
