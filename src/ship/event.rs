@@ -94,25 +94,22 @@ impl EventBody {
     }
 
     /// The body of an event stored as JSON (a dead event, or one queued by a tally before v7 of
-    /// the outbox), with its `transaction_id`; `None` when it is not an event this writer wrote.
-    pub fn from_json(event: &[u8]) -> Option<(String, Self)> {
+    /// the outbox); `None` when it is not an event this writer wrote.
+    pub fn from_json(event: &[u8]) -> Option<Self> {
         let stored: StoredEvent = serde_json::from_slice(event).ok()?;
         let p = stored.properties;
-        Some((
-            stored.transaction_id,
-            Self {
-                time_ms: parse_lago_timestamp(&stored.timestamp)?,
-                precise_total_amount_cents: stored.precise_total_amount_cents,
-                model: p.model,
-                response_cost: p.response_cost,
-                input_tokens: p.input_tokens,
-                output_tokens: p.output_tokens,
-                total_tokens: p.total_tokens,
-                cache_read_input_tokens: p.cache_read_input_tokens,
-                cache_creation_input_tokens: p.cache_creation_input_tokens,
-                reasoning_tokens: p.reasoning_tokens,
-            },
-        ))
+        Some(Self {
+            time_ms: parse_lago_timestamp(&stored.timestamp)?,
+            precise_total_amount_cents: stored.precise_total_amount_cents,
+            model: p.model,
+            response_cost: p.response_cost,
+            input_tokens: p.input_tokens,
+            output_tokens: p.output_tokens,
+            total_tokens: p.total_tokens,
+            cache_read_input_tokens: p.cache_read_input_tokens,
+            cache_creation_input_tokens: p.cache_creation_input_tokens,
+            reasoning_tokens: p.reasoning_tokens,
+        })
     }
 }
 
@@ -233,7 +230,6 @@ pub fn parse_lago_timestamp(text: &str) -> Option<i64> {
 
 #[derive(Deserialize)]
 struct StoredEvent {
-    transaction_id: String,
     timestamp: String,
     #[serde(default)]
     precise_total_amount_cents: Option<String>,
@@ -331,10 +327,7 @@ mod tests {
                 reasoning_tokens: counts[(i + 2) % 3],
             };
             let json = body.to_json("tx-1", "cust", "llm");
-            assert_eq!(
-                EventBody::from_json(&json),
-                Some(("tx-1".to_owned(), body.clone()))
-            );
+            assert_eq!(EventBody::from_json(&json), Some(body.clone()));
         }
         assert_eq!(EventBody::from_json(b"{}"), None);
         assert_eq!(EventBody::from_json(b"not json"), None);

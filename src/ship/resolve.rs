@@ -280,14 +280,21 @@ pub fn content_hash(bytes: &[u8]) -> i64 {
     h as i64
 }
 
-/// The Lago event for a record, as JSON bytes (docs/architecture.md, "From record to Lago event").
-pub fn event_bytes(record: &SpendRecord, code: &str, external_subscription_id: &str) -> Vec<u8> {
+/// The Lago event for a record, as JSON bytes (docs/architecture.md, "From record to Lago event"):
+/// what the tests compare with. The shipper writes it from the queue's columns when it sends.
+#[cfg(test)]
+pub(crate) fn event_bytes(
+    record: &SpendRecord,
+    code: &str,
+    external_subscription_id: &str,
+) -> Vec<u8> {
     event_bytes_with(record, code, external_subscription_id, None)
 }
 
 /// Same, with `precise_total_amount_cents` (cost × 100 × markup) when `precise_amount` is set
 /// and the record is priced; an unpriced record's event carries no amount.
-pub fn event_bytes_with(
+#[cfg(test)]
+pub(crate) fn event_bytes_with(
     record: &SpendRecord,
     code: &str,
     external_subscription_id: &str,

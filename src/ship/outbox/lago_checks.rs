@@ -290,6 +290,7 @@ impl Outbox {
                 "SELECT 1 FROM events AS e
                  WHERE e.transaction_id = ?1 AND e.state IN (0, 3) AND {EFFECTIVE_STATE} = 3"
             ))?;
+            let mut enqueue = Enqueue::new(&tx)?;
             let mut set = tx.prepare_cached(
                 "UPDATE events SET state = 0, queue_seq = ?2, updated_ms = ?3
                  WHERE transaction_id = ?1",
@@ -300,7 +301,7 @@ impl Outbox {
                     continue;
                 }
                 let target = target_id(&tx, &e.external_subscription_id, &e.code, &mut Vec::new())?;
-                let seq = Enqueue::new(&tx)?.push(
+                let seq = enqueue.push(
                     None,
                     &Queued {
                         transaction_id: id,

@@ -93,10 +93,7 @@ pub(crate) fn event_json(
 /// The customer, code and body of a row read with [`EVENT_COLUMNS`] (a row queued since v7).
 /// A missing target reads as empty strings: Lago refuses that event, and the sender keeps it as
 /// dead with Lago's reason, where an operator sees it.
-pub(crate) fn event_fields(
-    r: &Row<'_>,
-    at: usize,
-) -> rusqlite::Result<(String, String, EventBody)> {
+fn event_fields(r: &Row<'_>, at: usize) -> rusqlite::Result<(String, String, EventBody)> {
     let count = |i: usize| -> rusqlite::Result<u64> {
         Ok(r.get::<_, Option<i64>>(at + i)?.unwrap_or(0) as u64)
     };

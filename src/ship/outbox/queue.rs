@@ -474,6 +474,7 @@ impl Outbox {
                 }
                 out
             };
+            let mut enqueue = Enqueue::new(&tx)?;
             let mut requeue = tx.prepare_cached(
                 "UPDATE events SET state = 0, queue_seq = ?2, target_id = ?3, lago_time_ms = ?4,
                      reason = NULL, record = NULL, event = NULL, customer_ids = NULL,
@@ -497,7 +498,7 @@ impl Outbox {
                     Some(State::Held | State::Dead) => event
                         .as_deref()
                         .and_then(EventBody::from_json)
-                        .map(|(_, body)| (re_resolve(body, &ids, spec), ids)),
+                        .map(|body| (re_resolve(body, &ids, spec), ids)),
                     _ => None,
                 };
                 let Some((outcome, ids)) = outcome else {
@@ -513,7 +514,7 @@ impl Outbox {
                         // Not cached: the ingest's cache learns it from the table when needed.
                         let target =
                             target_id(&tx, &external_subscription_id, &code, &mut Vec::new())?;
-                        let seq = Enqueue::new(&tx)?.push(
+                        let seq = enqueue.push(
                             None,
                             &Queued {
                                 transaction_id: &id,
