@@ -167,9 +167,13 @@ async fn start(dir: &Path, shutdown: &CancellationToken) -> anyhow::Result<Servi
     // against a billable metric and reports the ones it cannot bill in HMAC-signed webhooks to
     // the shipper's receiver, which moves them to `lago-error`.
     let webhook_key = format!("whsec-demo-{}", hex::encode(rand::random::<[u8; 16]>()));
-    let webhook_addr = std::net::TcpListener::bind(loopback)
-        .and_then(|l| l.local_addr())
-        .context("cannot find a loopback port for the shipper's webhook receiver")?;
+    // Bound here and handed to the shipper, not found free and bound again: on a busy machine
+    // another socket can take a released port first, and the shipper would not start.
+    let webhook_listener = std::net::TcpListener::bind(loopback)
+        .context("cannot bind a loopback port for the shipper's webhook receiver")?;
+    let webhook_addr = webhook_listener
+        .local_addr()
+        .context("cannot read the webhook receiver's loopback port")?;
     let emulator = crate::lago_emulator::spawn(
         EmulatorConfig {
             api_key: lago_key.clone(),
@@ -218,6 +222,7 @@ async fn start(dir: &Path, shutdown: &CancellationToken) -> anyhow::Result<Servi
     settings.webhook = Some(crate::ship::webhook::WebhookSettings {
         addr: webhook_addr,
         hmac_key: Some(ApiKey::new(webhook_key)),
+        listener: Some(std::sync::Arc::new(webhook_listener)),
     });
     let shipper = tokio::spawn(crate::ship::run_with(settings, stop.clone()));
 
@@ -236,11 +241,10 @@ async fn start(dir: &Path, shutdown: &CancellationToken) -> anyhow::Result<Servi
 async fn run_demo(dir: &Path, shutdown: &CancellationToken) -> anyhow::Result<DemoReport> {
     let services = start(dir, shutdown).await?;
     let outcome = drive(&services, dir).await;
-    // Stop the services whatever happened, then report the first failure.
-    let stopped = services.stop().await;
-    let report = outcome?;
-    stopped?;
-    Ok(report)
+    // Stop the services whatever happened. A service that failed is why the drive failed (a
+    // shipper that could not start delivers nothing), so its error is reported first.
+    services.stop().await?;
+    outcome
 }
 
 /// Creates the keys, sends the flows, waits for Lago, tallies what it stored.
@@ -312,7 +316,7 @@ async fn drive(services: &Services, dir: &Path) -> anyhow::Result<DemoReport> {
         .iter()
         .flat_map(|f| f.transaction_ids.iter().map(String::as_str))
         .collect();
-    let events = wait_for_events(&services.emulator, &expected).await?;
+    let events = wait_for_events(services, &dir.join("state"), &expected).await?;
     let audit = audit_delivery(services, &dir.join("state"), expected.len()).await?;
     let lago_errors = crate::ship::outbox::Outbox::open_read_only_in(&dir.join("state"))?
         .map(|ob| ob.stats().map(|s| s.lago_error))
@@ -463,12 +467,20 @@ impl Proxy<'_> {
 /// Waits until the emulator holds every expected transaction_id (bounded), then returns what it
 /// stored.
 async fn wait_for_events(
-    emulator: &EmulatorHandle,
+    services: &Services,
+    state_dir: &Path,
     expected: &[&str],
 ) -> anyhow::Result<Vec<StoredEvent>> {
     let deadline = tokio::time::Instant::now() + DELIVERY_WAIT;
     loop {
-        let events = emulator.events();
+        // Either service stopping early means nothing more will arrive: stop waiting (its error
+        // is reported when it is stopped).
+        for (name, task) in [("shipper", &services.shipper), ("proxy", &services.proxy)] {
+            if task.is_finished() {
+                bail!("the demo's {name} stopped before Lago had every event");
+            }
+        }
+        let events = services.emulator.events();
         let missing: Vec<&str> = expected
             .iter()
             .copied()
@@ -487,15 +499,36 @@ async fn wait_for_events(
         }
         if tokio::time::Instant::now() >= deadline {
             bail!(
-                "Lago has {} of {} events after {} s; missing: {}. The spend log and the outbox \
-                 are kept: inspect them with `tally queue stats --state-dir <dir>/state`",
+                "Lago has {} of {} events after {} s; missing: {}. {} The spend log and the \
+                 outbox are kept: inspect them with `tally queue stats --state-dir <dir>/state`",
                 expected.len() - missing.len(),
                 expected.len(),
                 DELIVERY_WAIT.as_secs(),
-                missing.join(", ")
+                missing.join(", "),
+                outbox_summary(state_dir)
             );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Where the shipper got to, for the error when Lago is missing events: whether it read the
+/// spend log at all, and what Lago last answered.
+fn outbox_summary(state_dir: &Path) -> String {
+    match crate::ship::outbox::Outbox::open_read_only_in(state_dir).map(|ob| ob.map(|o| o.stats()))
+    {
+        Ok(Some(Ok(s))) => format!(
+            "The shipper's outbox has {} pending ({} in flight), {} acked, {} dead, {} rejected \
+             lines; Lago's last error: {}.",
+            s.pending,
+            s.in_flight,
+            s.acked,
+            s.dead,
+            s.rejected,
+            s.last_lago_error.map_or("none".to_owned(), |e| e.message)
+        ),
+        Ok(None) => "The shipper made no outbox.".to_owned(),
+        Ok(Some(Err(e))) | Err(e) => format!("The shipper's outbox cannot be read: {e}."),
     }
 }
 

@@ -50,6 +50,7 @@ pub fn ship(args: &ShipArgs) -> Result<ShipSettings, SettingsError> {
                     .clone()
                     .filter(|k| !k.trim().is_empty())
                     .map(ApiKey::new),
+                listener: None,
             }),
     })
 }

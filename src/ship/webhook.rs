@@ -57,6 +57,10 @@ pub struct WebhookSettings {
     pub addr: SocketAddr,
     /// Lago's HMAC signature token (Developers > Webhooks), `LAGO_WEBHOOK_HMAC_KEY`.
     pub hmac_key: Option<ApiKey>,
+    /// A socket already listening on `addr`, used instead of binding it: code that must name the
+    /// receiver's address before the shipper starts (the demo tells its emulator) binds first,
+    /// since a port found free and released can be taken by anything before it is bound again.
+    pub listener: Option<Arc<std::net::TcpListener>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -285,9 +289,18 @@ pub async fn serve(
     WebhookError,
 > {
     let addr = settings.addr;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| WebhookError::Bind { addr, source })?;
+    let listener = match &settings.listener {
+        Some(bound) => bound
+            .try_clone()
+            .and_then(|l| {
+                l.set_nonblocking(true)?;
+                tokio::net::TcpListener::from_std(l)
+            })
+            .map_err(|source| WebhookError::Bind { addr, source })?,
+        None => tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| WebhookError::Bind { addr, source })?,
+    };
     let bound = listener
         .local_addr()
         .map_err(|source| WebhookError::Bind { addr, source })?;
@@ -432,5 +445,48 @@ mod tests {
         assert!(!hmac_valid(b"Jeff", b"what do ya want for nothing?", &sig));
         assert!(!hmac_valid(b"Jefe", b"what do ya want for nothing!", &sig));
         assert!(!hmac_valid(b"Jefe", b"x", "not base64 !"));
+    }
+
+    /// The demo binds the receiver's port before the shipper starts; the receiver must serve on
+    /// that very socket (binding the address again would fail while it is held).
+    #[tokio::test]
+    async fn a_receiver_given_a_bound_socket_serves_on_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = crate::ship::outbox::Outbox::open_in(dir.path())
+            .unwrap()
+            .shared();
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = held.local_addr().unwrap();
+        let settings = WebhookSettings {
+            addr,
+            hmac_key: Some(ApiKey::new("hook-key".to_owned())),
+            listener: Some(Arc::new(held)),
+        };
+        let stop = CancellationToken::new();
+        let (bound, served) = serve(settings, None, outbox, None, stop.clone())
+            .await
+            .unwrap();
+        assert_eq!(bound, addr);
+        let served = tokio::spawn(served);
+
+        let url = format!("http://{addr}{PATH}");
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        let body = br#"{"webhook_type":"invoice.created"}"#;
+        let signed = http
+            .post(&url)
+            .header("x-lago-signature-algorithm", "hmac")
+            .header("x-lago-signature", hmac_signature(b"hook-key", body))
+            .body(body.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(signed.status(), StatusCode::OK);
+        let answer: Value = signed.json().await.unwrap();
+        assert_eq!(answer["outcome"], "ignored");
+        let unsigned = http.post(&url).body(body.to_vec()).send().await.unwrap();
+        assert_eq!(unsigned.status(), StatusCode::UNAUTHORIZED);
+
+        stop.cancel();
+        served.await.unwrap().unwrap();
     }
 }
