@@ -42,7 +42,7 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             // Errors can quote input (a file's line, Lago's answer): escaped like all record text.
-            let text = tally::text::printable(&format!("{err:#}"));
+            let text = tally::text::printable(&tally::text::error_chain(&err));
             eprintln!("tally: error: {text}");
             ExitCode::FAILURE
         }

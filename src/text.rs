@@ -20,6 +20,26 @@ pub fn printable(text: &str) -> String {
     s
 }
 
+/// An error and its causes joined by ": ", as anyhow's `{:#}` does, leaving out a cause whose
+/// text its parent already ends with: an error type that quotes its source in its own message
+/// (so that a log line of it alone says why) would otherwise say the same thing twice.
+pub fn error_chain(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    let mut parent = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || parent.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+        parent = text;
+    }
+    out
+}
+
 fn needs_escape(c: char) -> bool {
     c.is_control()
         || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
@@ -28,6 +48,36 @@ fn needs_escape(c: char) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot listen on {addr}: {source}")]
+    struct Quoting {
+        addr: &'static str,
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn an_error_chain_says_each_cause_once() {
+        let io = || std::io::Error::new(std::io::ErrorKind::AddrInUse, "Address already in use");
+        let err = anyhow::Error::new(Quoting {
+            addr: "127.0.0.1:1",
+            source: io(),
+        })
+        .context("the shipper failed");
+        assert_eq!(
+            error_chain(&err),
+            "the shipper failed: cannot listen on 127.0.0.1:1: Address already in use"
+        );
+        // A cause its parent does not quote is kept, as `{:#}` keeps it.
+        let err = anyhow::Error::new(io())
+            .context("binding")
+            .context("starting");
+        assert_eq!(error_chain(&err), format!("{err:#}"));
+        assert_eq!(
+            error_chain(&err),
+            "starting: binding: Address already in use"
+        );
+    }
 
     #[test]
     fn printable_escapes_terminal_controls_only() {

@@ -533,3 +533,34 @@ fn invalid_settings_stop_start_up_naming_the_variable() {
         "{err}"
     );
 }
+
+#[test]
+fn a_webhook_address_in_use_stops_start_up_saying_why_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = std::process::Command::new(tally_bin())
+        .args(["ship", "--webhook-addr", &addr])
+        .env("LAGO_API_BASE", "http://127.0.0.1:9")
+        .env("LAGO_API_KEY", "super-secret-key")
+        .env("LAGO_API_EVENT_CODE", "llm_usage")
+        .env("TALLY_SPEND_LOG", dir.path().join("spend.jsonl"))
+        .env("TALLY_STATE_DIR", dir.path().join("state"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("tally: error:"))
+        .unwrap_or_else(|| panic!("no error line: {err}"));
+    assert!(
+        line.contains(&format!(
+            "cannot listen for Lago webhooks on {addr} (TALLY_WEBHOOK_ADDR)"
+        )),
+        "{line}"
+    );
+    // The OS's reason, once: the error quotes its cause, and the chain does not repeat it.
+    assert_eq!(line.matches("Address already in use").count(), 1, "{line}");
+    drop(taken);
+}
