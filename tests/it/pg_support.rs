@@ -8,6 +8,8 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+use crate::support::free_port;
+
 pub struct Pg {
     _dir: tempfile::TempDir,
     data: PathBuf,
@@ -262,14 +264,6 @@ impl Drop for Pg {
 fn uid_of(user: &str) -> u32 {
     let out = Command::new("id").args(["-u", user]).output().unwrap();
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// LiteLLM's `"LiteLLM_VerificationToken"` table as its Prisma migration creates it

@@ -7,6 +7,30 @@ use std::path::PathBuf;
 use tally::spend::Status;
 
 /// The `tally` binary cargo built for these tests.
+/// A loopback port for a server that a child process (or the test itself, later) binds: one
+/// below the kernel's ephemeral range, so no `bind(0)` or outgoing connection anywhere can take
+/// it between this check and that bind (a released ephemeral port was taken so, now and then,
+/// under a full test run). Falls back to an ephemeral port where the range cannot be read.
+pub fn free_port() -> u16 {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .filter(|low| *low > 20_000);
+    if let Some(low) = low {
+        for _ in 0..100 {
+            let port = rand::random_range(10_000..low);
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn tally_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_tally"))
 }

@@ -9,17 +9,9 @@ use tally::ship::webhook::hmac_signature;
 
 use super::{Bench, GENEROUS, u, write};
 use crate::commands::replay::stop;
-use crate::support::{SpendLine, wait_until};
+use crate::support::{SpendLine, free_port, wait_until};
 
 const HMAC_KEY: &str = "whsec-test-key";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn lines(ids: &[(&str, &str)]) -> Vec<String> {
     ids.iter()
