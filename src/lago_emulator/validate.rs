@@ -5,6 +5,11 @@
 //! anything else — `external_customer_id` included — is dropped without a word, and a field
 //! given as an object or array where a scalar is expected is as good as absent.
 
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 /// An event that passed validation, in the compact form the store keeps.
@@ -47,11 +52,88 @@ impl FieldErrors {
     }
 }
 
+/// The fields of an event that Lago permits, in [`PERMITTED`] order; the rest are dropped.
+const PERMITTED: [&str; 6] = [
+    "transaction_id",
+    "code",
+    "timestamp",
+    "precise_total_amount_cents",
+    "external_subscription_id",
+    "properties",
+];
+
+/// One event's permitted fields as sent (absent: `None`); `properties` as compact JSON text,
+/// only when it is an object.
+#[derive(Default)]
+struct Fields<'a> {
+    scalars: [Option<Cow<'a, Value>>; 5],
+    properties: Option<Cow<'a, str>>,
+}
+
+impl<'a> Fields<'a> {
+    fn of_value(event: &'a Value) -> Self {
+        // A non-object array element has no permitted fields at all.
+        let Some(object) = event.as_object() else {
+            return Self::default();
+        };
+        Fields {
+            scalars: std::array::from_fn(|i| object.get(PERMITTED[i]).map(Cow::Borrowed)),
+            properties: match object.get("properties") {
+                Some(props @ Value::Object(_)) => Some(Cow::Owned(props.to_string())),
+                _ => None,
+            },
+        }
+    }
+
+    /// From the event's JSON text, without building the whole tree: only the permitted scalars
+    /// become values, and `properties` is kept as the text it came as when already compact.
+    fn of_raw(event: &'a RawValue) -> Self {
+        let Ok(Some(fields)) = object_fields(event.get().as_bytes(), &PERMITTED) else {
+            return Self::default();
+        };
+        Fields {
+            scalars: std::array::from_fn(|i| {
+                fields[i].and_then(|raw| {
+                    serde_json::from_str::<Value>(raw.get())
+                        .ok()
+                        .map(Cow::Owned)
+                })
+            }),
+            properties: fields[5].and_then(|raw| {
+                let text = raw.get();
+                if !text.starts_with('{') {
+                    None
+                } else if is_compact(text) {
+                    Some(Cow::Borrowed(text))
+                } else {
+                    let props = serde_json::from_str::<Map<String, Value>>(text).ok()?;
+                    Some(Cow::Owned(Value::Object(props).to_string()))
+                }
+            }),
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<&Value> {
+        let i = PERMITTED.iter().position(|n| *n == name)?;
+        self.scalars.get(i)?.as_deref()
+    }
+}
+
 /// Validates one event. `now_millis` is the time of receipt, used when `timestamp` is absent.
 pub(crate) fn parse_event(event: &Value, now_millis: i64) -> Result<ParsedEvent, FieldErrors> {
-    // A non-object array element has no permitted fields at all.
-    let empty = Map::new();
-    let fields = event.as_object().unwrap_or(&empty);
+    validate(Fields::of_value(event), now_millis)
+}
+
+/// [`parse_event`] of an event still in its request's JSON text (the batch endpoint's path:
+/// a hundred events a request, each with a dozen properties, are not built into a tree).
+pub(crate) fn parse_raw_event(
+    event: &RawValue,
+    now_millis: i64,
+) -> Result<ParsedEvent, FieldErrors> {
+    validate(Fields::of_raw(event), now_millis)
+}
+
+fn validate(fields: Fields<'_>, now_millis: i64) -> Result<ParsedEvent, FieldErrors> {
     let mut errors = FieldErrors::default();
 
     let transaction_id = present_scalar(fields.get("transaction_id"));
@@ -81,9 +163,9 @@ pub(crate) fn parse_event(event: &Value, now_millis: i64) -> Result<ParsedEvent,
     let external_subscription_id =
         scalar_string(fields.get("external_subscription_id")).map(String::into_boxed_str);
     // Anything but an object is not a permitted `properties` value: Lago keeps `{}`.
-    let properties_json: Box<str> = match fields.get("properties") {
-        Some(props @ Value::Object(_)) => props.to_string().into_boxed_str(),
-        _ => "{}".into(),
+    let properties_json: Box<str> = match fields.properties {
+        Some(props) => props.into(),
+        None => "{}".into(),
     };
 
     match (
@@ -106,6 +188,116 @@ pub(crate) fn parse_event(event: &Value, now_millis: i64) -> Result<ParsedEvent,
         }
         _ => Err(errors),
     }
+}
+
+/// The values of the `names` members of a JSON object, as their text (the last one wins when a
+/// name repeats, as Rails parses it); `Ok(None)` for valid JSON that is not an object. The whole
+/// text is checked, so `Err` means it is not JSON.
+pub(crate) fn object_fields<'a, const N: usize>(
+    json: &'a [u8],
+    names: &[&'static str; N],
+) -> Result<Option<[Option<&'a RawValue>; N]>, serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let fields = de.deserialize_any(ObjectFields(names))?;
+    de.end()?;
+    Ok(fields)
+}
+
+struct ObjectFields<'n, const N: usize>(&'n [&'static str; N]);
+
+impl<'de, const N: usize> Visitor<'de> for ObjectFields<'_, N> {
+    type Value = Option<[Option<&'de RawValue>; N]>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("JSON")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut out = [None; N];
+        while let Some(key) = map.next_key_seed(NameIn(self.0))? {
+            match key {
+                Some(i) => out[i] = Some(map.next_value::<&'de RawValue>()?),
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(Some(out))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+}
+
+/// A member name → its place in the names looked for (no allocation, escaped names included).
+struct NameIn<'n, const N: usize>(&'n [&'static str; N]);
+
+impl<'de, const N: usize> DeserializeSeed<'de> for NameIn<'_, N> {
+    type Value = Option<usize>;
+
+    fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<Self::Value, D::Error> {
+        de.deserialize_str(self)
+    }
+}
+
+impl<'de, const N: usize> Visitor<'de> for NameIn<'_, N> {
+    type Value = Option<usize>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a member name")
+    }
+
+    fn visit_str<E>(self, name: &str) -> Result<Self::Value, E> {
+        Ok(self.0.iter().position(|n| *n == name))
+    }
+}
+
+/// No whitespace outside strings: the text is already what re-serializing would give, apart
+/// from the order and repetition of keys, which every reader resolves the same way.
+fn is_compact(json: &str) -> bool {
+    let mut in_string = false;
+    let mut escaped = false;
+    for b in json.bytes() {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+        } else if b == b'"' {
+            in_string = true;
+        } else if b.is_ascii_whitespace() {
+            return false;
+        }
+    }
+    true
 }
 
 /// A permitted scalar as the string Rails would store; objects and arrays are not permitted.
@@ -268,6 +460,78 @@ mod tests {
             err.to_json(),
             json!({"transaction_id": ["value_is_mandatory"], "code": ["value_is_mandatory"]})
         );
+    }
+
+    #[test]
+    fn the_raw_path_reads_every_event_as_the_tree_path_does() {
+        let cases = [
+            r#"{"transaction_id":"t","code":"c","timestamp":1651240791.123,"properties":{"b":2,"a":{"x":[1,"y"]}},"precise_total_amount_cents":"12.5","external_subscription_id":"s"}"#,
+            r#"{"transaction_id":42,"code":"c","properties": { "a" : 1 } ,"external_customer_id":"x"}"#,
+            r#"{"transaction_id":"a","transaction_id":"b","code":"c","code":"d"}"#,
+            r#"{"transaction_\u0069d":"escaped name","code":"c"}"#,
+            r#"{"transaction_id":"t","code":"c","properties":{"s":"a \" b\\","k":"two words"}}"#,
+            r#"{"transaction_id":"  ","code":{"x":1},"timestamp":"2022-01-01"}"#,
+            r#"{"transaction_id":"t","code":"c","timestamp":null,"precise_total_amount_cents":true,"properties":[1]}"#,
+            r#"{"transaction_id":true,"code":1.5,"timestamp":"1.6e9","external_subscription_id":7}"#,
+            r#"[1,2]"#,
+            r#""a string""#,
+            r#"null"#,
+            r#"{}"#,
+        ];
+        for case in cases {
+            let tree = parse_event(&serde_json::from_str(case).unwrap(), 5);
+            let raw = parse_raw_event(&serde_json::from_str::<Box<RawValue>>(case).unwrap(), 5);
+            match (tree, raw) {
+                (Ok(t), Ok(r)) => {
+                    let props = |e: &ParsedEvent| {
+                        serde_json::from_str::<Value>(&e.properties_json).unwrap()
+                    };
+                    assert_eq!(props(&t), props(&r), "{case}");
+                    assert_eq!(
+                        format!(
+                            "{:?}",
+                            ParsedEvent {
+                                properties_json: "".into(),
+                                ..t
+                            }
+                        ),
+                        format!(
+                            "{:?}",
+                            ParsedEvent {
+                                properties_json: "".into(),
+                                ..r
+                            }
+                        ),
+                        "{case}"
+                    );
+                }
+                (Err(t), Err(r)) => assert_eq!(t, r, "{case}"),
+                (t, r) => panic!("{case}: tree {t:?}, raw {r:?}"),
+            }
+        }
+        // Compact properties are kept as sent; spaced ones are written compactly.
+        let raw = |s: &str| serde_json::from_str::<Box<RawValue>>(s).unwrap();
+        let kept = parse_raw_event(&raw(cases[4]), 0).unwrap();
+        assert_eq!(
+            &*kept.properties_json,
+            r#"{"s":"a \" b\\","k":"two words"}"#
+        );
+        let compacted = parse_raw_event(&raw(cases[1]), 0).unwrap();
+        assert_eq!(&*compacted.properties_json, r#"{"a":1}"#);
+    }
+
+    #[test]
+    fn object_fields_checks_the_whole_text() {
+        let names = ["events"];
+        assert!(object_fields(b"{\"events\":[1]", &names).is_err());
+        assert!(object_fields(b"{\"events\":[1]} x", &names).is_err());
+        assert!(object_fields(b"{\"other\":[1,}", &names).is_err());
+        let not_an_object = object_fields(b" [1, {\"events\": 2}] ", &names).unwrap();
+        assert!(not_an_object.is_none());
+        let [events] = object_fields(b"{\"x\":{\"events\":0},\"events\":[1, 2]}", &names)
+            .unwrap()
+            .unwrap();
+        assert_eq!(events.map(RawValue::get), Some("[1, 2]"));
     }
 
     #[test]
