@@ -13,7 +13,7 @@ use tally::spend::SpendRecord;
 use tokio_util::sync::CancellationToken;
 
 use crate::ship::stub::{Scripted, Stub};
-use crate::support::{SpendLine, wait_until};
+use crate::support::{SpendLine, free_port, wait_until};
 
 const KEY: &str = "stub-key-123";
 const LONG: Duration = Duration::from_secs(60);
@@ -318,10 +318,9 @@ async fn server_errors_are_retried_with_backoff_until_lago_recovers() {
 
 #[tokio::test]
 async fn refused_connections_are_retried_until_lago_listens() {
-    // Reserve a port, close it, point the shipper at it, then start listening there.
-    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = probe.local_addr().unwrap();
-    drop(probe);
+    // A free port (outside the ephemeral range, so nothing else takes it meanwhile): point the
+    // shipper at it, then start listening there.
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     let stub = Stub::start().await; // only for its base settings
     let dir = tempfile::tempdir().unwrap();
     let mut s = settings(&stub, dir.path());
