@@ -316,9 +316,10 @@ async fn drive(services: &Services, dir: &Path) -> anyhow::Result<DemoReport> {
         .iter()
         .flat_map(|f| f.transaction_ids.iter().map(String::as_str))
         .collect();
-    let events = wait_for_events(services, &dir.join("state"), &expected).await?;
-    let audit = audit_delivery(services, &dir.join("state"), expected.len()).await?;
-    let lago_errors = crate::ship::outbox::Outbox::open_read_only_in(&dir.join("state"))?
+    let state_dir = dir.join("state");
+    let events = wait_for_events(services, &state_dir, &expected).await?;
+    let audit = audit_delivery(services, &state_dir, expected.len()).await?;
+    let lago_errors = crate::ship::outbox::Outbox::open_read_only_in(&state_dir)?
         .map(|ob| ob.stats().map(|s| s.lago_error))
         .transpose()?
         .unwrap_or(0);
@@ -330,7 +331,7 @@ async fn drive(services: &Services, dir: &Path) -> anyhow::Result<DemoReport> {
         customers: per_customer(&events),
         events_received: events.len(),
         spend_log: dir.join("spend.jsonl").display().to_string(),
-        state_dir: dir.join("state").display().to_string(),
+        state_dir: state_dir.display().to_string(),
         audit,
         lago_metric: format!("{EVENT_CODE}:{LAGO_METRIC_PROPERTY}"),
         lago_errors,

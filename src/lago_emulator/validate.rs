@@ -8,7 +8,7 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
@@ -52,7 +52,7 @@ impl FieldErrors {
     }
 }
 
-/// The fields of an event that Lago permits, in [`PERMITTED`] order; the rest are dropped.
+/// The fields of an event that Lago permits, in [`Fields`] order; the rest are dropped.
 const PERMITTED: [&str; 6] = [
     "transaction_id",
     "code",
@@ -66,7 +66,11 @@ const PERMITTED: [&str; 6] = [
 /// only when it is an object.
 #[derive(Default)]
 struct Fields<'a> {
-    scalars: [Option<Cow<'a, Value>>; 5],
+    transaction_id: Option<Cow<'a, Value>>,
+    code: Option<Cow<'a, Value>>,
+    timestamp: Option<Cow<'a, Value>>,
+    precise_total_amount_cents: Option<Cow<'a, Value>>,
+    external_subscription_id: Option<Cow<'a, Value>>,
     properties: Option<Cow<'a, str>>,
 }
 
@@ -76,8 +80,13 @@ impl<'a> Fields<'a> {
         let Some(object) = event.as_object() else {
             return Self::default();
         };
+        let get = |name: &str| object.get(name).map(Cow::Borrowed);
         Fields {
-            scalars: std::array::from_fn(|i| object.get(PERMITTED[i]).map(Cow::Borrowed)),
+            transaction_id: get("transaction_id"),
+            code: get("code"),
+            timestamp: get("timestamp"),
+            precise_total_amount_cents: get("precise_total_amount_cents"),
+            external_subscription_id: get("external_subscription_id"),
             properties: match object.get("properties") {
                 Some(props @ Value::Object(_)) => Some(Cow::Owned(props.to_string())),
                 _ => None,
@@ -88,18 +97,31 @@ impl<'a> Fields<'a> {
     /// From the event's JSON text, without building the whole tree: only the permitted scalars
     /// become values, and `properties` is kept as the text it came as when already compact.
     fn of_raw(event: &'a RawValue) -> Self {
-        let Ok(Some(fields)) = object_fields(event.get().as_bytes(), &PERMITTED) else {
+        let Ok(Some(
+            [
+                transaction_id,
+                code,
+                timestamp,
+                amount,
+                subscription,
+                properties,
+            ],
+        )) = object_fields(event.get().as_bytes(), &PERMITTED)
+        else {
             return Self::default();
         };
+        let value = |raw: Option<&RawValue>| {
+            serde_json::from_str::<Value>(raw?.get())
+                .ok()
+                .map(Cow::Owned)
+        };
         Fields {
-            scalars: std::array::from_fn(|i| {
-                fields[i].and_then(|raw| {
-                    serde_json::from_str::<Value>(raw.get())
-                        .ok()
-                        .map(Cow::Owned)
-                })
-            }),
-            properties: fields[5].and_then(|raw| {
+            transaction_id: value(transaction_id),
+            code: value(code),
+            timestamp: value(timestamp),
+            precise_total_amount_cents: value(amount),
+            external_subscription_id: value(subscription),
+            properties: properties.and_then(|raw| {
                 let text = raw.get();
                 if !text.starts_with('{') {
                     None
@@ -111,11 +133,6 @@ impl<'a> Fields<'a> {
                 }
             }),
         }
-    }
-
-    fn get(&self, name: &str) -> Option<&Value> {
-        let i = PERMITTED.iter().position(|n| *n == name)?;
-        self.scalars.get(i)?.as_deref()
     }
 }
 
@@ -136,22 +153,22 @@ pub(crate) fn parse_raw_event(
 fn validate(fields: Fields<'_>, now_millis: i64) -> Result<ParsedEvent, FieldErrors> {
     let mut errors = FieldErrors::default();
 
-    let transaction_id = present_scalar(fields.get("transaction_id"));
+    let transaction_id = present_scalar(fields.transaction_id.as_deref());
     if transaction_id.is_none() {
         errors.push("transaction_id", "value_is_mandatory");
     }
-    let code = present_scalar(fields.get("code"));
+    let code = present_scalar(fields.code.as_deref());
     if code.is_none() {
         errors.push("code", "value_is_mandatory");
     }
-    let timestamp_millis = match fields.get("timestamp") {
+    let timestamp_millis = match fields.timestamp.as_deref() {
         None | Some(Value::Null) => Some(now_millis),
         Some(value) => timestamp_millis(value),
     };
     if timestamp_millis.is_none() {
         errors.push("timestamp", "invalid_format");
     }
-    let precise_total_amount_cents = match fields.get("precise_total_amount_cents") {
+    let precise_total_amount_cents = match fields.precise_total_amount_cents.as_deref() {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => Ok(Some(n.to_string().into_boxed_str())),
         Some(Value::String(s)) if is_decimal(s.trim()) => Ok(Some(s.trim().into())),
@@ -161,7 +178,7 @@ fn validate(fields: Fields<'_>, now_millis: i64) -> Result<ParsedEvent, FieldErr
         errors.push("precise_total_amount_cents", "invalid_format");
     }
     let external_subscription_id =
-        scalar_string(fields.get("external_subscription_id")).map(String::into_boxed_str);
+        scalar_string(fields.external_subscription_id.as_deref()).map(String::into_boxed_str);
     // Anything but an object is not a permitted `properties` value: Lago keeps `{}`.
     let properties_json: Box<str> = match fields.properties {
         Some(props) => props.into(),
@@ -197,19 +214,23 @@ pub(crate) fn object_fields<'a, const N: usize>(
     json: &'a [u8],
     names: &[&'static str; N],
 ) -> Result<Option<[Option<&'a RawValue>; N]>, serde_json::Error> {
+    if json.trim_ascii_start().first() != Some(&b'{') {
+        serde_json::from_slice::<IgnoredAny>(json)?;
+        return Ok(None);
+    }
     let mut de = serde_json::Deserializer::from_slice(json);
-    let fields = de.deserialize_any(ObjectFields(names))?;
+    let fields = de.deserialize_map(ObjectFields(names))?;
     de.end()?;
-    Ok(fields)
+    Ok(Some(fields))
 }
 
 struct ObjectFields<'n, const N: usize>(&'n [&'static str; N]);
 
 impl<'de, const N: usize> Visitor<'de> for ObjectFields<'_, N> {
-    type Value = Option<[Option<&'de RawValue>; N]>;
+    type Value = [Option<&'de RawValue>; N];
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("JSON")
+        f.write_str("a JSON object")
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
@@ -222,36 +243,7 @@ impl<'de, const N: usize> Visitor<'de> for ObjectFields<'_, N> {
                 }
             }
         }
-        Ok(Some(out))
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(None)
-    }
-
-    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_unit<E>(self) -> Result<Self::Value, E> {
-        Ok(None)
+        Ok(out)
     }
 }
 
