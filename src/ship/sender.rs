@@ -3,8 +3,9 @@
 //!
 //! - One sender per outbox: it holds the outbox's [`SenderLock`] (a second `tally ship` on the same
 //!   state directory waits for it), so claiming is a read and what is in flight is a set in
-//!   memory. The acks of responses that arrive together are committed together; an ack lost in a
-//!   crash means a resend, which Lago answers as a duplicate.
+//!   memory. Claims read on a connection of their own, beside the reader's ingest. The acks of
+//!   responses that arrive together are committed together; an ack lost in a crash means a
+//!   resend, which Lago answers as a duplicate.
 //! - 200 → acked. 422 per index → `value_already_exist` acked, other reasons dead with Lago's
 //!   words, the rest resent at once (a 422 batch stored nothing). 422 about the whole batch →
 //!   split in halves until the culprit stands alone (then dead with the body). 400 → dead.
@@ -195,10 +196,8 @@ struct Ctx {
     outbox: SharedOutbox,
     client: LagoClient,
     tuning: Tuning,
-    /// Transaction ids claimed and not yet acked / dead / given up: never claimed twice. Changed
-    /// only while the outbox is locked, in the same step as the claim or the commit that ends
-    /// them, so a claim never sees an event as both pending and not in flight.
-    in_flight: std::sync::Mutex<HashSet<String>>,
+    /// What is in flight, and the connection claims read from.
+    claims: std::sync::Mutex<Claims>,
     /// Accepted batches to ack, committed together by the acker.
     acks: tokio::sync::mpsc::Sender<Vec<(i64, String)>>,
     auth: AuthGate,
@@ -215,7 +214,23 @@ struct Ctx {
     totals: Arc<SendTotals>,
 }
 
+/// The sender's claims. A claim reads on a read-only connection of its own, so it runs beside
+/// the reader's ingest (WAL) instead of waiting for the writer's connection; the set is what
+/// keeps it from taking an event twice.
+struct Claims {
+    /// Transaction ids claimed and not yet acked / dead / given up: never claimed twice. A claim
+    /// reads and adds to it under this lock, and every commit that ends events holds this lock
+    /// from before the commit until it has taken them out, so a claim never sees an event as
+    /// both pending and not in flight.
+    in_flight: HashSet<String>,
+    reader: Outbox,
+}
+
 impl Ctx {
+    fn claims(&self) -> std::sync::MutexGuard<'_, Claims> {
+        self.claims.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn fail(&self, e: SenderError) {
         tracing::error!(error = %e, "the sender cannot go on; stopping");
         if let Ok(mut slot) = self.error.lock()
@@ -326,6 +341,7 @@ pub async fn run_sender(
         return Ok(totals.snapshot());
     };
     let lock = Arc::new(lock);
+    let reader = with_outbox(&outbox, |ob| ob.reader()).await?;
     // Bounded: while the acker cannot commit (storage trouble), batches Lago accepted wait here
     // holding their permits, so nothing new is claimed and sent meanwhile. Roomy enough that a
     // slow commit never holds back sending in normal operation (a few MiB of ids at most).
@@ -333,7 +349,10 @@ pub async fn run_sender(
     let ctx = Arc::new(Ctx {
         outbox,
         client,
-        in_flight: std::sync::Mutex::new(HashSet::new()),
+        claims: std::sync::Mutex::new(Claims {
+            in_flight: HashSet::new(),
+            reader,
+        }),
         acks,
         auth: AuthGate::default(),
         shutdown: shutdown.clone(),
@@ -489,13 +508,16 @@ async fn claim(
     cursor: Option<ClaimCursor>,
 ) -> Result<(Vec<ClaimedEvent>, Option<ClaimCursor>), SenderError> {
     let (c, lock) = (ctx.clone(), lock.clone());
-    with_outbox(&ctx.outbox, move |ob| {
-        let mut in_flight = c.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-        let (batch, reached) = ob.claim(n, cursor, &in_flight, &lock)?;
-        in_flight.extend(batch.iter().map(|e| e.transaction_id.clone()));
+    tokio::task::spawn_blocking(move || {
+        let claims = &mut *c.claims();
+        let (batch, reached) = claims.reader.claim(n, cursor, &claims.in_flight, &lock)?;
+        claims
+            .in_flight
+            .extend(batch.iter().map(|e| e.transaction_id.clone()));
         Ok((batch, reached))
     })
     .await
+    .map_err(|e| SenderError::Task(e.to_string()))?
 }
 
 /// Commits the acks of accepted batches, several responses per transaction when they arrive
@@ -523,7 +545,7 @@ async fn run_acker(
         // resend at the next start is answered as a duplicate.
         let r = ctx
             .write(move |ob| {
-                let mut in_flight = c.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+                let in_flight = &mut c.claims().in_flight;
                 let left = in_flight.len().saturating_sub(events.len()) as u64;
                 let pairs: Vec<(i64, &str)> =
                     events.iter().map(|(r, id)| (*r, id.as_str())).collect();
@@ -751,7 +773,7 @@ async fn settle(
     let c = ctx.clone();
     let written = ctx
         .write(move |ob| {
-            let mut in_flight = c.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            let in_flight = &mut c.claims().in_flight;
             let pairs: Vec<(i64, &str)> = acked.iter().map(|(r, id)| (*r, id.as_str())).collect();
             ob.ack(&pairs, None)?;
             let refs: Vec<(&str, &str)> = dead
@@ -837,13 +859,12 @@ async fn release(ctx: &Arc<Ctx>, events: &[ClaimedEvent], more: &[Vec<ClaimedEve
         .chain(more.iter().flatten())
         .map(|e| e.transaction_id.clone())
         .collect();
-    // Under the outbox lock, like every change of the set (see `Ctx::in_flight`).
-    let _ = with_outbox(&ctx.outbox, move |_| {
-        let mut in_flight = c.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+    // Off the async threads: a claim may hold the set for the length of its read.
+    let _ = tokio::task::spawn_blocking(move || {
+        let in_flight = &mut c.claims().in_flight;
         for id in &ids {
             in_flight.remove(id);
         }
-        Ok(())
     })
     .await;
 }

@@ -13,7 +13,12 @@ impl Outbox {
     /// Opens the outbox in `state_dir` without writing to it, or `Ok(None)` when there is none
     /// yet (nothing was ever recorded there). A schema from a newer tally is refused.
     pub fn open_read_only_in(state_dir: &Path) -> Result<Option<Self>, OutboxError> {
-        let path = state_dir.join(DB_FILE);
+        Self::open_read_only(&state_dir.join(DB_FILE))
+    }
+
+    /// [`Outbox::open_read_only_in`] for the outbox file at `path`.
+    pub fn open_read_only(path: &Path) -> Result<Option<Self>, OutboxError> {
+        let path = path.to_owned();
         if !path.is_file() {
             return Ok(None);
         }
@@ -57,6 +62,18 @@ impl Outbox {
             sources: Default::default(),
             targets: Default::default(),
         }))
+    }
+
+    /// A second, read-only connection to this outbox. The sender claims on it, so a claim reads
+    /// beside the reader's ingest (WAL) instead of waiting for the writer's connection.
+    pub fn reader(&self) -> Result<Self, OutboxError> {
+        Self::open_read_only(&self.path)?.ok_or_else(|| OutboxError::Open {
+            path: self.path.clone(),
+            source: rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+                Some("the file is gone".into()),
+            ),
+        })
     }
 
     /// State and content fingerprint of one transaction_id, if recorded: what `ingest` compares

@@ -85,7 +85,19 @@ fn spawn_sender(
         Result<tally::ship::sender::SendReport, tally::ship::sender::SenderError>,
     >,
 ) {
-    let outbox = Outbox::open_in(&s.state_dir).unwrap().shared();
+    spawn_sender_on(Outbox::open_in(&s.state_dir).unwrap().shared(), s)
+}
+
+/// [`spawn_sender`] on an outbox the caller also holds.
+fn spawn_sender_on(
+    outbox: tally::ship::outbox::SharedOutbox,
+    s: &ShipSettings,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<
+        Result<tally::ship::sender::SendReport, tally::ship::sender::SenderError>,
+    >,
+) {
     let client = LagoClient::new(&s.lago, &s.tuning).unwrap();
     let stop = CancellationToken::new();
     let handle = tokio::spawn(run_sender(
@@ -404,4 +416,55 @@ async fn held_records_are_not_sent_and_not_billable_ones_are_not_billed() {
         Some("no end_user_id on this record; LAGO_API_CHARGE_BY=end_user_id")
     );
     assert!(!stub.stored_ids().contains(&"mixed-1".to_string()));
+}
+
+/// The sender claims on a connection of its own: while the writer's connection is held (by the
+/// reader ingesting a chunk, here by the test), events are still claimed and sent, and their acks
+/// are committed once the writer is free again.
+#[tokio::test]
+async fn claims_and_sends_while_the_writer_is_held() {
+    let stub = Stub::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(&stub, dir.path());
+    let watch = ingest(&s, &records("early", 10));
+    let outbox = Outbox::open_in(&s.state_dir).unwrap().shared();
+    let (stop, handle) = spawn_sender_on(outbox.clone(), &s);
+    wait_until("the first 10 events acked", LONG, async || {
+        watch.stats().unwrap().acked == 10
+    })
+    .await;
+
+    // Held on a thread of its own until told, as the reader holds it for an ingest.
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (held_tx, held) = std::sync::mpsc::channel();
+    let holder = std::thread::spawn(move || {
+        let _writer = outbox.lock().unwrap();
+        held_tx.send(()).unwrap();
+        let _ = released.recv();
+    });
+    held.recv().unwrap();
+    // Another connection queues 20 more, as another process (`tally replay`) would.
+    ingest(&s, &records("late", 20));
+    wait_until("the 20 later events at Lago", LONG, async || {
+        stub.stored_ids().len() == 30
+    })
+    .await;
+    let stats = watch.stats().unwrap();
+    assert_eq!(
+        (stats.acked, stats.pending),
+        (10, 20),
+        "the acks wait for the writer's connection"
+    );
+    drop(release);
+    holder.join().unwrap();
+    wait_until("all 30 acked", LONG, async || {
+        watch.stats().unwrap().acked == 30
+    })
+    .await;
+    stop.cancel();
+    handle.await.unwrap().unwrap();
+    let mut stored = stub.stored_ids();
+    stored.sort();
+    stored.dedup();
+    assert_eq!(stored.len(), 30, "each event sent once");
 }
