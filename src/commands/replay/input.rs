@@ -196,7 +196,7 @@ impl LineReader {
                 self.unterminated = true;
                 break;
             }
-            let (chunk, consumed, done) = match available.iter().position(|b| *b == b'\n') {
+            let (chunk, consumed, done) = match memchr::memchr(b'\n', available) {
                 Some(i) => (&available[..i], i + 1, true),
                 None => (available, available.len(), false),
             };
