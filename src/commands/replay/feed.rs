@@ -2,7 +2,8 @@
 //! event and line fingerprint; [`prepare`] for converted LiteLLM rows) and, unless it is a dry run, into the outbox with [`Outbox::ingest`] — the same
 //! dedupe by `transaction_id` as the live log, so nothing is billed twice.
 //!
-//! A dry run computes the same outcome against a read-only outbox (or none) and writes nothing.
+//! A replay that writes reads and records on two threads (see [`record`]); a dry run computes
+//! the same outcome against a read-only outbox (or none) on one, and writes nothing.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -64,7 +65,7 @@ pub struct FeedOutcome {
 pub fn feed(
     files: Vec<PathBuf>,
     options: &FeedOptions,
-    mut target: Target,
+    target: Target,
     cancel: &CancellationToken,
 ) -> Result<FeedOutcome, FeedError> {
     let dry_run = matches!(target, Target::DryRun(_));
@@ -73,7 +74,7 @@ pub fn feed(
         files: files.iter().map(|p| p.display().to_string()).collect(),
         ..ReplaySummary::default()
     };
-    let mut reader = ReplayReader::new(
+    let reader = ReplayReader::new(
         files,
         options.format,
         options.window,
@@ -84,111 +85,182 @@ pub fn feed(
         new_ids: Vec::new(),
         keep_new_ids: options.keep_new_ids,
     };
-    // Dry run: new ids of this run not yet in the outbox, with their content fingerprint, so a
-    // file replayed together with its rotated copy dedupes within the run too.
-    let mut unrecorded: HashMap<String, i64> = HashMap::new();
-    let mut batch = Batch::default();
-    let mut written = IngestReport::default();
-    let mut sources = SourceNames::default();
-    let mut interrupted = false;
+    let read = match target {
+        Target::DryRun(outbox) => compare(
+            reader,
+            options,
+            outbox.as_ref(),
+            cancel,
+            &mut counts,
+            &mut summary,
+        )?,
+        Target::Write(mut ob) => {
+            let (read, written) =
+                record(reader, options, &mut ob, cancel, &mut counts, &mut summary)?;
+            // What the outbox actually did is the truth (another process may have recorded
+            // the same lines meanwhile, e.g. `tally ship` reading the same file).
+            summary.new_events = written.pending;
+            summary.held = written.held;
+            summary.not_billable = written.not_billable;
+            summary.already_billed = written.already_seen;
+            read
+        }
+    };
+    let Counts {
+        totals, new_ids, ..
+    } = counts;
+    summary.lines_read = read.lines;
+    summary.customers = totals.into_vec();
+    Ok(FeedOutcome {
+        summary,
+        new_ids,
+        interrupted: read.interrupted,
+    })
+}
 
+/// How far the reading went.
+struct Read {
+    lines: u64,
+    /// Stopped early by `cancel`.
+    interrupted: bool,
+}
+
+/// The dry run: each line against the outbox (if any) and the lines before it, nothing written.
+fn compare(
+    mut reader: ReplayReader,
+    options: &FeedOptions,
+    outbox: Option<&Outbox>,
+    cancel: &CancellationToken,
+    counts: &mut Counts,
+    summary: &mut ReplaySummary,
+) -> Result<Read, FeedError> {
+    // New ids of this run not yet in the outbox, with their content fingerprint, so a file
+    // replayed together with its rotated copy dedupes within the run too.
+    let mut unrecorded: HashMap<String, i64> = HashMap::new();
+    let mut interrupted = false;
     while let Some(item) = reader.next_item()? {
         match item {
             Decoded::OutsideWindow => summary.outside_window += 1,
             Decoded::Blank => summary.blank_lines += 1,
-            Decoded::Incomplete { source, reason } => {
+            Decoded::Incomplete { source, reason } | Decoded::Rejected { source, reason } => {
                 summary.reject(&source.path, source.offset, reason);
             }
-            Decoded::Rejected { source, reason } => {
-                summary.reject(&source.path, source.offset, reason.clone());
-                if !dry_run {
-                    batch.items.push(IngestItem::Rejected {
-                        source: sources.source(&source),
-                        reason,
-                        head: head(&source),
-                    });
-                    batch.places.push(None);
-                }
-            }
             Decoded::Record { source, record } => {
-                let prepared = match (options.format, &source.content) {
-                    // The live log's own fingerprint (of the line's bytes): a copy of a line
-                    // `tally ship` already read is recognised as the same line.
-                    (ReplayFormat::Tally, LineContent::Complete(bytes)) => {
-                        prepare_line(&record, bytes, &options.spec)
-                    }
-                    // A converted LiteLLM row: fingerprint of the record it becomes.
-                    _ => prepare(&record, &options.spec),
+                let prepared = prepared(options, &source, &record);
+                let known = match unrecorded.get(&prepared.transaction_id) {
+                    Some(hash) => Some(*hash),
+                    None => match outbox {
+                        Some(ob) => ob.lookup(&prepared.transaction_id)?.map(|(_, h)| h),
+                        None => None,
+                    },
                 };
-                match &target {
-                    Target::DryRun(outbox) => {
-                        let known = match unrecorded.get(&prepared.transaction_id) {
-                            Some(hash) => Some(*hash),
-                            None => match outbox {
-                                Some(ob) => ob.lookup(&prepared.transaction_id)?.map(|(_, h)| h),
-                                None => None,
-                            },
-                        };
-                        match known {
-                            Some(hash) if hash == prepared.content_hash => {
-                                summary.already_billed += 1
-                            }
-                            Some(_) => summary.reject(
-                                &source.path,
-                                source.offset,
-                                conflict_reason(&prepared.transaction_id, None),
-                            ),
-                            None => {
-                                unrecorded
-                                    .insert(prepared.transaction_id.clone(), prepared.content_hash);
-                                counts.first_seen(&mut summary, &prepared, &record);
-                            }
-                        }
-                    }
-                    Target::Write(_) => {
-                        let place = (record, source.path.clone(), source.offset);
-                        batch.items.push(IngestItem::Record {
-                            prepared,
-                            source: sources.source(&source),
-                        });
-                        batch.places.push(Some(place));
+                match known {
+                    Some(hash) if hash == prepared.content_hash => summary.already_billed += 1,
+                    Some(_) => summary.reject(
+                        &source.path,
+                        source.offset,
+                        conflict_reason(&prepared.transaction_id, None),
+                    ),
+                    None => {
+                        unrecorded.insert(prepared.transaction_id.clone(), prepared.content_hash);
+                        counts.first_seen(summary, &prepared, &record);
                     }
                 }
             }
-        }
-        if batch.items.len() >= CHUNK_LINES
-            && let Target::Write(ob) = &mut target
-        {
-            batch.record(ob, &mut counts, &mut summary, &mut written)?;
         }
         if cancel.is_cancelled() {
             interrupted = true;
             break;
         }
     }
-    if let Target::Write(ob) = &mut target
-        && !batch.items.is_empty()
-    {
-        batch.record(ob, &mut counts, &mut summary, &mut written)?;
-    }
-    let Counts {
-        totals, new_ids, ..
-    } = counts;
-    summary.lines_read = reader.lines_read;
-    summary.customers = totals.into_vec();
-    if !dry_run {
-        // What the outbox actually did is the truth (another process may have recorded the
-        // same lines meanwhile, e.g. `tally ship` reading the same file).
-        summary.new_events = written.pending;
-        summary.held = written.held;
-        summary.not_billable = written.not_billable;
-        summary.already_billed = written.already_seen;
-    }
-    Ok(FeedOutcome {
-        summary,
-        new_ids,
+    Ok(Read {
+        lines: reader.lines_read,
         interrupted,
     })
+}
+
+/// Records every line into the outbox, on two threads: this one records a batch (one outbox
+/// transaction of [`CHUNK_LINES`] lines) while a second reads, parses and prepares the next. A
+/// batch goes back to the reading thread once recorded, and is emptied there, so each line's
+/// buffers are freed by the thread that allocated them (freeing them on the other thread made
+/// the two contend for the allocator: docs/benchmarks.md).
+fn record(
+    mut reader: ReplayReader,
+    options: &FeedOptions,
+    ob: &mut Outbox,
+    cancel: &CancellationToken,
+    counts: &mut Counts,
+    summary: &mut ReplaySummary,
+) -> Result<(Read, IngestReport), FeedError> {
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Batch>(1);
+    let (used_tx, used_rx) = std::sync::mpsc::channel::<Batch>();
+    std::thread::scope(|scope| {
+        let reading = scope.spawn(move || -> Result<Read, InputError> {
+            let mut sources = SourceNames::default();
+            let mut batch = Batch::default();
+            let mut interrupted = false;
+            while let Some(item) = reader.next_item()? {
+                batch.add(item, options, &mut sources);
+                if batch.items.len() >= CHUNK_LINES {
+                    let next = used_rx.try_recv().map(Batch::emptied).unwrap_or_default();
+                    if full_tx.send(std::mem::replace(&mut batch, next)).is_err() {
+                        break; // the recording stopped with an error, reported by it
+                    }
+                }
+                if cancel.is_cancelled() {
+                    interrupted = true;
+                    break;
+                }
+            }
+            let _ = full_tx.send(batch);
+            Ok(Read {
+                lines: reader.lines_read,
+                interrupted,
+            })
+        });
+        let recorded = record_batches(full_rx, used_tx, ob, counts, summary);
+        let read = reading
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        let written = recorded?;
+        Ok((read?, written))
+    })
+}
+
+/// The recording side of [`record`]: each batch in turn, until the reading side is done.
+fn record_batches(
+    full: std::sync::mpsc::Receiver<Batch>,
+    used: std::sync::mpsc::Sender<Batch>,
+    ob: &mut Outbox,
+    counts: &mut Counts,
+    summary: &mut ReplaySummary,
+) -> Result<IngestReport, OutboxError> {
+    let mut written = IngestReport::default();
+    for mut batch in full {
+        // What the reading side noted comes first, as it did when one thread read and recorded.
+        summary.outside_window += batch.outside_window;
+        summary.blank_lines += batch.blank_lines;
+        for (path, offset, reason) in batch.rejections.drain(..) {
+            summary.reject(&path, offset, reason);
+        }
+        if !batch.items.is_empty() {
+            batch.record(ob, counts, summary, &mut written)?;
+        }
+        let _ = used.send(batch);
+    }
+    Ok(written)
+}
+
+/// The record a line prepares into: the live log's own fingerprint (of the line's bytes), so a
+/// copy of a line `tally ship` already read is recognised as the same line; for a converted
+/// LiteLLM row, the fingerprint of the record it becomes.
+fn prepared(options: &FeedOptions, source: &RawLine, record: &SpendRecord) -> PreparedRecord {
+    match (options.format, &source.content) {
+        (ReplayFormat::Tally, LineContent::Complete(bytes)) => {
+            prepare_line(record, bytes, &options.spec)
+        }
+        _ => prepare(record, &options.spec),
+    }
 }
 
 /// A batched line's record and where it was read (`None` for a rejected line).
@@ -232,15 +304,60 @@ impl Counts {
 }
 
 /// Lines on their way into the outbox, with what the summary needs of each once the outbox
-/// says whether it was new.
+/// says whether it was new, and what was noted of the lines read with them that are not
+/// recorded.
 #[derive(Default)]
 struct Batch {
     items: Vec<IngestItem>,
     places: Vec<Place>,
     outcomes: Vec<Recorded>,
+    outside_window: u64,
+    blank_lines: u64,
+    /// Lines rejected as they were read, in file order.
+    rejections: Vec<(Arc<Path>, u64, String)>,
 }
 
 impl Batch {
+    /// Adds a decoded line.
+    fn add(&mut self, item: Decoded, options: &FeedOptions, sources: &mut SourceNames) {
+        match item {
+            Decoded::OutsideWindow => self.outside_window += 1,
+            Decoded::Blank => self.blank_lines += 1,
+            Decoded::Incomplete { source, reason } => {
+                self.rejections
+                    .push((source.path.clone(), source.offset, reason));
+            }
+            Decoded::Rejected { source, reason } => {
+                self.rejections
+                    .push((source.path.clone(), source.offset, reason.clone()));
+                self.items.push(IngestItem::Rejected {
+                    source: sources.source(&source),
+                    reason,
+                    head: head(&source),
+                });
+                self.places.push(None);
+            }
+            Decoded::Record { source, record } => {
+                self.items.push(IngestItem::Record {
+                    prepared: prepared(options, &source, &record),
+                    source: sources.source(&source),
+                });
+                self.places
+                    .push(Some((record, source.path.clone(), source.offset)));
+            }
+        }
+    }
+
+    /// The batch, empty again, its buffers kept.
+    fn emptied(mut self) -> Self {
+        self.items.clear();
+        self.places.clear();
+        self.outside_window = 0;
+        self.blank_lines = 0;
+        self.rejections.clear();
+        self
+    }
+
     /// Records the batch in one transaction and counts what the outbox found new (the outbox is
     /// the judge: another process may have recorded the same lines meanwhile).
     fn record(
@@ -268,8 +385,6 @@ impl Batch {
                 Recorded::AlreadySeen | Recorded::Rejected => {}
             }
         }
-        self.items.clear();
-        self.places.clear();
         Ok(())
     }
 }

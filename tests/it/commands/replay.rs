@@ -560,3 +560,57 @@ async fn replay_ship_reports_what_lago_did_not_acknowledge_and_exits_3() {
     assert_eq!(u(&again, "already_billed"), 2);
     assert_eq!(b.stored_ids(), ["n-1"]);
 }
+
+/// A replay longer than one outbox transaction (4,096 lines) reads on one thread and records on
+/// another: across three batches, with malformed, blank, repeated and conflicting lines in each,
+/// it counts what its dry run (one thread) counts, records each id once, and a second replay of
+/// the same file finds every record already billed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_of_several_batches_counts_what_its_dry_run_does() {
+    let b = Bench::new().await;
+    let log = b.path("big.jsonl");
+    let record = |i: usize, input: u64| {
+        SpendLine::new(format!("big-{i}"))
+            .end_user(format!("c-{}", i % 3))
+            .tokens(input, 2)
+            .to_line()
+    };
+    let lines: Vec<String> = (0..10_000)
+        .map(|i| match i % 1000 {
+            7 => "{\"schema\":1,\"transaction_id\":\n".to_string(),
+            8 => "   \n".to_string(),
+            9 => record(i - 9, 1),    // the line nine before, again
+            10 => record(i - 10, 99), // the line ten before, with other counts
+            _ => record(i, 1),
+        })
+        .collect();
+    write(&log, &lines);
+    let log = log.to_str().unwrap();
+
+    let dry = b.json(&["replay", "--dry-run", log]).await;
+    let real = b.json(&["replay", log]).await;
+    for key in [
+        "lines_read",
+        "new_events",
+        "already_billed",
+        "rejected",
+        "blank_lines",
+        "held",
+        "not_billable",
+    ] {
+        assert_eq!(u(&real, key), u(&dry, key), "{key}: {real} against {dry}");
+    }
+    assert_eq!(u(&real, "lines_read"), 10_000);
+    assert_eq!(u(&real, "new_events"), 10_000 - 40);
+    assert_eq!(u(&real, "already_billed"), 10);
+    assert_eq!(u(&real, "rejected"), 20, "10 malformed, 10 conflicting");
+    assert_eq!(u(&real, "blank_lines"), 10);
+    assert_eq!(customers(&real), customers(&dry));
+    let events: u64 = customers(&real).iter().map(|c| c.1).sum();
+    assert_eq!(events, 10_000 - 40);
+
+    let again = b.json(&["replay", log]).await;
+    assert_eq!(u(&again, "new_events"), 0);
+    assert_eq!(u(&again, "already_billed"), 10_000 - 40 + 10);
+    assert_eq!(u(&again, "rejected"), 20);
+}
