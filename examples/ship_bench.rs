@@ -67,7 +67,7 @@ fn ingest_direct(file: &str, state_dir: &str) -> anyhow::Result<()> {
         let len = line.len() as u64 + 1;
         chunk.push(line_to_item(
             Source {
-                file: file.to_owned(),
+                file: file.into(),
                 offset,
             },
             &line,
@@ -106,7 +106,7 @@ pub fn parse_only(file: &str) -> anyhow::Result<()> {
         let line = line?;
         let item = line_to_item(
             Source {
-                file: String::new(),
+                file: "".into(),
                 offset: 0,
             },
             &line,

@@ -57,10 +57,41 @@ pub fn too_long_reason(len: u64, max_line_bytes: usize) -> String {
     )
 }
 
-fn source_of(path: &Path, offset: u64) -> Source {
-    Source {
-        file: path.to_string_lossy().into_owned(),
-        offset,
+/// The name each line's file is recorded under, made once per file rather than once per line.
+#[derive(Default)]
+pub struct SourceNames {
+    /// Name files by their absolute path (`tally replay`, given paths relative to where it
+    /// runs), so `./a.jsonl` and `a.jsonl` are one file to the rejected-line dedupe.
+    canonical: bool,
+    last: Option<(Arc<Path>, Arc<str>)>,
+}
+
+impl SourceNames {
+    /// Names files by their absolute path.
+    pub fn canonical() -> Self {
+        Self {
+            canonical: true,
+            last: None,
+        }
+    }
+
+    pub fn source(&mut self, path: &Arc<Path>, offset: u64) -> Source {
+        let file = match &self.last {
+            Some((p, name)) if Arc::ptr_eq(p, path) => name.clone(),
+            _ => {
+                let name: Arc<str> = if self.canonical {
+                    std::fs::canonicalize(path)
+                        .unwrap_or_else(|_| path.to_path_buf())
+                        .to_string_lossy()
+                        .into()
+                } else {
+                    path.to_string_lossy().into()
+                };
+                self.last = Some((path.clone(), name.clone()));
+                name
+            }
+        };
+        Source { file, offset }
     }
 }
 
@@ -68,11 +99,12 @@ fn source_of(path: &Path, offset: u64) -> Source {
 /// bill or show and are skipped: their file position is committed with the chunk all the same,
 /// and a file of newlines does not grow the outbox by a rejected row per line.
 pub fn chunk_items(lines: &[RawLine], spec: &EventSpec, max_line_bytes: usize) -> Vec<IngestItem> {
+    let mut names = SourceNames::default();
     lines
         .iter()
         .filter(|l| !matches!(&l.content, LineContent::Complete(b) if b.iter().all(u8::is_ascii_whitespace)))
         .map(|l| {
-            let source = source_of(&l.path, l.offset);
+            let source = names.source(&l.path, l.offset);
             match &l.content {
                 LineContent::Complete(bytes) => line_to_item(source, bytes, spec),
                 LineContent::TooLong { len } => too_long_item(source, *len, max_line_bytes),

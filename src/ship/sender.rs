@@ -27,12 +27,13 @@
 //!   shipper is stopped first, the events stay pending and are resent at the next start, where
 //!   Lago answers `value_already_exist` and they are acked — never billed twice.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
+use hashbrown::HashSet;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;

@@ -14,9 +14,9 @@ use tokio_util::sync::CancellationToken;
 use crate::cli::ReplayFormat;
 use crate::ship::CHUNK_LINES;
 use crate::ship::outbox::{
-    IngestItem, IngestReport, Outbox, OutboxError, REJECTED_HEAD_BYTES, Recorded, Source,
-    conflict_reason,
+    IngestItem, IngestReport, Outbox, OutboxError, REJECTED_HEAD_BYTES, Recorded, conflict_reason,
 };
+use crate::ship::reader::SourceNames;
 use crate::ship::resolve::{Disposition, EventSpec, PreparedRecord, prepare, prepare_line};
 use crate::ship::tail::{LineContent, RawLine};
 use crate::spend::SpendRecord;
@@ -196,7 +196,7 @@ fn record(
     let (used_tx, used_rx) = std::sync::mpsc::channel::<Batch>();
     std::thread::scope(|scope| {
         let reading = scope.spawn(move || -> Result<Read, InputError> {
-            let mut sources = SourceNames::default();
+            let mut sources = SourceNames::canonical();
             let mut batch = Batch::default();
             let mut interrupted = false;
             while let Some(item) = reader.next_item()? {
@@ -331,7 +331,7 @@ impl Batch {
                 self.rejections
                     .push((source.path.clone(), source.offset, reason.clone()));
                 self.items.push(IngestItem::Rejected {
-                    source: sources.source(&source),
+                    source: sources.source(&source.path, source.offset),
                     reason,
                     head: head(&source),
                 });
@@ -340,7 +340,7 @@ impl Batch {
             Decoded::Record { source, record } => {
                 self.items.push(IngestItem::Record {
                     prepared: prepared(options, &source, &record),
-                    source: sources.source(&source),
+                    source: sources.source(&source.path, source.offset),
                 });
                 self.places
                     .push(Some((record, source.path.clone(), source.offset)));
@@ -394,32 +394,5 @@ fn head(line: &RawLine) -> Vec<u8> {
     match &line.content {
         LineContent::Complete(b) => b[..b.len().min(REJECTED_HEAD_BYTES)].to_vec(),
         LineContent::TooLong { .. } => Vec::new(),
-    }
-}
-
-/// Sources are recorded with absolute paths, so `./a.jsonl` and `a.jsonl` are the same file to
-/// the outbox's rejected-line dedupe (file, offset).
-#[derive(Default)]
-struct SourceNames {
-    last: Option<(Arc<Path>, String)>,
-}
-
-impl SourceNames {
-    fn source(&mut self, line: &RawLine) -> Source {
-        let name = match &self.last {
-            Some((path, name)) if Arc::ptr_eq(path, &line.path) => name.clone(),
-            _ => {
-                let name = std::fs::canonicalize(&line.path)
-                    .unwrap_or_else(|_| line.path.to_path_buf())
-                    .to_string_lossy()
-                    .into_owned();
-                self.last = Some((line.path.clone(), name.clone()));
-                name
-            }
-        };
-        Source {
-            file: name,
-            offset: line.offset,
-        }
     }
 }

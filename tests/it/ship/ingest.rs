@@ -21,7 +21,7 @@ fn items(path: &Path, spec: &EventSpec) -> Vec<IngestItem> {
         let body = line.strip_suffix(b"\n").unwrap_or(line);
         out.push(line_to_item(
             Source {
-                file: path.display().to_string(),
+                file: path.display().to_string().into(),
                 offset,
             },
             body,
