@@ -52,7 +52,7 @@ pub use task::{OutboxTaskError, with_outbox};
 
 use crate::ship::resolve::{Disposition, PreparedRecord};
 use crate::ship::tail::{FileId, FilePosition};
-use pending::{EVENT_COLUMN_COUNT, EVENT_COLUMNS, Enqueue, ID_COLUMNS, Queued};
+use pending::{EVENT_COLUMN_COUNT, EVENT_COLUMNS, EnqueueRows, ID_COLUMNS, Queued};
 
 /// The queue place of the queued row with id `?1` (none once it left the queue).
 macro_rules! queue_place_of_id {
@@ -489,7 +489,7 @@ impl Outbox {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
                  ON CONFLICT (transaction_id) DO NOTHING",
             )?;
-            let mut enqueue = Enqueue::new(&tx)?;
+            let mut enqueue = EnqueueRows::new(&tx)?;
             let mut existing = tx.prepare_cached(&format!(
                 "SELECT e.content_hash, {EFFECTIVE_STATE} FROM events AS e
                  WHERE e.transaction_id = ?1"
@@ -615,8 +615,8 @@ impl Outbox {
                         match &prepared.disposition {
                             Disposition::Pending { body, .. } => {
                                 enqueue.push(
-                                    Some(seqs[i]),
-                                    &Queued {
+                                    seqs[i],
+                                    Queued {
                                         transaction_id: &prepared.transaction_id,
                                         target_id: targets[i],
                                         body,
@@ -634,6 +634,7 @@ impl Outbox {
                     (IngestItem::Record { prepared, source }, Found::Recorded) => {
                         // Compared here, in file order: a line recorded earlier in this chunk
                         // is in the queue by now, and its state reads as it will be committed.
+                        enqueue.flush()?;
                         let (hash, old_state): (i64, i64) = existing
                             .query_row([&prepared.transaction_id], |r| {
                                 Ok((r.get(0)?, r.get(1)?))
@@ -688,6 +689,7 @@ impl Outbox {
                     (IngestItem::Record { .. }, Found::Malformed) => {}
                 }
             }
+            enqueue.flush()?;
             let mut position = tx.prepare_cached(
                 "INSERT INTO positions (dev, ino, fingerprint, path, offset, finished, updated_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)

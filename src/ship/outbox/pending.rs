@@ -6,7 +6,7 @@
 //! and read back the same way, so no count can fail an ingest (a count past `i64::MAX` reads as
 //! negative at `sqlite3`, and as itself here).
 
-use rusqlite::{CachedStatement, Connection, Row, params};
+use rusqlite::{CachedStatement, Connection, Row, ToSql};
 
 use crate::ship::event::EventBody;
 use crate::ship::resolve::CustomerIds;
@@ -36,44 +36,121 @@ pub(crate) struct Queued<'a> {
 }
 
 /// The queue's insert, prepared once for all the rows a transaction queues.
-pub(crate) struct Enqueue<'conn>(CachedStatement<'conn>);
+pub(crate) struct Enqueue<'conn> {
+    conn: &'conn Connection,
+    one: CachedStatement<'conn>,
+}
 
 impl<'conn> Enqueue<'conn> {
-    pub(crate) fn new(tx: &'conn Connection) -> rusqlite::Result<Self> {
-        Ok(Self(tx.prepare_cached(
-            "INSERT INTO pending (seq, transaction_id, target_id, time_ms, amount_cents, model,
-                 response_cost, input_tokens, output_tokens, total_tokens, cache_read_tokens,
-                 cache_creation_tokens, reasoning_tokens, end_user_id, user_id, team_id,
-                 attempts, reason)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                 ?18)",
-        )?))
+    pub(crate) fn new(conn: &'conn Connection) -> rusqlite::Result<Self> {
+        Ok(Self {
+            conn,
+            one: conn.prepare_cached(&insert_sql(1))?,
+        })
     }
 
     /// Queues `q` at place `seq` (the next place when `None`); returns its place.
     pub(crate) fn push(&mut self, seq: Option<i64>, q: &Queued<'_>) -> rusqlite::Result<i64> {
-        let b = q.body;
-        self.0.insert(params![
-            seq,
-            q.transaction_id,
-            q.target_id,
-            b.time_ms,
-            b.precise_total_amount_cents,
-            b.model,
-            b.response_cost,
-            b.input_tokens as i64,
-            b.output_tokens as i64,
-            b.total_tokens as i64,
-            b.cache_read_input_tokens.map(|n| n as i64),
-            b.cache_creation_input_tokens.map(|n| n as i64),
-            b.reasoning_tokens.map(|n| n as i64),
-            q.ids.end_user_id,
-            q.ids.user_id,
-            q.ids.team_id,
-            q.attempts,
-            q.reason,
-        ])
+        bind_row(&mut self.one, 0, seq, q)?;
+        self.one.raw_execute()?;
+        Ok(self.conn.last_insert_rowid())
     }
+}
+
+/// Rows one insert statement queues during an ingest. A statement per row paid SQLite's
+/// per-statement work for every event, AUTOINCREMENT's read and write of `sqlite_sequence`
+/// included (docs/benchmarks.md).
+const ROWS_PER_INSERT: usize = 64;
+
+/// The ingest's queue insert: rows at the places given, written [`ROWS_PER_INSERT`] to a
+/// statement. What is held back is written by [`EnqueueRows::flush`], which the ingest calls
+/// before it reads the queue and before it commits.
+pub(crate) struct EnqueueRows<'conn, 'a> {
+    one: Enqueue<'conn>,
+    many: CachedStatement<'conn>,
+    rows: Vec<(i64, Queued<'a>)>,
+}
+
+impl<'conn, 'a> EnqueueRows<'conn, 'a> {
+    pub(crate) fn new(conn: &'conn Connection) -> rusqlite::Result<Self> {
+        Ok(Self {
+            one: Enqueue::new(conn)?,
+            many: conn.prepare_cached(&insert_sql(ROWS_PER_INSERT))?,
+            rows: Vec::with_capacity(ROWS_PER_INSERT),
+        })
+    }
+
+    /// Queues `q` at place `seq`, now or with the next rows.
+    pub(crate) fn push(&mut self, seq: i64, q: Queued<'a>) -> rusqlite::Result<()> {
+        self.rows.push((seq, q));
+        if self.rows.len() == ROWS_PER_INSERT {
+            for (row, (seq, q)) in self.rows.iter().enumerate() {
+                bind_row(&mut self.many, row, Some(*seq), q)?;
+            }
+            self.many.raw_execute()?;
+            self.rows.clear();
+        }
+        Ok(())
+    }
+
+    /// Writes the rows held back.
+    pub(crate) fn flush(&mut self) -> rusqlite::Result<()> {
+        for (seq, q) in self.rows.drain(..) {
+            self.one.push(Some(seq), &q)?;
+        }
+        Ok(())
+    }
+}
+
+/// `INSERT INTO pending ... VALUES` with `rows` rows of placeholders, in [`bind_row`]'s order.
+fn insert_sql(rows: usize) -> String {
+    let row = format!("({})", ["?"; ROW_VALUES].join(", "));
+    format!(
+        "INSERT INTO pending (seq, transaction_id, target_id, time_ms, amount_cents, model,
+             response_cost, input_tokens, output_tokens, total_tokens, cache_read_tokens,
+             cache_creation_tokens, reasoning_tokens, end_user_id, user_id, team_id, attempts,
+             reason)
+         VALUES {}",
+        vec![row; rows].join(", ")
+    )
+}
+
+/// How many values [`bind_row`] binds per row.
+const ROW_VALUES: usize = 18;
+
+/// Binds `q` at place `seq` (the next place when `None`) as row `row` of `stmt`.
+fn bind_row(
+    stmt: &mut CachedStatement<'_>,
+    row: usize,
+    seq: Option<i64>,
+    q: &Queued<'_>,
+) -> rusqlite::Result<()> {
+    let b = q.body;
+    let values: [&dyn ToSql; ROW_VALUES] = [
+        &seq,
+        &q.transaction_id,
+        &q.target_id,
+        &b.time_ms,
+        &b.precise_total_amount_cents,
+        &b.model,
+        &b.response_cost,
+        &(b.input_tokens as i64),
+        &(b.output_tokens as i64),
+        &(b.total_tokens as i64),
+        &b.cache_read_input_tokens.map(|n| n as i64),
+        &b.cache_creation_input_tokens.map(|n| n as i64),
+        &b.reasoning_tokens.map(|n| n as i64),
+        &q.ids.end_user_id,
+        &q.ids.user_id,
+        &q.ids.team_id,
+        &q.attempts,
+        &q.reason,
+    ];
+    let at = row * ROW_VALUES;
+    for (i, value) in values.into_iter().enumerate() {
+        stmt.raw_bind_parameter(at + i + 1, value)?;
+    }
+    Ok(())
 }
 
 /// The event JSON of a row read with [`EVENT_COLUMNS`] from column `at` on: the stored JSON of

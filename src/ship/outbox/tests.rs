@@ -966,3 +966,44 @@ fn one_chunk_queues_in_file_order_and_its_first_line_of_an_id_wins() {
             .contains("(now pending)")
     );
 }
+
+/// The ingest writes the queue several rows to a statement: across full statements and the
+/// rows left over, with a conflicting duplicate in between (which writes the rows held back
+/// before it reads the queue), every event is queued at its place with its own fields.
+#[test]
+fn an_ingest_queues_every_row_with_its_own_fields_however_many_it_writes_at_once() {
+    let (_dir, mut ob) = open();
+    let records: Vec<SpendRecord> = (0..150)
+        .map(|i| {
+            let mut r = record(&format!("row-{i:03}"), Some(&format!("c-{}", i % 7)));
+            r.input_tokens = i;
+            r.output_tokens = 1000 + i;
+            r.model = format!("model-{}", i % 3);
+            r
+        })
+        .collect();
+    let mut conflicting = records[10].clone();
+    conflicting.input_tokens = 9999;
+    let mut items: Vec<IngestItem> = records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| item(r, i as u64))
+        .collect();
+    items.insert(100, item(&conflicting, 100_000));
+    let report = ob.ingest(&items, &[]).unwrap();
+    assert_eq!((report.pending, report.conflicts), (150, 1));
+    let reason = ob.list(ListFilter::Rejected, 10).unwrap()[0].reason.clone();
+    assert!(reason.is_some_and(|r| r.contains("(now pending)")));
+    let lock = lock(&ob);
+    let (claimed, _) = ob.claim(200, None, &HashSet::new(), &lock).unwrap();
+    assert_eq!(claimed.len(), 150);
+    for (i, (c, r)) in claimed.iter().zip(&records).enumerate() {
+        assert_eq!(c.transaction_id, r.transaction_id);
+        let customer = format!("c-{}", i % 7);
+        assert_eq!(
+            String::from_utf8_lossy(&c.event),
+            String::from_utf8_lossy(&event_bytes(r, "llm", &customer))
+        );
+    }
+    assert!(claimed.windows(2).all(|w| w[0].seq < w[1].seq));
+}
