@@ -225,6 +225,38 @@ struct Claims {
     /// both pending and not in flight.
     in_flight: HashSet<String>,
     reader: Outbox,
+    /// The storage gate's reopen count when `reader` was opened: once the writer's connection
+    /// is reopened (after a remount), the reader is too, or it would go on reading the file as
+    /// it was.
+    reader_of: u64,
+}
+
+impl Claims {
+    /// Claims on the reader, opening it again first when the writer's connection was reopened,
+    /// and once more when it fails (a reader can fail where a fresh one does not).
+    fn claim(
+        &mut self,
+        storage: &StorageGate,
+        n: usize,
+        cursor: Option<ClaimCursor>,
+        lock: &SenderLock,
+    ) -> Result<(Vec<ClaimedEvent>, Option<ClaimCursor>), OutboxError> {
+        let reopened = storage.reopened();
+        if reopened != self.reader_of {
+            self.reader = self.reader.reader()?;
+            self.reader_of = reopened;
+        }
+        let (batch, reached) = match self.reader.claim(n, cursor, &self.in_flight, lock) {
+            Ok(claimed) => claimed,
+            Err(first) => {
+                self.reader = self.reader.reader().map_err(|_| first)?;
+                self.reader.claim(n, cursor, &self.in_flight, lock)?
+            }
+        };
+        self.in_flight
+            .extend(batch.iter().map(|e| e.transaction_id.clone()));
+        Ok((batch, reached))
+    }
 }
 
 impl Ctx {
@@ -342,6 +374,7 @@ pub async fn run_sender(
         return Ok(totals.snapshot());
     };
     let lock = Arc::new(lock);
+    let reader_of = storage.reopened();
     let reader = with_outbox(&outbox, |ob| ob.reader()).await?;
     // Bounded: while the acker cannot commit (storage trouble), batches Lago accepted wait here
     // holding their permits, so nothing new is claimed and sent meanwhile. Roomy enough that a
@@ -353,6 +386,7 @@ pub async fn run_sender(
         claims: std::sync::Mutex::new(Claims {
             in_flight: HashSet::new(),
             reader,
+            reader_of,
         }),
         acks,
         auth: AuthGate::default(),
@@ -509,16 +543,9 @@ async fn claim(
     cursor: Option<ClaimCursor>,
 ) -> Result<(Vec<ClaimedEvent>, Option<ClaimCursor>), SenderError> {
     let (c, lock) = (ctx.clone(), lock.clone());
-    tokio::task::spawn_blocking(move || {
-        let claims = &mut *c.claims();
-        let (batch, reached) = claims.reader.claim(n, cursor, &claims.in_flight, &lock)?;
-        claims
-            .in_flight
-            .extend(batch.iter().map(|e| e.transaction_id.clone()));
-        Ok((batch, reached))
-    })
-    .await
-    .map_err(|e| SenderError::Task(e.to_string()))?
+    tokio::task::spawn_blocking(move || Ok(c.claims().claim(&c.storage, n, cursor, &lock)?))
+        .await
+        .map_err(|e| SenderError::Task(e.to_string()))?
 }
 
 /// Commits the acks of accepted batches, several responses per transaction when they arrive
