@@ -8,6 +8,8 @@
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+mod scan;
+
 /// Where the spend log is when nothing says (`TALLY_SPEND_LOG`); the proxy and the shipper must
 /// agree on it.
 pub const DEFAULT_SPEND_LOG: &str = "./spend.jsonl";
@@ -202,19 +204,21 @@ impl SpendRecord {
         // One parse on the common path. Only when it fails, or reads another schema, is `schema`
         // looked at on its own: a record from a newer writer gets the clear "upgrade" message
         // instead of whatever field error its new shape would trigger.
-        let record = match serde_json::from_str::<SpendRecord>(text) {
-            Ok(r) if r.schema == SCHEMA_VERSION => r,
-            Ok(r) => {
-                return Err(RecordError::UnsupportedSchema {
-                    found: u64::from(r.schema),
-                });
-            }
-            Err(e) => {
-                check_schema(text)?;
-                // Parse again, slowly, only to name the field that is wrong.
-                return Err(RecordError::Json(describe_json_error(text, e)));
-            }
-        };
+        // A line as the proxy writes it is read by `scan`; anything else by serde.
+        let record =
+            match scan::parse(text).map_or_else(|| serde_json::from_str::<SpendRecord>(text), Ok) {
+                Ok(r) if r.schema == SCHEMA_VERSION => r,
+                Ok(r) => {
+                    return Err(RecordError::UnsupportedSchema {
+                        found: u64::from(r.schema),
+                    });
+                }
+                Err(e) => {
+                    check_schema(text)?;
+                    // Parse again, slowly, only to name the field that is wrong.
+                    return Err(RecordError::Json(describe_json_error(text, e)));
+                }
+            };
         record.validate()?;
         Ok(record)
     }
@@ -444,14 +448,17 @@ pub fn fmt_millis(t: &DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
+/// A spend-log timestamp: RFC 3339, any offset, read as UTC.
+fn parse_time(s: &str) -> Result<DateTime<Utc>, chrono::ParseError> {
+    DateTime::parse_from_rfc3339(s).map(|t| t.with_timezone(&Utc))
+}
+
 fn parse_rfc3339<'de, D: Deserializer<'de>>(s: &str) -> Result<DateTime<Utc>, D::Error> {
-    DateTime::parse_from_rfc3339(s)
-        .map(|t| t.with_timezone(&Utc))
-        .map_err(|e| {
-            serde::de::Error::custom(format!(
-                "timestamp {s:?} is not RFC 3339 ({e}); expected e.g. 2026-11-27T10:00:00.123Z"
-            ))
-        })
+    parse_time(s).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "timestamp {s:?} is not RFC 3339 ({e}); expected e.g. 2026-11-27T10:00:00.123Z"
+        ))
+    })
 }
 
 mod millis {
