@@ -76,7 +76,7 @@ impl EventBody {
             transaction_id,
             external_subscription_id,
             code,
-            timestamp: lago_timestamp(self.time_ms),
+            time_ms: self.time_ms,
             precise_total_amount_cents: self.precise_total_amount_cents.as_deref(),
             properties: Properties {
                 model: &self.model,
@@ -113,41 +113,50 @@ impl EventBody {
     }
 }
 
-/// A Lago event, written by [`LagoEvent::to_json`] (serde's derive would give the same bytes,
-/// which a test checks, at about twice the cost: every key goes through its escaper).
+/// A Lago event, borrowed from wherever its parts are (an [`EventBody`], or a queue row the
+/// claim reads without copying), written by [`LagoEvent::to_json`] (serde's derive would give
+/// the same bytes, which a test checks, at about twice the cost: every key goes through its
+/// escaper).
 #[cfg_attr(test, derive(Serialize))]
-struct LagoEvent<'a> {
-    transaction_id: &'a str,
-    external_subscription_id: &'a str,
-    code: &'a str,
-    timestamp: String,
+pub(crate) struct LagoEvent<'a> {
+    pub transaction_id: &'a str,
+    pub external_subscription_id: &'a str,
+    pub code: &'a str,
+    /// Written as [`lago_timestamp`].
+    #[cfg_attr(test, serde(rename = "timestamp", serialize_with = "timestamp_string"))]
+    pub time_ms: i64,
     #[cfg_attr(test, serde(skip_serializing_if = "Option::is_none"))]
-    precise_total_amount_cents: Option<&'a str>,
-    properties: Properties<'a>,
+    pub precise_total_amount_cents: Option<&'a str>,
+    pub properties: Properties<'a>,
+}
+
+#[cfg(test)]
+fn timestamp_string<S: serde::Serializer>(ms: &i64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&lago_timestamp(*ms))
 }
 
 #[cfg_attr(test, derive(Serialize))]
-struct Properties<'a> {
-    model: &'a str,
+pub(crate) struct Properties<'a> {
+    pub model: &'a str,
     #[cfg_attr(test, serde(skip_serializing_if = "Option::is_none"))]
-    response_cost: Option<f64>,
-    input_tokens: u64,
-    output_tokens: u64,
-    total_tokens: u64,
-    prompt_tokens: u64,
-    completion_tokens: u64,
+    pub response_cost: Option<f64>,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub total_tokens: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
     #[cfg_attr(test, serde(skip_serializing_if = "Option::is_none"))]
-    cache_read_input_tokens: Option<u64>,
+    pub cache_read_input_tokens: Option<u64>,
     #[cfg_attr(test, serde(skip_serializing_if = "Option::is_none"))]
-    cache_creation_input_tokens: Option<u64>,
+    pub cache_creation_input_tokens: Option<u64>,
     #[cfg_attr(test, serde(skip_serializing_if = "Option::is_none"))]
-    reasoning_tokens: Option<u64>,
+    pub reasoning_tokens: Option<u64>,
 }
 
 impl LagoEvent<'_> {
     /// The event's JSON: fields in declaration order, absent options left out, strings escaped
     /// and floats printed as serde_json does.
-    fn to_json(&self) -> Vec<u8> {
+    pub(crate) fn to_json(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(512);
         out.extend_from_slice(b"{\"transaction_id\":");
         json_str(&mut out, self.transaction_id);
@@ -155,8 +164,9 @@ impl LagoEvent<'_> {
         json_str(&mut out, self.external_subscription_id);
         out.extend_from_slice(b",\"code\":");
         json_str(&mut out, self.code);
-        out.extend_from_slice(b",\"timestamp\":");
-        json_str(&mut out, &self.timestamp);
+        out.extend_from_slice(b",\"timestamp\":\"");
+        write_lago_timestamp(&mut out, self.time_ms);
+        out.push(b'"');
         if let Some(cents) = self.precise_total_amount_cents {
             out.extend_from_slice(b",\"precise_total_amount_cents\":");
             json_str(&mut out, cents);
@@ -194,7 +204,7 @@ impl LagoEvent<'_> {
 /// `s` as a JSON string. Ids and model names rarely need escaping: those are copied as they are,
 /// the rest go through serde_json's escaper.
 fn json_str(out: &mut Vec<u8>, s: &str) {
-    if s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+    if crate::text::json_plain_len(s.as_bytes()) < s.len() {
         let _ = serde_json::to_writer(&mut *out, s);
     } else {
         out.push(b'"');
@@ -207,9 +217,25 @@ fn json_str(out: &mut Vec<u8>, s: &str) {
 /// numeric string as seconds and keeps millisecond precision; an integer string would lose the
 /// milliseconds, a float could print differently across builds.
 pub fn lago_timestamp(millis: i64) -> String {
-    let sign = if millis < 0 { "-" } else { "" };
+    let mut out = Vec::with_capacity(24);
+    write_lago_timestamp(&mut out, millis);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// [`lago_timestamp`], appended to `out` (the claim writes one per event).
+fn write_lago_timestamp(out: &mut Vec<u8>, millis: i64) {
+    if millis < 0 {
+        out.push(b'-');
+    }
     let abs = millis.unsigned_abs();
-    format!("{sign}{}.{:03}", abs / 1000, abs % 1000)
+    out.extend_from_slice(itoa::Buffer::new().format(abs / 1000).as_bytes());
+    let frac = abs % 1000;
+    out.extend_from_slice(&[
+        b'.',
+        b'0' + (frac / 100) as u8,
+        b'0' + (frac / 10 % 10) as u8,
+        b'0' + (frac % 10) as u8,
+    ]);
 }
 
 /// The milliseconds of a [`lago_timestamp`] (`"1764237600.250"`), as stored events carry it.
@@ -286,7 +312,7 @@ mod tests {
                     transaction_id: s,
                     external_subscription_id: strings[(i + 1) % strings.len()],
                     code: strings[(i + 2) % strings.len()],
-                    timestamp: lago_timestamp(1_764_237_600_250 - i as i64),
+                    time_ms: 1_764_237_600_250 - i as i64,
                     precise_total_amount_cents: (j % 2 == 0).then_some(amount.as_str()),
                     properties: Properties {
                         model: strings[(i + j) % strings.len()],

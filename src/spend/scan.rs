@@ -294,7 +294,7 @@ impl<'a> Scan<'a> {
         self.byte(b'"')?;
         let start = self.i;
         let rest = &self.b[start..];
-        let len = plain_run(rest);
+        let len = crate::text::json_plain_len(rest);
         if rest.get(len) != Some(&b'"') {
             return None;
         }
@@ -373,33 +373,6 @@ fn millis_utc(text: &str) -> Option<DateTime<Utc>> {
     let date = chrono::NaiveDate::from_ymd_opt(num(0, 4)? as i32, num(5, 7)?, num(8, 10)?)?;
     let time = date.and_hms_milli_opt(num(11, 13)?, num(14, 16)?, second, milli)?;
     Some(time.and_utc())
-}
-
-/// How many bytes from the start of `b` hold neither a quote, a backslash nor a control
-/// character, eight at a time.
-fn plain_run(b: &[u8]) -> usize {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGHS: u64 = 0x8080_8080_8080_8080;
-    let mut i = 0;
-    while let Some(chunk) = b.get(i..i + 8) {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(chunk);
-        let w = u64::from_le_bytes(w);
-        // A byte is flagged (high bit set) when it is below 0x20, a quote or a backslash: the
-        // usual "has a zero byte" test on w - 0x20, w ^ '"' and w ^ '\\', kept to ASCII bytes.
-        let below = w.wrapping_sub(ONES * 0x20);
-        let quote = (w ^ (ONES * u64::from(b'"'))).wrapping_sub(ONES);
-        let slash = (w ^ (ONES * u64::from(b'\\'))).wrapping_sub(ONES);
-        let flagged = (below | quote | slash) & !w & HIGHS;
-        if flagged != 0 {
-            return i + (flagged.trailing_zeros() / 8) as usize;
-        }
-        i += 8;
-    }
-    i + b[i..]
-        .iter()
-        .position(|&c| c == b'"' || c == b'\\' || c < 0x20)
-        .unwrap_or(b.len() - i)
 }
 
 #[cfg(test)]
@@ -708,26 +681,6 @@ mod tests {
                 crate::spend::parse_time(text).ok(),
                 "{text}"
             );
-        }
-    }
-
-    #[test]
-    fn the_string_scan_stops_at_the_first_quote_backslash_or_control_character() {
-        for len in 0..40 {
-            for stop in ["\"", "\\", "\u{0}", "\u{1f}", "\n"] {
-                let text = format!(
-                    "{}{stop}tail\"",
-                    "ab\u{e9}~\u{7f}x"
-                        .repeat(8)
-                        .chars()
-                        .take(len)
-                        .collect::<String>()
-                );
-                let expected = text.find(stop).unwrap();
-                assert_eq!(plain_run(text.as_bytes()), expected, "{text:?}");
-            }
-            let plain = "y".repeat(len);
-            assert_eq!(plain_run(plain.as_bytes()), len);
         }
     }
 }

@@ -6,9 +6,10 @@
 //! and read back the same way, so no count can fail an ingest (a count past `i64::MAX` reads as
 //! negative at `sqlite3`, and as itself here).
 
+use rusqlite::types::ValueRef;
 use rusqlite::{CachedStatement, Connection, Row, ToSql};
 
-use crate::ship::event::EventBody;
+use crate::ship::event::{EventBody, LagoEvent, Properties};
 use crate::ship::resolve::CustomerIds;
 
 /// The columns [`event_json`] reads, in its order, from `pending AS p` joined with its target as
@@ -154,46 +155,44 @@ fn bind_row(
 }
 
 /// The event JSON of a row read with [`EVENT_COLUMNS`] from column `at` on: the stored JSON of
-/// a row queued before v7, else written from its fields.
+/// a row queued before v7, else written from its fields, read in place (no copy of its text).
+/// A missing target reads as empty strings: Lago refuses that event, and the sender keeps it as
+/// dead with Lago's reason, where an operator sees it.
 pub(crate) fn event_json(
     r: &Row<'_>,
     at: usize,
     transaction_id: &str,
 ) -> rusqlite::Result<Vec<u8>> {
-    if let Some(event) = r.get::<_, Option<Vec<u8>>>(at)? {
-        return Ok(event);
+    if r.get_ref(at)? != ValueRef::Null {
+        return r.get(at);
     }
-    let (subscription, code, body) = event_fields(r, at)?;
-    Ok(body.to_json(transaction_id, &subscription, &code))
-}
-
-/// The customer, code and body of a row read with [`EVENT_COLUMNS`] (a row queued since v7).
-/// A missing target reads as empty strings: Lago refuses that event, and the sender keeps it as
-/// dead with Lago's reason, where an operator sees it.
-fn event_fields(r: &Row<'_>, at: usize) -> rusqlite::Result<(String, String, EventBody)> {
-    let count = |i: usize| -> rusqlite::Result<u64> {
-        Ok(r.get::<_, Option<i64>>(at + i)?.unwrap_or(0) as u64)
+    let text = |i: usize| -> rusqlite::Result<&str> {
+        Ok(r.get_ref(at + i)?.as_str_or_null()?.unwrap_or(""))
     };
-    let class = |i: usize| -> rusqlite::Result<Option<u64>> {
-        Ok(r.get::<_, Option<i64>>(at + i)?.map(|n| n as u64))
+    let int = |i: usize| -> rusqlite::Result<Option<u64>> {
+        Ok(r.get_ref(at + i)?.as_i64_or_null()?.map(|n| n as u64))
     };
-    let body = EventBody {
-        time_ms: r.get::<_, Option<i64>>(at + 3)?.unwrap_or(0),
-        precise_total_amount_cents: r.get(at + 4)?,
-        model: r.get::<_, Option<String>>(at + 5)?.unwrap_or_default(),
-        response_cost: r.get(at + 6)?,
-        input_tokens: count(7)?,
-        output_tokens: count(8)?,
-        total_tokens: count(9)?,
-        cache_read_input_tokens: class(10)?,
-        cache_creation_input_tokens: class(11)?,
-        reasoning_tokens: class(12)?,
+    let (input_tokens, output_tokens) = (int(7)?.unwrap_or(0), int(8)?.unwrap_or(0));
+    let event = LagoEvent {
+        transaction_id,
+        external_subscription_id: text(1)?,
+        code: text(2)?,
+        time_ms: r.get_ref(at + 3)?.as_i64_or_null()?.unwrap_or(0),
+        precise_total_amount_cents: r.get_ref(at + 4)?.as_str_or_null()?,
+        properties: Properties {
+            model: text(5)?,
+            response_cost: r.get(at + 6)?,
+            input_tokens,
+            output_tokens,
+            total_tokens: int(9)?.unwrap_or(0),
+            prompt_tokens: input_tokens,
+            completion_tokens: output_tokens,
+            cache_read_input_tokens: int(10)?,
+            cache_creation_input_tokens: int(11)?,
+            reasoning_tokens: int(12)?,
+        },
     };
-    Ok((
-        r.get::<_, Option<String>>(at + 1)?.unwrap_or_default(),
-        r.get::<_, Option<String>>(at + 2)?.unwrap_or_default(),
-        body,
-    ))
+    Ok(event.to_json())
 }
 
 /// The customer ids of a row read with [`ID_COLUMNS`] from column `at` on.
