@@ -55,6 +55,16 @@ impl EventBody {
         }
     }
 
+    /// [`EventBody::of`], taking the record's model instead of copying it (the record is being
+    /// taken apart).
+    pub fn take(record: &mut SpendRecord, precise_amount: Option<Markup>) -> Self {
+        let model = std::mem::take(&mut record.model);
+        Self {
+            model,
+            ..Self::of(record, precise_amount)
+        }
+    }
+
     /// The event's JSON, as sent to Lago (docs/architecture.md, "From record to Lago event").
     pub fn to_json(
         &self,

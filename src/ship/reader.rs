@@ -30,7 +30,7 @@ pub enum ReaderError {
 pub fn line_to_item(source: Source, line: &[u8], spec: &EventSpec) -> IngestItem {
     match SpendRecord::parse_line(line) {
         Ok(record) => IngestItem::Record {
-            prepared: prepare_line(&record, line, spec),
+            prepared: prepare_line(record, line, spec),
             source,
         },
         Err(e) => IngestItem::Rejected {

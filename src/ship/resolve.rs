@@ -197,7 +197,7 @@ pub struct PreparedRecord {
 
 /// Prepares a record read from a spend-log `line` (without its newline); the hash is of the
 /// line's bytes, so reading the same line again is recognised without re-serializing anything.
-pub fn prepare_line(record: &SpendRecord, line: &[u8], spec: &EventSpec) -> PreparedRecord {
+pub fn prepare_line(record: SpendRecord, line: &[u8], spec: &EventSpec) -> PreparedRecord {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     build(record, content_hash(line), spec)
 }
@@ -206,37 +206,57 @@ pub fn prepare_line(record: &SpendRecord, line: &[u8], spec: &EventSpec) -> Prep
 /// format); the hash is of its canonical serialization.
 pub fn prepare(record: &SpendRecord, spec: &EventSpec) -> PreparedRecord {
     let line = record.to_line();
-    build(record, content_hash(&line[..line.len() - 1]), spec)
+    build(record.clone(), content_hash(&line[..line.len() - 1]), spec)
 }
 
-fn build(record: &SpendRecord, content_hash: i64, spec: &EventSpec) -> PreparedRecord {
-    let disposition = disposition(record, spec);
+/// Takes the record apart: its strings move into what is kept, none is copied but the
+/// charged customer's id.
+fn build(mut record: SpendRecord, content_hash: i64, spec: &EventSpec) -> PreparedRecord {
+    let unpriced = record.is_billable() && record.response_cost.is_none();
+    let disposition = match resolved(&record, spec) {
+        Some(Ok(id)) => {
+            let external_subscription_id = id.to_owned();
+            Disposition::Pending {
+                external_subscription_id,
+                code: spec.code.clone(),
+                body: EventBody::take(&mut record, spec.precise_amount),
+            }
+        }
+        _ => disposition(&record, spec),
+    };
     let record_json = matches!(disposition, Disposition::Held { .. })
-        .then(|| serde_json::to_vec(record).unwrap_or_default());
+        .then(|| serde_json::to_vec(&record).unwrap_or_default());
     PreparedRecord {
-        transaction_id: record.transaction_id.clone(),
+        transaction_id: std::mem::take(&mut record.transaction_id),
         content_hash,
-        customer_ids: CustomerIds::of(record),
+        customer_ids: CustomerIds {
+            end_user_id: record.end_user_id.take(),
+            user_id: record.user_id.take(),
+            team_id: record.team_id.take(),
+        },
         record_json,
         disposition,
-        unpriced: record.is_billable() && record.response_cost.is_none(),
+        unpriced,
     }
+}
+
+/// The charged customer's id of a billable record (`None`: not billable).
+fn resolved<'r>(record: &'r SpendRecord, spec: &EventSpec) -> Option<Result<&'r str, String>> {
+    record.is_billable().then(|| spec.charge_by.resolve(record))
 }
 
 /// The disposition alone (used again by `retry` with a new charge-by).
 pub fn disposition(record: &SpendRecord, spec: &EventSpec) -> Disposition {
-    if !record.is_billable() {
-        return Disposition::NotBillable {
+    match resolved(record, spec) {
+        None => Disposition::NotBillable {
             status: record.status.clone(),
-        };
-    }
-    match spec.charge_by.resolve(record) {
-        Ok(id) => Disposition::Pending {
+        },
+        Some(Ok(id)) => Disposition::Pending {
             external_subscription_id: id.to_owned(),
             code: spec.code.clone(),
             body: EventBody::of(record, spec.precise_amount),
         },
-        Err(reason) => Disposition::Held { reason },
+        Some(Err(reason)) => Disposition::Held { reason },
     }
 }
 
@@ -426,6 +446,35 @@ mod tests {
         );
     }
 
+    /// The record is taken apart, not copied: whatever it becomes (pending, held, not billable,
+    /// unpriced), it is what the borrowing functions say of the same record.
+    #[test]
+    fn a_record_taken_apart_is_prepared_as_the_borrowing_functions_say() {
+        let mut held = record();
+        held.end_user_id = None;
+        let mut failed = record();
+        failed.status = Status::Failure;
+        let mut unpriced = record();
+        unpriced.response_cost = None;
+        for r in [record(), held, failed, unpriced] {
+            let spec = spec("end_user_id");
+            let line = r.to_line();
+            let line = &line[..line.len() - 1];
+            let expected = PreparedRecord {
+                transaction_id: r.transaction_id.clone(),
+                content_hash: content_hash(line),
+                customer_ids: CustomerIds::of(&r),
+                record_json: r
+                    .end_user_id
+                    .is_none()
+                    .then(|| serde_json::to_vec(&r).unwrap()),
+                disposition: disposition(&r, &spec),
+                unpriced: r.response_cost.is_none(),
+            };
+            assert_eq!(prepare_line(r, line, &spec), expected);
+        }
+    }
+
     #[test]
     fn failures_are_not_billable() {
         let mut r = record();
@@ -476,7 +525,7 @@ mod tests {
         );
         let line = record().to_line();
         assert_eq!(
-            prepare_line(&record(), &line[..line.len() - 1], &spec("user_id")).content_hash,
+            prepare_line(record(), &line[..line.len() - 1], &spec("user_id")).content_hash,
             a.content_hash
         );
     }

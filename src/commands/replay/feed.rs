@@ -146,7 +146,7 @@ fn compare(
                 summary.reject(&source.path, source.offset, reason);
             }
             Decoded::Record { source, record } => {
-                let prepared = prepared(options, &source, &record);
+                let prepared = prepared(options, &source, *record);
                 let known = match unrecorded.get(&prepared.transaction_id) {
                     Some(hash) => Some(*hash),
                     None => match outbox {
@@ -163,7 +163,7 @@ fn compare(
                     ),
                     None => {
                         unrecorded.insert(prepared.transaction_id.clone(), prepared.content_hash);
-                        counts.first_seen(summary, &prepared, &record);
+                        counts.first_seen(summary, &prepared);
                     }
                 }
             }
@@ -254,17 +254,17 @@ fn record_batches(
 /// The record a line prepares into: the live log's own fingerprint (of the line's bytes), so a
 /// copy of a line `tally ship` already read is recognised as the same line; for a converted
 /// LiteLLM row, the fingerprint of the record it becomes.
-fn prepared(options: &FeedOptions, source: &RawLine, record: &SpendRecord) -> PreparedRecord {
+fn prepared(options: &FeedOptions, source: &RawLine, record: SpendRecord) -> PreparedRecord {
     match (options.format, &source.content) {
         (ReplayFormat::Tally, LineContent::Complete(bytes)) => {
             prepare_line(record, bytes, &options.spec)
         }
-        _ => prepare(record, &options.spec),
+        _ => prepare(&record, &options.spec),
     }
 }
 
-/// A batched line's record and where it was read (`None` for a rejected line).
-type Place = Option<(Box<SpendRecord>, Arc<Path>, u64)>;
+/// Where a batched line was read (`None` for a rejected line).
+type Place = Option<(Arc<Path>, u64)>;
 
 /// What the summary counts of new events: per customer, and their ids for `--ship`.
 struct Counts {
@@ -275,19 +275,15 @@ struct Counts {
 
 impl Counts {
     /// A record seen for the first time.
-    fn first_seen(
-        &mut self,
-        summary: &mut ReplaySummary,
-        prepared: &PreparedRecord,
-        record: &SpendRecord,
-    ) {
+    fn first_seen(&mut self, summary: &mut ReplaySummary, prepared: &PreparedRecord) {
         match &prepared.disposition {
             Disposition::Pending {
                 external_subscription_id,
+                body,
                 ..
             } => {
                 summary.new_events += 1;
-                self.totals.add(external_subscription_id, record);
+                self.totals.add(external_subscription_id, body);
                 if self.keep_new_ids {
                     self.new_ids.push(prepared.transaction_id.clone());
                 }
@@ -339,11 +335,10 @@ impl Batch {
             }
             Decoded::Record { source, record } => {
                 self.items.push(IngestItem::Record {
-                    prepared: prepared(options, &source, &record),
+                    prepared: prepared(options, &source, *record),
                     source: sources.source(&source.path, source.offset),
                 });
-                self.places
-                    .push(Some((record, source.path.clone(), source.offset)));
+                self.places.push(Some((source.path.clone(), source.offset)));
             }
         }
     }
@@ -371,12 +366,11 @@ impl Batch {
         written.add(&ob.ingest_noting(&self.items, &[], Some(&mut self.outcomes))?);
         let lines = self.items.iter().zip(&self.places).zip(&self.outcomes);
         for ((item, place), outcome) in lines {
-            let (IngestItem::Record { prepared, .. }, Some((record, path, offset))) = (item, place)
-            else {
+            let (IngestItem::Record { prepared, .. }, Some((path, offset))) = (item, place) else {
                 continue;
             };
             match outcome {
-                Recorded::New => counts.first_seen(summary, prepared, record),
+                Recorded::New => counts.first_seen(summary, prepared),
                 Recorded::Conflict => summary.reject(
                     path,
                     *offset,

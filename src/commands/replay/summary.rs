@@ -8,7 +8,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::commands::output::{self, printable, usd};
-use crate::spend::SpendRecord;
+use crate::ship::event::EventBody;
 
 /// How many rejections the summary shows in full; the rest are only counted.
 pub const FIRST_REJECTIONS: usize = 5;
@@ -58,19 +58,23 @@ pub struct Totals {
 }
 
 impl Totals {
-    pub fn add(&mut self, customer: &str, record: &SpendRecord) {
-        let t = self
-            .by_customer
-            .entry(customer.to_owned())
-            .or_insert_with(|| CustomerTotals {
-                customer: customer.to_owned(),
-                ..CustomerTotals::default()
-            });
+    pub fn add(&mut self, customer: &str, event: &EventBody) {
+        // Looked up before an owned key is made: most events are of a customer seen already.
+        let t = match self.by_customer.get_mut(customer) {
+            Some(t) => t,
+            None => self
+                .by_customer
+                .entry(customer.to_owned())
+                .or_insert_with(|| CustomerTotals {
+                    customer: customer.to_owned(),
+                    ..CustomerTotals::default()
+                }),
+        };
         t.events += 1;
-        t.input_tokens = t.input_tokens.saturating_add(record.input_tokens);
-        t.output_tokens = t.output_tokens.saturating_add(record.output_tokens);
-        t.total_tokens = t.total_tokens.saturating_add(record.total_tokens());
-        t.cost_usd += record.response_cost.unwrap_or(0.0);
+        t.input_tokens = t.input_tokens.saturating_add(event.input_tokens);
+        t.output_tokens = t.output_tokens.saturating_add(event.output_tokens);
+        t.total_tokens = t.total_tokens.saturating_add(event.total_tokens);
+        t.cost_usd += event.response_cost.unwrap_or(0.0);
     }
 
     pub fn into_vec(self) -> Vec<CustomerTotals> {
@@ -184,14 +188,15 @@ impl ReplaySummary {
 mod tests {
     use super::*;
 
-    fn record(input: u64, output: u64, cost: Option<f64>) -> SpendRecord {
+    fn record(input: u64, output: u64, cost: Option<f64>) -> EventBody {
         let line = serde_json::json!({
             "schema": 1, "transaction_id": "t", "end_time": "2026-11-01T00:00:00.000Z",
             "model": "gpt-4o", "input_tokens": input, "output_tokens": output,
             "response_cost": cost, "status": "success"
         })
         .to_string();
-        SpendRecord::parse_line(line.as_bytes()).unwrap()
+        let record = crate::spend::SpendRecord::parse_line(line.as_bytes()).unwrap();
+        EventBody::of(&record, None)
     }
 
     #[test]
