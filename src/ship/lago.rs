@@ -163,8 +163,11 @@ impl LagoClient {
         {
             return Err(too_long);
         }
-        // Streamed, stopping at the limit: a length header may be absent or wrong.
-        let mut body = Vec::new();
+        // Streamed, stopping at the limit: a length header may be absent or wrong. Sized from it
+        // when there is one (the echo of a batch is about a kilobyte per event), so the body is
+        // not copied again as it grows.
+        let expected = response.content_length().unwrap_or(0) as usize;
+        let mut body = Vec::with_capacity(expected.min(self.answer_limit));
         while let Some(chunk) = response
             .chunk()
             .await
