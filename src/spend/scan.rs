@@ -39,6 +39,18 @@ const FIELDS: [&str; 23] = [
     "duration_ms",
 ];
 
+/// The fields serde requires, by their place in [`FIELDS`] (the others take its defaults).
+const REQUIRED: u32 = 1 // schema
+    | 1 << 1 // transaction_id
+    | 1 << 3 // end_time
+    | 1 << 5 // model
+    | 1 << 7 // input_tokens
+    | 1 << 8 // output_tokens
+    | 1 << 21; // status
+
+/// The place of `call_type` in [`FIELDS`]: serde's default stands in when it is absent.
+const CALL_TYPE: usize = 4;
+
 /// The record in `text`, or `None` when serde has to read it.
 pub(super) fn parse(text: &str) -> Option<SpendRecord> {
     let mut s = Scan {
@@ -46,7 +58,33 @@ pub(super) fn parse(text: &str) -> Option<SpendRecord> {
         b: text.as_bytes(),
         i: 0,
     };
-    let mut f = Fields::default();
+    // serde's defaults for the fields a line may leave out; the required ones are placeholders
+    // until read (`REQUIRED`).
+    let mut r = SpendRecord {
+        schema: 0,
+        transaction_id: String::new(),
+        start_time: None,
+        end_time: DateTime::UNIX_EPOCH,
+        call_type: String::new(),
+        model: String::new(),
+        upstream_model: None,
+        input_tokens: 0,
+        output_tokens: 0,
+        total_tokens: None,
+        cache_read_input_tokens: 0,
+        cache_creation_input_tokens: 0,
+        reasoning_tokens: 0,
+        usage_estimated: false,
+        response_cost: None,
+        end_user_id: None,
+        user_id: None,
+        team_id: None,
+        key_alias: None,
+        key_hash: None,
+        stream: false,
+        status: Status::Failure,
+        duration_ms: None,
+    };
     let mut seen: u32 = 0;
     // The field expected next, in the proxy's order: its key is matched in place.
     let mut next = 0;
@@ -66,7 +104,7 @@ pub(super) fn parse(text: &str) -> Option<SpendRecord> {
                 }
             };
             s.ws();
-            f.read(field, &mut s)?;
+            read(&mut r, field, &mut s)?;
             let bit = 1 << field;
             if seen & bit != 0 {
                 return None; // serde: "duplicate field"
@@ -83,153 +121,46 @@ pub(super) fn parse(text: &str) -> Option<SpendRecord> {
         }
     }
     s.ws();
-    if s.i != s.b.len() {
+    // Another schema gets serde's path and its "upgrade tally" message.
+    if s.i != s.b.len() || seen & REQUIRED != REQUIRED || r.schema != SCHEMA_VERSION {
         return None;
     }
-    f.finish()
+    if seen & 1 << CALL_TYPE == 0 {
+        r.call_type = super::default_call_type();
+    }
+    Some(r)
 }
 
-/// The fields read so far; missing ones take serde's defaults in [`Fields::finish`].
-#[derive(Default)]
-struct Fields<'a> {
-    schema: Option<u64>,
-    transaction_id: Option<&'a str>,
-    start_time: Option<DateTime<Utc>>,
-    end_time: Option<DateTime<Utc>>,
-    call_type: Option<&'a str>,
-    model: Option<&'a str>,
-    upstream_model: Option<&'a str>,
-    input_tokens: Option<u64>,
-    output_tokens: Option<u64>,
-    total_tokens: Option<u64>,
-    cache_read_input_tokens: u64,
-    cache_creation_input_tokens: u64,
-    reasoning_tokens: u64,
-    usage_estimated: bool,
-    response_cost: Option<f64>,
-    end_user_id: Option<&'a str>,
-    user_id: Option<&'a str>,
-    team_id: Option<&'a str>,
-    key_alias: Option<&'a str>,
-    key_hash: Option<&'a str>,
-    stream: bool,
-    status: Option<&'a str>,
-    duration_ms: Option<u64>,
-}
-
-impl<'a> Fields<'a> {
-    /// Reads the value of field number `field` (of [`FIELDS`]).
-    fn read(&mut self, field: usize, s: &mut Scan<'a>) -> Option<()> {
-        match field {
-            0 => {
-                self.schema = Some(s.uint()?);
-            }
-            1 => {
-                self.transaction_id = Some(s.string()?);
-            }
-            2 => {
-                self.start_time = s.opt(Scan::time)?;
-            }
-            3 => {
-                self.end_time = Some(s.time()?);
-            }
-            4 => {
-                self.call_type = Some(s.string()?);
-            }
-            5 => {
-                self.model = Some(s.string()?);
-            }
-            6 => {
-                self.upstream_model = s.opt(Scan::string)?;
-            }
-            7 => {
-                self.input_tokens = Some(s.uint()?);
-            }
-            8 => {
-                self.output_tokens = Some(s.uint()?);
-            }
-            9 => {
-                self.total_tokens = s.opt(Scan::uint)?;
-            }
-            10 => {
-                self.cache_read_input_tokens = s.uint()?;
-            }
-            11 => {
-                self.cache_creation_input_tokens = s.uint()?;
-            }
-            12 => {
-                self.reasoning_tokens = s.uint()?;
-            }
-            13 => {
-                self.usage_estimated = s.bool()?;
-            }
-            14 => {
-                self.response_cost = s.opt(Scan::float)?;
-            }
-            15 => {
-                self.end_user_id = s.opt(Scan::string)?;
-            }
-            16 => {
-                self.user_id = s.opt(Scan::string)?;
-            }
-            17 => {
-                self.team_id = s.opt(Scan::string)?;
-            }
-            18 => {
-                self.key_alias = s.opt(Scan::string)?;
-            }
-            19 => {
-                self.key_hash = s.opt(Scan::string)?;
-            }
-            20 => {
-                self.stream = s.bool()?;
-            }
-            21 => {
-                self.status = Some(s.string()?);
-            }
-            22 => {
-                self.duration_ms = s.opt(Scan::uint)?;
-            }
-            _ => return None,
-        }
-        Some(())
+/// Reads the value of field number `field` (of [`FIELDS`]) into `r`.
+fn read(r: &mut SpendRecord, field: usize, s: &mut Scan<'_>) -> Option<()> {
+    let text = |s: &mut Scan<'_>| s.string().map(str::to_owned);
+    match field {
+        0 => r.schema = u32::try_from(s.uint()?).ok()?,
+        1 => r.transaction_id = text(s)?,
+        2 => r.start_time = s.opt(Scan::time)?,
+        3 => r.end_time = s.time()?,
+        CALL_TYPE => r.call_type = text(s)?,
+        5 => r.model = text(s)?,
+        6 => r.upstream_model = s.opt(text)?,
+        7 => r.input_tokens = s.uint()?,
+        8 => r.output_tokens = s.uint()?,
+        9 => r.total_tokens = s.opt(Scan::uint)?,
+        10 => r.cache_read_input_tokens = s.uint()?,
+        11 => r.cache_creation_input_tokens = s.uint()?,
+        12 => r.reasoning_tokens = s.uint()?,
+        13 => r.usage_estimated = s.bool()?,
+        14 => r.response_cost = s.opt(Scan::float)?,
+        15 => r.end_user_id = s.opt(text)?,
+        16 => r.user_id = s.opt(text)?,
+        17 => r.team_id = s.opt(text)?,
+        18 => r.key_alias = s.opt(text)?,
+        19 => r.key_hash = s.opt(text)?,
+        20 => r.stream = s.bool()?,
+        21 => r.status = Status::from(s.string()?),
+        22 => r.duration_ms = s.opt(Scan::uint)?,
+        _ => return None,
     }
-
-    fn finish(self) -> Option<SpendRecord> {
-        let schema = self.schema?;
-        // Another schema gets serde's path and its "upgrade tally" message.
-        if schema != u64::from(SCHEMA_VERSION) {
-            return None;
-        }
-        let owned = |v: Option<&str>| v.map(str::to_owned);
-        Some(SpendRecord {
-            schema: SCHEMA_VERSION,
-            transaction_id: self.transaction_id?.to_owned(),
-            start_time: self.start_time,
-            end_time: self.end_time?,
-            call_type: self
-                .call_type
-                .map_or_else(super::default_call_type, str::to_owned),
-            model: self.model?.to_owned(),
-            upstream_model: owned(self.upstream_model),
-            input_tokens: self.input_tokens?,
-            output_tokens: self.output_tokens?,
-            total_tokens: self.total_tokens,
-            cache_read_input_tokens: self.cache_read_input_tokens,
-            cache_creation_input_tokens: self.cache_creation_input_tokens,
-            reasoning_tokens: self.reasoning_tokens,
-            usage_estimated: self.usage_estimated,
-            response_cost: self.response_cost,
-            end_user_id: owned(self.end_user_id),
-            user_id: owned(self.user_id),
-            team_id: owned(self.team_id),
-            key_alias: owned(self.key_alias),
-            key_hash: owned(self.key_hash),
-            stream: self.stream,
-            status: Status::from(self.status?),
-            duration_ms: self.duration_ms,
-        })
-    }
+    Some(())
 }
 
 struct Scan<'a> {
