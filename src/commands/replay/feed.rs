@@ -263,8 +263,9 @@ fn prepared(options: &FeedOptions, source: &RawLine, record: SpendRecord) -> Pre
     }
 }
 
-/// Where a batched line was read (`None` for a rejected line).
-type Place = Option<(Arc<Path>, u64)>;
+/// The path a batched line was read from, as given (`None` for a rejected line); its offset is
+/// its item's.
+type Place = Option<Arc<Path>>;
 
 /// What the summary counts of new events: per customer, and their ids for `--ship`.
 struct Counts {
@@ -338,7 +339,7 @@ impl Batch {
                     prepared: prepared(options, &source, *record),
                     source: sources.source(&source.path, source.offset),
                 });
-                self.places.push(Some((source.path.clone(), source.offset)));
+                self.places.push(Some(source.path.clone()));
             }
         }
     }
@@ -366,14 +367,14 @@ impl Batch {
         written.add(&ob.ingest_noting(&self.items, &[], Some(&mut self.outcomes))?);
         let lines = self.items.iter().zip(&self.places).zip(&self.outcomes);
         for ((item, place), outcome) in lines {
-            let (IngestItem::Record { prepared, .. }, Some((path, offset))) = (item, place) else {
+            let (IngestItem::Record { prepared, source }, Some(path)) = (item, place) else {
                 continue;
             };
             match outcome {
                 Recorded::New => counts.first_seen(summary, prepared),
                 Recorded::Conflict => summary.reject(
                     path,
-                    *offset,
+                    source.offset,
                     conflict_reason(&prepared.transaction_id, None),
                 ),
                 Recorded::AlreadySeen | Recorded::Rejected => {}
