@@ -395,8 +395,8 @@ impl Outbox {
             .map_err(open_err)?;
         // Checkpoint every ~128 MiB of WAL instead of 4 MiB: a page written by many commits
         // between two checkpoints is copied into the database once. The ledger's pages are hit
-        // at random by uuid4 ids, so that is most of them (a uuid4 replay: 0.74x the time of
-        // 32 MiB). The file is kept at that size once grown (cutting it back after each
+        // at random by uuid4 ids, so that is most of them (a uuid4 replay: about 0.8x the time
+        // of 32 MiB). The file is kept at that size once grown (cutting it back after each
         // checkpoint gave back a third of the gain: the file system extends it again), and cut
         // back to it when a long read held a checkpoint back and it grew beyond.
         conn.pragma_update(None, "wal_autocheckpoint", 32768)
