@@ -236,6 +236,9 @@ struct EventBody {
     model: Option<String>,
     #[serde(default)]
     usage: Option<Map<String, Value>>,
+    /// A Responses `response.failed`: `{"code", "message"}`.
+    #[serde(default)]
+    error: Option<Value>,
 }
 
 /// What an upstream's mid-stream error says, for the log: its type (or code) and its message.
@@ -247,7 +250,7 @@ fn error_text(kind: Option<&Value>, message: Option<&Value>) -> String {
     )
 }
 
-/// A chat chunk's `error` object: `{"type" or "code", "message"}`.
+/// A chat chunk's or a failed response's `error` object: `{"type" or "code", "message"}`.
 fn chunk_error_text(error: Option<&Value>) -> String {
     let field = |name: &str| error.and_then(|e| e.get(name));
     error_text(field("type").or_else(|| field("code")), field("message"))
@@ -332,6 +335,12 @@ fn inspect_typed(
             false
         }
         "response.completed" | "response.incomplete" | "response.failed" => {
+            // A failed response is a failed call, like an `error` event, even with the usage
+            // it reports; an incomplete one (cut at `max_output_tokens`) is billed as answered.
+            if e.kind == "response.failed" {
+                let error = e.response.as_ref().and_then(|r| r.error.as_ref());
+                outcome.upstream_error = Some(chunk_error_text(error));
+            }
             if let Some(r) = e.response {
                 outcome.upstream_model = r.model.or(outcome.upstream_model.take());
                 if let Some(u) = r.usage {
@@ -585,5 +594,27 @@ mod tests {
         assert_eq!(outcome.upstream_model.as_deref(), Some("gpt-x-1"));
         let (body, _) = run(Wire::Responses, &events, false).await;
         assert!(!body.contains("response.completed"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn a_failed_response_is_a_failed_call_even_with_usage_and_an_incomplete_one_is_not() {
+        let created = "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"model\":\"gpt-x\"}}\n\n";
+        let failed = "event: response.failed\ndata: {\"type\":\"response.failed\",\"response\":{\"model\":\"gpt-x-1\",\"status\":\"failed\",\"error\":{\"code\":\"server_error\",\"message\":\"The model failed\"},\"usage\":{\"input_tokens\":40,\"output_tokens\":9,\"total_tokens\":49}}}\n\n";
+        let events = [created, failed];
+        let (body, outcome) = run(Wire::Responses, &events, true).await;
+        assert_eq!(body, events.concat(), "the client sees the failure as sent");
+        let error = outcome
+            .upstream_error
+            .expect("a failed response fails the call");
+        assert!(error.ends_with("server_error: The model failed"), "{error}");
+
+        let incomplete = failed
+            .replace("response.failed", "response.incomplete")
+            .replace("\"status\":\"failed\",\"error\":{\"code\":\"server_error\",\"message\":\"The model failed\"}", "\"status\":\"incomplete\",\"error\":null");
+        let events = [created, incomplete.as_str()];
+        let (_, outcome) = run(Wire::Responses, &events, true).await;
+        assert_eq!(outcome.upstream_error, None);
+        let usage = outcome.usage.expect("an incomplete response is billed");
+        assert_eq!((usage.prompt_tokens, usage.completion_tokens), (40, 9));
     }
 }

@@ -78,9 +78,42 @@ async fn messages(State(gate): State<Arc<Notify>>, body: String) -> Response {
         .into_response()
 }
 
-/// OpenAI's Responses API, whole.
+/// OpenAI's Responses API, whole; for a `user` ending in `-failed`, a response that failed after
+/// spending tokens (whole, or streamed as `response.failed`).
 async fn responses(body: String) -> Response {
     let body: Value = serde_json::from_str(&body).unwrap();
+    if body["user"]
+        .as_str()
+        .is_some_and(|u| u.ends_with("-failed"))
+    {
+        let failed = json!({"id": "resp_2", "object": "response", "status": "failed",
+            "model": body["model"], "output": [],
+            "error": {"code": "server_error", "message": "The model failed to generate"},
+            "usage": {"input_tokens": 40, "output_tokens": 9, "total_tokens": 49}});
+        if body["stream"] == true {
+            let events = [
+                sse(
+                    "response.created",
+                    json!({"type": "response.created",
+                    "response": {"id": "resp_2", "status": "in_progress", "model": body["model"]}}),
+                ),
+                sse(
+                    "response.failed",
+                    json!({"type": "response.failed", "response": failed}),
+                ),
+            ];
+            return (
+                [(header::CONTENT_TYPE, "text/event-stream")],
+                Body::from_stream(futures::stream::iter(events)),
+            )
+                .into_response();
+        }
+        return (
+            [(header::CONTENT_TYPE, "application/json")],
+            failed.to_string(),
+        )
+            .into_response();
+    }
     let answer = json!({"id": "resp_1", "object": "response", "status": "completed",
         "model": body["model"], "output": [{"type": "message", "role": "assistant",
         "content": [{"type": "output_text", "text": "Hi", "annotations": []}]}],
@@ -173,6 +206,25 @@ general_settings:
         .unwrap();
     assert_eq!(response.status(), 200);
     let _ = response.bytes().await.unwrap();
+    // A response that failed after spending tokens, whole and streamed: the client gets it as
+    // the upstream sent it, and the call is recorded as failed, not billed.
+    for stream in [false, true] {
+        let user = if stream {
+            "cust-stream-failed"
+        } else {
+            "cust-failed"
+        };
+        let failed = http
+            .post(format!("{base}/v1/responses"))
+            .bearer_auth(MASTER)
+            .json(&json!({"model": "gpt-4o", "input": "hi", "user": user, "stream": stream}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(failed.status(), 200);
+        let text = String::from_utf8(failed.bytes().await.unwrap().to_vec()).unwrap();
+        assert!(text.contains("The model failed to generate"), "{text}");
+    }
     // OpenAI-format chat to the anthropic/ deployment, translated, streamed.
     let chat = |user: &str| {
         http.post(format!("{base}/chat/completions"))
@@ -225,7 +277,7 @@ general_settings:
         .lines()
         .map(|l| SpendRecord::parse_line(l.as_bytes()).unwrap())
         .collect();
-    assert_eq!(records.len(), 6, "{text}");
+    assert_eq!(records.len(), 8, "{text}");
     let by_user = |u: &str| {
         records
             .iter()
@@ -256,7 +308,12 @@ general_settings:
         // 50 × 3e-6 + 10000 × 3e-7 + 2000 × 3.75e-6 + 100 × 1.5e-5
         assert_eq!(r.response_cost, Some(0.01215), "{user}");
     }
-    for user in ["cust-overloaded", "cust-overloaded-chat"] {
+    for user in [
+        "cust-overloaded",
+        "cust-overloaded-chat",
+        "cust-failed",
+        "cust-stream-failed",
+    ] {
         assert_eq!(by_user(user).status, Status::Failure, "{user}");
     }
     let r = by_user("cust-responses");
@@ -302,7 +359,11 @@ general_settings:
     sigterm_when_handled(&ship);
     assert!(ship.wait().unwrap().success());
     let events = emu.events();
-    assert_eq!(events.len(), 4, "the overloaded call is not billed");
+    assert_eq!(
+        events.len(),
+        4,
+        "the overloaded calls and the failed responses are not billed"
+    );
     let at_lago = |user: &str| {
         events
             .iter()

@@ -316,6 +316,19 @@ impl Call {
     }
 
     /// Counts a failed attempt in the metrics.
+    /// A call whose upstream answered with an error inside its answer (a stream's error event,
+    /// a failed response) is recorded as a failure: counted, logged, not billed.
+    fn outcome(&self, upstream_error: Option<&str>) -> Status {
+        let Some(reason) = upstream_error else {
+            return Status::Success;
+        };
+        self.state
+            .metrics()
+            .record_upstream_error(&self.model, UpstreamErrorKind::InvalidResponse);
+        tracing::warn!(transaction_id = %self.transaction_id, reason, "the upstream answered with an error; not billed");
+        Status::Failure
+    }
+
     fn count_failure(&self, error: &ProxyError) {
         if let Some(kind) = observe::upstream_error_kind(error) {
             self.state
@@ -498,7 +511,12 @@ async fn handle(
         return Ok(response);
     }
     let (usage, estimated, upstream_model) = usage_of(&bytes, call_type, || prompt.tokens());
-    let record = call.record(usage, estimated, Status::Success, upstream_model);
+    let failed = match call_type {
+        CallType::Responses => failed_response(&bytes),
+        _ => None,
+    };
+    let status = call.outcome(failed.as_deref());
+    let record = call.record(usage, estimated, status, upstream_model);
     call.write(&record).await?;
     let mut response = (StatusCode::OK, bytes).into_response();
     response.headers_mut().insert(
@@ -805,6 +823,26 @@ struct ResponseMessage {
     content: Option<String>,
 }
 
+/// A whole Responses answer with `"status": "failed"`: what its `error` says.
+fn failed_response(bytes: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Outcome {
+        #[serde(default)]
+        status: Option<String>,
+        #[serde(default)]
+        error: Option<Value>,
+    }
+    let o: Outcome = serde_json::from_slice(bytes).ok()?;
+    (o.status.as_deref() == Some("failed")).then(|| {
+        let field = |name: &str| o.error.as_ref()?.get(name)?.as_str();
+        format!(
+            "the upstream answered a failed response: {}: {}",
+            field("code").unwrap_or("error"),
+            field("message").unwrap_or("(no message)")
+        )
+    })
+}
+
 /// Usage from a whole answer, or an estimate (flagged) when the upstream reported none.
 fn usage_of(
     bytes: &[u8],
@@ -876,22 +914,23 @@ where
     call.headers(&mut response, None);
     let tracker = call.state.in_flight().clone();
     tracker.spawn(async move {
-        stream::relay(Box::pin(source), tx, wire, async |outcome: StreamOutcome| {
-            let (usage, estimated) = match outcome.usage {
-                Some(u) => (u, false),
-                None => (Usage::new(prompt_estimate(), outcome.estimated_completion_tokens), true),
-            };
-            let status = if outcome.upstream_error.is_some() { Status::Failure } else { Status::Success };
-            if let Some(reason) = &outcome.upstream_error {
-                call.state.metrics().record_upstream_error(
-                    &call.model,
-                    UpstreamErrorKind::InvalidResponse,
-                );
-                tracing::warn!(transaction_id = %call.transaction_id, reason, "upstream stream broke off; not billed");
-            }
-            let record = call.record(usage, estimated, status, outcome.upstream_model);
-            call.write(&record).await.is_ok()
-        })
+        stream::relay(
+            Box::pin(source),
+            tx,
+            wire,
+            async |outcome: StreamOutcome| {
+                let (usage, estimated) = match outcome.usage {
+                    Some(u) => (u, false),
+                    None => (
+                        Usage::new(prompt_estimate(), outcome.estimated_completion_tokens),
+                        true,
+                    ),
+                };
+                let status = call.outcome(outcome.upstream_error.as_deref());
+                let record = call.record(usage, estimated, status, outcome.upstream_model);
+                call.write(&record).await.is_ok()
+            },
+        )
         .await;
     });
     response
