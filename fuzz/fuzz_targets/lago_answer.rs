@@ -45,7 +45,9 @@ fuzz_target!(|data: &[u8]| {
     let Some((&sent, rest)) = rest.split_first() else {
         return;
     };
-    match classify(status, &headers, rest, usize::from(sent)) {
+    let ids: Vec<String> = (0..sent).map(|i| format!("id-{i}")).collect();
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    match classify(status, &headers, rest, &ids) {
         // Only a 200 with Lago's envelope acks (a redirect or any 2xx body did once:
         // docs/reliability.md, "Findings").
         Answer::Accepted => assert_eq!(code, 200),

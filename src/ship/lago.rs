@@ -135,13 +135,16 @@ impl LagoClient {
         })
     }
 
-    /// Sends one batch (`events` are JSON objects) and classifies the answer.
+    /// Sends one batch (each event's transaction id and JSON object) and classifies the answer.
     pub async fn send_batch<'a>(
         &self,
-        events: impl IntoIterator<Item = &'a [u8]>,
+        events: impl IntoIterator<Item = (&'a str, &'a [u8])>,
     ) -> Result<Answer, SendError> {
-        let mut sent = 0;
-        let body = batch_body(events.into_iter().inspect(|_| sent += 1));
+        let mut sent = Vec::new();
+        let body = batch_body(events.into_iter().map(|(id, event)| {
+            sent.push(id);
+            event
+        }));
         let mut response = self
             .http
             .post(&self.batch_url)
@@ -178,7 +181,7 @@ impl LagoClient {
             }
             body.extend_from_slice(&chunk);
         }
-        let answer = classify(status, &headers, &body, sent);
+        let answer = classify(status, &headers, &body, &sent);
         Ok(match answer {
             Answer::Redirected { status, .. } => {
                 let location = location_of(Some(&self.batch_url), &headers);
@@ -271,18 +274,52 @@ pub fn redirect_note(status: u16, location: Option<&str>, to_https: bool) -> Str
     note
 }
 
-/// Whether `body` is Lago's success envelope for a batch of `sent` events.
-fn is_envelope(body: &[u8], sent: usize) -> bool {
+/// Whether `body` is Lago's success envelope for a batch of the events whose transaction ids
+/// are `sent`: its echo of each of them, in order (the common case, checked without parsing),
+/// or else an `events` array of as many entries, read by serde.
+fn is_envelope(body: &[u8], sent: &[&str]) -> bool {
     #[derive(serde::Deserialize)]
     struct Envelope {
         events: Vec<serde::de::IgnoredAny>,
     }
-    serde_json::from_slice::<Envelope>(body).is_ok_and(|e| e.events.len() == sent)
+    echoes(body, sent)
+        || serde_json::from_slice::<Envelope>(body).is_ok_and(|e| e.events.len() == sent.len())
 }
 
-/// Turns Lago's answer to a batch of `sent` events into what to do. Pure, so every case is
-/// unit-tested. A redirect's `to_https` is left false here (the client knows the request URL).
-pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8], sent: usize) -> Answer {
+/// An echoed event's id, as Lago writes it (compact JSON, as the emulator does too).
+const ECHOED_ID: &[u8] = b"\"transaction_id\":\"";
+
+/// Whether `body` is `{"events":[...]}` naming, under `"transaction_id":"`, exactly the ids of
+/// `sent`, in order. Reading the echo this way costs a fraction of parsing it (about a kilobyte
+/// per event; docs/benchmarks.md). The key cannot occur inside a JSON string: its second quote
+/// follows a `d`, where a quote in a string follows a backslash. Only ids that every JSON
+/// writer leaves unescaped are compared (Rails escapes `<`, `>` and `&`); any other answer is
+/// left to serde.
+fn echoes(body: &[u8], sent: &[&str]) -> bool {
+    let plain = |id: &str| {
+        id.bytes()
+            .all(|b| (0x20..0x7f).contains(&b) && !b"\"\\<>&".contains(&b))
+    };
+    if !(body.starts_with(b"{\"events\":[") && body.ends_with(b"]}")) {
+        return false;
+    }
+    let mut ids = sent.iter();
+    for at in memchr::memmem::find_iter(body, ECHOED_ID) {
+        let value = &body[at + ECHOED_ID.len()..];
+        let Some(id) = ids.next() else {
+            return false;
+        };
+        if !(plain(id) && value.starts_with(id.as_bytes()) && value.get(id.len()) == Some(&b'"')) {
+            return false;
+        }
+    }
+    ids.next().is_none()
+}
+
+/// Turns Lago's answer to a batch of the events whose transaction ids are `sent` into what to
+/// do. Pure, so every case is unit-tested. A redirect's `to_https` is left false here (the client
+/// knows the request URL).
+pub fn classify(status: StatusCode, headers: &HeaderMap, body: &[u8], sent: &[&str]) -> Answer {
     let text = || body_text(body);
     match status.as_u16() {
         200 if is_envelope(body, sent) => Answer::Accepted,
@@ -404,7 +441,7 @@ mod tests {
             StatusCode::from_u16(status).unwrap(),
             &HeaderMap::new(),
             body.as_bytes(),
-            0,
+            &[],
         )
     }
 
@@ -442,7 +479,7 @@ mod tests {
     /// Regression (docs/reliability.md, "Findings"): any 2xx acked the batch, whatever its body.
     #[test]
     fn only_lagos_envelope_for_the_batch_is_an_ack() {
-        let at = |status: u16, body: &str, sent| {
+        let at = |status: u16, body: &str, sent: &[&str]| {
             classify(
                 StatusCode::from_u16(status).unwrap(),
                 &HeaderMap::new(),
@@ -451,19 +488,19 @@ mod tests {
             )
         };
         let two = r#"{"events":[{"transaction_id":"a"},{"transaction_id":"b"}]}"#;
-        assert_eq!(at(200, two, 2), Answer::Accepted);
+        assert_eq!(at(200, two, &["a", "b"]), Answer::Accepted);
         for (status, body, sent) in [
-            (200, "<html>welcome</html>", 2),
-            (200, "", 2),
-            (200, r#"{"event":{}}"#, 1),
-            (200, r#"{"events":{}}"#, 1),
-            (200, two, 3),
-            (201, two, 2),
-            (204, "", 0),
+            (200, "<html>welcome</html>", &["a", "b"][..]),
+            (200, "", &["a", "b"]),
+            (200, r#"{"event":{}}"#, &["a"]),
+            (200, r#"{"events":{}}"#, &["a"]),
+            (200, two, &["a", "b", "c"]),
+            (201, two, &["a", "b"]),
+            (204, "", &[]),
         ] {
             assert!(
                 matches!(at(status, body, sent), Answer::NotAnAck { status: s, .. } if s == status),
-                "{status} {body:?} {sent}"
+                "{status} {body:?} {sent:?}"
             );
         }
     }
@@ -475,7 +512,7 @@ mod tests {
             "location",
             HeaderValue::from_static("https://me:pw@lago.example.com/api/v1/events/batch"),
         );
-        let a = classify(StatusCode::FOUND, &h, b"", 1);
+        let a = classify(StatusCode::FOUND, &h, b"", &["a"]);
         let Answer::Redirected {
             status, location, ..
         } = a
@@ -550,6 +587,73 @@ mod tests {
         assert_eq!(wait_from_headers(&h), Some(Duration::from_secs(3600)));
         h.insert("retry-after", HeaderValue::from_static("Wed, 21 Oct 2015"));
         assert_eq!(wait_from_headers(&h), Some(Duration::from_secs(3)));
+    }
+
+    /// The emulator's answer to a real batch is read by the fast path; whatever that path does
+    /// not recognise is read by serde, which still acks the right count.
+    #[tokio::test]
+    async fn an_echo_of_each_id_in_order_is_an_ack_without_parsing_it() {
+        let emu = crate::lago_emulator::spawn(
+            crate::lago_emulator::EmulatorConfig {
+                api_key: "k".into(),
+                ..Default::default()
+            },
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .await
+        .unwrap();
+        let ids = ["tx-1", "tx-2", "tx-3:with.dots_and spaces"];
+        let events: Vec<String> = ids
+            .iter()
+            .map(|id| {
+                serde_json::json!({"transaction_id": id, "code": "llm_usage",
+                    "external_subscription_id": "sub-1", "timestamp": 1795773600.25,
+                    "properties": {"model": "gpt-4o \"quoted\"", "note": "transaction_id",
+                                   "input_tokens": 3}})
+                .to_string()
+            })
+            .collect();
+        let body = reqwest::Client::new()
+            .post(format!("{}/api/v1/events/batch", emu.base_url()))
+            .bearer_auth("k")
+            .header(CONTENT_TYPE, "application/json")
+            .body(batch_body(events.iter().map(|e| e.as_bytes())))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert!(echoes(&body, &ids), "{}", String::from_utf8_lossy(&body));
+        assert_eq!(
+            classify(StatusCode::OK, &HeaderMap::new(), &body, &ids),
+            Answer::Accepted
+        );
+        // Not this batch, or not in this order: not recognised here.
+        for sent in [
+            &ids[..2],
+            &["tx-1", "tx-2", "tx-3:with.dots_and spaces", "tx-4"][..],
+            &["tx-2", "tx-1", "tx-3:with.dots_and spaces"],
+            &["tx-1", "tx-2", "tx-3"],
+            &["tx-1", "tx-", "tx-3:with.dots_and spaces"],
+        ] {
+            assert!(!echoes(&body, sent), "{sent:?}");
+        }
+        emu.shutdown().await;
+
+        // An id a JSON writer may escape, and an answer with spaces: serde decides, by count.
+        let escaped = r#"{"events":[{"transaction_id":"a\u0026b"}]}"#.as_bytes();
+        assert!(!echoes(escaped, &["a&b"]));
+        assert_eq!(
+            classify(StatusCode::OK, &HeaderMap::new(), escaped, &["a&b"]),
+            Answer::Accepted
+        );
+        let spaced = br#"{"events": [{"transaction_id": "a"}, {"transaction_id": "b"}]}"#;
+        assert!(!echoes(spaced, &["a", "b"]));
+        assert_eq!(
+            classify(StatusCode::OK, &HeaderMap::new(), spaced, &["a", "b"]),
+            Answer::Accepted
+        );
     }
 
     #[test]

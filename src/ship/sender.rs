@@ -628,9 +628,11 @@ async fn deliver(ctx: &Arc<Ctx>, batch: Vec<ClaimedEvent>) {
         }
         attempted = true;
         ctx.totals.requests.fetch_add(1, Ordering::Relaxed);
-        let send = ctx
-            .client
-            .send_batch(events.iter().map(|e| e.event.as_slice()));
+        let send = ctx.client.send_batch(
+            events
+                .iter()
+                .map(|e| (e.transaction_id.as_str(), e.event.as_slice())),
+        );
         let sent_at = Instant::now();
         let answer = tokio::select! {
             a = send => a,
