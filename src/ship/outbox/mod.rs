@@ -496,6 +496,15 @@ impl Outbox {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
                  ON CONFLICT (transaction_id) DO NOTHING",
             )?;
+            // The common row, a queued event, with its constants in the statement: four values
+            // fewer to bind per event.
+            let mut insert_queued = tx.prepare_cached(&format!(
+                "INSERT INTO events (transaction_id, state, content_hash, queue_seq, target_id,
+                     lago_time_ms, source_id, source_offset, created_ms)
+                 VALUES (?1, {}, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT (transaction_id) DO NOTHING",
+                State::Pending.code()
+            ))?;
             let mut enqueue = EnqueueRows::new(&tx)?;
             let mut existing = tx.prepare_cached(&format!(
                 "SELECT e.content_hash, {EFFECTIVE_STATE} FROM events AS e
@@ -565,9 +574,8 @@ impl Outbox {
                             }
                         };
                         targets[i] = target;
-                        insert.execute(params![
+                        insert_queued.execute(params![
                             prepared.transaction_id,
-                            State::Pending.code(),
                             prepared.content_hash,
                             seqs[i],
                             target,
@@ -575,9 +583,6 @@ impl Outbox {
                             source_id,
                             source.offset as i64,
                             now,
-                            Option::<&str>::None,
-                            Option::<&[u8]>::None,
-                            Option::<String>::None,
                         ])?
                     }
                     // Held: kept with its record and ids to resolve again later; not billable:
