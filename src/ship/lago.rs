@@ -140,11 +140,16 @@ impl LagoClient {
         &self,
         events: impl IntoIterator<Item = (&'a str, &'a [u8])>,
     ) -> Result<Answer, SendError> {
-        let mut sent = Vec::new();
-        let body = batch_body(events.into_iter().map(|(id, event)| {
-            sent.push(id);
-            event
-        }));
+        // In a block: the iterator must not be held across the awaits below.
+        let (sent, body) = {
+            let events = events.into_iter();
+            let mut sent = Vec::with_capacity(events.size_hint().0);
+            let body = batch_body(events.map(|(id, event)| {
+                sent.push(id);
+                event
+            }));
+            (sent, body)
+        };
         let mut response = self
             .http
             .post(&self.batch_url)

@@ -909,6 +909,13 @@ fn body_size(events: &[ClaimedEvent]) -> usize {
 /// large to fit with any other goes alone (Lago, or a 413, decides about it).
 fn split_by_bytes(batch: Vec<ClaimedEvent>, max_bytes: usize) -> Vec<Vec<ClaimedEvent>> {
     let empty = b"{\"events\":[]}".len();
+    if batch.is_empty() {
+        return Vec::new();
+    }
+    // The usual claim fits whole: kept as it is, not moved event by event into a new vector.
+    if batch.len() == 1 || body_size(&batch) <= max_bytes {
+        return vec![batch];
+    }
     let mut out = Vec::new();
     let mut current: Vec<ClaimedEvent> = Vec::new();
     let mut size = empty;
