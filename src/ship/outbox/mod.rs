@@ -24,6 +24,7 @@
 //!   fsync per commit would buy nothing the idempotency key does not already give.
 
 mod lago_checks;
+mod ledger;
 mod lock;
 mod pending;
 mod queue;
@@ -52,6 +53,7 @@ pub use task::{OutboxTaskError, with_outbox};
 
 use crate::ship::resolve::{Disposition, PreparedRecord};
 use crate::ship::tail::{FileId, FilePosition};
+use ledger::{QueuedRow, QueuedRows};
 use pending::{EVENT_COLUMN_COUNT, EVENT_COLUMNS, EnqueueRows, ID_COLUMNS, Queued};
 
 /// The queue place of the queued row with id `?1` (none once it left the queue).
@@ -496,15 +498,8 @@ impl Outbox {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
                  ON CONFLICT (transaction_id) DO NOTHING",
             )?;
-            // The common row, a queued event, with its constants in the statement: four values
-            // fewer to bind per event.
-            let mut insert_queued = tx.prepare_cached(&format!(
-                "INSERT INTO events (transaction_id, state, content_hash, queue_seq, target_id,
-                     lago_time_ms, source_id, source_offset, created_ms)
-                 VALUES (?1, {}, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-                 ON CONFLICT (transaction_id) DO NOTHING",
-                State::Pending.code()
-            ))?;
+            // The common row, a queued event's, many to a statement (`ledger.rs`).
+            let mut queued_rows = QueuedRows::new(&tx)?;
             let mut enqueue = EnqueueRows::new(&tx)?;
             let mut existing = tx.prepare_cached(&format!(
                 "SELECT e.content_hash, {EFFECTIVE_STATE} FROM events AS e
@@ -557,7 +552,7 @@ impl Outbox {
                         id
                     }
                 };
-                let inserted = match &prepared.disposition {
+                match &prepared.disposition {
                     Disposition::Pending {
                         external_subscription_id,
                         code,
@@ -574,16 +569,20 @@ impl Outbox {
                             }
                         };
                         targets[i] = target;
-                        insert_queued.execute(params![
-                            prepared.transaction_id,
-                            prepared.content_hash,
-                            seqs[i],
-                            target,
-                            body.time_ms,
-                            source_id,
-                            source.offset as i64,
-                            now,
-                        ])?
+                        queued_rows.push(
+                            QueuedRow {
+                                item: i,
+                                transaction_id: &prepared.transaction_id,
+                                content_hash: prepared.content_hash,
+                                seq: seqs[i],
+                                target_id: target,
+                                time_ms: body.time_ms,
+                                source_id,
+                                source_offset: source.offset as i64,
+                                created_ms: now,
+                            },
+                            &mut found,
+                        )?;
                     }
                     // Held: kept with its record and ids to resolve again later; not billable:
                     // only remembered.
@@ -597,7 +596,10 @@ impl Outbox {
                             ),
                             _ => (State::NotBillable, None, None, None),
                         };
-                        insert.execute(params![
+                        // The queued rows before it first: the ledger takes rows in id order,
+                        // and of two lines with one id the first in the file is recorded.
+                        queued_rows.flush(&mut found)?;
+                        let inserted = insert.execute(params![
                             prepared.transaction_id,
                             state.code(),
                             prepared.content_hash,
@@ -610,15 +612,16 @@ impl Outbox {
                             reason,
                             record,
                             ids,
-                        ])?
+                        ])?;
+                        found[i] = if inserted == 1 {
+                            Found::New
+                        } else {
+                            Found::Recorded
+                        };
                     }
-                };
-                found[i] = if inserted == 1 {
-                    Found::New
-                } else {
-                    Found::Recorded
-                };
+                }
             }
+            queued_rows.flush(&mut found)?;
             // The queue and the rejected lines in file order.
             for (i, item) in items.iter().enumerate() {
                 match (item, found[i]) {

@@ -1007,3 +1007,98 @@ fn an_ingest_queues_every_row_with_its_own_fields_however_many_it_writes_at_once
     }
     assert!(claimed.windows(2).all(|w| w[0].seq < w[1].seq));
 }
+
+/// The ledger rows of queued events go in many to a statement (`ledger.rs`): whether all of a
+/// statement's rows are new, or some ids were recorded before (pending or held, in an earlier
+/// ingest or earlier in this one), each line is found new or recorded exactly as one row at a
+/// time found it, and the first line of an id in the file is the one recorded.
+#[test]
+fn ledger_rows_written_many_at_once_find_each_line_new_or_recorded() {
+    let (_dir, mut ob) = open();
+    let line = |i: usize, user: Option<&str>| {
+        let mut r = record(&format!("id-{i:03}"), user);
+        r.input_tokens = i as u64;
+        r
+    };
+    // Before: every tenth id queued, and five ids held (no customer).
+    let earlier: Vec<IngestItem> = (0..300)
+        .step_by(10)
+        .map(|i| item(&line(i, Some("c")), i as u64))
+        .chain((5..300).step_by(60).map(|i| item(&line(i, None), i as u64)))
+        .collect();
+    let report = ob.ingest(&earlier, &[]).unwrap();
+    assert_eq!((report.pending, report.held), (30, 5));
+    let places_before: i64 = ob
+        .conn
+        .query_row("SELECT max(queue_seq) FROM events", [], |r| r.get(0))
+        .unwrap();
+
+    // Now: id-009 first held (no customer), then 300 queued lines, then copies (conflicting,
+    // identical, held), then 70 ids never seen (a full statement of new rows and some left over).
+    let mut items = vec![item(&line(9, None), 0)];
+    items.extend((0..300).map(|i| item(&line(i, Some("c")), 1 + i as u64)));
+    let mut conflicting = line(7, Some("c"));
+    conflicting.output_tokens = 777;
+    items.push(item(&conflicting, 1000));
+    items.push(item(&line(8, Some("c")), 1001));
+    // A held copy of a queued line: the queued one came first and stays.
+    items.push(item(&line(11, None), 1002));
+    items.extend((0..70).map(|i| {
+        let mut r = record(&format!("new-{i:03}"), Some("c"));
+        r.input_tokens = 1000 + i;
+        item(&r, 2000 + i)
+    }));
+    let report = ob.ingest(&items, &[]).unwrap();
+    // 300 - 30 queued before - 5 held before - id-009 held first, and the 70 new ones.
+    assert_eq!(report.pending, 264 + 70);
+    assert_eq!(report.held, 1);
+    // The five held before and id-009's queued line differ from what was recorded; so do the
+    // second id-007 and the held id-011. The thirty queued before and the second id-008 are the
+    // same lines.
+    assert_eq!((report.conflicts, report.already_seen), (8, 31));
+
+    let lock = lock(&ob);
+    let (claimed, _) = ob.claim(1000, None, &HashSet::new(), &lock).unwrap();
+    let expected: Vec<String> = (0..300)
+        .step_by(10)
+        .chain((0..300).filter(|i| i % 10 != 0 && i % 60 != 5 && *i != 9))
+        .map(|i| format!("id-{i:03}"))
+        .chain((0..70).map(|i| format!("new-{i:03}")))
+        .collect();
+    assert_eq!(ids(&claimed), expected);
+    // Each queued event is its own first line, and its ledger row names its queue place.
+    for c in &claimed[30..] {
+        let tokens = match c.transaction_id.strip_prefix("id-") {
+            Some(n) => n.parse::<u64>().unwrap(),
+            None => 1000 + c.transaction_id[4..].parse::<u64>().unwrap(),
+        };
+        let event = String::from_utf8_lossy(&c.event);
+        assert!(
+            event.contains(&format!("\"input_tokens\":{tokens},")),
+            "{event}"
+        );
+        assert!(!event.contains("\"output_tokens\":777"), "{event}");
+        let (state, place): (i64, i64) = ob
+            .conn
+            .query_row(
+                "SELECT state, queue_seq FROM events WHERE transaction_id = ?1",
+                [&c.transaction_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((state, place), (State::Pending.code(), c.seq));
+        assert!(place > places_before);
+    }
+    let held: Vec<String> = ob
+        .conn
+        .prepare("SELECT transaction_id FROM events WHERE state = 1 ORDER BY transaction_id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        held,
+        ["id-005", "id-009", "id-065", "id-125", "id-185", "id-245"]
+    );
+}
