@@ -510,13 +510,9 @@ async fn handle(
         );
         return Ok(response);
     }
-    let (usage, estimated, upstream_model) = usage_of(&bytes, call_type, || prompt.tokens());
-    let failed = match call_type {
-        CallType::Responses => failed_response(&bytes),
-        _ => None,
-    };
-    let status = call.outcome(failed.as_deref());
-    let record = call.record(usage, estimated, status, upstream_model);
+    let read = read_answer(&bytes, call_type, || prompt.tokens());
+    let status = call.outcome(read.failed.as_deref());
+    let record = call.record(read.usage, read.estimated, status, read.upstream_model);
     call.write(&record).await?;
     let mut response = (StatusCode::OK, bytes).into_response();
     response.headers_mut().insert(
@@ -798,6 +794,25 @@ struct ResponseUsage {
     model: Option<String>,
     #[serde(default)]
     usage: Option<Usage>,
+    /// A Responses answer's: `failed`, with its `error`, is a failed call.
+    #[serde(default)]
+    status: Option<Value>,
+    #[serde(default)]
+    error: Option<Value>,
+}
+
+impl ResponseUsage {
+    /// What a failed Responses answer's `error` says.
+    fn failure(&self) -> Option<String> {
+        (self.status.as_ref().and_then(Value::as_str) == Some("failed")).then(|| {
+            let field = |name: &str| self.error.as_ref()?.get(name)?.as_str();
+            format!(
+                "the upstream answered a failed response: {}: {}",
+                field("code").unwrap_or("error"),
+                field("message").unwrap_or("(no message)")
+            )
+        })
+    }
 }
 
 /// An answer without usage, read further for the completion estimate.
@@ -823,48 +838,47 @@ struct ResponseMessage {
     content: Option<String>,
 }
 
-/// A whole Responses answer with `"status": "failed"`: what its `error` says.
-fn failed_response(bytes: &[u8]) -> Option<String> {
-    #[derive(Deserialize)]
-    struct Outcome {
-        #[serde(default)]
-        status: Option<String>,
-        #[serde(default)]
-        error: Option<Value>,
-    }
-    let o: Outcome = serde_json::from_slice(bytes).ok()?;
-    (o.status.as_deref() == Some("failed")).then(|| {
-        let field = |name: &str| o.error.as_ref()?.get(name)?.as_str();
-        format!(
-            "the upstream answered a failed response: {}: {}",
-            field("code").unwrap_or("error"),
-            field("message").unwrap_or("(no message)")
-        )
-    })
+/// What a whole answer says about its call.
+struct AnswerRead {
+    usage: Usage,
+    /// No usage reported: `usage` is an estimate.
+    estimated: bool,
+    upstream_model: Option<String>,
+    /// Why the call failed, when the answer says it did (a failed Responses answer).
+    failed: Option<String>,
 }
 
-/// Usage from a whole answer, or an estimate (flagged) when the upstream reported none.
-fn usage_of(
+/// Usage from a whole answer, or an estimate (flagged) when the upstream reported none, and
+/// whether it says the call failed.
+fn read_answer(
     bytes: &[u8],
     call_type: CallType,
     prompt_estimate: impl FnOnce() -> u64,
-) -> (Usage, bool, Option<String>) {
+) -> AnswerRead {
     // As text: serde_json then skips checking each string's UTF-8 (JSON that is not UTF-8 does
     // not parse either way).
     let text = std::str::from_utf8(bytes).ok();
-    if let Some(Ok(ResponseUsage {
+    let head: Option<ResponseUsage> = text.and_then(|t| serde_json::from_str(t).ok());
+    let failed = head.as_ref().and_then(ResponseUsage::failure);
+    if let Some(ResponseUsage {
         model,
         usage: Some(usage),
-    })) = text.map(serde_json::from_str)
+        ..
+    }) = head
     {
-        return (usage, false, model);
+        return AnswerRead {
+            usage,
+            estimated: false,
+            upstream_model: model,
+            failed,
+        };
     }
     let meta: Option<ResponseMeta> = text.and_then(|t| serde_json::from_str(t).ok());
     let upstream_model = meta.as_ref().and_then(|m| m.model.clone());
-    match meta {
+    let (usage, estimated) = match meta {
         Some(ResponseMeta {
             usage: Some(usage), ..
-        }) => (usage, false, upstream_model),
+        }) => (usage, false),
         other => {
             let completion = match call_type {
                 CallType::Embedding
@@ -881,12 +895,14 @@ fn usage_of(
                     })
                     .unwrap_or(0),
             };
-            (
-                Usage::new(prompt_estimate(), completion),
-                true,
-                upstream_model,
-            )
+            (Usage::new(prompt_estimate(), completion), true)
         }
+    };
+    AnswerRead {
+        usage,
+        estimated,
+        upstream_model,
+        failed,
     }
 }
 

@@ -11,7 +11,7 @@
 //! `AUTOINCREMENT` and the ingest numbers from its highest), so an id recorded before, or earlier
 //! in this ingest, holds another place or none.
 
-use rusqlite::{CachedStatement, Connection, ToSql};
+use rusqlite::{CachedStatement, Connection, OptionalExtension, ToSql};
 
 use super::{Found, State};
 
@@ -88,13 +88,11 @@ impl<'conn, 'a> QueuedRows<'conn, 'a> {
     fn settle(&mut self, inserted: usize, found: &mut [Found]) -> rusqlite::Result<()> {
         for row in self.rows.drain(..) {
             let new = inserted == ROWS_PER_INSERT || {
-                self.place.raw_bind_parameter(1, row.transaction_id)?;
-                let mut rows = self.place.raw_query();
-                let place: Option<i64> = match rows.next()? {
-                    Some(r) => r.get(0)?,
-                    None => None,
-                };
-                place == Some(row.seq)
+                let place: Option<Option<i64>> = self
+                    .place
+                    .query_row([row.transaction_id], |r| r.get(0))
+                    .optional()?;
+                place.flatten() == Some(row.seq)
             };
             found[row.item] = if new { Found::New } else { Found::Recorded };
         }
