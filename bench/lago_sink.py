@@ -4,14 +4,20 @@
 It costs what a small Python web server costs: the standard library's threading HTTP/1.1 server,
 `json` to read each batch and to write Lago's answer (every event echoed back with a `lago_id`,
 as Lago's `POST /api/v1/events/batch` does). It keeps no store and does not dedupe; it counts the
-events it acknowledged, which the benchmark reads from GET /count, and knows every
-subscription (GET /api/v1/subscriptions/ID).
+events it acknowledged and the CPU it has spent, which the benchmark reads from GET /count, and
+knows every subscription (GET /api/v1/subscriptions/ID).
+
+It turns Nagle's algorithm off, as Python's asyncio servers (uvicorn) do for every connection: the
+standard library's handler writes an answer's headers and body in two sends, and with Nagle on,
+the body waits for the client's delayed ACK of the headers (about 40 ms on Linux). That stall,
+not CPU, would cap any client at one batch per 40 ms per connection.
 
     bench/lago_sink.py PORT_FILE      # listens on a free loopback port, writes it to PORT_FILE
 """
 import json
 import sys
 import threading
+import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -21,6 +27,7 @@ LOCK = threading.Lock()
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
 
     def log_message(self, *args):
         pass
@@ -36,7 +43,7 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path == "/count":
             with LOCK:
-                self._answer(200, {"events": COUNT})
+                self._answer(200, {"events": COUNT, "cpu_secs": time.process_time()})
         elif self.path.startswith("/api/v1/subscriptions/"):
             # Every subscription exists here: the shipper's check stays quiet.
             external_id = self.path.rsplit("/", 1)[1]

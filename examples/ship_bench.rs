@@ -378,6 +378,7 @@ fn deliver_to(url: &str, tally_bin: &str, file: &str, state_dir: &str) -> anyhow
     let rt = runtime()?;
     rt.block_on(async {
         let client = reqwest::Client::new();
+        // The events the sink has acknowledged, and the CPU seconds it has spent.
         let count = || async {
             let v: serde_json::Value = client
                 .get(format!("{url}/count"))
@@ -385,9 +386,12 @@ fn deliver_to(url: &str, tally_bin: &str, file: &str, state_dir: &str) -> anyhow
                 .await?
                 .json()
                 .await?;
-            anyhow::Ok(v["events"].as_u64().unwrap_or(0) as usize)
+            anyhow::Ok((
+                v["events"].as_u64().unwrap_or(0) as usize,
+                v["cpu_secs"].as_f64(),
+            ))
         };
-        let before = count().await?;
+        let (before, sink_cpu_before) = count().await?;
         let start = Instant::now();
         let child = ship_child(
             tally_bin,
@@ -396,12 +400,17 @@ fn deliver_to(url: &str, tally_bin: &str, file: &str, state_dir: &str) -> anyhow
             std::path::Path::new(state_dir),
         )?;
         let mut peak = 0u64;
-        while count().await? - before < lines {
+        let sink_cpu_after = loop {
+            let (n, cpu) = count().await?;
+            if n - before >= lines {
+                break cpu;
+            }
             peak = peak.max(rss_peak_kib(child.id()).unwrap_or(0));
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
+        };
         let secs = start.elapsed().as_secs_f64();
         let ship_cpu = cpu_secs(child.id());
+        let sink_cpu = sink_cpu_after.zip(sink_cpu_before).map(|(a, b)| a - b);
         let rss = stop_child(child)?.unwrap_or(0).max(peak);
         println!(
             "{}",
@@ -409,6 +418,8 @@ fn deliver_to(url: &str, tally_bin: &str, file: &str, state_dir: &str) -> anyhow
                 "secs": secs, "events_per_sec": lines as f64 / secs,
                 "ship_cpu_secs": ship_cpu,
                 "ship_cpu_us_per_event": ship_cpu.map(|c| c * 1e6 / lines as f64),
+                "sink_cpu_secs": sink_cpu,
+                "sink_cpu_us_per_event": sink_cpu.map(|c| c * 1e6 / lines as f64),
                 "ship_rss_peak_kib": rss})
         );
         anyhow::Ok(())
