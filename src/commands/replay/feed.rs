@@ -1,6 +1,7 @@
 //! The replay loop: every decoded line goes through the shipper's own [`prepare_line`] (customer,
-//! event and line fingerprint; [`prepare`] for converted LiteLLM rows) and, unless it is a dry run, into the outbox with [`Outbox::ingest`] — the same
-//! dedupe by `transaction_id` as the live log, so nothing is billed twice.
+//! event and line fingerprint; [`prepare`] for converted LiteLLM rows) and, unless it is a dry
+//! run, into the outbox through an ingest window ([`Outbox::window`]): the same dedupe by
+//! `transaction_id` as the live log, so nothing is billed twice.
 //!
 //! A replay that writes reads and records on two threads (see [`record`]); a dry run computes
 //! the same outcome against a read-only outbox (or none) on one, and writes nothing.
@@ -13,7 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::ReplayFormat;
 use crate::ship::outbox::{
-    IngestItem, IngestReport, Outbox, OutboxError, REJECTED_HEAD_BYTES, Recorded, conflict_reason,
+    Committed, IngestItem, IngestReport, Outbox, OutboxError, REJECTED_HEAD_BYTES, Recorded,
+    conflict_reason,
 };
 use crate::ship::reader::SourceNames;
 use crate::ship::resolve::{Disposition, EventSpec, PreparedRecord, prepare, prepare_line};
@@ -22,7 +24,7 @@ use crate::spend::SpendRecord;
 
 use super::input::InputError;
 use super::reader::{Decoded, ReplayReader};
-use super::summary::{ReplaySummary, Totals};
+use super::summary::{ReplaySummary, Totals, Usage};
 use super::window::TimeWindow;
 
 #[derive(Debug, thiserror::Error)]
@@ -80,9 +82,8 @@ pub fn feed(
         options.max_line_bytes,
     );
     let mut counts = Counts {
-        totals: Totals::default(),
-        new_ids: Vec::new(),
         keep_new_ids: options.keep_new_ids,
+        ..Counts::default()
     };
     let read = match target {
         Target::DryRun(outbox) => compare(
@@ -162,7 +163,11 @@ fn compare(
                     ),
                     None => {
                         unrecorded.insert(prepared.transaction_id.clone(), prepared.content_hash);
-                        counts.first_seen(summary, &prepared);
+                        let noted = counts.note(&prepared);
+                        let id = counts
+                            .keep_new_ids
+                            .then(|| prepared.transaction_id.as_str().into());
+                        counts.first_seen(summary, noted, id);
                     }
                 }
             }
@@ -178,18 +183,25 @@ fn compare(
     })
 }
 
-/// Lines per replay batch, i.e. per outbox transaction: three of the live reader's chunks. The
-/// ingest writes a batch's ledger rows in id order, so the more ids a batch sorts, the fewer
-/// ledger pages each one lands on when the ids are random (uuid4, as LiteLLM writes them): a 1M
-/// uuid4 replay ran 1.3 times as fast as with 4,096-line batches, for 20 MiB more peak RSS
-/// (52 MiB); UUIDv7 ids, appended in order either way, gain nothing (docs/benchmarks.md).
-const BATCH_LINES: usize = 3 * crate::ship::CHUNK_LINES;
+/// Lines per batch, what the reading thread hands the recording one. Small: two or three batches
+/// of parsed lines (a few KiB a line) are alive at once, and the window, not the batch, is what
+/// the ledger's write order depends on.
+const BATCH_LINES: usize = 1024;
 
-/// Records every line into the outbox, on two threads: this one records a batch (one outbox
-/// transaction of [`BATCH_LINES`] lines) while a second reads, parses and prepares the next. A
-/// batch goes back to the reading thread once recorded, and is emptied there, so each line's
-/// buffers are freed by the thread that allocated them (freeing them on the other thread made
-/// the two contend for the allocator: docs/benchmarks.md).
+/// Lines per outbox transaction at most, an [`IngestWindow`](crate::ship::outbox::IngestWindow)
+/// of 128 batches. The window writes its ledger rows in id order at commit, so the more ids it
+/// sorts, the fewer ledger pages each lands on when the ids are random (uuid4, as LiteLLM writes
+/// them): a 1M uuid4 replay ran 2.3 times as fast as with one batch per transaction. Until the
+/// commit it keeps about 200 bytes per line (the ledger entry and the summary's note), not the
+/// parsed line, which goes back to the reading thread with its batch: 131,072 lines kept peak
+/// RSS at 53 MiB, twice as many took it to 81 MiB (docs/benchmarks.md).
+const WINDOW_LINES: usize = 128 * BATCH_LINES;
+
+/// Records every line into the outbox, on two threads: this one adds a batch to the open window
+/// (one outbox transaction of up to [`WINDOW_LINES`] lines) while a second reads, parses and
+/// prepares the next. A batch goes back to the reading thread once added, and is emptied there,
+/// so each line's buffers are freed by the thread that allocated them (freeing them on the other
+/// thread made the two contend for the allocator: docs/benchmarks.md).
 fn record(
     mut reader: ReplayReader,
     options: &FeedOptions,
@@ -233,7 +245,8 @@ fn record(
     })
 }
 
-/// The recording side of [`record`]: each batch in turn, until the reading side is done.
+/// The recording side of [`record`]: each batch in turn into a window, a window committed every
+/// [`WINDOW_LINES`] lines and when the reading side is done.
 fn record_batches(
     full: std::sync::mpsc::Receiver<Batch>,
     used: std::sync::mpsc::Sender<Batch>,
@@ -242,19 +255,118 @@ fn record_batches(
     summary: &mut ReplaySummary,
 ) -> Result<IngestReport, OutboxError> {
     let mut written = IngestReport::default();
-    for mut batch in full {
-        // What the reading side noted comes first, as it did when one thread read and recorded.
-        summary.outside_window += batch.outside_window;
-        summary.blank_lines += batch.blank_lines;
-        for (path, offset, reason) in batch.rejections.drain(..) {
-            summary.reject(&path, offset, reason);
+    let mut next = full.recv().ok();
+    while next.is_some() {
+        let mut window = ob.window()?;
+        let mut lines = WindowLines::default();
+        while let Some(mut batch) = next.take() {
+            summary.outside_window += batch.outside_window;
+            summary.blank_lines += batch.blank_lines;
+            lines.note(&mut batch, window.lines(), counts);
+            window.add(&batch.items)?;
+            let _ = used.send(batch);
+            next = full.recv().ok();
+            // Ids that come in order are appended to the ledger whatever the window: a longer one
+            // would only hold the reading side back while it commits.
+            if window.lines() >= WINDOW_LINES || window.in_id_order() {
+                break;
+            }
         }
-        if !batch.items.is_empty() {
-            batch.record(ob, counts, summary, &mut written)?;
-        }
-        let _ = used.send(batch);
+        let committed = window.commit(&[])?;
+        written.add(&committed.report);
+        lines.count(committed, counts, summary);
     }
     Ok(written)
+}
+
+/// The lines of an open window, as the summary needs them once the outbox says which were new.
+#[derive(Default)]
+struct WindowLines {
+    /// One per line added, in the window's order; `None` for a malformed line.
+    lines: Vec<Option<Noted>>,
+    /// The transaction_id of each line, kept only for `--ship` (which waits for the new
+    /// events).
+    ids: Vec<Box<str>>,
+    /// The file of the lines from each place on.
+    paths: Vec<(usize, Arc<Path>)>,
+    /// Lines rejected as they were read: the window place of the line after each, its path,
+    /// offset and reason.
+    rejections: Vec<(usize, Arc<Path>, u64, String)>,
+}
+
+impl WindowLines {
+    /// Notes what `batch` holds, its first line at window place `base`.
+    fn note(&mut self, batch: &mut Batch, base: usize, counts: &mut Counts) {
+        for (at, path, offset, reason) in batch.rejections.drain(..) {
+            self.rejections.push((base + at, path, offset, reason));
+        }
+        for (item, place) in batch.items.iter().zip(&batch.places) {
+            let line = match (item, place) {
+                (IngestItem::Record { prepared, .. }, Some(path)) => {
+                    if self
+                        .paths
+                        .last()
+                        .is_none_or(|(_, last)| !Arc::ptr_eq(last, path))
+                    {
+                        self.paths.push((self.lines.len(), path.clone()));
+                    }
+                    if counts.keep_new_ids {
+                        self.ids.push(prepared.transaction_id.as_str().into());
+                    }
+                    Some(counts.note(prepared))
+                }
+                _ => {
+                    if counts.keep_new_ids {
+                        self.ids.push("".into());
+                    }
+                    None
+                }
+            };
+            self.lines.push(line);
+        }
+    }
+
+    /// Counts what the outbox found new, and reports the rejected lines and the conflicts in
+    /// file order (the summary keeps only the first few).
+    fn count(self, committed: Committed, counts: &mut Counts, summary: &mut ReplaySummary) {
+        let WindowLines {
+            lines,
+            ids,
+            paths,
+            rejections,
+        } = self;
+        // The file the line at `place` came from.
+        let path = |place: usize| {
+            let after = paths.partition_point(|(from, _)| *from <= place);
+            &*paths[after.saturating_sub(1)].1
+        };
+        let mut rejections = rejections.iter().peekable();
+        let mut conflicts = committed.conflicts.into_iter().peekable();
+        let mut ids = ids.into_iter();
+        for (place, (line, outcome)) in lines.into_iter().zip(committed.outcomes).enumerate() {
+            while let Some((_, path, offset, reason)) = rejections.next_if(|r| r.0 <= place) {
+                summary.reject(path, *offset, reason.clone());
+            }
+            let id = ids.next();
+            let Some(noted) = line else { continue };
+            match outcome {
+                Recorded::New => counts.first_seen(summary, noted, id),
+                Recorded::Conflict => {
+                    if let Some(c) = conflicts.next_if(|c| c.place == place) {
+                        summary.reject(
+                            path(place),
+                            c.source_offset,
+                            conflict_reason(&c.transaction_id, None),
+                        );
+                    }
+                }
+                Recorded::AlreadySeen | Recorded::Rejected => {}
+            }
+        }
+        for (_, path, offset, reason) in rejections {
+            summary.reject(path, *offset, reason.clone());
+        }
+    }
 }
 
 /// The record a line prepares into: the live log's own fingerprint (of the line's bytes), so a
@@ -274,34 +386,69 @@ fn prepared(options: &FeedOptions, source: &RawLine, record: SpendRecord) -> Pre
 type Place = Option<Arc<Path>>;
 
 /// What the summary counts of new events: per customer, and their ids for `--ship`.
+#[derive(Default)]
 struct Counts {
     totals: Totals,
     new_ids: Vec<String>,
     keep_new_ids: bool,
+    /// The customers of the lines noted so far: a [`Noted`] names its customer by number.
+    customers: Vec<String>,
+    customer_numbers: HashMap<String, u32>,
+}
+
+/// What the summary will count of a record if the outbox finds it new.
+enum Noted {
+    Pending { customer: u32, usage: Usage },
+    Held,
+    NotBillable,
 }
 
 impl Counts {
-    /// A record seen for the first time.
-    fn first_seen(&mut self, summary: &mut ReplaySummary, prepared: &PreparedRecord) {
+    /// Notes what `prepared` will count for.
+    fn note(&mut self, prepared: &PreparedRecord) -> Noted {
         match &prepared.disposition {
             Disposition::Pending {
                 external_subscription_id,
                 body,
                 ..
             } => {
+                // Looked up before an owned key is made: most lines are of a customer seen already.
+                let customer = match self.customer_numbers.get(external_subscription_id.as_str()) {
+                    Some(n) => *n,
+                    None => {
+                        let n = self.customers.len() as u32;
+                        self.customers.push(external_subscription_id.clone());
+                        self.customer_numbers
+                            .insert(external_subscription_id.clone(), n);
+                        n
+                    }
+                };
+                Noted::Pending {
+                    customer,
+                    usage: body.into(),
+                }
+            }
+            Disposition::Held { .. } => Noted::Held,
+            Disposition::NotBillable { .. } => Noted::NotBillable,
+        }
+    }
+
+    /// A record seen for the first time, with its transaction_id when the new ids are kept.
+    fn first_seen(&mut self, summary: &mut ReplaySummary, noted: Noted, id: Option<Box<str>>) {
+        match noted {
+            Noted::Pending { customer, usage } => {
                 summary.new_events += 1;
-                self.totals.add(external_subscription_id, body);
-                if self.keep_new_ids {
-                    self.new_ids.push(prepared.transaction_id.clone());
-                }
+                self.totals.add(&self.customers[customer as usize], usage);
             }
-            Disposition::Held { .. } => {
-                summary.held += 1;
-                if self.keep_new_ids {
-                    self.new_ids.push(prepared.transaction_id.clone());
-                }
+            Noted::Held => summary.held += 1,
+            // Never billed: not waited for.
+            Noted::NotBillable => {
+                summary.not_billable += 1;
+                return;
             }
-            Disposition::NotBillable { .. } => summary.not_billable += 1,
+        }
+        if let Some(id) = id {
+            self.new_ids.push(id.into());
         }
     }
 }
@@ -313,11 +460,10 @@ impl Counts {
 struct Batch {
     items: Vec<IngestItem>,
     places: Vec<Place>,
-    outcomes: Vec<Recorded>,
     outside_window: u64,
     blank_lines: u64,
-    /// Lines rejected as they were read, in file order.
-    rejections: Vec<(Arc<Path>, u64, String)>,
+    /// Lines rejected as they were read, in file order, each with the number of items before it.
+    rejections: Vec<(usize, Arc<Path>, u64, String)>,
 }
 
 impl Batch {
@@ -327,12 +473,20 @@ impl Batch {
             Decoded::OutsideWindow => self.outside_window += 1,
             Decoded::Blank => self.blank_lines += 1,
             Decoded::Incomplete { source, reason } => {
-                self.rejections
-                    .push((source.path.clone(), source.offset, reason));
+                self.rejections.push((
+                    self.items.len(),
+                    source.path.clone(),
+                    source.offset,
+                    reason,
+                ));
             }
             Decoded::Rejected { source, reason } => {
-                self.rejections
-                    .push((source.path.clone(), source.offset, reason.clone()));
+                self.rejections.push((
+                    self.items.len(),
+                    source.path.clone(),
+                    source.offset,
+                    reason.clone(),
+                ));
                 self.items.push(IngestItem::Rejected {
                     source: sources.source(&source.path, source.offset),
                     reason,
@@ -358,35 +512,6 @@ impl Batch {
         self.blank_lines = 0;
         self.rejections.clear();
         self
-    }
-
-    /// Records the batch in one transaction and counts what the outbox found new (the outbox is
-    /// the judge: another process may have recorded the same lines meanwhile).
-    fn record(
-        &mut self,
-        ob: &mut Outbox,
-        counts: &mut Counts,
-        summary: &mut ReplaySummary,
-        written: &mut IngestReport,
-    ) -> Result<(), OutboxError> {
-        self.outcomes.clear();
-        written.add(&ob.ingest_noting(&self.items, &[], Some(&mut self.outcomes))?);
-        let lines = self.items.iter().zip(&self.places).zip(&self.outcomes);
-        for ((item, place), outcome) in lines {
-            let (IngestItem::Record { prepared, source }, Some(path)) = (item, place) else {
-                continue;
-            };
-            match outcome {
-                Recorded::New => counts.first_seen(summary, prepared),
-                Recorded::Conflict => summary.reject(
-                    path,
-                    source.offset,
-                    conflict_reason(&prepared.transaction_id, None),
-                ),
-                Recorded::AlreadySeen | Recorded::Rejected => {}
-            }
-        }
-        Ok(())
     }
 }
 

@@ -57,8 +57,28 @@ pub struct Totals {
     by_customer: BTreeMap<String, CustomerTotals>,
 }
 
+/// What one new event adds to its customer's totals.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub total_tokens: u64,
+    pub cost_usd: f64,
+}
+
+impl From<&EventBody> for Usage {
+    fn from(event: &EventBody) -> Self {
+        Usage {
+            input_tokens: event.input_tokens,
+            output_tokens: event.output_tokens,
+            total_tokens: event.total_tokens,
+            cost_usd: event.response_cost.unwrap_or(0.0),
+        }
+    }
+}
+
 impl Totals {
-    pub fn add(&mut self, customer: &str, event: &EventBody) {
+    pub fn add(&mut self, customer: &str, usage: Usage) {
         // Looked up before an owned key is made: most events are of a customer seen already.
         let t = match self.by_customer.get_mut(customer) {
             Some(t) => t,
@@ -71,10 +91,10 @@ impl Totals {
                 }),
         };
         t.events += 1;
-        t.input_tokens = t.input_tokens.saturating_add(event.input_tokens);
-        t.output_tokens = t.output_tokens.saturating_add(event.output_tokens);
-        t.total_tokens = t.total_tokens.saturating_add(event.total_tokens);
-        t.cost_usd += event.response_cost.unwrap_or(0.0);
+        t.input_tokens = t.input_tokens.saturating_add(usage.input_tokens);
+        t.output_tokens = t.output_tokens.saturating_add(usage.output_tokens);
+        t.total_tokens = t.total_tokens.saturating_add(usage.total_tokens);
+        t.cost_usd += usage.cost_usd;
     }
 
     pub fn into_vec(self) -> Vec<CustomerTotals> {
@@ -202,9 +222,9 @@ mod tests {
     #[test]
     fn totals_add_up_per_customer_in_order() {
         let mut t = Totals::default();
-        t.add("team-b", &record(1, 2, Some(0.5)));
-        t.add("team-a", &record(10, 20, Some(0.25)));
-        t.add("team-a", &record(5, 5, None));
+        t.add("team-b", (&record(1, 2, Some(0.5))).into());
+        t.add("team-a", (&record(10, 20, Some(0.25))).into());
+        t.add("team-a", (&record(5, 5, None)).into());
         let v = t.into_vec();
         assert_eq!(v.len(), 2);
         assert_eq!(v[0].customer, "team-a");

@@ -13,7 +13,8 @@
 
 use rusqlite::{CachedStatement, Connection, OptionalExtension, ToSql};
 
-use super::{Found, State};
+use super::State;
+use super::ingest::Found;
 
 /// Rows one statement inserts.
 const ROWS_PER_INSERT: usize = 64;

@@ -23,6 +23,7 @@
 //!   those lines and at worst resends events Lago already has — absorbed as duplicates. Paying an
 //!   fsync per commit would buy nothing the idempotency key does not already give.
 
+mod ingest;
 mod lago_checks;
 mod ledger;
 mod lock;
@@ -42,6 +43,7 @@ use hashbrown::{HashMap, HashSet};
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
+pub use ingest::{Committed, ConflictAt, IngestWindow};
 pub use lago_checks::{AckedOrigin, AuditItem, AuditProgress, AuditScope, LagoErrorMarks, Rebuilt};
 pub use lock::{SenderLock, sender_running};
 pub use queue::{
@@ -51,10 +53,9 @@ pub use queue::{
 pub use schema::MIGRATIONS;
 pub use task::{OutboxTaskError, with_outbox};
 
-use crate::ship::resolve::{Disposition, PreparedRecord};
+use crate::ship::resolve::PreparedRecord;
 use crate::ship::tail::{FileId, FilePosition};
-use ledger::{QueuedRow, QueuedRows};
-use pending::{EVENT_COLUMN_COUNT, EVENT_COLUMNS, EnqueueRows, ID_COLUMNS, Queued};
+use pending::{EVENT_COLUMN_COUNT, EVENT_COLUMNS, ID_COLUMNS};
 
 /// The queue place of the queued row with id `?1` (none once it left the queue).
 macro_rules! queue_place_of_id {
@@ -449,293 +450,6 @@ impl Outbox {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Records lines and the file positions reached, in ONE transaction: either both are
-    /// committed or neither is, so a crash re-reads exactly the uncommitted lines. Re-recording a
-    /// line is harmless (same transaction_id and content → `already_seen`).
-    ///
-    /// A billable record is one ledger row and one `pending` row; the ledger row is not written
-    /// again when Lago acks it (the ack deletes the `pending` row).
-    pub fn ingest(
-        &mut self,
-        items: &[IngestItem],
-        positions: &[FilePosition],
-    ) -> Result<IngestReport, OutboxError> {
-        self.ingest_noting(items, positions, None)
-    }
-
-    /// [`Outbox::ingest`], also noting in `outcomes` what became of each item (what `tally
-    /// replay` counts per customer, without asking the outbox about each line first).
-    pub fn ingest_noting(
-        &mut self,
-        items: &[IngestItem],
-        positions: &[FilePosition],
-        mut outcomes: Option<&mut Vec<Recorded>>,
-    ) -> Result<IngestReport, OutboxError> {
-        let mut note = |r: Recorded| {
-            if let Some(o) = outcomes.as_deref_mut() {
-                o.push(r);
-            }
-        };
-        let now = now_ms();
-        let mut report = IngestReport::default();
-        let mut new_sources: Vec<(String, i64)> = Vec::new();
-        let mut new_targets: Vec<NewTarget> = Vec::new();
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        {
-            // Queue places are numbered here, inside the write lock, so the ledger row is
-            // written once with its place: the next after the highest ever given out.
-            let mut next_seq: i64 = tx
-                .prepare_cached(
-                    "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'pending'), 0)",
-                )?
-                .query_row([], |r| r.get(0))?;
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO events (transaction_id, state, content_hash, queue_seq, target_id,
-                     lago_time_ms, source_id, source_offset, created_ms, reason, record,
-                     customer_ids)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
-                 ON CONFLICT (transaction_id) DO NOTHING",
-            )?;
-            // The common row, a queued event's, many to a statement (`ledger.rs`).
-            let mut queued_rows = QueuedRows::new(&tx)?;
-            let mut enqueue = EnqueueRows::new(&tx)?;
-            let mut existing = tx.prepare_cached(&format!(
-                "SELECT e.content_hash, {EFFECTIVE_STATE} FROM events AS e
-                 WHERE e.transaction_id = ?1"
-            ))?;
-            let mut reject = tx.prepare_cached(
-                "INSERT INTO rejected (source_file, source_offset, transaction_id, reason, head, created_ms, line_key)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-                 ON CONFLICT (source_file, source_offset, line_key) DO NOTHING",
-            )?;
-            // Queue places in file order, given before the ledger pass (a line whose id is
-            // already recorded leaves a gap, which the queue does not mind).
-            let mut seqs = vec![0i64; items.len()];
-            for (i, item) in items.iter().enumerate() {
-                if let IngestItem::Record { prepared, .. } = item
-                    && matches!(prepared.disposition, Disposition::Pending { .. })
-                {
-                    next_seq += 1;
-                    seqs[i] = next_seq;
-                }
-            }
-            // Ledger rows in id order: consecutive inserts land on neighbouring pages, where
-            // uuid4 ids in file order would each seek a random one. The sort is stable, so of
-            // two lines with one id the first in the file is still the one recorded.
-            let id_of = |i: usize| match &items[i] {
-                IngestItem::Record { prepared, .. } => prepared.transaction_id.as_str(),
-                IngestItem::Rejected { .. } => "",
-            };
-            let mut order: Vec<usize> = (0..items.len())
-                .filter(|&i| matches!(items[i], IngestItem::Record { .. }))
-                .collect();
-            order.sort_by(|&a, &b| id_of(a).cmp(id_of(b)));
-            let mut found = vec![Found::Malformed; items.len()];
-            let mut last_source: Option<(Arc<str>, i64)> = None;
-            // The target of each pending item, for its queue row.
-            let mut targets = vec![0i64; items.len()];
-            for i in order {
-                let IngestItem::Record { prepared, source } = &items[i] else {
-                    continue;
-                };
-                // A chunk's lines share their file's name: look it up once.
-                let source_id = match &last_source {
-                    Some((file, id)) if Arc::ptr_eq(file, &source.file) => *id,
-                    _ => {
-                        let id = match self.sources.get(&*source.file) {
-                            Some(id) => *id,
-                            None => source_id(&tx, &source.file, &mut new_sources)?,
-                        };
-                        last_source = Some((source.file.clone(), id));
-                        id
-                    }
-                };
-                match &prepared.disposition {
-                    Disposition::Pending {
-                        external_subscription_id,
-                        code,
-                        body,
-                    } => {
-                        let target = match self
-                            .targets
-                            .get(code)
-                            .and_then(|subs| subs.get(external_subscription_id))
-                        {
-                            Some(id) => *id,
-                            None => {
-                                target_id(&tx, external_subscription_id, code, &mut new_targets)?
-                            }
-                        };
-                        targets[i] = target;
-                        queued_rows.push(
-                            QueuedRow {
-                                item: i,
-                                transaction_id: &prepared.transaction_id,
-                                content_hash: prepared.content_hash,
-                                seq: seqs[i],
-                                target_id: target,
-                                time_ms: body.time_ms,
-                                source_id,
-                                source_offset: source.offset as i64,
-                                created_ms: now,
-                            },
-                            &mut found,
-                        )?;
-                    }
-                    // Held: kept with its record and ids to resolve again later; not billable:
-                    // only remembered.
-                    other => {
-                        let (state, reason, record, ids) = match other {
-                            Disposition::Held { reason } => (
-                                State::Held,
-                                Some(reason.as_str()),
-                                prepared.record_json.as_deref(),
-                                Some(prepared.customer_ids.to_json()),
-                            ),
-                            _ => (State::NotBillable, None, None, None),
-                        };
-                        // The queued rows before it first: the ledger takes rows in id order,
-                        // and of two lines with one id the first in the file is recorded.
-                        queued_rows.flush(&mut found)?;
-                        let inserted = insert.execute(params![
-                            prepared.transaction_id,
-                            state.code(),
-                            prepared.content_hash,
-                            Option::<i64>::None,
-                            Option::<i64>::None,
-                            Option::<i64>::None,
-                            source_id,
-                            source.offset as i64,
-                            now,
-                            reason,
-                            record,
-                            ids,
-                        ])?;
-                        found[i] = if inserted == 1 {
-                            Found::New
-                        } else {
-                            Found::Recorded
-                        };
-                    }
-                }
-            }
-            queued_rows.flush(&mut found)?;
-            // The queue and the rejected lines in file order.
-            for (i, item) in items.iter().enumerate() {
-                match (item, found[i]) {
-                    (IngestItem::Record { prepared, .. }, Found::New) => {
-                        note(Recorded::New);
-                        match &prepared.disposition {
-                            Disposition::Pending { body, .. } => {
-                                enqueue.push(
-                                    seqs[i],
-                                    Queued {
-                                        transaction_id: &prepared.transaction_id,
-                                        target_id: targets[i],
-                                        body,
-                                        ids: &prepared.customer_ids,
-                                        attempts: 0,
-                                        reason: None,
-                                    },
-                                )?;
-                                report.pending += 1;
-                            }
-                            Disposition::Held { .. } => report.held += 1,
-                            Disposition::NotBillable { .. } => report.not_billable += 1,
-                        }
-                    }
-                    (IngestItem::Record { prepared, source }, Found::Recorded) => {
-                        // Compared here, in file order: a line recorded earlier in this chunk
-                        // is in the queue by now, and its state reads as it will be committed.
-                        enqueue.flush()?;
-                        let (hash, old_state): (i64, i64) = existing
-                            .query_row([&prepared.transaction_id], |r| {
-                                Ok((r.get(0)?, r.get(1)?))
-                            })?;
-                        if hash == prepared.content_hash {
-                            report.already_seen += 1;
-                            note(Recorded::AlreadySeen);
-                            continue;
-                        }
-                        note(Recorded::Conflict);
-                        let old_state = State::from_code(old_state).map_or("unknown", State::name);
-                        let reason = conflict_reason(&prepared.transaction_id, Some(old_state));
-                        let head = prepared.transaction_id.clone();
-                        let key = rejected_line_key(&reason, head.as_bytes());
-                        if reject.execute(params![
-                            source.file,
-                            source.offset as i64,
-                            prepared.transaction_id,
-                            reason,
-                            head,
-                            now,
-                            key
-                        ])? == 1
-                        {
-                            report.conflicts += 1;
-                        }
-                    }
-                    (
-                        IngestItem::Rejected {
-                            source,
-                            reason,
-                            head,
-                        },
-                        _,
-                    ) => {
-                        note(Recorded::Rejected);
-                        let head = head_text(head);
-                        let key = rejected_line_key(reason, head.as_bytes());
-                        if reject.execute(params![
-                            source.file,
-                            source.offset as i64,
-                            Option::<&str>::None,
-                            reason,
-                            head,
-                            now,
-                            key
-                        ])? == 1
-                        {
-                            report.rejected += 1;
-                        }
-                    }
-                    (IngestItem::Record { .. }, Found::Malformed) => {}
-                }
-            }
-            enqueue.flush()?;
-            let mut position = tx.prepare_cached(
-                "INSERT INTO positions (dev, ino, fingerprint, path, offset, finished, updated_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-                 ON CONFLICT (dev, ino) DO UPDATE SET fingerprint = excluded.fingerprint,
-                     path = excluded.path, offset = excluded.offset,
-                     finished = excluded.finished, updated_ms = excluded.updated_ms",
-            )?;
-            for p in positions {
-                position.execute(params![
-                    p.id.dev as i64,
-                    p.id.ino as i64,
-                    p.id.fingerprint as i64,
-                    p.path.to_string_lossy(),
-                    p.offset as i64,
-                    p.finished,
-                    now
-                ])?;
-            }
-        }
-        tx.commit()?;
-        // Only ids that are committed are remembered (a rolled-back one may be given again).
-        self.sources.extend(new_sources);
-        for (subscription, code, id) in new_targets {
-            self.targets
-                .entry(code)
-                .or_default()
-                .insert(subscription, id);
-        }
-        Ok(report)
-    }
-
     /// Up to `max` pending events after `after` (from the oldest when `None`), in queue order,
     /// leaving out those in `in_flight` (by transaction_id). A read: only the holder of the
     /// [`SenderLock`] sends, so nothing needs to be written to keep another sender off them.
@@ -985,7 +699,11 @@ impl Outbox {
 }
 
 /// The `sources` id of `path`, inserting it (within the caller's transaction) when new.
-fn source_id(tx: &Connection, path: &str, new: &mut Vec<(String, i64)>) -> rusqlite::Result<i64> {
+pub(super) fn source_id(
+    tx: &Connection,
+    path: &str,
+    new: &mut Vec<(String, i64)>,
+) -> rusqlite::Result<i64> {
     if let Some((_, id)) = new.iter().find(|(p, _)| p == path) {
         return Ok(*id);
     }
@@ -998,19 +716,8 @@ fn source_id(tx: &Connection, path: &str, new: &mut Vec<(String, i64)>) -> rusql
     Ok(id)
 }
 
-/// What the ledger pass of an ingest found for one item.
-#[derive(Debug, Clone, Copy)]
-enum Found {
-    /// Recorded now.
-    New,
-    /// Recorded before (in an earlier ingest, or earlier in this one).
-    Recorded,
-    /// Not a record (a malformed line).
-    Malformed,
-}
-
 /// A `targets` row made in an ingest not yet committed: (subscription id, code, id).
-type NewTarget = (String, String, i64);
+pub(super) type NewTarget = (String, String, i64);
 
 /// The `targets` id of (`subscription`, `code`), inserting it (within the caller's
 /// transaction) when new.
@@ -1140,7 +847,7 @@ pub fn head_text(bytes: &[u8]) -> String {
 /// What tells two rejected lines at the same file path and offset apart: after a rotation the
 /// new live file reuses the path, so (path, offset) alone would merge a new malformed line into
 /// an old one. The same line read again after a crash has the same key and is not counted twice.
-fn rejected_line_key(reason: &str, head: &[u8]) -> i64 {
+pub(super) fn rejected_line_key(reason: &str, head: &[u8]) -> i64 {
     let mut bytes = Vec::with_capacity(reason.len() + 1 + head.len());
     bytes.extend_from_slice(reason.as_bytes());
     bytes.push(0);

@@ -1102,3 +1102,128 @@ fn ledger_rows_written_many_at_once_find_each_line_new_or_recorded() {
         ["id-005", "id-009", "id-065", "id-125", "id-185", "id-245"]
     );
 }
+
+/// The ids in the queue, in queue order.
+fn queued_ids(ob: &Outbox) -> Vec<String> {
+    let mut stmt = ob
+        .conn()
+        .prepare("SELECT transaction_id FROM pending ORDER BY seq")
+        .unwrap();
+    stmt.query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+/// A window of several batches writes the ledger only at commit: of two lines with one id, in
+/// one batch or two, the first in the file is recorded; a line already in the outbox is seen
+/// again; the queue rows written for the others are taken back, and the queue keeps file order.
+#[test]
+fn a_window_of_batches_records_the_first_line_of_each_id() {
+    let (_dir, mut ob) = open();
+    ob.ingest(&[item(&record("old", Some("c")), 0)], &[])
+        .unwrap();
+    let z = record("z", Some("c"));
+    let a = record("a", Some("c"));
+    let mut a2 = a.clone();
+    a2.input_tokens = 99;
+    let mut failed = record("m", Some("c"));
+    failed.status = "failure".into();
+    let malformed = IngestItem::Rejected {
+        source: Source {
+            file: "spend.jsonl".into(),
+            offset: 60,
+        },
+        reason: "invalid record".into(),
+        head: b"{".to_vec(),
+    };
+
+    let mut window = ob.window().unwrap();
+    window
+        .add(&[
+            item(&z, 10),
+            item(&record("old", Some("c")), 20),
+            item(&a, 30),
+        ])
+        .unwrap();
+    assert!(!window.in_id_order(), "z then old then a");
+    window
+        .add(&[item(&z, 40), item(&a2, 50), malformed, item(&failed, 70)])
+        .unwrap();
+    assert_eq!(window.lines(), 7);
+    let done = window.commit(&[pos(80)]).unwrap();
+
+    use Recorded::*;
+    assert_eq!(
+        done.outcomes,
+        [New, AlreadySeen, New, AlreadySeen, Conflict, Rejected, New]
+    );
+    let r = done.report;
+    assert_eq!(
+        (
+            r.pending,
+            r.not_billable,
+            r.already_seen,
+            r.conflicts,
+            r.rejected
+        ),
+        (2, 1, 2, 1, 1)
+    );
+    assert_eq!(done.conflicts.len(), 1);
+    let c = &done.conflicts[0];
+    assert_eq!((c.place, &*c.transaction_id, c.source_offset), (4, "a", 50));
+    assert_eq!(queued_ids(&ob), ["old", "z", "a"]);
+    assert_eq!(ob.pending_count().unwrap(), 3);
+    assert_eq!(ob.show("a").unwrap().unwrap().state, State::Pending);
+    assert_eq!(ob.state_of("m").unwrap(), Some(State::NotBillable));
+    assert_eq!(ob.positions().unwrap(), vec![pos(80)]);
+    let rejected = ob.list(ListFilter::Rejected, 10).unwrap();
+    // In file order, the conflict (found at commit) before the malformed line after it.
+    let offsets: Vec<_> = rejected.iter().map(|r| r.source_offset).collect();
+    assert_eq!(offsets, [Some(50), Some(60)]);
+    let conflict = rejected
+        .iter()
+        .find(|r| r.source_offset == Some(50))
+        .unwrap();
+    assert!(
+        conflict
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("(now pending)"),
+        "{conflict:?}"
+    );
+
+    // The queue goes on after the places this window gave out, its taken-back ones included.
+    ob.ingest(&[item(&record("next", Some("c")), 90)], &[])
+        .unwrap();
+    assert_eq!(queued_ids(&ob), ["old", "z", "a", "next"]);
+}
+
+/// A window dropped before its commit (an error, a crash) leaves nothing: no line, no queue row,
+/// no position, and the same lines are new to the next ingest.
+#[test]
+fn a_window_dropped_uncommitted_leaves_nothing() {
+    let (_dir, mut ob) = open();
+    let lines = [
+        item(&record("a", Some("c")), 0),
+        item(&record("b", Some("new-customer")), 10),
+    ];
+    let mut window = ob.window().unwrap();
+    window.add(&lines).unwrap();
+    assert!(window.in_id_order());
+    drop(window);
+    assert_eq!(ob.pending_count().unwrap(), 0);
+    assert!(ob.positions().unwrap().is_empty());
+    assert_eq!(ob.state_of("a").unwrap(), None);
+
+    // The customer and file ids the dropped window made are made again, not taken from memory.
+    let rep = ob.ingest(&lines, &[pos(20)]).unwrap();
+    assert_eq!(rep.pending, 2);
+    assert_eq!(queued_ids(&ob), ["a", "b"]);
+    let b = ob.show("b").unwrap().unwrap();
+    assert_eq!(b.state, State::Pending);
+    assert_eq!(b.external_subscription_id.as_deref(), Some("new-customer"));
+    assert_eq!(b.source_file.as_deref(), Some("spend.jsonl"));
+    assert!(b.event.unwrap().contains("\"new-customer\""));
+}

@@ -561,16 +561,29 @@ async fn replay_ship_reports_what_lago_did_not_acknowledge_and_exits_3() {
     assert_eq!(b.stored_ids(), ["n-1"]);
 }
 
-/// A replay longer than one outbox transaction (4,096 lines) reads on one thread and records on
-/// another: across three batches, with malformed, blank, repeated and conflicting lines in each,
-/// it counts what its dry run (one thread) counts, records each id once, and a second replay of
-/// the same file finds every record already billed.
+/// A replay of many batches reads on one thread and records on another, a window of batches per
+/// outbox transaction (ids in no order share one window; ids in order commit batch by batch).
+/// With malformed, blank, repeated and conflicting lines throughout, it counts what its dry run
+/// (one thread) counts, reports the same first rejections in the same (file) order, records each
+/// id once, and a second replay of the same file finds every record already billed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_of_several_batches_counts_what_its_dry_run_does() {
+    // "big-9" sorts after "big-10": in no order. Zero-padded, in order.
+    for (name, padded) in [("unordered", false), ("ordered", true)] {
+        replay_of_several_batches(name, padded).await;
+    }
+}
+
+async fn replay_of_several_batches(name: &str, padded: bool) {
     let b = Bench::new().await;
-    let log = b.path("big.jsonl");
+    let log = b.path(&format!("{name}.jsonl"));
     let record = |i: usize, input: u64| {
-        SpendLine::new(format!("big-{i}"))
+        let id = if padded {
+            format!("big-{i:05}")
+        } else {
+            format!("big-{i}")
+        };
+        SpendLine::new(id)
             .end_user(format!("c-{}", i % 3))
             .tokens(input, 2)
             .to_line()
@@ -598,7 +611,11 @@ async fn a_replay_of_several_batches_counts_what_its_dry_run_does() {
         "held",
         "not_billable",
     ] {
-        assert_eq!(u(&real, key), u(&dry, key), "{key}: {real} against {dry}");
+        assert_eq!(
+            u(&real, key),
+            u(&dry, key),
+            "{name} {key}: {real} against {dry}"
+        );
     }
     assert_eq!(u(&real, "lines_read"), 10_000);
     assert_eq!(u(&real, "new_events"), 10_000 - 40);
@@ -606,6 +623,28 @@ async fn a_replay_of_several_batches_counts_what_its_dry_run_does() {
     assert_eq!(u(&real, "rejected"), 20, "10 malformed, 10 conflicting");
     assert_eq!(u(&real, "blank_lines"), 10);
     assert_eq!(customers(&real), customers(&dry));
+    // The first rejections, in file order: a malformed line, then a conflict, per thousand.
+    let first: Vec<(u64, bool)> = real["first_rejections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let reason = r["reason"].as_str().unwrap();
+            (u(r, "offset"), reason.contains("conflicting duplicate"))
+        })
+        .collect();
+    assert_eq!(real["first_rejections"], dry["first_rejections"], "{name}");
+    assert_eq!(first.len(), 5, "{name}: {first:?}");
+    let kinds: Vec<bool> = first.iter().map(|f| f.1).collect();
+    assert_eq!(
+        kinds,
+        [false, true, false, true, false],
+        "{name}: {first:?}"
+    );
+    assert!(
+        first.windows(2).all(|w| w[0].0 < w[1].0),
+        "{name}: {first:?}"
+    );
     let events: u64 = customers(&real).iter().map(|c| c.1).sum();
     assert_eq!(events, 10_000 - 40);
 
