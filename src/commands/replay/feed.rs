@@ -189,13 +189,13 @@ fn compare(
 const BATCH_LINES: usize = 1024;
 
 /// Lines per outbox transaction at most, an [`IngestWindow`](crate::ship::outbox::IngestWindow)
-/// of 128 batches. The window writes its ledger rows in id order at commit, so the more ids it
+/// of 192 batches. The window writes its ledger rows in id order at commit, so the more ids it
 /// sorts, the fewer ledger pages each lands on when the ids are random (uuid4, as LiteLLM writes
-/// them): a 1M uuid4 replay ran 2.3 times as fast as with one batch per transaction. Until the
-/// commit it keeps about 200 bytes per line (the ledger entry and the summary's note), not the
-/// parsed line, which goes back to the reading thread with its batch: 131,072 lines kept peak
-/// RSS at 53 MiB, twice as many took it to 81 MiB (docs/benchmarks.md).
-const WINDOW_LINES: usize = 128 * BATCH_LINES;
+/// them): a 1M uuid4 replay ran 2.5 times as fast as with 12,288 lines per transaction. Until the
+/// commit it keeps about 140 bytes per line (the ledger entry and the summary's note), not the
+/// parsed line, which goes back to the reading thread with its batch: peak RSS 53 MiB, against
+/// 44 MiB at 128 batches, for 7 % more lines/s (docs/benchmarks.md).
+const WINDOW_LINES: usize = 192 * BATCH_LINES;
 
 /// Records every line into the outbox, on two threads: this one adds a batch to the open window
 /// (one outbox transaction of up to [`WINDOW_LINES`] lines) while a second reads, parses and
@@ -270,6 +270,12 @@ fn record_batches(
             // would only hold the reading side back while it commits.
             if window.lines() >= WINDOW_LINES || window.in_id_order() {
                 break;
+            }
+            if window.lines() <= BATCH_LINES {
+                // A long window after all: room for all of it.
+                let more = WINDOW_LINES - window.lines();
+                window.reserve(more);
+                lines.lines.reserve_exact(more);
             }
         }
         let committed = window.commit(&[])?;

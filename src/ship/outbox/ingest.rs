@@ -224,6 +224,15 @@ impl IngestWindow<'_> {
         self.outcomes.len()
     }
 
+    /// Makes room for `lines` more lines at once: a long window then does not copy what it
+    /// holds each time it doubles.
+    pub fn reserve(&mut self, lines: usize) {
+        self.entries.reserve_exact(lines);
+        self.outcomes.reserve_exact(lines);
+        // As many ids' text as UUIDs take (36 bytes): it grows from there if they are longer.
+        self.ids.0.reserve_exact(lines * 36);
+    }
+
     /// Whether the ids added so far came (nearly) in order, as UUIDv7 ids do: the ledger then
     /// takes them as appends, and a longer window would gain nothing.
     pub fn in_id_order(&self) -> bool {
