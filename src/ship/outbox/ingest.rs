@@ -100,20 +100,34 @@ struct Malformed {
 }
 
 impl Malformed {
-    /// Writes its rejected row with `reject` ([`REJECT_SQL`]); 0 when that line was kept before.
     fn write(&self, reject: &mut CachedStatement<'_>, now: i64) -> rusqlite::Result<u64> {
-        let key = rejected_line_key(&self.reason, self.head.as_bytes());
-        let written = reject.execute(params![
-            self.file,
-            self.offset as i64,
-            Option::<&str>::None,
-            self.reason,
-            self.head,
-            now,
-            key
-        ])?;
-        Ok(written as u64)
+        let (file, offset) = (&*self.file, self.offset);
+        write_rejected(reject, file, offset, None, &self.reason, &self.head, now)
     }
+}
+
+/// Writes a rejected line's row with `reject` ([`REJECT_SQL`]): 1, or 0 when that line was kept
+/// before at the same place.
+fn write_rejected(
+    reject: &mut CachedStatement<'_>,
+    file: &str,
+    offset: u64,
+    transaction_id: Option<&str>,
+    reason: &str,
+    head: &str,
+    now: i64,
+) -> rusqlite::Result<u64> {
+    let key = rejected_line_key(reason, head.as_bytes());
+    let written = reject.execute(params![
+        file,
+        offset as i64,
+        transaction_id,
+        reason,
+        head,
+        now,
+        key
+    ])?;
+    Ok(written as u64)
 }
 
 struct HeldRow {
@@ -150,8 +164,6 @@ pub struct IngestWindow<'o> {
     targets: &'o mut HashMap<String, HashMap<String, i64>>,
     new_sources: Vec<(String, i64)>,
     new_targets: Vec<NewTarget>,
-    /// The file name of each source id this window used, for a conflict's rejected row.
-    files: Vec<(i64, Arc<str>)>,
     now: i64,
     /// The last queue place given out.
     seq: i64,
@@ -205,7 +217,6 @@ impl Outbox {
             targets,
             new_sources: Vec::new(),
             new_targets: Vec::new(),
-            files: Vec::new(),
             now: now_ms(),
             seq,
             entries: Vec::new(),
@@ -276,9 +287,6 @@ impl IngestWindow<'_> {
                         Some(id) => *id,
                         None => super::source_id(tx, &source.file, &mut self.new_sources)?,
                     };
-                    if !self.files.iter().any(|(known, _)| *known == id) {
-                        self.files.push((id, source.file.clone()));
-                    }
                     last_source = Some((source.file.clone(), id));
                     id
                 }
@@ -353,7 +361,6 @@ impl IngestWindow<'_> {
             targets,
             new_sources,
             new_targets,
-            files,
             now,
             mut entries,
             ids,
@@ -468,18 +475,22 @@ impl IngestWindow<'_> {
                     source_offset: e.source_offset as u64,
                 });
                 let old_state = State::from_code(old_state).map_or("unknown", State::name);
-                let reason = conflict_reason(id, Some(old_state));
-                let head = id;
-                let key = rejected_line_key(&reason, head.as_bytes());
-                let file = files
+                // Its file by the id this window gave it: rare, so looked up backwards.
+                let file = new_sources
                     .iter()
-                    .find(|(id, _)| *id == e.source_id)
-                    .map_or("", |(_, f)| &**f);
-                if reject.execute(params![file, e.source_offset, head, reason, head, now, key])?
-                    == 1
-                {
-                    report.conflicts += 1;
-                }
+                    .map(|(path, id)| (path, id))
+                    .chain(sources.iter())
+                    .find(|(_, id)| **id == e.source_id)
+                    .map_or("", |(path, _)| path.as_str());
+                report.conflicts += write_rejected(
+                    &mut reject,
+                    file,
+                    e.source_offset as u64,
+                    Some(id),
+                    &conflict_reason(id, Some(old_state)),
+                    id,
+                    now,
+                )?;
             }
             for m in malformed {
                 report.rejected += m.write(&mut reject, now)?;
