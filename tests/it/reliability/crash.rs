@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use crate::reliability::support::{LogWriter, Rig, figure, full_variant};
+use crate::reliability::support::{LogWriter, PATIENCE, Rig, figure, full_variant};
 use crate::support::SpendLine;
-use crate::support::SplitMix;
+use crate::support::{SplitMix, wait_until};
 
 struct Plan {
     records: u64,
@@ -92,9 +92,17 @@ async fn shipper_sigkilled_at_random_moments_under_rotation_bills_every_record_o
     assert!(!writing.load(Ordering::SeqCst));
 
     let ids: Vec<String> = (0..plan.records).map(|n| format!("crash-{n:06}")).collect();
-    rig.wait_stored(ids.len(), "every record after the kills")
+    rig.wait_stored_running(&mut ship, ids.len(), "every record after the kills")
         .await;
-    // Let the last shipper finish anything in flight, then check nothing extra arrived.
+    // Lago can hold every record before the last shipper has acked them all: a shipper killed
+    // after Lago stored its batch left those events pending, and the next one resends them (Lago
+    // answers value_already_exist). Wait for that, then stop it and check nothing extra arrived.
+    wait_until(
+        "no events pending after the last start",
+        PATIENCE,
+        async || rig.pending() == 0,
+    )
+    .await;
     let status = ship.terminate().unwrap();
     assert!(status.success(), "SIGTERM exit: {status}");
     rig.assert_exactly_once(&ids);
