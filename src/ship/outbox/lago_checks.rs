@@ -6,7 +6,7 @@ use rusqlite::{OptionalExtension, TransactionBehavior, params};
 use serde::Serialize;
 
 use super::pending::{Enqueue, Queued};
-use super::{EFFECTIVE_STATE, Outbox, OutboxError, dequeue, now_ms, target_id};
+use super::{BOUND_ID, EFFECTIVE_STATE, Outbox, OutboxError, dequeue, now_ms, target_id};
 use crate::ship::event::EventBody;
 use crate::ship::resolve::CustomerIds;
 
@@ -262,7 +262,8 @@ impl Outbox {
                 "SELECT s.path, e.source_offset, e.content_hash, t.subscription_id, t.code
                  FROM events AS e LEFT JOIN sources AS s ON s.id = e.source_id
                  LEFT JOIN targets AS t ON t.id = e.target_id
-                 WHERE e.transaction_id = ?1 AND e.state IN (0, 3) AND {EFFECTIVE_STATE} = 3"
+                 WHERE e.transaction_id = {BOUND_ID} AND e.state IN (0, 3)
+                   AND {EFFECTIVE_STATE} = 3"
             ))?
             .query_row([transaction_id], |r| {
                 Ok(AckedOrigin {
@@ -288,7 +289,8 @@ impl Outbox {
         {
             let mut acked = tx.prepare_cached(&format!(
                 "SELECT 1 FROM events AS e
-                 WHERE e.transaction_id = ?1 AND e.state IN (0, 3) AND {EFFECTIVE_STATE} = 3"
+                 WHERE e.transaction_id = {BOUND_ID} AND e.state IN (0, 3)
+                   AND {EFFECTIVE_STATE} = 3"
             ))?;
             let mut enqueue = Enqueue::new(&tx)?;
             let mut set = tx.prepare_cached(

@@ -5,7 +5,7 @@ use rusqlite::{OptionalExtension, TransactionBehavior, params};
 use serde::Serialize;
 
 use super::pending::{self, EVENT_COLUMN_COUNT, EVENT_COLUMNS, Enqueue, ID_COLUMNS, Queued};
-use super::{EFFECTIVE_STATE, Outbox, OutboxError, State, dequeue, now_ms, target_id};
+use super::{BOUND_ID, EFFECTIVE_STATE, Outbox, OutboxError, State, dequeue, now_ms, target_id};
 use crate::ship::event::EventBody;
 use crate::ship::resolve::{CustomerIds, Disposition, EventSpec, disposition, re_resolve};
 use crate::ship::tail::{FileId, FilePosition};
@@ -354,7 +354,7 @@ impl Outbox {
              LEFT JOIN targets AS qt ON qt.id = p.target_id
              LEFT JOIN targets AS t ON t.id = e.target_id
              LEFT JOIN sources AS s ON s.id = e.source_id
-             WHERE e.transaction_id = ?1"
+             WHERE e.transaction_id = {BOUND_ID}"
         ))?;
         let text = |b: Option<Vec<u8>>| b.map(|b| String::from_utf8_lossy(&b).into_owned());
         Ok(stmt

@@ -1227,3 +1227,53 @@ fn a_window_dropped_uncommitted_leaves_nothing() {
     assert_eq!(b.source_file.as_deref(), Some("spend.jsonl"));
     assert!(b.event.unwrap().contains("\"new-customer\""));
 }
+
+/// How many times the statements this connection has cached were prepared again (SQLite does
+/// so when a bound value may change the plan, or the schema changed).
+fn reprepared(ob: &Outbox) -> i32 {
+    use rusqlite::ffi;
+    let mut total = 0;
+    // SAFETY: the connection is alive and used by no other thread; sqlite3_next_stmt walks the
+    // statements it owns, and sqlite3_stmt_status only reads a counter of each.
+    unsafe {
+        let db = ob.conn().handle();
+        let mut stmt = ffi::sqlite3_next_stmt(db, std::ptr::null_mut());
+        while !stmt.is_null() {
+            total += ffi::sqlite3_stmt_status(stmt, ffi::SQLITE_STMTSTATUS_REPREPARE, 0);
+            stmt = ffi::sqlite3_next_stmt(db, stmt);
+        }
+    }
+    total
+}
+
+#[test]
+fn lookups_by_id_are_prepared_once_whatever_the_id() {
+    let (_dir, mut ob) = open();
+    let items: Vec<IngestItem> = (0..20)
+        .map(|i| item(&record(&format!("id-{i}"), Some("c1")), i * 10))
+        .collect();
+    ob.ingest(&items, &[pos(200)]).unwrap();
+    let acked: Vec<(i64, String)> = ob
+        .claim(10, None, &HashSet::new(), &lock(&ob))
+        .unwrap()
+        .0
+        .into_iter()
+        .map(|e| (e.seq, e.transaction_id))
+        .collect();
+    let pairs: Vec<(i64, &str)> = acked.iter().map(|(s, id)| (*s, id.as_str())).collect();
+    ob.ack(&pairs, None).unwrap();
+    let before = reprepared(&ob);
+    for i in 0..20 {
+        let id = format!("id-{i}");
+        let shown = ob.show(&id).unwrap().unwrap();
+        assert_eq!(shown.transaction_id, id);
+        assert!(ob.state_of(&id).unwrap().is_some());
+        // Acked (the first ten) or still queued: the audit's lookup finds only acked ones.
+        assert_eq!(ob.acked_origin(&id).unwrap().is_some(), i < 10, "{id}");
+    }
+    assert_eq!(
+        reprepared(&ob) - before,
+        0,
+        "a lookup that SQLite prepares again for every id costs several times the query"
+    );
+}
