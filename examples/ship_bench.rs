@@ -12,6 +12,9 @@
 //!   already listening at URL (bench/lago_sink.py), which counts at `GET URL/count`.
 //! - `ship_bench replay TALLY_BIN FILE STATE_DIR`: `tally replay FILE` into a fresh outbox, as
 //!   a child; lines/s, its CPU and peak RSS.
+//! - `ship_bench replay-ship TALLY_BIN FILE STATE_DIR`: `tally replay --ship FILE` into a fresh
+//!   outbox, delivering to the Lago emulator started here: lines/s until it exits, its CPU and
+//!   peak RSS (which the ids it waits for must not grow).
 //! - `ship_bench acked-disk N STATE_DIR v7|v4`: the outbox's own ingest and ack on N synthetic
 //!   events, then the size of shipper.db per acked id.
 //! - `ship_bench latency TALLY_BIN DIR RATE SECS`: appends RATE lines/s for SECS seconds to a
@@ -36,13 +39,14 @@ fn main() -> anyhow::Result<()> {
         Some("deliver") => deliver(&args[1], &args[2], &args[3]),
         Some("deliver-to") => deliver_to(&args[1], &args[2], &args[3], &args[4]),
         Some("replay") => replay(&args[1], &args[2], &args[3]),
+        Some("replay-ship") => replay_ship(&args[1], &args[2], &args[3]),
         Some("acked-disk") => acked_disk(args[1].parse()?, &args[2], &args[3]),
         Some("latency") => latency(&args[1], &args[2], args[3].parse()?, args[4].parse()?),
         _ => {
             eprintln!(
                 "usage: ship_bench ingest|ingest-direct FILE STATE_DIR | parse-only FILE | \
                  deliver TALLY_BIN FILE STATE_DIR | deliver-to URL TALLY_BIN FILE STATE_DIR | \
-                 replay TALLY_BIN FILE STATE_DIR | acked-disk N STATE_DIR v7|v4 | \
+                 replay|replay-ship TALLY_BIN FILE STATE_DIR | acked-disk N STATE_DIR v7|v4 | \
                  latency TALLY_BIN DIR RATE SECS"
             );
             std::process::exit(2);
@@ -458,6 +462,39 @@ fn replay(tally_bin: &str, file: &str, state_dir: &str) -> anyhow::Result<()> {
             "cpu_us_per_line": cpu * 1e6 / lines as f64, "rss_peak_kib": rss})
     );
     Ok(())
+}
+
+/// `tally replay --ship FILE` into an empty state directory, delivering to the emulator.
+fn replay_ship(tally_bin: &str, file: &str, state_dir: &str) -> anyhow::Result<()> {
+    let lines = count_lines(file)?;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let emu = emulator().await?;
+        let (cpu_before, _) = children_usage();
+        let start = Instant::now();
+        let status = tokio::process::Command::new(tally_bin)
+            .args(["replay", "--ship", file, "--output-format", "json"])
+            .env("LAGO_API_BASE", emu.base_url())
+            .env("LAGO_API_KEY", "bench-key")
+            .env("LAGO_API_EVENT_CODE", "llm_usage")
+            .env("TALLY_STATE_DIR", state_dir)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .status()
+            .await?;
+        let secs = start.elapsed().as_secs_f64();
+        anyhow::ensure!(status.success(), "tally replay --ship failed: {status}");
+        let (cpu_after, rss) = children_usage();
+        let cpu = cpu_after - cpu_before;
+        println!(
+            "{}",
+            serde_json::json!({"measure": "replay_ship", "lines": lines, "secs": secs,
+                "lines_per_sec": lines as f64 / secs, "stored_at_lago": emu.event_count(),
+                "cpu_secs": cpu, "cpu_us_per_line": cpu * 1e6 / lines as f64,
+                "rss_peak_kib": rss})
+        );
+        anyhow::Ok(())
+    })
 }
 
 /// The outbox's size per acked id: N synthetic events ingested and acked by the outbox's own

@@ -9,8 +9,10 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::ship::outbox::{Outbox, State};
+use crate::ship::outbox::{ItemDetail, Outbox, State};
 use crate::ship::{ShipSettings, deliver_pending};
+
+use super::new_ids::{Cursor, SpooledIds};
 
 /// How many undelivered events the report names, with their reasons.
 const NAMED: usize = 10;
@@ -41,12 +43,48 @@ impl DeliveryReport {
     pub fn complete(&self) -> bool {
         self.pending == 0 && self.held == 0 && self.dead == 0
     }
+
+    /// Counts one event of this replay in the state the outbox has it; `details` looks up
+    /// why, for the first few it names (a fuller query than the state: a replay has many ids).
+    fn count(
+        &mut self,
+        id: &str,
+        state: Option<State>,
+        details: impl FnOnce() -> anyhow::Result<Option<ItemDetail>>,
+    ) -> anyhow::Result<()> {
+        let Some(state) = state else { return Ok(()) };
+        match state {
+            State::NotBillable => return Ok(()),
+            State::Acked | State::LagoError => {
+                self.acked += 1;
+                return Ok(());
+            }
+            State::Dropped => {
+                self.dropped += 1;
+                return Ok(());
+            }
+            State::Pending => self.pending += 1,
+            State::Held => self.held += 1,
+            State::Dead => self.dead += 1,
+        }
+        if self.undelivered.len() < NAMED
+            && let Some(detail) = details()?
+        {
+            self.undelivered.push(Undelivered {
+                transaction_id: id.to_owned(),
+                state: state.name().to_owned(),
+                attempts: detail.attempts,
+                reason: detail.reason,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// Sends until `ids` are all out of `pending` (or `timeout`, or `shutdown`), then reports.
 pub async fn deliver(
     settings: &ShipSettings,
-    ids: Vec<String>,
+    mut ids: SpooledIds,
     timeout: Duration,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<DeliveryReport> {
@@ -60,16 +98,23 @@ pub async fn deliver(
         })
     };
     let state_dir = settings.state_dir.clone();
-    let ids = std::sync::Arc::new(ids);
+    // The ids before it were not pending when last looked at.
+    let mut cursor = Cursor::default();
     let result = loop {
         // Returns once nothing is claimable and nothing is in flight (or on stop).
         if let Err(e) = deliver_pending(settings, stop.clone()).await {
             break Err(e);
         }
-        let (dir, ids) = (state_dir.clone(), ids.clone());
-        let pending = tokio::task::spawn_blocking(move || any_pending(&dir, &ids)).await??;
-        if !pending || stop.is_cancelled() {
-            break Ok(());
+        let dir = state_dir.clone();
+        let (back, pending) = tokio::task::spawn_blocking(move || {
+            let pending = first_pending(&dir, &mut ids, cursor);
+            (ids, pending)
+        })
+        .await?;
+        ids = back;
+        match pending? {
+            Some(at) if !stop.is_cancelled() => cursor = at,
+            _ => break Ok(()),
         }
         // Leased by another sender (a running `tally ship`): give it time, then look again.
         tokio::select! {
@@ -80,53 +125,32 @@ pub async fn deliver(
     timer.abort();
     result?;
     let dir = state_dir.clone();
-    tokio::task::spawn_blocking(move || report(&dir, &ids)).await?
+    tokio::task::spawn_blocking(move || report(&dir, &mut ids)).await?
 }
 
-/// Whether any of `ids` is still pending (stops at the first: a long replay has many ids).
-fn any_pending(state_dir: &std::path::Path, ids: &[String]) -> anyhow::Result<bool> {
+/// The first of `ids` from `from` on that is still pending, if any (a long replay has many ids:
+/// the next look starts there).
+fn first_pending(
+    state_dir: &std::path::Path,
+    ids: &mut SpooledIds,
+    from: Cursor,
+) -> anyhow::Result<Option<Cursor>> {
     let Some(ob) = Outbox::open_read_only_in(state_dir)? else {
-        return Ok(false);
+        return Ok(None);
     };
-    for id in ids {
-        if ob.state_of(id)? == Some(State::Pending) {
-            return Ok(true);
-        }
-    }
-    Ok(false)
+    ids.walk(from, |id| -> anyhow::Result<bool> {
+        Ok(ob.state_of(id)? != Some(State::Pending))
+    })
 }
 
-fn report(state_dir: &std::path::Path, ids: &[String]) -> anyhow::Result<DeliveryReport> {
+fn report(state_dir: &std::path::Path, ids: &mut SpooledIds) -> anyhow::Result<DeliveryReport> {
     let mut r = DeliveryReport::default();
     let Some(ob) = Outbox::open_read_only_in(state_dir)? else {
         return Ok(r);
     };
-    for id in ids {
-        let Some(detail) = ob.show(id)? else {
-            continue;
-        };
-        match detail.state {
-            State::Acked | State::LagoError => {
-                r.acked += 1;
-                continue;
-            }
-            State::Pending => r.pending += 1,
-            State::Held => r.held += 1,
-            State::Dead => r.dead += 1,
-            State::Dropped => {
-                r.dropped += 1;
-                continue;
-            }
-            State::NotBillable => continue,
-        }
-        if r.undelivered.len() < NAMED {
-            r.undelivered.push(Undelivered {
-                transaction_id: detail.transaction_id,
-                state: detail.state.name().to_owned(),
-                attempts: detail.attempts,
-                reason: detail.reason,
-            });
-        }
-    }
+    ids.walk(Cursor::default(), |id| -> anyhow::Result<bool> {
+        r.count(id, ob.state_of(id)?, || Ok(ob.show(id)?))?;
+        Ok(true)
+    })?;
     Ok(r)
 }

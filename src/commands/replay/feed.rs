@@ -23,6 +23,7 @@ use crate::ship::tail::{LineContent, RawLine};
 use crate::spend::SpendRecord;
 
 use super::input::InputError;
+use super::new_ids::{NewIds, SpoolError, SpooledIds};
 use super::reader::{Decoded, ReplayReader};
 use super::summary::{ReplaySummary, Totals, Usage};
 use super::window::TimeWindow;
@@ -33,6 +34,8 @@ pub enum FeedError {
     Input(#[from] InputError),
     #[error(transparent)]
     Outbox(#[from] OutboxError),
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
 }
 
 /// Where the replay goes.
@@ -48,15 +51,16 @@ pub struct FeedOptions {
     pub window: TimeWindow,
     pub max_line_bytes: usize,
     pub spec: EventSpec,
-    /// Keep the ids of new events (for `--ship`, which waits for them).
-    pub keep_new_ids: bool,
+    /// Keep the ids of new events in a spool in this directory (for `--ship`, which waits for
+    /// them).
+    pub new_ids_in: Option<PathBuf>,
 }
 
 /// What a replay did.
 pub struct FeedOutcome {
     pub summary: ReplaySummary,
     /// New events (pending or held) this replay recorded, when asked for.
-    pub new_ids: Vec<String>,
+    pub new_ids: Option<SpooledIds>,
     /// Stopped early by a signal; what was recorded up to then stays recorded.
     pub interrupted: bool,
 }
@@ -82,7 +86,11 @@ pub fn feed(
         options.max_line_bytes,
     );
     let mut counts = Counts {
-        keep_new_ids: options.keep_new_ids,
+        new_ids: options
+            .new_ids_in
+            .as_deref()
+            .map(NewIds::in_dir)
+            .transpose()?,
         ..Counts::default()
     };
     let read = match target {
@@ -113,7 +121,7 @@ pub fn feed(
     summary.customers = totals.into_vec();
     Ok(FeedOutcome {
         summary,
-        new_ids,
+        new_ids: new_ids.map(NewIds::finish).transpose()?,
         interrupted: read.interrupted,
     })
 }
@@ -164,10 +172,7 @@ fn compare(
                     None => {
                         unrecorded.insert(prepared.transaction_id.clone(), prepared.content_hash);
                         let noted = counts.note(&prepared);
-                        let id = counts
-                            .keep_new_ids
-                            .then(|| prepared.transaction_id.as_str().into());
-                        counts.first_seen(summary, noted, id);
+                        counts.first_seen(summary, noted, Some(&prepared.transaction_id))?;
                     }
                 }
             }
@@ -253,7 +258,7 @@ fn record_batches(
     ob: &mut Outbox,
     counts: &mut Counts,
     summary: &mut ReplaySummary,
-) -> Result<IngestReport, OutboxError> {
+) -> Result<IngestReport, FeedError> {
     let mut written = IngestReport::default();
     let mut next = full.recv().ok();
     while next.is_some() {
@@ -280,7 +285,7 @@ fn record_batches(
         }
         let committed = window.commit(&[])?;
         written.add(&committed.report);
-        lines.count(committed, counts, summary);
+        lines.count(committed, counts, summary)?;
     }
     Ok(written)
 }
@@ -316,13 +321,13 @@ impl WindowLines {
                     {
                         self.paths.push((self.lines.len(), path.clone()));
                     }
-                    if counts.keep_new_ids {
+                    if counts.new_ids.is_some() {
                         self.ids.push(prepared.transaction_id.as_str().into());
                     }
                     Some(counts.note(prepared))
                 }
                 _ => {
-                    if counts.keep_new_ids {
+                    if counts.new_ids.is_some() {
                         self.ids.push("".into());
                     }
                     None
@@ -334,7 +339,12 @@ impl WindowLines {
 
     /// Counts what the outbox found new, and reports the rejected lines and the conflicts in
     /// file order (the summary keeps only the first few).
-    fn count(self, committed: Committed, counts: &mut Counts, summary: &mut ReplaySummary) {
+    fn count(
+        self,
+        committed: Committed,
+        counts: &mut Counts,
+        summary: &mut ReplaySummary,
+    ) -> Result<(), SpoolError> {
         let WindowLines {
             lines,
             ids,
@@ -356,7 +366,7 @@ impl WindowLines {
             let id = ids.next();
             let Some(noted) = line else { continue };
             match outcome {
-                Recorded::New => counts.first_seen(summary, noted, id),
+                Recorded::New => counts.first_seen(summary, noted, id.as_deref())?,
                 Recorded::Conflict => {
                     if let Some(c) = conflicts.next_if(|c| c.place == place) {
                         summary.reject(
@@ -372,6 +382,7 @@ impl WindowLines {
         for (_, path, offset, reason) in rejections {
             summary.reject(path, *offset, reason.clone());
         }
+        Ok(())
     }
 }
 
@@ -395,8 +406,8 @@ type Place = Option<Arc<Path>>;
 #[derive(Default)]
 struct Counts {
     totals: Totals,
-    new_ids: Vec<String>,
-    keep_new_ids: bool,
+    /// The ids of new events, for `--ship`.
+    new_ids: Option<NewIds>,
     /// The customers of the lines noted so far: a [`Noted`] names its customer by number.
     customers: Vec<String>,
     customer_numbers: HashMap<String, u32>,
@@ -439,8 +450,14 @@ impl Counts {
         }
     }
 
-    /// A record seen for the first time, with its transaction_id when the new ids are kept.
-    fn first_seen(&mut self, summary: &mut ReplaySummary, noted: Noted, id: Option<Box<str>>) {
+    /// A record seen for the first time, with its transaction_id (spooled when the new ids are
+    /// kept).
+    fn first_seen(
+        &mut self,
+        summary: &mut ReplaySummary,
+        noted: Noted,
+        id: Option<&str>,
+    ) -> Result<(), SpoolError> {
         match noted {
             Noted::Pending { customer, usage } => {
                 summary.new_events += 1;
@@ -450,12 +467,13 @@ impl Counts {
             // Never billed: not waited for.
             Noted::NotBillable => {
                 summary.not_billable += 1;
-                return;
+                return Ok(());
             }
         }
-        if let Some(id) = id {
-            self.new_ids.push(id.into());
+        if let (Some(spool), Some(id)) = (&mut self.new_ids, id) {
+            spool.push(id)?;
         }
+        Ok(())
     }
 }
 

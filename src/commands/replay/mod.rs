@@ -7,7 +7,7 @@
 //! - [`window`]: `--since` / `--until`.
 //! - [`reader`]: decodes every line of every file, with a progress bar ([`progress`]).
 //! - [`feed`]: the shipper's `prepare` + `Outbox::ingest` over those lines (or a dry run).
-//! - [`deliver`]: `--ship`, with the shipper's sender.
+//! - [`deliver`]: `--ship`, with the shipper's sender; [`new_ids`]: the ids it waits for, on disk.
 //! - [`summary`]: the counts and per-customer totals it prints.
 //!
 //! By default the events are only enqueued: the running `tally ship` delivers them (the same
@@ -17,6 +17,7 @@ pub mod deliver;
 pub mod feed;
 pub mod input;
 pub mod litellm;
+pub mod new_ids;
 pub mod progress;
 pub mod reader;
 pub mod summary;
@@ -88,7 +89,7 @@ pub async fn run(args: ReplayArgs, shutdown: CancellationToken) -> anyhow::Resul
         window,
         max_line_bytes: tuning.max_line_bytes,
         spec,
-        keep_new_ids: args.ship,
+        new_ids_in: args.ship.then(|| args.shared.state_dir.clone()),
     };
 
     let state_dir = args.shared.state_dir.clone();
@@ -114,7 +115,9 @@ pub async fn run(args: ReplayArgs, shutdown: CancellationToken) -> anyhow::Resul
     {
         let report = deliver::deliver(
             settings,
-            outcome.new_ids,
+            outcome
+                .new_ids
+                .context("--ship keeps the new events' ids")?,
             Duration::from_secs(args.ship_timeout),
             &shutdown,
         )

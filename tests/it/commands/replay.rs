@@ -653,3 +653,88 @@ async fn replay_of_several_batches(name: &str, padded: bool) {
     assert_eq!(u(&again, "already_billed"), 10_000 - 40 + 10);
     assert_eq!(u(&again, "rejected"), 20);
 }
+
+/// `--ship` over many batches waits for, and reports on, exactly this replay's new events: not
+/// those an earlier replay recorded (delivered on the way all the same), and the held ones named.
+/// The ids it waits for are spooled to an unlinked file: the state directory is left as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_ship_of_many_batches_reports_on_its_own_new_events() {
+    let b = Bench::new().await;
+    // "ship-9" sorts after "ship-10": ids in no order, so the replay keeps windows open across
+    // batches (one window here). Every hundredth line has no end user: held.
+    let line = |i: usize| {
+        let l = SpendLine::new(format!("ship-{i}"))
+            .team("team-x")
+            .tokens(3, 4);
+        if i.is_multiple_of(100) {
+            l
+        } else {
+            l.end_user(format!("c-{}", i % 5))
+        }
+        .to_line()
+    };
+    let early = b.path("early.jsonl");
+    write(&early, &(0..1_000).map(line).collect::<Vec<_>>());
+    let all = b.path("all.jsonl");
+    write(&all, &(0..6_000).map(line).collect::<Vec<_>>());
+
+    let first = b.json(&["replay", early.to_str().unwrap()]).await;
+    assert_eq!((u(&first, "new_events"), u(&first, "held")), (990, 10));
+    assert!(b.stored_ids().is_empty(), "no --ship, nothing sent");
+    let files = |dir: &std::path::Path| {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let before = files(&b.state_dir());
+
+    let run = b
+        .run(&[
+            "replay",
+            "--ship",
+            "--output-format",
+            "json",
+            all.to_str().unwrap(),
+        ])
+        .await;
+    run.assert_code(3); // held events are not delivered
+    let v = run.json();
+    assert_eq!(
+        (u(&v, "new_events"), u(&v, "held"), u(&v, "already_billed")),
+        (4_950, 50, 1_000),
+        "{v}"
+    );
+    let d = &v["delivery"];
+    assert_eq!(
+        (u(d, "acked"), u(d, "pending"), u(d, "held"), u(d, "dead")),
+        (4_950, 0, 50, 0),
+        "only this replay's new events are counted: {d}"
+    );
+    let named = d["undelivered"].as_array().unwrap();
+    assert_eq!(named.len(), 10, "{d}");
+    for n in named {
+        assert_eq!(n["state"], "held", "{n}");
+        let id: usize = n["transaction_id"].as_str().unwrap()["ship-".len()..]
+            .parse()
+            .unwrap();
+        assert!(id >= 1_000 && id.is_multiple_of(100), "{n}");
+    }
+    // The earlier replay's pending events went out on the way; each id once.
+    let mut stored = b.stored_ids();
+    stored.sort();
+    let mut expected: Vec<String> = (0..6_000)
+        .filter(|i| i % 100 != 0)
+        .map(|i| format!("ship-{i}"))
+        .collect();
+    expected.sort();
+    assert_eq!(stored, expected);
+    // The outbox's own files (its WAL, the sender's lock) and nothing else.
+    let after = files(&b.state_dir());
+    assert!(
+        after.iter().all(|f| f.starts_with("shipper.db")) && after.contains(&before[0]),
+        "no spool file is left behind: {after:?}"
+    );
+}
