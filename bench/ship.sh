@@ -31,6 +31,9 @@ for IDS in v7 v4; do
   echo "==> ids $IDS: tally replay into an empty outbox" >&2
   "$BENCH" replay "$TALLY" "$LOG" "$WORK/replay-state"
   rm -rf "$WORK/replay-state"
+  echo "==> ids $IDS: tally replay --ship into an empty outbox, to tally's Lago emulator" >&2
+  "$BENCH" replay-ship "$TALLY" "$LOG" "$WORK/replay-state"
+  rm -rf "$WORK/replay-state"
   echo "==> ids $IDS: end to end: tally ship -> tally's Lago emulator" >&2
   "$BENCH" deliver "$TALLY" "$LOG" "$WORK/deliver-state"
   rm -rf "$WORK/deliver-state"

@@ -82,13 +82,24 @@ pub async fn run(settings: ShipSettings, shutdown: CancellationToken) -> anyhow:
 /// sender's blocking hand-offs run on many pool threads: with the default (8 per core) the
 /// shipper's RSS grew past 80 MiB on a 1,000,000-line backlog; two arenas keep it near 50 MiB and
 /// were measured no slower (docs/benchmarks.md). `MALLOC_ARENA_MAX` in the environment still wins.
-fn limit_malloc_arenas() {
+pub(crate) fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
         // SAFETY: mallopt only adjusts allocator tuning; arenas that exist stay valid.
         unsafe {
             libc::mallopt(libc::M_ARENA_MAX, 2);
         }
+    }
+}
+
+/// Gives the memory freed so far back to the OS: after `tally replay`'s reading phase, before
+/// `--ship` delivers, so that the two phases' peaks do not add up (glibc keeps a freed heap for
+/// reuse by the thread that freed it, and the sender runs on other threads).
+pub(crate) fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages of the heap to the OS.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
