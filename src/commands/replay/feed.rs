@@ -263,6 +263,9 @@ fn record_batches(
     let mut next = full.recv().ok();
     while next.is_some() {
         let mut window = ob.window()?;
+        if counts.new_ids.is_some() {
+            window.keep_new_ids();
+        }
         let mut lines = WindowLines::default();
         while let Some(mut batch) = next.take() {
             summary.outside_window += batch.outside_window;
@@ -295,9 +298,6 @@ fn record_batches(
 struct WindowLines {
     /// One per line added, in the window's order; `None` for a malformed line.
     lines: Vec<Option<Noted>>,
-    /// The transaction_id of each line, kept only for `--ship` (which waits for the new
-    /// events).
-    ids: Vec<Box<str>>,
     /// The file of the lines from each place on.
     paths: Vec<(usize, Arc<Path>)>,
     /// Lines rejected as they were read: the window place of the line after each, its path,
@@ -321,17 +321,9 @@ impl WindowLines {
                     {
                         self.paths.push((self.lines.len(), path.clone()));
                     }
-                    if counts.new_ids.is_some() {
-                        self.ids.push(prepared.transaction_id.as_str().into());
-                    }
                     Some(counts.note(prepared))
                 }
-                _ => {
-                    if counts.new_ids.is_some() {
-                        self.ids.push("".into());
-                    }
-                    None
-                }
+                _ => None,
             };
             self.lines.push(line);
         }
@@ -347,7 +339,6 @@ impl WindowLines {
     ) -> Result<(), SpoolError> {
         let WindowLines {
             lines,
-            ids,
             paths,
             rejections,
         } = self;
@@ -358,15 +349,18 @@ impl WindowLines {
         };
         let mut rejections = rejections.iter().peekable();
         let mut conflicts = committed.conflicts.into_iter().peekable();
-        let mut ids = ids.into_iter();
+        // The new lines' ids, when kept for `--ship`.
+        let mut new_ids = committed.new_ids.iter().peekable();
         for (place, (line, outcome)) in lines.into_iter().zip(committed.outcomes).enumerate() {
             while let Some((_, path, offset, reason)) = rejections.next_if(|r| r.0 <= place) {
                 summary.reject(path, *offset, reason.clone());
             }
-            let id = ids.next();
             let Some(noted) = line else { continue };
             match outcome {
-                Recorded::New => counts.first_seen(summary, noted, id.as_deref())?,
+                Recorded::New => {
+                    let id = new_ids.next_if(|(at, _)| *at == place).map(|(_, id)| id);
+                    counts.first_seen(summary, noted, id)?;
+                }
                 Recorded::Conflict => {
                     if let Some(c) = conflicts.next_if(|c| c.place == place) {
                         summary.reject(

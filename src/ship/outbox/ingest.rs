@@ -50,14 +50,14 @@ struct Entry {
 }
 
 /// Where an id's text is in [`Ids`].
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 struct IdAt {
     start: u32,
     len: u32,
 }
 
 /// The text of a window's ids, one after the other: one buffer rather than an allocation each.
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Ids(String);
 
 impl Ids {
@@ -144,6 +144,26 @@ pub struct Committed {
     pub outcomes: Vec<Recorded>,
     /// The conflicting duplicates, in file order.
     pub conflicts: Vec<ConflictAt>,
+    /// The new lines' ids, if the window kept them.
+    pub new_ids: NewLineIds,
+}
+
+/// The ids of the lines a window recorded as new, in the order added, when the window was asked
+/// for them ([`IngestWindow::keep_new_ids`]): the window's own buffer of ids, not a copy of each.
+#[derive(Debug, Default)]
+pub struct NewLineIds {
+    ids: Ids,
+    /// Each new line's place and where its id is, by place.
+    at: Vec<(u32, IdAt)>,
+}
+
+impl NewLineIds {
+    /// Each new line's place in [`Committed::outcomes`] and its transaction_id.
+    pub fn iter(&self) -> impl Iterator<Item = (usize, &str)> {
+        self.at
+            .iter()
+            .map(|(place, at)| (*place as usize, self.ids.get(*at)))
+    }
 }
 
 /// A line whose transaction_id was recorded before with other content.
@@ -169,6 +189,8 @@ pub struct IngestWindow<'o> {
     seq: i64,
     entries: Vec<Entry>,
     ids: Ids,
+    /// Whether the commit hands the new lines' ids back ([`Committed::new_ids`]).
+    keep_new_ids: bool,
     /// The malformed lines, written at commit with the conflicts, in file order.
     malformed: Vec<Malformed>,
     /// Entries whose id sorts after the one before: all of them when ids only grow (UUIDv7).
@@ -221,6 +243,7 @@ impl Outbox {
             seq,
             entries: Vec::new(),
             ids: Ids::default(),
+            keep_new_ids: false,
             malformed: Vec::new(),
             ascending: 0,
             outcomes: Vec::new(),
@@ -242,6 +265,12 @@ impl IngestWindow<'_> {
         self.outcomes.reserve_exact(lines);
         // As many ids' text as UUIDs take (36 bytes): it grows from there if they are longer.
         self.ids.0.reserve_exact(lines * 36);
+    }
+
+    /// Asks the commit for the new lines' ids ([`Committed::new_ids`]), for a caller that waits
+    /// for their delivery (`tally replay --ship`).
+    pub fn keep_new_ids(&mut self) {
+        self.keep_new_ids = true;
     }
 
     /// Whether the ids added so far came (nearly) in order, as UUIDv7 ids do: the ledger then
@@ -364,6 +393,7 @@ impl IngestWindow<'_> {
             now,
             mut entries,
             ids,
+            keep_new_ids,
             malformed,
             mut outcomes,
             mut report,
@@ -525,6 +555,18 @@ impl IngestWindow<'_> {
             }
         }
         tx.commit()?;
+        let new_ids = if keep_new_ids {
+            let mut at: Vec<(u32, IdAt)> = entries
+                .iter()
+                .zip(&found)
+                .filter(|(_, f)| matches!(f, Found::New))
+                .map(|(e, _)| (e.place, e.id))
+                .collect();
+            at.sort_unstable_by_key(|(place, _)| *place);
+            NewLineIds { ids, at }
+        } else {
+            NewLineIds::default()
+        };
         // Only ids that are committed are remembered (a rolled-back one may be given again).
         sources.extend(new_sources);
         for (subscription, code, id) in new_targets {
@@ -534,6 +576,7 @@ impl IngestWindow<'_> {
             report,
             outcomes,
             conflicts,
+            new_ids,
         })
     }
 }

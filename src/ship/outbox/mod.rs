@@ -43,7 +43,7 @@ use hashbrown::{HashMap, HashSet};
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-pub use ingest::{Committed, ConflictAt, IngestWindow};
+pub use ingest::{Committed, ConflictAt, IngestWindow, NewLineIds};
 pub use lago_checks::{AckedOrigin, AuditItem, AuditProgress, AuditScope, LagoErrorMarks, Rebuilt};
 pub use lock::{SenderLock, sender_running};
 pub use queue::{

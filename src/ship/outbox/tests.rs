@@ -1139,6 +1139,7 @@ fn a_window_of_batches_records_the_first_line_of_each_id() {
     };
 
     let mut window = ob.window().unwrap();
+    window.keep_new_ids();
     window
         .add(&[
             item(&z, 10),
@@ -1158,6 +1159,9 @@ fn a_window_of_batches_records_the_first_line_of_each_id() {
         done.outcomes,
         [New, AlreadySeen, New, AlreadySeen, Conflict, Rejected, New]
     );
+    // The new lines' ids, by place, as asked for.
+    let new: Vec<(usize, &str)> = done.new_ids.iter().collect();
+    assert_eq!(new, [(0, "z"), (2, "a"), (6, "m")]);
     let r = done.report;
     assert_eq!(
         (
