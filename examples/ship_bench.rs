@@ -442,24 +442,12 @@ fn children_usage() -> (f64, u64) {
 /// `tally replay FILE` into an empty state directory, as an operator runs it.
 fn replay(tally_bin: &str, file: &str, state_dir: &str) -> anyhow::Result<()> {
     let lines = count_lines(file)?;
-    let (cpu_before, _) = children_usage();
-    let start = Instant::now();
-    let status = std::process::Command::new(tally_bin)
-        .args(["replay", file, "--output-format", "json"])
-        .env("LAGO_API_EVENT_CODE", "llm_usage")
-        .env("TALLY_STATE_DIR", state_dir)
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .status()?;
-    let secs = start.elapsed().as_secs_f64();
-    anyhow::ensure!(status.success(), "tally replay failed: {status}");
-    let (cpu_after, rss) = children_usage();
-    let cpu = cpu_after - cpu_before;
+    let run = run_timed(replay_command(tally_bin, &[file], state_dir))?;
     println!(
         "{}",
-        serde_json::json!({"measure": "replay_into_outbox", "lines": lines, "secs": secs,
-            "lines_per_sec": lines as f64 / secs, "cpu_secs": cpu,
-            "cpu_us_per_line": cpu * 1e6 / lines as f64, "rss_peak_kib": rss})
+        serde_json::json!({"measure": "replay_into_outbox", "lines": lines, "secs": run.secs,
+            "lines_per_sec": lines as f64 / run.secs, "cpu_secs": run.cpu,
+            "cpu_us_per_line": run.cpu * 1e6 / lines as f64, "rss_peak_kib": run.rss_kib})
     );
     Ok(())
 }
@@ -467,33 +455,57 @@ fn replay(tally_bin: &str, file: &str, state_dir: &str) -> anyhow::Result<()> {
 /// `tally replay --ship FILE` into an empty state directory, delivering to the emulator.
 fn replay_ship(tally_bin: &str, file: &str, state_dir: &str) -> anyhow::Result<()> {
     let lines = count_lines(file)?;
+    // The emulator is served by the runtime's workers while this thread waits for the child.
     let rt = runtime()?;
-    rt.block_on(async {
-        let emu = emulator().await?;
-        let (cpu_before, _) = children_usage();
-        let start = Instant::now();
-        let status = tokio::process::Command::new(tally_bin)
-            .args(["replay", "--ship", file, "--output-format", "json"])
-            .env("LAGO_API_BASE", emu.base_url())
-            .env("LAGO_API_KEY", "bench-key")
-            .env("LAGO_API_EVENT_CODE", "llm_usage")
-            .env("TALLY_STATE_DIR", state_dir)
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::null())
-            .status()
-            .await?;
-        let secs = start.elapsed().as_secs_f64();
-        anyhow::ensure!(status.success(), "tally replay --ship failed: {status}");
-        let (cpu_after, rss) = children_usage();
-        let cpu = cpu_after - cpu_before;
-        println!(
-            "{}",
-            serde_json::json!({"measure": "replay_ship", "lines": lines, "secs": secs,
-                "lines_per_sec": lines as f64 / secs, "stored_at_lago": emu.event_count(),
-                "cpu_secs": cpu, "cpu_us_per_line": cpu * 1e6 / lines as f64,
-                "rss_peak_kib": rss})
-        );
-        anyhow::Ok(())
+    let emu = rt.block_on(emulator())?;
+    let mut replay = replay_command(tally_bin, &["--ship", file], state_dir);
+    replay
+        .env("LAGO_API_BASE", emu.base_url())
+        .env("LAGO_API_KEY", "bench-key");
+    let run = run_timed(replay)?;
+    println!(
+        "{}",
+        serde_json::json!({"measure": "replay_ship", "lines": lines, "secs": run.secs,
+            "lines_per_sec": lines as f64 / run.secs, "stored_at_lago": emu.event_count(),
+            "cpu_secs": run.cpu, "cpu_us_per_line": run.cpu * 1e6 / lines as f64,
+            "rss_peak_kib": run.rss_kib})
+    );
+    Ok(())
+}
+
+/// `tally replay ARGS` into STATE_DIR, its output discarded.
+fn replay_command(tally_bin: &str, args: &[&str], state_dir: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::new(tally_bin);
+    cmd.arg("replay")
+        .args(args)
+        .args(["--output-format", "json"])
+        .env("LAGO_API_EVENT_CODE", "llm_usage")
+        .env("TALLY_STATE_DIR", state_dir)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null());
+    cmd
+}
+
+/// What a child run by [`run_timed`] took.
+struct ChildRun {
+    secs: f64,
+    /// User + system CPU seconds.
+    cpu: f64,
+    rss_kib: u64,
+}
+
+/// Runs `cmd` to its end (it must succeed), timing it.
+fn run_timed(mut cmd: std::process::Command) -> anyhow::Result<ChildRun> {
+    let (cpu_before, _) = children_usage();
+    let start = Instant::now();
+    let status = cmd.status()?;
+    let secs = start.elapsed().as_secs_f64();
+    anyhow::ensure!(status.success(), "tally replay failed: {status}");
+    let (cpu_after, rss_kib) = children_usage();
+    Ok(ChildRun {
+        secs,
+        cpu: cpu_after - cpu_before,
+        rss_kib,
     })
 }
 

@@ -70,11 +70,9 @@ pub async fn run(args: ReplayArgs, shutdown: CancellationToken) -> anyhow::Resul
         &event_args,
         "replay builds the Lago events it enqueues, so set it (as for `tally ship`) or use --dry-run",
     )?;
-    if args.ship {
+    let ship_settings = if args.ship {
         // Its sender hands off to many pool threads, as the shipper's does.
         crate::ship::limit_malloc_arenas();
-    }
-    let ship_settings = if args.ship {
         let lago = lago_from_args(&args.lago).context("--ship needs the Lago settings")?;
         Some(ShipSettings {
             spend_log: args.shared.spend_log.clone(),

@@ -25,6 +25,15 @@ pub struct SpoolError {
     source: io::Error,
 }
 
+/// Makes an I/O error of the spool in `dir` a [`SpoolError`].
+fn failed<'a>(action: &'static str, dir: &'a Path) -> impl FnOnce(io::Error) -> SpoolError + 'a {
+    move |source| SpoolError {
+        action,
+        dir: dir.to_owned(),
+        source,
+    }
+}
+
 /// Ids being written.
 pub struct NewIds {
     dir: PathBuf,
@@ -36,11 +45,7 @@ impl NewIds {
     /// An empty spool in `dir` (the state directory: on disk, where the outbox is, unlike a
     /// temp directory that may be memory).
     pub fn in_dir(dir: &Path) -> Result<Self, SpoolError> {
-        let file = tempfile::tempfile_in(dir).map_err(|source| SpoolError {
-            action: "create",
-            dir: dir.to_owned(),
-            source,
-        })?;
+        let file = tempfile::tempfile_in(dir).map_err(failed("create", dir))?;
         Ok(Self {
             dir: dir.to_owned(),
             out: BufWriter::with_capacity(64 << 10, file),
@@ -54,7 +59,7 @@ impl NewIds {
             self.out.write_all(&len.to_le_bytes())?;
             self.out.write_all(id.as_bytes())
         })
-        .map_err(|source| self.error("write", source))?;
+        .map_err(failed("write", &self.dir))?;
         self.count += 1;
         Ok(())
     }
@@ -62,25 +67,12 @@ impl NewIds {
     /// The ids written, ready to be read from the first.
     pub fn finish(self) -> Result<SpooledIds, SpoolError> {
         let Self { dir, out, count } = self;
-        let mut file = out.into_inner().map_err(|e| SpoolError {
-            action: "write",
-            dir: dir.clone(),
-            source: e.into_error(),
-        })?;
-        file.seek(SeekFrom::Start(0)).map_err(|source| SpoolError {
-            action: "read",
-            dir: dir.clone(),
-            source,
-        })?;
+        let mut file = out
+            .into_inner()
+            .map_err(|e| failed("write", &dir)(e.into_error()))?;
+        file.seek(SeekFrom::Start(0))
+            .map_err(failed("read", &dir))?;
         Ok(SpooledIds { dir, file, count })
-    }
-
-    fn error(&self, action: &'static str, source: io::Error) -> SpoolError {
-        SpoolError {
-            action,
-            dir: self.dir.clone(),
-            source,
-        }
     }
 }
 
@@ -113,12 +105,7 @@ impl SpooledIds {
         from: Cursor,
         mut visit: impl FnMut(&str) -> Result<bool, E>,
     ) -> Result<Option<Cursor>, E> {
-        let dir = &self.dir;
-        let fail = |source| SpoolError {
-            action: "read",
-            dir: dir.clone(),
-            source,
-        };
+        let fail = |e| failed("read", &self.dir)(e);
         self.file.seek(SeekFrom::Start(from.0)).map_err(fail)?;
         let mut input = BufReader::with_capacity(64 << 10, &self.file);
         let mut at = from.0;
